@@ -1,0 +1,40 @@
+"""flashtile: exact, memory-linear FlashAttention for PyTorch, with Triton kernels.
+
+Two APIs over the same kernels:
+
+* flash_attn 2.x compatible, layout ``(batch, seqlen, nheads, headdim)``:
+  :func:`flash_attn_func`, :func:`flash_attn_qkvpacked_func`,
+  :func:`flash_attn_kvpacked_func`.
+* PyTorch SDPA compatible, layout ``(batch, nheads, seqlen, headdim)``:
+  :func:`scaled_dot_product_attention`.
+
+GPU tensors run the Triton kernels; CPU tensors run a tiled PyTorch
+implementation of the same algorithm (or the Triton kernels under Triton's
+interpreter, ``TRITON_INTERPRET=1``).
+"""
+
+from .api import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+    flash_attn_with_kvcache,
+    scaled_dot_product_attention,
+)
+from .reference import attention_ref
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention_ref",
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
+    "scaled_dot_product_attention",
+]

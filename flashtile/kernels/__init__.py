@@ -1,0 +1,1 @@
+"""Triton kernels: forward, backward, shared score/mask logic, launch configurations."""

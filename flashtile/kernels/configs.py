@@ -1,0 +1,88 @@
+"""Launch configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel.
+
+Chosen from a table, never by run-time autotuning, so a first call costs one
+compile. Keys are (architecture family, kernel, padded head dim) and the
+element size of the inputs; each entry is a list tried in order, the later
+ones being smaller fallbacks used if the compiler reports that a config does
+not fit (shared memory or registers) on the GPU at hand.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class LaunchConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Hopper (sm90), 2-byte inputs. Measured on an H100 (see docs/performance.md).
+_SM90 = {
+    "fwd": {
+        64: [LaunchConfig(128, 128, 4, 3), LaunchConfig(128, 64, 4, 3)],
+        128: [LaunchConfig(128, 128, 8, 3), LaunchConfig(128, 64, 8, 3)],
+        256: [LaunchConfig(128, 64, 8, 2), LaunchConfig(64, 64, 4, 2)],
+    },
+    "dkdv": {
+        64: [LaunchConfig(64, 128, 8, 3), LaunchConfig(32, 64, 4, 2)],
+        128: [LaunchConfig(64, 128, 8, 2), LaunchConfig(32, 64, 4, 2)],
+        256: [LaunchConfig(32, 64, 4, 2), LaunchConfig(16, 32, 4, 1)],
+    },
+    "dq": {
+        64: [LaunchConfig(128, 64, 8, 3), LaunchConfig(64, 32, 4, 2)],
+        128: [LaunchConfig(128, 64, 8, 2), LaunchConfig(64, 32, 4, 2)],
+        256: [LaunchConfig(64, 32, 4, 2), LaunchConfig(32, 16, 4, 1)],
+    },
+}
+
+# Any other GPU (Ampere, Ada, Blackwell, AMD): conservative choices that fit
+# in about 100 KB of shared memory.
+_GENERIC = {
+    "fwd": {
+        64: [LaunchConfig(128, 64, 4, 2), LaunchConfig(64, 64, 4, 2)],
+        128: [LaunchConfig(128, 64, 8, 2), LaunchConfig(64, 32, 4, 2)],
+        256: [LaunchConfig(64, 32, 4, 2), LaunchConfig(32, 32, 4, 1)],
+    },
+    "dkdv": {
+        64: [LaunchConfig(64, 64, 4, 2), LaunchConfig(32, 32, 4, 1)],
+        128: [LaunchConfig(64, 64, 8, 2), LaunchConfig(32, 32, 4, 1)],
+        256: [LaunchConfig(32, 32, 4, 1), LaunchConfig(16, 16, 4, 1)],
+    },
+    "dq": {
+        64: [LaunchConfig(64, 64, 4, 2), LaunchConfig(32, 32, 4, 1)],
+        128: [LaunchConfig(64, 64, 8, 2), LaunchConfig(32, 32, 4, 1)],
+        256: [LaunchConfig(32, 32, 4, 1), LaunchConfig(16, 16, 4, 1)],
+    },
+}
+
+# Triton's interpreter runs one program after another on the CPU: small tiles
+# keep padding waste low, and one config only.
+_INTERPRETER = LaunchConfig(32, 32, 4, 1)
+
+
+def _bucket(block_d: int) -> int:
+    return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
+
+
+def _halve_for_fp32(cfg: LaunchConfig) -> LaunchConfig:
+    # 4-byte operands need twice the shared memory per tile
+    return LaunchConfig(max(16, cfg.block_m // 2), max(16, cfg.block_n // 2), cfg.num_warps, max(1, cfg.num_stages - 1))
+
+
+def launch_configs(kernel: str, block_d: int, elem_size: int, capability: tuple[int, int] | None) -> list[LaunchConfig]:
+    """Configs to try, best first, for ``kernel`` in {"fwd", "dkdv", "dq"}.
+
+    ``capability`` is the CUDA compute capability, or None under the interpreter.
+    """
+    if capability is None:
+        return [_INTERPRETER]
+    table = _SM90 if capability[0] == 9 else _GENERIC
+    configs = list(table[kernel][_bucket(block_d)])
+    if elem_size == 4:
+        configs = [_halve_for_fp32(c) for c in configs]
+    # last resort: the smallest tiles a dot accepts
+    configs.append(LaunchConfig(16, 16, 4, 1))
+    return configs

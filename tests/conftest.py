@@ -1,0 +1,28 @@
+import os
+
+# The Triton kernels run under Triton's CPU interpreter unless a GPU run asks
+# otherwise; this must be set before any @triton.jit function is used.
+if os.environ.get("FLASHTILE_TEST_GPU") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU with the compiled (non-interpreted) Triton kernels")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # fresh but reproducible inputs per test
+    torch.manual_seed(hash(request.node.nodeid) % (2**31))

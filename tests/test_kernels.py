@@ -1,0 +1,41 @@
+"""The Triton kernels against attention_ref (under the interpreter on a CPU)."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flashtile import flash_attn_func
+from helpers import check_attention
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+# (seqlen_q, seqlen_k, headdim): ragged lengths, cross attention, odd head dims
+SHAPES = [(1, 77, 40), (113, 203, 59), (128, 64, 96), (77, 113, 128), (64, 93, 256), (203, 113, 16)]
+HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (3, 1)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("heads", list(HEADS), ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_flash_attn_func(dtype, causal, heads, shape):
+    seqlen_q, seqlen_k, d = shape
+    h, hk = HEADS[heads]
+    q = torch.randn(2, seqlen_q, h, d, dtype=dtype)
+    k = torch.randn(2, seqlen_k, hk, d, dtype=dtype)
+    v = torch.randn(2, seqlen_k, hk, d, dtype=dtype)
+    check_attention(lambda q, k, v: flash_attn_func(q, k, v, causal=causal), q, k, v, causal=causal)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batch=st.integers(1, 2), seqlen_q=st.integers(1, 150), seqlen_k=st.integers(1, 150),
+    group=st.sampled_from([1, 2, 3]), nheads_k=st.integers(1, 2), head_dim=st.integers(1, 160),
+    dtype=st.sampled_from(DTYPES), causal=st.booleans(), scale=st.floats(0.05, 2.0),
+)
+def test_random_shapes(batch, seqlen_q, seqlen_k, group, nheads_k, head_dim, dtype, causal, scale):
+    q = torch.randn(batch, seqlen_q, nheads_k * group, head_dim, dtype=dtype)
+    k = torch.randn(batch, seqlen_k, nheads_k, head_dim, dtype=dtype)
+    v = torch.randn(batch, seqlen_k, nheads_k, head_dim, dtype=dtype)
+    check_attention(lambda q, k, v: flash_attn_func(q, k, v, causal=causal, softmax_scale=scale),
+                    q, k, v, causal=causal, softmax_scale=scale)
