@@ -42,13 +42,20 @@ def _block_d(head_dim: int) -> int:
 
 
 _chosen: dict[tuple, LaunchConfig] = {}
+# kernel name -> config forced by tuning scripts (see benchmarks/tune.py)
+forced_configs: dict[str, LaunchConfig] = {}
 
 
 def _launch(name: str, kernel, grid_fn, args: tuple, constexprs: dict, tensor: torch.Tensor, block_d: int):
     """Launch ``kernel`` with the first config of the table that compiles here."""
     capability = _capability(tensor.device)
     key = (name, block_d, tensor.dtype, capability, tuple(sorted(constexprs.items())))
-    candidates = [_chosen[key]] if key in _chosen else launch_configs(name, block_d, tensor.element_size(), capability)
+    if name in forced_configs:
+        candidates = [forced_configs[name]]
+    elif key in _chosen:
+        candidates = [_chosen[key]]
+    else:
+        candidates = launch_configs(name, block_d, tensor.element_size(), capability)
     error = None
     for cfg in candidates:
         try:
@@ -57,7 +64,8 @@ def _launch(name: str, kernel, grid_fn, args: tuple, constexprs: dict, tensor: t
         except triton.runtime.errors.OutOfResources as exc:  # too large for this GPU: next one
             error = exc
             continue
-        _chosen[key] = cfg
+        if name not in forced_configs:
+            _chosen[key] = cfg
         return
     raise RuntimeError(f"flashtile: no launch configuration of kernel '{name}' fits this GPU") from error
 

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One call on the lent GPU: GPU tests, launch-config sweep, the benchmark.
+# Usage: bash benchmarks/gpu_check.sh [tests] [tune] [bench] [bench-quick]
+set -u
+export PYTHONUNBUFFERED=1 FLASHTILE_TEST_GPU=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+for step in "$@"; do
+  case $step in
+    tests) python3 -m pytest -q -m gpu -n 8 -x tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.log" ;;
+    tests-cpu-suite) python3 -m pytest -q -n 8 -x tests -k "not compile" 2>&1 | tail -5 ;;
+    tune) python3 benchmarks/tune.py --causal 0 2>&1 | tee "$OUT/tune.log" ;;
+    bench) python3 -m flashtile bench --out "$OUT" 2>&1 | tee "$OUT/bench.log" ;;
+    bench-quick) python3 -m flashtile bench --dtypes bf16 --head-dims 64,128 --seqlens 2048,8192,16384 \
+                   --providers flashtile,sdpa_flash,sdpa_cudnn --out "$OUT" 2>&1 | tee "$OUT/bench.log" ;;
+  esac
+done

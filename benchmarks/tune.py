@@ -1,0 +1,70 @@
+"""Sweep launch configurations of the forward, dK/dV and dQ kernels on the GPU.
+
+Prints, per (head dim, causal), the time of each candidate; the winners go
+into flashtile/kernels/configs.py by hand, with the numbers in
+docs/performance.md.
+
+    python benchmarks/tune.py --head-dims 64,128,256 --seqlen 4096
+"""
+
+import argparse
+import itertools
+
+import torch
+from triton.testing import do_bench
+
+import flashtile
+from flashtile.api import launch
+from flashtile.kernels.configs import LaunchConfig
+
+CANDIDATES = {
+    "fwd": [LaunchConfig(128, n, w, s) for n, w, s in itertools.product((64, 128), (4, 8), (2, 3))]
+    + [LaunchConfig(64, 64, 4, 3), LaunchConfig(64, 128, 4, 3)],
+    "dkdv": [LaunchConfig(m, n, w, 2) for (m, n), w in itertools.product(((32, 64), (64, 64), (64, 128), (32, 128)), (4, 8))],
+    "dq": [LaunchConfig(m, n, w, 2) for (m, n), w in itertools.product(((64, 64), (128, 64), (128, 32), (64, 32)), (4, 8))],
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--head-dims", default="64,128,256")
+    ap.add_argument("--seqlen", type=int, default=4096)
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--kernels", default="fwd,dkdv,dq")
+    ap.add_argument("--causal", default="0,1")
+    args = ap.parse_args()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    for d in map(int, args.head_dims.split(",")):
+        for causal in (c == "1" for c in args.causal.split(",")):
+            b, h, s = max(1, 16384 // args.seqlen), 2048 // d, args.seqlen
+            q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+            out = flashtile.flash_attn_func(q, k, v, causal=causal)
+            dout = torch.randn_like(out)
+            fwd_flops = 4 * b * h * s * s * d / (2 if causal else 1)
+            for kernel in args.kernels.split(","):
+                rows = []
+                for cfg in CANDIDATES[kernel]:
+                    if d == 256 and cfg.block_m * cfg.block_n > 64 * 64 and kernel != "fwd":
+                        continue
+                    launch.forced_configs.clear()
+                    launch.forced_configs[kernel] = cfg
+                    try:
+                        if kernel == "fwd":
+                            fn = lambda: flashtile.flash_attn_func(q, k, v, causal=causal)  # noqa: E731
+                        else:
+                            fn = lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)  # noqa: E731
+                        ms = do_bench(fn, warmup=10, rep=40, return_mode="median")
+                    except Exception as exc:  # does not fit
+                        rows.append((float("inf"), cfg, type(exc).__name__))
+                        continue
+                    flops = fwd_flops * (1.0 if kernel == "fwd" else 2.5)
+                    rows.append((ms, cfg, f"{flops / ms * 1e-9:.0f} TFLOP/s"))
+                launch.forced_configs.clear()
+                rows.sort(key=lambda r: r[0])
+                print(f"== {kernel} d={d} causal={causal} seqlen={s} (bwd rows time the whole backward)")
+                for ms, cfg, note in rows[:6]:
+                    print(f"  {ms:8.3f} ms  {tuple(cfg)}  {note}")
+
+
+if __name__ == "__main__":
+    main()
