@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .common import key_ranges, program_tile, query_ranges, tile_mask
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit

@@ -12,8 +12,8 @@ import triton.language as tl
 
 from .common import key_ranges, program_tile, tile_mask
 
-LOG2E: tl.constexpr = 1.4426950408889634
-LN2: tl.constexpr = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
