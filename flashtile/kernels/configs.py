@@ -22,19 +22,19 @@ class LaunchConfig(NamedTuple):
 # Hopper (sm90), 2-byte inputs. Measured on an H100 (see docs/performance.md).
 _SM90 = {
     "fwd": {
-        64: [LaunchConfig(128, 128, 4, 3), LaunchConfig(128, 64, 4, 3)],
-        128: [LaunchConfig(128, 128, 8, 3), LaunchConfig(128, 64, 8, 3)],
+        64: [LaunchConfig(128, 64, 8, 3), LaunchConfig(64, 64, 4, 2)],
+        128: [LaunchConfig(128, 64, 8, 3), LaunchConfig(64, 64, 4, 2)],
         256: [LaunchConfig(128, 64, 8, 2), LaunchConfig(64, 64, 4, 2)],
     },
     "dkdv": {
-        64: [LaunchConfig(64, 128, 8, 3), LaunchConfig(32, 64, 4, 2)],
-        128: [LaunchConfig(64, 128, 8, 2), LaunchConfig(32, 64, 4, 2)],
-        256: [LaunchConfig(32, 64, 4, 2), LaunchConfig(16, 32, 4, 1)],
+        64: [LaunchConfig(64, 64, 4, 2), LaunchConfig(32, 64, 4, 2)],
+        128: [LaunchConfig(64, 64, 4, 2), LaunchConfig(32, 64, 4, 2)],
+        256: [LaunchConfig(64, 64, 8, 2), LaunchConfig(32, 64, 8, 2)],
     },
     "dq": {
-        64: [LaunchConfig(128, 64, 8, 3), LaunchConfig(64, 32, 4, 2)],
-        128: [LaunchConfig(128, 64, 8, 2), LaunchConfig(64, 32, 4, 2)],
-        256: [LaunchConfig(64, 32, 4, 2), LaunchConfig(32, 16, 4, 1)],
+        64: [LaunchConfig(128, 64, 8, 2), LaunchConfig(64, 64, 4, 2)],
+        128: [LaunchConfig(64, 64, 4, 2), LaunchConfig(64, 32, 4, 2)],
+        256: [LaunchConfig(128, 32, 8, 2), LaunchConfig(64, 32, 4, 2)],
     },
 }
 
