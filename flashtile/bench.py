@@ -292,6 +292,11 @@ def run(args) -> list[Result]:
         device_name = "CPU"
     modes = args.modes or list(MODES)
     results: list[Result] = []
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"device": device_name, "torch": torch.__version__, "flashtile": flashtile.__version__}
+    if on_gpu:
+        meta["triton"] = __import__("triton").__version__
     console.print(f"flashtile {flashtile.__version__} bench on [bold]{device_name}[/], torch {torch.__version__}"
                   + (f", triton {__import__('triton').__version__}" if on_gpu else ""))
     with Progress(console=console, transient=True) as progress:
@@ -305,13 +310,8 @@ def run(args) -> list[Result]:
                 else:
                     results += _cpu_measure(p, case, modes)
                 progress.advance(task)
+            save_json(results, out_dir / "bench.json", meta)  # keep what is done if interrupted
     print_tables(results, providers, console)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"device": device_name, "torch": torch.__version__, "flashtile": flashtile.__version__}
-    if on_gpu:
-        meta["triton"] = __import__("triton").__version__
-    save_json(results, out_dir / "bench.json", meta)
     plotted = save_plot(results, providers, out_dir / "bench.png", f"flashtile vs baselines on {device_name}")
     console.print(f"wrote {out_dir / 'bench.json'}" + (f" and {out_dir / 'bench.png'}" if plotted else
                                                        " (install matplotlib for the plot)"))
