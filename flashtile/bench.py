@@ -91,6 +91,8 @@ def make_provider(name: str, case: Case, device: str):
         return inputs, fn
     if name == "flex":
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        # a fresh compile per shape: past dynamo's recompile limit flex would fall back to eager
+        torch._dynamo.reset()
         flex = torch.compile(flex_attention, dynamic=False)
         block_mask = None
         if case.causal:
