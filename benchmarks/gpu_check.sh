@@ -12,6 +12,15 @@ for step in "$@"; do
     tests) python3 -m pytest -q -m gpu -n 8 -x tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.log" ;;
     tests-cpu-suite) python3 -m pytest -q -n 8 -x tests -k "not compile" 2>&1 | tail -5 ;;
     tune) python3 benchmarks/tune.py --causal 0 2>&1 | tee "$OUT/tune.log" ;;
+    tune-fwd-variants)
+      for v in "0 0" "1 0" "0 1" "1 1"; do set -- $v
+        echo "### forward variant: TMA=$1 warp_specialize=$2"
+        FLASHTILE_FWD_TMA=$1 FLASHTILE_FWD_WS=$2 python3 benchmarks/tune.py --kernels fwd --causal 0 \
+          --head-dims 64,128 2>&1 | grep -A3 "^=="
+      done | tee "$OUT/tune_fwd_variants.log" ;;
+    tests-variants)
+      FLASHTILE_FWD_TMA=1 FLASHTILE_FWD_WS=1 python3 -m pytest -q -m gpu -n 8 tests/test_gpu.py \
+        -k "bfloat16 or float16" 2>&1 | tail -4 ;;
     bench) python3 -m flashtile bench --out "$OUT" 2>&1 | tee "$OUT/bench.log" ;;
     bench-main) python3 -m flashtile bench --providers flashtile,sdpa_flash,sdpa_cudnn,sdpa_efficient \
                   --out "$OUT/main" 2>&1 | tee "$OUT/bench_main.log" ;;

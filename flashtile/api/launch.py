@@ -77,6 +77,42 @@ def _common_constexprs(q: torch.Tensor, causal: bool) -> dict:
     )
 
 
+def _env_flag(name: str) -> bool | None:
+    value = os.environ.get(name)
+    return None if value is None else value == "1"
+
+
+def _tma_compatible(*tensors: torch.Tensor) -> bool:
+    """Tensor descriptors need 16-byte aligned bases and row strides."""
+    return all(t.data_ptr() % 16 == 0 and all(s > 0 and s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+               for t in tensors)
+
+
+_allocator_set = False
+
+
+def _forward_features(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
+    """USE_TMA / WARP_SPECIALIZE for the forward kernel. Defaults per architecture;
+    FLASHTILE_FWD_TMA / FLASHTILE_FWD_WS = 0 or 1 override them (for experiments)."""
+    global _allocator_set
+    capability = _capability(q.device)
+    hopper = capability is not None and capability[0] >= 9
+    use_tma = _env_flag("FLASHTILE_FWD_TMA")
+    use_tma = hopper and DEFAULT_FWD_TMA if use_tma is None else use_tma
+    use_tma = use_tma and _tma_compatible(k, v)
+    warp_spec = _env_flag("FLASHTILE_FWD_WS")
+    warp_spec = hopper and DEFAULT_FWD_WS if warp_spec is None else warp_spec and capability is not None
+    if use_tma and q.is_cuda and not _allocator_set:
+        # device-side descriptors live in a small global scratch buffer
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=q.device))
+        _allocator_set = True
+    return dict(USE_TMA=bool(use_tma), WARP_SPECIALIZE=bool(warp_spec))
+
+
+DEFAULT_FWD_TMA = False
+DEFAULT_FWD_WS = False
+
+
 def _bsh(t: torch.Tensor) -> tuple[int, int, int]:
     """Batch, sequence and head strides of a (batch, seqlen, heads, dim) tensor."""
     return t.stride(0), t.stride(1), t.stride(2)
@@ -88,7 +124,7 @@ def attention_forward(q, k, v, softmax_scale: float, causal: bool, causal_offset
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty((batch, nheads, seqlen_q), device=q.device, dtype=torch.float32)
-    const = _common_constexprs(q, causal)
+    const = _common_constexprs(q, causal) | _forward_features(q, k, v)
     args = (q, k, v, out, lse, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(out), lse.stride(0), lse.stride(1),
             nheads, nheads // nheads_k, seqlen_q, seqlen_k, causal_offset, softmax_scale * LOG2E)
     _launch("fwd", attn_fwd_kernel, lambda c: (triton.cdiv(seqlen_q, c.block_m) * batch * nheads,),

@@ -17,26 +17,32 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs,
+def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs,
                offs_m, offs_n, offs_d, start, end, seqlen_k, causal_offset, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
-    """Accumulate key tiles [start, end) into (acc, l_i, m_i)."""
+               DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+    """Accumulate key tiles [start, end) into (acc, l_i, m_i).
+
+    ``k_src``/``v_src`` are tensor descriptors when USE_TMA (out-of-range rows
+    and columns read as zero), else pointer blocks at key row 0.
+    """
     d_ok = offs_d[None, :] < HEAD_DIM
-    for start_n in range(start, end, BLOCK_N):
+    for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         kv_rows = start_n + offs_n
-        if MASKED:
-            kv_ok = (kv_rows[:, None] < seqlen_k) & d_ok
+        if USE_TMA:
+            k = k_src.load([start_n, 0])
+            v = v_src.load([start_n, 0])
+        elif HEAD_DIM == BLOCK_D and not MASKED:
+            k = tl.load(k_src + start_n * stride_ks)
+            v = tl.load(v_src + start_n * stride_vs)
         else:
             kv_ok = d_ok
-        if HEAD_DIM == BLOCK_D and not MASKED:
-            k = tl.load(k_ptrs + start_n * stride_ks)
-            v = tl.load(v_ptrs + start_n * stride_vs)
-        else:
-            k = tl.load(k_ptrs + start_n * stride_ks, mask=kv_ok, other=0.0)
-            v = tl.load(v_ptrs + start_n * stride_vs, mask=kv_ok, other=0.0)
+            if MASKED:
+                kv_ok = (kv_rows[:, None] < seqlen_k) & d_ok
+            k = tl.load(k_src + start_n * stride_ks, mask=kv_ok, other=0.0)
+            v = tl.load(v_src + start_n * stride_vs, mask=kv_ok, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -70,6 +76,7 @@ def attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
 ):
     """Grid: (cdiv(seqlen_q, BLOCK_M) * batch * nheads,).
 
@@ -91,8 +98,17 @@ def attn_fwd_kernel(
     row_ok = offs_m[:, None] < seqlen_q
 
     q_ptrs = Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :]
-    k_ptrs = K + b.to(tl.int64) * stride_kb + hk * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
-    v_ptrs = V + b.to(tl.int64) * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :]
+    k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
+    if USE_TMA:
+        # bulk tensor copies of [BLOCK_N, BLOCK_D] tiles; bounds give zero fill
+        k_src = tl.make_tensor_descriptor(k_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_ks, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+        v_src = tl.make_tensor_descriptor(v_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_vs, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+    else:
+        k_src = k_base + offs_n[:, None] * stride_ks + offs_d[None, :]
+        v_src = v_base + offs_n[:, None] * stride_vs + offs_d[None, :]
 
     q = tl.load(q_ptrs, mask=row_ok & d_ok, other=0.0)
     if UPCAST:
@@ -103,12 +119,14 @@ def attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     full_end, end = key_ranges(start_m, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs,
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs,
                                offs_m, offs_n, offs_d, 0, full_end, seqlen_k, causal_offset, qk_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, UPCAST, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, UPCAST, DOT_PRECISION,
+                               USE_TMA, WARP_SPECIALIZE)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs,
                                offs_m, offs_n, offs_d, full_end, end, seqlen_k, causal_offset, qk_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, UPCAST, DOT_PRECISION)
+                               HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, UPCAST, DOT_PRECISION,
+                               USE_TMA, False)
 
     # rows that saw no key: output 0, LSE -inf
     seen = l_i > 0.0
