@@ -20,8 +20,8 @@ from flashtile.kernels.configs import LaunchConfig
 CANDIDATES = {
     "fwd": [LaunchConfig(128, n, w, s) for n, w, s in itertools.product((64, 128), (4, 8), (2, 3))]
     + [LaunchConfig(64, 64, 4, 3), LaunchConfig(64, 128, 4, 3)],
-    "dkdv": [LaunchConfig(m, n, w, 2) for (m, n), w in itertools.product(((32, 64), (64, 64), (64, 128), (32, 128)), (4, 8))],
-    "dq": [LaunchConfig(m, n, w, 2) for (m, n), w in itertools.product(((64, 64), (128, 64), (128, 32), (64, 32)), (4, 8))],
+    "dkdv": [LaunchConfig(m, n, w, s) for (m, n), w, s in itertools.product(((64, 64), (64, 128), (32, 128)), (4, 8), (2, 3, 4))],
+    "dq": [LaunchConfig(m, n, w, s) for (m, n), w, s in itertools.product(((64, 64), (128, 64), (128, 32)), (4, 8), (2, 3, 4))],
 }
 
 
@@ -47,7 +47,8 @@ def main():
                     if d == 256 and cfg.block_m * cfg.block_n > 64 * 64 and kernel != "fwd":
                         continue
                     launch.forced_configs.clear()
-                    launch.forced_configs[kernel] = cfg
+                    for name in (kernel, kernel + "_tma"):  # either forward variant
+                        launch.forced_configs[name] = cfg
                     try:
                         if kernel == "fwd":
                             fn = lambda: flashtile.flash_attn_func(q, k, v, causal=causal)  # noqa: E731

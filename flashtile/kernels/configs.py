@@ -20,7 +20,14 @@ class LaunchConfig(NamedTuple):
 
 
 # Hopper (sm90), 2-byte inputs. Measured on an H100 (see docs/performance.md).
+# "fwd_tma" is the forward kernel reading K/V through tensor descriptors: the
+# bulk copies free registers, so 128x128 tiles win there.
 _SM90 = {
+    "fwd_tma": {
+        64: [LaunchConfig(128, 128, 4, 3), LaunchConfig(128, 64, 8, 3), LaunchConfig(64, 64, 4, 2)],
+        128: [LaunchConfig(128, 128, 8, 3), LaunchConfig(128, 64, 8, 3), LaunchConfig(64, 64, 4, 2)],
+        256: [LaunchConfig(128, 64, 8, 2), LaunchConfig(64, 64, 4, 2)],
+    },
     "fwd": {
         64: [LaunchConfig(128, 64, 8, 3), LaunchConfig(64, 64, 4, 2)],
         128: [LaunchConfig(128, 64, 8, 3), LaunchConfig(64, 64, 4, 2)],
@@ -73,13 +80,15 @@ def _halve_for_fp32(cfg: LaunchConfig) -> LaunchConfig:
 
 
 def launch_configs(kernel: str, block_d: int, elem_size: int, capability: tuple[int, int] | None) -> list[LaunchConfig]:
-    """Configs to try, best first, for ``kernel`` in {"fwd", "dkdv", "dq"}.
+    """Configs to try, best first, for ``kernel`` in {"fwd", "fwd_tma", "dkdv", "dq"}.
 
     ``capability`` is the CUDA compute capability, or None under the interpreter.
     """
     if capability is None:
         return [_INTERPRETER]
     table = _SM90 if capability[0] == 9 else _GENERIC
+    if kernel not in table:  # no tuned entry for this variant: the plain kernel's
+        kernel = kernel.removesuffix("_tma")
     configs = list(table[kernel][_bucket(block_d)])
     if elem_size == 4:
         configs = [_halve_for_fp32(c) for c in configs]
