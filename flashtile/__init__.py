@@ -21,7 +21,9 @@ from .api import (
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
     flash_attn_with_kvcache,
+    pad_input,
     scaled_dot_product_attention,
+    unpad_input,
 )
 from .reference import attention_ref
 
@@ -36,5 +38,7 @@ __all__ = [
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_with_kvcache",
+    "pad_input",
     "scaled_dot_product_attention",
+    "unpad_input",
 ]

@@ -8,12 +8,14 @@ from flashtile import attention_ref
 
 
 def rounding_floor(ref: torch.Tensor, dtype: torch.dtype) -> float:
-    """Twice the rounding step of ``dtype`` at ref's magnitude; for fp32, where
-    both errors are a few ulps, a relative 1e-5 of ref's largest value."""
+    """Twice the rounding step of ``dtype`` at ref's magnitude, at least 1e-5 (a
+    reference that is exactly 0, e.g. dq when every row sees one key, has no
+    rounding step); for fp32, where both errors are a few ulps, a relative
+    1e-5 of ref's largest value."""
     if not ref.numel():
-        return 0.0
+        return 1e-5
     r = ref.to(dtype)
-    floor = 2 * (r + 0.3 - 0.3 - r).abs().max().item()
+    floor = max(2 * (r + 0.3 - 0.3 - r).abs().max().item(), 1e-5)
     if dtype == torch.float32:
         floor = max(floor, 1e-5 * max(1.0, ref.abs().max().item()))
     return floor
@@ -23,26 +25,33 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
-def check_attention(fn, q, k, v, *, causal=False, causal_align="bottom_right", softmax_scale=None,
-                    backward=True, fwd_factor=2.0, bwd_factor=3.0, layout_fn=None):
-    """Run ``fn(q, k, v)`` (flash_attn layout in and out) forward and backward and
-    apply the accuracy rule against ``attention_ref``."""
+def check_attention(fn, q, k, v, *, backward=True, fwd_factor=2.0, bwd_factor=3.0, bias=None, ref_fn=attention_ref,
+                    **ref_kwargs):
+    """Run ``fn(q, k, v)`` (flash_attn layout in and out; ``fn(q, k, v, bias)`` when a
+    ``bias`` is given) forward and backward and apply the accuracy rule against
+    ``ref_fn(..., attn_bias=bias, **ref_kwargs)`` (``attention_ref`` unless
+    given). A float bias that requires grad has its gradient checked too."""
     q, k, v = (t.detach().requires_grad_(backward) for t in (q, k, v))
-    out = fn(q, k, v)
+    inputs = (q, k, v)
+    if bias is not None:
+        bias_grad = backward and bias.is_floating_point() and bias.requires_grad
+        bias = bias.detach().requires_grad_(bias_grad)
+        inputs = (q, k, v, bias) if bias_grad else inputs
+        ref_kwargs["attn_bias"] = bias
+    out = fn(q, k, v) if bias is None else fn(q, k, v, bias)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert not torch.isnan(out).any(), "NaN in output"
-    kw = dict(causal=causal, causal_align=causal_align, softmax_scale=softmax_scale)
-    ref = attention_ref(q, k, v, compute_dtype=torch.float64, **kw)
-    low = attention_ref(q, k, v, upcast=False, **kw)
+    ref = ref_fn(q, k, v, compute_dtype=torch.float64, **ref_kwargs)
+    low = ref_fn(q, k, v, upcast=False, **ref_kwargs)
     err, base = max_err(out, ref), max_err(low, ref)
     assert err <= fwd_factor * base + rounding_floor(ref, q.dtype), f"forward error {err:.3e} vs pytorch {base:.3e}"
     if not backward:
         return
     dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    grads_ref = torch.autograd.grad(ref, (q, k, v), dout)
-    grads_low = torch.autograd.grad(low, (q, k, v), dout)
-    for name, g, gr, gl in zip("qkv", grads, grads_ref, grads_low):
+    grads = torch.autograd.grad(out, inputs, dout)
+    grads_ref = torch.autograd.grad(ref, inputs, dout)
+    grads_low = torch.autograd.grad(low, inputs, dout)
+    for name, g, gr, gl in zip(["q", "k", "v", "bias"], grads, grads_ref, grads_low):
         assert g.shape == gr.shape and g.dtype == gr.dtype
         assert not torch.isnan(g).any(), f"NaN in d{name}"
         err, base = max_err(g, gr), max_err(gl, gr)

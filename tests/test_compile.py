@@ -36,9 +36,38 @@ def test_compile_sdpa_gqa():
     check_attention(flash_layout, q, k, v)
 
 
-def test_custom_ops_pass_opcheck():
+@pytest.mark.parametrize("features", ["plain", "bias_alibi_window", "varlen_dropout"])
+def test_custom_ops_pass_opcheck(features):
     q, k, v = torch.randn(1, 20, 2, 16), torch.randn(1, 30, 1, 16), torch.randn(1, 30, 1, 16)
-    torch.library.opcheck(torch.ops.flashtile.attn_fwd.default, (q, k, v, 0.25, True, 10))
-    out, lse = torch.ops.flashtile.attn_fwd(q, k, v, 0.25, True, 10)
+    cu_q = cu_k = bias = alibi = seed = None
+    max_q = max_k = 0
+    window, dropout = (-1, 0), 0.0
+    if features == "bias_alibi_window":
+        bias, alibi, window = torch.randn(1, 2, 20, 30, requires_grad=True), torch.rand(2), (12, 3)
+    elif features == "varlen_dropout":
+        q, k, v = q[0], k[0], v[0]
+        cu_q, cu_k = torch.tensor([0, 5, 20], dtype=torch.int32), torch.tensor([0, 18, 30], dtype=torch.int32)
+        max_q, max_k, dropout, seed = 15, 18, 0.3, torch.tensor(42)
+    args = (cu_q, cu_k, bias, alibi, seed, max_q, max_k, 0.25, 10, *window, 0.0, dropout)
+    torch.library.opcheck(torch.ops.flashtile.attn_fwd.default, (q, k, v, *args))
+    out, lse = torch.ops.flashtile.attn_fwd(q, k, v, *args)
+    bwd_args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)  # no double backward
     torch.library.opcheck(torch.ops.flashtile.attn_bwd.default,
-                          (torch.randn_like(out), q, k, v, out, lse, 0.25, True, 10))
+                          (torch.randn_like(out).detach(), q, k, v, out.detach(), lse, *bwd_args, bias is not None))
+
+
+def test_compile_with_mask_and_dropout():
+    # a float mask with its gradient, and dropout (seed drawn inside the graph)
+    def block(q, k, v, mask):
+        return flashtile.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.1)
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    q, k, v = (torch.randn(1, 2, 24, 16, requires_grad=True) for _ in range(3))
+    mask = torch.randn(24, 24, requires_grad=True)
+    torch.manual_seed(0)
+    out = compiled(q, k, v, mask)
+    torch.manual_seed(0)
+    expected = block(q, k, v, mask)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert mask.grad is not None and torch.isfinite(mask.grad).all()

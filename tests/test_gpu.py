@@ -64,3 +64,87 @@ def test_long_sequence_memory_linear_gpu():
     extra = torch.cuda.max_memory_allocated() - base
     assert extra < 16 * q.numel() * q.element_size()
     assert torch.isfinite(q.grad).all()
+
+
+# --- options of the flash_attn / SDPA APIs on the GPU --------------------------------------
+
+FEATURES = {
+    "window": dict(window_size=(300, 40)),
+    "causal_window": dict(causal=True, window_size=(513, 0)),
+    "softcap": dict(softcap=5.0),
+    "alibi": dict(alibi_slopes="per_head"),
+    "everything": dict(causal=True, window_size=(700, 0), softcap=8.0, alibi_slopes="per_batch"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_flash_attn_options_gpu(dtype, head_dim, feature):
+    kw = dict(FEATURES[feature])
+    if kw.get("alibi_slopes") == "per_head":
+        kw["alibi_slopes"] = torch.rand(8, device="cuda") * 0.1
+    elif kw.get("alibi_slopes") == "per_batch":
+        kw["alibi_slopes"] = torch.rand(2, 8, device="cuda") * 0.1
+    q = torch.randn(2, 1500, 8, head_dim, device="cuda", dtype=dtype)
+    k, v = (torch.randn(2, 2100, 2, head_dim, device="cuda", dtype=dtype) for _ in range(2))
+    check_attention(lambda q, k, v: flash_attn_func(q, k, v, **kw), q, k, v, **kw)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 1000, 1200), (1, 8, 1000, 1200), (2, 1, 1, 1200)], ids=str)
+@pytest.mark.parametrize("kind", ["float", "bool"])
+def test_sdpa_mask_gpu(shape, kind):
+    dtype = torch.bfloat16
+    q = torch.randn(2, 1000, 8, 128, device="cuda", dtype=dtype)
+    k, v = (torch.randn(2, 1200, 4, 128, device="cuda", dtype=dtype) for _ in range(2))
+    if kind == "float":
+        bias = torch.randn(shape, device="cuda", dtype=dtype).requires_grad_()
+    else:
+        bias = torch.rand(shape, device="cuda") > 0.2
+
+    def fn(q, k, v, bias):
+        return scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                            attn_mask=bias, enable_gqa=True).transpose(1, 2)
+
+    check_attention(fn, q, k, v, bias=bias, causal_align="top_left")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_gpu(causal):
+    q = torch.randn(2, 1000, 8, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 1300, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    torch.manual_seed(11)
+    state = torch.get_rng_state()
+    _, _, s_dmask = flash_attn_func(q, k, v, dropout_p=0.1, causal=causal, return_attn_probs=True)
+    assert abs((s_dmask >= 0).float().mean().item() - 0.9) < 0.01
+
+    def fn(q, k, v):
+        torch.set_rng_state(state)
+        return flash_attn_func(q, k, v, dropout_p=0.1, causal=causal)
+
+    check_attention(fn, q, k, v, causal=causal, dropout_p=0.1, dropout_mask=s_dmask >= 0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_varlen_gpu(causal, head_dim):
+    from flashtile import attention_ref, flash_attn_varlen_func
+
+    lens = [1, 700, 0, 2049, 128, 333]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(sum(lens), 8 if i == 0 else 2, head_dim, device="cuda", dtype=torch.bfloat16)
+               for i in range(3))
+
+    def ref(q, k, v, **kw):
+        c = cu.tolist()
+        return torch.cat([attention_ref(q[None, c[i]:c[i + 1]], k[None, c[i]:c[i + 1]], v[None, c[i]:c[i + 1]],
+                                        causal=causal, **kw)[0] for i in range(len(lens))])
+
+    check_attention(lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=causal),
+                    q, k, v, ref_fn=ref)
+
+
+def test_unaligned_strides_take_the_pointer_path_gpu():
+    # head dim 59 gives rows of 118 bytes: no tensor descriptors, the plain loads must serve
+    q, k, v = (torch.randn(2, 777, 4, 59, device="cuda", dtype=torch.float16) for _ in range(3))
+    check_attention(lambda q, k, v: flash_attn_func(q, k, v, causal=True), q, k, v, causal=True)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import flashtile
-from flashtile.reference import attention_tiled_backward, attention_tiled_forward
+from flashtile.reference import AttnOptions, attention_tiled_backward, attention_tiled_forward
 from helpers import check_attention
 
 
@@ -32,15 +32,21 @@ def test_tiled_sdpa_layout(tiled_path):
                                atol=2e-5, rtol=1e-4)
 
 
-def test_tile_size_does_not_change_result():
+@pytest.mark.parametrize("features", ["causal", "everything"])
+def test_tile_size_does_not_change_result(features):
     q, k, v = torch.randn(1, 150, 2, 16), torch.randn(1, 170, 2, 16), torch.randn(1, 170, 2, 16)
-    o1, l1 = attention_tiled_forward(q, k, v, 0.25, True, 20, block_m=16, block_n=32)
-    o2, l2 = attention_tiled_forward(q, k, v, 0.25, True, 20, block_m=150, block_n=170)
+    opts = AttnOptions(0.25, diag=20, window_right=0)
+    if features == "everything":
+        opts = opts._replace(window_left=30, softcap=3.0, alibi=torch.rand(1, 2), bias=torch.randn(1, 2, 150, 170),
+                             dropout_p=0.2, seed=5)
+    o1, l1 = attention_tiled_forward(q, k, v, opts, block_m=16, block_n=32)
+    o2, l2 = attention_tiled_forward(q, k, v, opts, block_m=150, block_n=170)
     torch.testing.assert_close(o1, o2)
     torch.testing.assert_close(l1, l2)
     dout = torch.randn_like(o1)
-    g1 = attention_tiled_backward(dout, q, k, v, o1, l1, 0.25, True, 20, block_m=16, block_n=32)
-    g2 = attention_tiled_backward(dout, q, k, v, o2, l2, 0.25, True, 20, block_m=150, block_n=170)
+    bias_grad = opts.bias is not None
+    g1 = attention_tiled_backward(dout, q, k, v, o1, l1, opts, bias_grad, block_m=16, block_n=32)
+    g2 = attention_tiled_backward(dout, q, k, v, o2, l2, opts, bias_grad, block_m=150, block_n=170)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b)
 

@@ -9,6 +9,7 @@ from .flash_attn import (
     flash_attn_varlen_qkvpacked_func,
     flash_attn_with_kvcache,
 )
+from .padding import pad_input, unpad_input
 from .sdpa import scaled_dot_product_attention
 
 __all__ = [
@@ -19,5 +20,7 @@ __all__ = [
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_with_kvcache",
+    "pad_input",
     "scaled_dot_product_attention",
+    "unpad_input",
 ]

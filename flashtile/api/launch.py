@@ -15,6 +15,7 @@ import triton
 from ..kernels.backward import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from ..kernels.configs import LaunchConfig, launch_configs
 from ..kernels.forward import attn_fwd_kernel
+from ..reference import AttnOptions
 
 LOG2E = 1.4426950408889634
 
@@ -70,13 +71,6 @@ def _launch(name: str, kernel, grid_fn, args: tuple, constexprs: dict, tensor: t
     raise RuntimeError(f"flashtile: no launch configuration of kernel '{name}' fits this GPU") from error
 
 
-def _common_constexprs(q: torch.Tensor, causal: bool) -> dict:
-    return dict(
-        HEAD_DIM=q.shape[-1], BLOCK_D=_block_d(q.shape[-1]), IS_CAUSAL=causal,
-        UPCAST=interpreting() and q.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(q.dtype),
-    )
-
-
 def _env_flag(name: str) -> bool | None:
     value = os.environ.get(name)
     return None if value is None else value == "1"
@@ -114,52 +108,123 @@ DEFAULT_FWD_TMA = True
 DEFAULT_FWD_WS = False
 
 
-def _bsh(t: torch.Tensor) -> tuple[int, int, int]:
-    """Batch, sequence and head strides of a (batch, seqlen, heads, dim) tensor."""
-    return t.stride(0), t.stride(1), t.stride(2)
+def _bsh(t: torch.Tensor, varlen: bool = False) -> tuple[int, int, int]:
+    """Batch, sequence and head strides of a (batch, seqlen, heads, dim) tensor;
+    for a packed varlen tensor (1, total, heads, dim) the batch stride is 0."""
+    return 0 if varlen else t.stride(0), t.stride(1), t.stride(2)
 
 
-def attention_forward(q, k, v, softmax_scale: float, causal: bool, causal_offset: int):
-    """Returns (out, lse): out like q, lse (batch, nheads, seqlen_q) fp32."""
-    batch, seqlen_q, nheads, head_dim = q.shape
-    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+class _Layout:
+    """Batch geometry, feature switches and the score arguments shared by all three kernels."""
+
+    def __init__(self, q, k, opts: AttnOptions, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+        self.varlen = cu_seqlens_q is not None
+        self.batch = cu_seqlens_q.numel() - 1 if self.varlen else q.shape[0]
+        self.nheads, self.nheads_k = q.shape[2], k.shape[2]
+        self.seqlen_q = max_seqlen_q if self.varlen else q.shape[1]
+        self.seqlen_k = max_seqlen_k if self.varlen else k.shape[1]
+        # unused pointer arguments get any tensor
+        self.cu_q = cu_seqlens_q if self.varlen else q
+        self.cu_k = cu_seqlens_k if self.varlen else q
+        bias = opts.bias
+        if bias is None:
+            self.bias, self.bias_strides, bias_kind, bias_rows = q, (0, 0, 0, 0), 0, False
+        else:
+            self.bias = bias.view(torch.uint8) if bias.dtype == torch.bool else bias
+            self.bias_strides = bias.stride()
+            bias_kind = 2 if bias.dtype == torch.bool else 1
+            bias_rows = bias.stride(2) != 0 and bias.shape[2] > 1
+        self.alibi = q if opts.alibi is None else opts.alibi
+        self.alibi_stride = 0 if opts.alibi is None else opts.alibi.stride(0)
+        self.const = dict(
+            HEAD_DIM=q.shape[-1], BLOCK_D=_block_d(q.shape[-1]),
+            MASK_LEFT=opts.window_left >= 0, MASK_RIGHT=opts.window_right >= 0,
+            SOFTCAP=opts.softcap > 0, HAS_ALIBI=opts.alibi is not None,
+            BIAS_KIND=bias_kind, BIAS_ROWS=bias_rows, DROPOUT=opts.dropout_p > 0, IS_VARLEN=self.varlen,
+            UPCAST=interpreting() and q.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(q.dtype),
+        )
+        softcap = opts.softcap if opts.softcap > 0 else 1.0
+        # (diag, window_left, window_right, [softmax_scale], qk_scale, softcap_in, softcap_out, dropout...)
+        self.positions = (self.seqlen_q, self.seqlen_k, opts.diag, opts.window_left, opts.window_right)
+        self.scores = (opts.softmax_scale * LOG2E, opts.softmax_scale / softcap, softcap * LOG2E)
+        self.dropout = (opts.dropout_p, 1.0 / (1.0 - opts.dropout_p), opts.seed)
+
+    def lse_strides(self, lse: torch.Tensor) -> tuple[int, int]:
+        return 0 if self.varlen else lse.stride(0), lse.stride(1)
+
+
+def attention_forward(q, k, v, opts: AttnOptions, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
+                      max_seqlen_k=0):
+    """Returns (out, lse): out like q, lse (batch, nheads, seqlen_q) fp32.
+
+    Varlen: q (total_q, nheads, d), k/v (total_k, nheads_k, d) given with
+    int32 ``cu_seqlens_q/k``; lse is then (nheads, total_q).
+    """
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+    lay = _Layout(q, k, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     out = torch.empty_like(q)
-    lse = torch.empty((batch, nheads, seqlen_q), device=q.device, dtype=torch.float32)
-    const = _common_constexprs(q, causal) | _forward_features(q, k, v)
-    args = (q, k, v, out, lse, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(out), lse.stride(0), lse.stride(1),
-            nheads, nheads // nheads_k, seqlen_q, seqlen_k, causal_offset, softmax_scale * LOG2E)
-    _launch("fwd_tma" if const["USE_TMA"] else "fwd", attn_fwd_kernel, lambda c: (triton.cdiv(seqlen_q, c.block_m) * batch * nheads,),
+    lse = torch.empty((q.shape[0], lay.nheads, q.shape[1]), device=q.device, dtype=torch.float32)
+    const = lay.const | _forward_features(q, k, v)
+    args = (q, k, v, out, lse, lay.cu_q, lay.cu_k, lay.bias, lay.alibi,
+            *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(out, varlen), *lay.lse_strides(lse),
+            *lay.bias_strides, lay.alibi_stride, lay.nheads, lay.nheads // lay.nheads_k, *lay.positions,
+            *lay.scores, *lay.dropout)
+    _launch("fwd_tma" if const["USE_TMA"] else "fwd", attn_fwd_kernel,
+            lambda c: (triton.cdiv(lay.seqlen_q, c.block_m) * lay.batch * lay.nheads,),
             args, const, q, const["BLOCK_D"])
+    if varlen:
+        return out.squeeze(0), lse.squeeze(0)
     return out, lse
 
 
-def attention_backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, causal_offset: int):
-    """Returns (dq, dk, dv) shaped and typed like (q, k, v)."""
-    batch, seqlen_q, nheads, head_dim = q.shape
-    seqlen_k, nheads_k = k.shape[1], k.shape[2]
-    group = nheads // nheads_k
+def attention_backward(dout, q, k, v, out, lse, opts: AttnOptions, bias_grad: bool = False,
+                       cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+    """Returns (dq, dk, dv, dbias) shaped and typed like (q, k, v); dbias is the fp32
+    gradient of ``opts.bias`` before broadcast reduction, (batch, nheads, seqlen_q,
+    seqlen_k), or None unless ``bias_grad``."""
+    varlen = cu_seqlens_q is not None
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    const = _common_constexprs(q, causal)
+    if varlen:
+        q, k, v, out, dout, lse = (t.unsqueeze(0) for t in (q, k, v, out, dout, lse))
+    lay = _Layout(q, k, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    const = lay.const
     block_d = const["BLOCK_D"]
+    head_dim = q.shape[-1]
+    nheads, nheads_k = lay.nheads, lay.nheads_k
 
+    # delta over the padded (batch, seqlen_q) or the packed (1, total_q) rows
     delta = torch.empty_like(lse)
     pre_m = 32 if interpreting() else 64
-    attn_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, pre_m) * batch * nheads,)](
-        out, dout, delta, *_bsh(out), *_bsh(dout), delta.stride(0), delta.stride(1), nheads, seqlen_q,
+    attn_bwd_preprocess_kernel[(triton.cdiv(q.shape[1], pre_m) * q.shape[0] * nheads,)](
+        out, dout, delta, *_bsh(out), *_bsh(dout), delta.stride(0), delta.stride(1), nheads, q.shape[1],
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_m)
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    qk_scale = softmax_scale * LOG2E
-    args = (q, k, v, dout, dk, dv, lse, delta, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(dout), *_bsh(dk), *_bsh(dv),
-            lse.stride(0), lse.stride(1), nheads_k, group, seqlen_q, seqlen_k, causal_offset, softmax_scale, qk_scale)
-    _launch("dkdv", attn_bwd_dkdv_kernel, lambda c: (triton.cdiv(seqlen_k, c.block_n) * batch * nheads_k,),
+    dbias = None
+    if bias_grad:
+        dbias = torch.zeros((lay.batch, nheads, lay.seqlen_q, lay.seqlen_k), device=q.device, dtype=torch.float32)
+    dbias_arg = q if dbias is None else dbias
+    dbias_strides = (0, 0, 0, 0) if dbias is None else dbias.stride()
+    scale = opts.softmax_scale
+    common = (*lay.lse_strides(lse), *lay.bias_strides)
+    args = (q, k, v, dout, dk, dv, lse, delta, lay.cu_q, lay.cu_k, lay.bias, dbias_arg, lay.alibi,
+            *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(dout, varlen), *_bsh(dk, varlen),
+            *_bsh(dv, varlen), *common, *dbias_strides, lay.alibi_stride,
+            nheads_k, nheads // nheads_k, *lay.positions, scale, *lay.scores, *lay.dropout)
+    _launch("dkdv", attn_bwd_dkdv_kernel, lambda c: (triton.cdiv(lay.seqlen_k, c.block_n) * lay.batch * nheads_k,),
+            args, const | dict(BIAS_GRAD=bias_grad), q, block_d)
+    args = (q, k, v, dout, dq, lse, delta, lay.cu_q, lay.cu_k, lay.bias, lay.alibi,
+            *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(dout, varlen), *_bsh(dq, varlen),
+            *common, lay.alibi_stride, nheads, nheads // nheads_k, *lay.positions, scale, *lay.scores,
+            *lay.dropout)
+    _launch("dq", attn_bwd_dq_kernel, lambda c: (triton.cdiv(lay.seqlen_q, c.block_m) * lay.batch * nheads,),
             args, const, q, block_d)
-    args = (q, k, v, dout, dq, lse, delta, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(dout), *_bsh(dq),
-            lse.stride(0), lse.stride(1), nheads, group, seqlen_q, seqlen_k, causal_offset, softmax_scale, qk_scale)
-    _launch("dq", attn_bwd_dq_kernel, lambda c: (triton.cdiv(seqlen_q, c.block_m) * batch * nheads,),
-            args, const, q, block_d)
-    return dq, dk, dv
+    if varlen:
+        dq, dk, dv = dq.squeeze(0), dk.squeeze(0), dv.squeeze(0)
+    return dq, dk, dv, dbias
 
 
 def default_scale(head_dim: int) -> float:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from ..reference import causal_offset_for
-from .checks import check_dropout, check_qkv, check_scale, check_tensor, not_yet
-from .ops import attention
+from .checks import check_attn_mask, check_dropout, check_qkv, check_scale, check_tensor
+from .ops import attention, dropout_seed
 
 _LAYOUT = "(batch, nheads, seqlen, headdim)"
 
@@ -29,8 +29,14 @@ def scaled_dot_product_attention(
             dimension), fp16, bf16 or fp32.
         key, value: ``(batch, nheads_k, seqlen_k, headdim)``. ``nheads_k`` must
             equal ``nheads`` unless ``enable_gqa=True`` (then it divides it).
-        attn_mask: not supported yet (must be None).
-        dropout_p: must be 0.0 for now.
+        attn_mask: bool (True = attend) or float (added to the scores), any
+            shape that broadcasts to ``(batch, nheads, seqlen_q, seqlen_k)``;
+            read through strides, never expanded in memory (a key-padding
+            mask ``(batch, 1, 1, seqlen_k)`` is read as one vector per tile).
+            A float mask that requires grad gets its gradient (summed over
+            the broadcast dimensions). Rows with no allowed key output zeros.
+        dropout_p: dropout probability on the attention weights, applied
+            whenever > 0 as in PyTorch (pass 0.0 in eval).
         is_causal: causal mask aligned to the top-left corner, as PyTorch's:
             query ``i`` sees keys ``j <= i``.
         scale: defaults to ``1 / sqrt(headdim)``.
@@ -49,13 +55,15 @@ def scaled_dot_product_attention(
     if attn_mask is not None:
         if is_causal:
             raise ValueError("flashtile: pass either attn_mask or is_causal=True, not both")
-        raise not_yet("attn_mask in scaled_dot_product_attention")
+        attn_mask = check_attn_mask(attn_mask, q.shape[0], q.shape[2], q.shape[1], k.shape[1], q.device)
     check_dropout("dropout_p", dropout_p)
     if q.shape[2] != k.shape[2] and not enable_gqa:
         raise ValueError(f"flashtile: query has {q.shape[2]} heads and key/value {k.shape[2]}; "
                          "pass enable_gqa=True for grouped-query attention")
     softmax_scale = check_scale("scale", scale, q.shape[-1])
     offset = causal_offset_for(q.shape[1], k.shape[1], "top_left")
-    out, _ = attention(q, k, v, softmax_scale, bool(is_causal), offset)
+    seed = dropout_seed(dropout_p)
+    out, _ = attention(q, k, v, softmax_scale, offset, window=(-1, 0 if is_causal else -1), bias=attn_mask,
+                       dropout_p=float(dropout_p), seed=seed)
     out = out.transpose(1, 2)
     return out.squeeze(0) if squeeze else out

@@ -6,16 +6,22 @@ Three launches, no atomics (so gradients are bitwise deterministic):
 2. ``attn_bwd_dkdv_kernel``: one program owns BLOCK_N keys of one kv head;
    it keeps K, V, dK, dV on chip and loops over every query head of its
    group and over the query blocks that see those keys, recomputing
-   ``P = exp(QK^T * scale - LSE)`` from the saved LSE. dK/dV of a GQA group
-   are therefore summed in registers.
+   ``P = exp(S - LSE)`` from the saved LSE. dK/dV of a GQA group are
+   therefore summed in registers. It also writes dS, the gradient of an
+   additive bias, when one is asked for (each element is visited once).
 3. ``attn_bwd_dq_kernel``: one program owns BLOCK_M query rows of one head
    and loops over key blocks, as the forward pass does.
+
+The options are the forward kernel's constexpr switches; scores come from the
+same ``tile_scores`` so forward and backward agree exactly. With dropout,
+``dP`` is masked and rescaled like ``P`` was; ``delta`` needs no change since
+``rowsum(dO * O)`` already equals ``rowsum(P * dropped dP)``.
 """
 
 import triton
 import triton.language as tl
 
-from .common import key_ranges, program_tile, query_ranges, tile_mask
+from .common import dropout_keep, key_ranges, program_tile, query_ranges, tile_mask, tile_scores
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -53,40 +59,78 @@ def _load_lse_log2(Lse, offs, seqlen_q):
 
 
 @triton.jit
+def _seq_bounds(CuSeqlensQ, CuSeqlensK, b, max_seqlen_q, max_seqlen_k, diag_offset, IS_VARLEN: tl.constexpr):
+    """(start_q, seqlen_q, start_k, seqlen_k, diag) of sequence ``b``."""
+    if IS_VARLEN:
+        start_q = tl.load(CuSeqlensQ + b)
+        seqlen_q = tl.load(CuSeqlensQ + b + 1) - start_q
+        start_k = tl.load(CuSeqlensK + b)
+        seqlen_k = tl.load(CuSeqlensK + b + 1) - start_k
+        diag = seqlen_k - seqlen_q
+    else:
+        start_q = 0
+        seqlen_q = max_seqlen_q
+        start_k = 0
+        seqlen_k = max_seqlen_k
+        diag = diag_offset
+    return start_q, seqlen_q, start_k, seqlen_k, diag
+
+
+@triton.jit
 def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qs, stride_dos,
-                offs_m, offs_n, offs_d, start, end, seqlen_q, seqlen_k, causal_offset, qk_scale,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                bias_base, stride_bm, stride_bn, dbias_base, stride_dbm, stride_dbn,
+                offs_m, offs_n, offs_d, start, end, seqlen_q, seqlen_k, diag, window_left, window_right,
+                qk_scale, softcap_in, softcap_out, alibi_slope, bh, max_seqlen_q, max_seqlen_k,
+                dropout_p, dropout_scale, seed,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                MASKED: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
+                SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr,
+                BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
-    """Accumulate query tiles [start, end) into dK^T-free (dk, dv) for one key block."""
+    """Accumulate query tiles [start, end) into (dk, dv) for one key block.
+    Tiles are held transposed: [BLOCK_N keys, BLOCK_M queries]."""
     d_ok = offs_d[None, :] < HEAD_DIM
+    cols = offs_n[:, None]
     for start_m in range(start, end, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
-        rows = start_m + offs_m
-        ok = (rows[:, None] < seqlen_q) & d_ok
+        rows_1d = start_m + offs_m
+        rows = rows_1d[None, :]
+        ok = (rows_1d[:, None] < seqlen_q) & d_ok
         q = tl.load(q_ptrs + start_m * stride_qs, mask=ok, other=0.0)
         do = tl.load(do_ptrs + start_m * stride_dos, mask=ok, other=0.0)
-        lse = _load_lse_log2(lse_ptr, rows, seqlen_q)
-        delta = tl.load(delta_ptr + rows, mask=rows < seqlen_q, other=0.0)
+        lse = _load_lse_log2(lse_ptr, rows_1d, seqlen_q)
+        delta = tl.load(delta_ptr + rows_1d, mask=rows_1d < seqlen_q, other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
-        # transposed scores: [BLOCK_N, BLOCK_M]
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-        p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
+        s_t, t_t = tile_scores(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), rows, cols, seqlen_q,
+                               seqlen_k, diag, qk_scale, softcap_in, softcap_out, alibi_slope, bias_base,
+                               stride_bm, stride_bn, SOFTCAP, HAS_ALIBI, BIAS_KIND, BIAS_ROWS)
+        p_t = tl.math.exp2(s_t - lse[None, :])
         if MASKED:
-            mask = tile_mask(rows, offs_n, seqlen_k, causal_offset, IS_CAUSAL)
-            p_t = tl.where(tl.trans(mask), p_t, 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            p_t = tl.where(tile_mask(rows, cols, seqlen_k, diag, window_left, window_right, MASK_LEFT, MASK_RIGHT),
+                           p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = dropout_keep(seed, bh, rows, cols, max_seqlen_q, max_seqlen_k, dropout_p)
+            dv = tl.dot(tl.where(keep, p_t * dropout_scale, 0.0).to(do.dtype), do, dv,
+                        input_precision=DOT_PRECISION)
+            dp_t = tl.where(keep, dp_t * dropout_scale, 0.0)
+        else:
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
+        if BIAS_GRAD:
+            tl.store(dbias_base + rows.to(tl.int64) * stride_dbm + cols * stride_dbn, ds_t,
+                     mask=(rows < seqlen_q) & (cols < seqlen_k))
+        if SOFTCAP:
+            ds_t = ds_t * (1.0 - t_t * t_t)
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
 @triton.jit
 def attn_bwd_dkdv_kernel(
-    Q, K, V, DOut, DK, DV, Lse, Delta,
+    Q, K, V, DOut, DK, DV, Lse, Delta, CuSeqlensQ, CuSeqlensK, Bias, DBias, Alibi,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -94,128 +138,197 @@ def attn_bwd_dkdv_kernel(
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
     stride_lb, stride_lh,
-    nheads_k, group_size, seqlen_q, seqlen_k, causal_offset, softmax_scale, qk_scale,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_dbb, stride_dbh, stride_dbm, stride_dbn, stride_ab,
+    nheads_k, group_size, max_seqlen_q, max_seqlen_k, diag_offset, window_left, window_right,
+    softmax_scale, qk_scale, softcap_in, softcap_out, dropout_p, dropout_scale, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr, BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
+    IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Grid: (cdiv(seqlen_k, BLOCK_N) * batch * nheads_k,). Lse and Delta share strides."""
-    pid_n, pid_bh = program_tile(seqlen_k, BLOCK_N, False)
+    """Grid: (cdiv(max_seqlen_k, BLOCK_N) * batch * nheads_k,). Lse and Delta share strides.
+    DBias (fp32, unbroadcast (batch, nheads, seqlen_q, seqlen_k)) receives dS when BIAS_GRAD."""
+    pid_n, pid_bh = program_tile(max_seqlen_k, BLOCK_N, False)
     b = pid_bh // nheads_k
     hk = pid_bh % nheads_k
     start_n = pid_n * BLOCK_N
+    start_q, seqlen_q, start_k, seqlen_k, diag = _seq_bounds(CuSeqlensQ, CuSeqlensK, b, max_seqlen_q, max_seqlen_k,
+                                                             diag_offset, IS_VARLEN)
+    if IS_VARLEN:
+        if start_n >= seqlen_k:
+            return
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     kv_ok = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
 
-    k = tl.load(K + b.to(tl.int64) * stride_kb + hk * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
-                mask=kv_ok, other=0.0)
-    v = tl.load(V + b.to(tl.int64) * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
-                mask=kv_ok, other=0.0)
+    k_off = b.to(tl.int64) * stride_kb + start_k.to(tl.int64) * stride_ks + hk * stride_kh
+    v_off = b.to(tl.int64) * stride_vb + start_k.to(tl.int64) * stride_vs + hk * stride_vh
+    k = tl.load(K + k_off + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_ok, other=0.0)
+    v = tl.load(V + v_off + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_ok, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    begin, full_begin = query_ranges(start_n, seqlen_q, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    lo, full_lo, full_hi, hi = query_ranges(start_n, seqlen_q, diag, window_left, window_right,
+                                            BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT)
     for g in range(0, group_size):
         h = hk * group_size + g
-        q_ptrs = Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :]
-        do_ptrs = DOut + b.to(tl.int64) * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :]
-        lse_ptr = Lse + b.to(tl.int64) * stride_lb + h * stride_lh
-        delta_ptr = Delta + b.to(tl.int64) * stride_lb + h * stride_lh
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qs, stride_dos,
-                             offs_m, offs_n, offs_d, begin, full_begin, seqlen_q, seqlen_k, causal_offset,
-                             qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, IS_CAUSAL, UPCAST, DOT_PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qs, stride_dos,
-                             offs_m, offs_n, offs_d, full_begin, seqlen_q, seqlen_q, seqlen_k, causal_offset,
-                             qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, IS_CAUSAL, UPCAST, DOT_PRECISION)
+        q_ptrs = (Q + b.to(tl.int64) * stride_qb + start_q.to(tl.int64) * stride_qs + h * stride_qh
+                  + offs_m[:, None] * stride_qs + offs_d[None, :])
+        do_ptrs = (DOut + b.to(tl.int64) * stride_dob + start_q.to(tl.int64) * stride_dos + h * stride_doh
+                   + offs_m[:, None] * stride_dos + offs_d[None, :])
+        lse_ptr = Lse + b.to(tl.int64) * stride_lb + h * stride_lh + start_q
+        delta_ptr = Delta + b.to(tl.int64) * stride_lb + h * stride_lh + start_q
+        bias_base = Bias + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh
+        dbias_base = DBias + b.to(tl.int64) * stride_dbb + h.to(tl.int64) * stride_dbh
+        alibi_slope = 0.0
+        if HAS_ALIBI:
+            alibi_slope = tl.load(Alibi + b * stride_ab + h)
+        bh = b * (nheads_k * group_size) + h
+        for part in tl.static_range(3):
+            # partial rows before the band's full part, the full part, partial rows after it
+            if part == 0:
+                start, end = lo, full_lo
+            elif part == 1:
+                start, end = full_lo, full_hi
+            else:
+                start, end = full_hi, hi
+            if (part != 2) or MASK_LEFT:
+                dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qs, stride_dos,
+                                     bias_base, stride_bm, stride_bn, dbias_base, stride_dbm, stride_dbn,
+                                     offs_m, offs_n, offs_d, start, end, seqlen_q, seqlen_k, diag,
+                                     window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh,
+                                     max_seqlen_q, max_seqlen_k, dropout_p, dropout_scale, seed,
+                                     HEAD_DIM, BLOCK_M, part != 1, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
+                                     BIAS_KIND, BIAS_ROWS, BIAS_GRAD, DROPOUT, UPCAST, DOT_PRECISION)
 
     dk = dk * softmax_scale
-    tl.store(DK + b.to(tl.int64) * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=kv_ok)
-    tl.store(DV + b.to(tl.int64) * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kv_ok)
+    tl.store(DK + b.to(tl.int64) * stride_dkb + start_k.to(tl.int64) * stride_dks + hk * stride_dkh
+             + offs_n[:, None] * stride_dks + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV + b.to(tl.int64) * stride_dvb + start_k.to(tl.int64) * stride_dvs + hk * stride_dvh
+             + offs_n[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs,
-              offs_m, offs_n, offs_d, start, end, seqlen_k, causal_offset, qk_scale,
+def _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, bias_base, stride_bm, stride_bn,
+              offs_m, offs_n, offs_d, start, end, seqlen_q, seqlen_k, diag, window_left, window_right,
+              qk_scale, softcap_in, softcap_out, alibi_slope, bh, max_seqlen_q, max_seqlen_k,
+              dropout_p, dropout_scale, seed,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-              DOT_PRECISION: tl.constexpr):
+              MASKED: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
+              SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr,
+              DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate key tiles [start, end) into dq for one query block."""
     d_ok = offs_d[None, :] < HEAD_DIM
+    rows = offs_m[:, None]
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        cols = start_n + offs_n
-        ok = (cols[:, None] < seqlen_k) & d_ok
+        cols_1d = start_n + offs_n
+        cols = cols_1d[None, :]
+        ok = (cols_1d[:, None] < seqlen_k) & d_ok
         k = tl.load(k_ptrs + start_n * stride_ks, mask=ok, other=0.0)
         v = tl.load(v_ptrs + start_n * stride_vs, mask=ok, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        p = tl.math.exp2(s * qk_scale - lse[:, None])
+        s, t = tile_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), rows, cols, seqlen_q, seqlen_k,
+                           diag, qk_scale, softcap_in, softcap_out, alibi_slope, bias_base, stride_bm, stride_bn,
+                           SOFTCAP, HAS_ALIBI, BIAS_KIND, BIAS_ROWS)
+        p = tl.math.exp2(s - lse[:, None])
         if MASKED:
-            p = tl.where(tile_mask(offs_m, cols, seqlen_k, causal_offset, IS_CAUSAL), p, 0.0)
+            p = tl.where(tile_mask(rows, cols, seqlen_k, diag, window_left, window_right, MASK_LEFT, MASK_RIGHT),
+                         p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = dropout_keep(seed, bh, rows, cols, max_seqlen_q, max_seqlen_k, dropout_p)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
 
 @triton.jit
 def attn_bwd_dq_kernel(
-    Q, K, V, DOut, DQ, Lse, Delta,
+    Q, K, V, DOut, DQ, Lse, Delta, CuSeqlensQ, CuSeqlensK, Bias, Alibi,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh,
     stride_lb, stride_lh,
-    nheads, group_size, seqlen_q, seqlen_k, causal_offset, softmax_scale, qk_scale,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_ab,
+    nheads, group_size, max_seqlen_q, max_seqlen_k, diag_offset, window_left, window_right,
+    softmax_scale, qk_scale, softcap_in, softcap_out, dropout_p, dropout_scale, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr, DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Grid: (cdiv(seqlen_q, BLOCK_M) * batch * nheads,)."""
-    pid_m, pid_bh = program_tile(seqlen_q, BLOCK_M, IS_CAUSAL)
+    """Grid: (cdiv(max_seqlen_q, BLOCK_M) * batch * nheads,)."""
+    pid_m, pid_bh = program_tile(max_seqlen_q, BLOCK_M, MASK_RIGHT and not MASK_LEFT)
     b = pid_bh // nheads
     h = pid_bh % nheads
     hk = h // group_size
     start_m = pid_m * BLOCK_M
+    start_q, seqlen_q, start_k, seqlen_k, diag = _seq_bounds(CuSeqlensQ, CuSeqlensK, b, max_seqlen_q, max_seqlen_k,
+                                                             diag_offset, IS_VARLEN)
+    if IS_VARLEN:
+        if start_m >= seqlen_q:
+            return
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
 
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
-                mask=ok, other=0.0)
-    do = tl.load(DOut + b.to(tl.int64) * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :],
-                 mask=ok, other=0.0)
+    q_off = b.to(tl.int64) * stride_qb + start_q.to(tl.int64) * stride_qs + h * stride_qh
+    do_off = b.to(tl.int64) * stride_dob + start_q.to(tl.int64) * stride_dos + h * stride_doh
+    q = tl.load(Q + q_off + offs_m[:, None] * stride_qs + offs_d[None, :], mask=ok, other=0.0)
+    do = tl.load(DOut + do_off + offs_m[:, None] * stride_dos + offs_d[None, :], mask=ok, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse = _load_lse_log2(Lse + b.to(tl.int64) * stride_lb + h * stride_lh, offs_m, seqlen_q)
-    delta = tl.load(Delta + b.to(tl.int64) * stride_lb + h * stride_lh + offs_m, mask=offs_m < seqlen_q, other=0.0)
+    lse_off = b.to(tl.int64) * stride_lb + h * stride_lh + start_q
+    lse = _load_lse_log2(Lse + lse_off, offs_m, seqlen_q)
+    delta = tl.load(Delta + lse_off + offs_m, mask=offs_m < seqlen_q, other=0.0)
 
-    k_ptrs = K + b.to(tl.int64) * stride_kb + hk * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
-    v_ptrs = V + b.to(tl.int64) * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :]
+    k_ptrs = (K + b.to(tl.int64) * stride_kb + start_k.to(tl.int64) * stride_ks + hk * stride_kh
+              + offs_n[:, None] * stride_ks + offs_d[None, :])
+    v_ptrs = (V + b.to(tl.int64) * stride_vb + start_k.to(tl.int64) * stride_vs + hk * stride_vh
+              + offs_n[:, None] * stride_vs + offs_d[None, :])
+    bias_base = Bias + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh
+    alibi_slope = 0.0
+    if HAS_ALIBI:
+        alibi_slope = tl.load(Alibi + b * stride_ab + h)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    full_end, end = key_ranges(start_m, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs,
-                   offs_m, offs_n, offs_d, 0, full_end, seqlen_k, causal_offset, qk_scale,
-                   HEAD_DIM, BLOCK_N, False, IS_CAUSAL, UPCAST, DOT_PRECISION)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs,
-                   offs_m, offs_n, offs_d, full_end, end, seqlen_k, causal_offset, qk_scale,
-                   HEAD_DIM, BLOCK_N, True, IS_CAUSAL, UPCAST, DOT_PRECISION)
+    lo, full_lo, full_hi, hi = key_ranges(start_m, seqlen_k, diag, window_left, window_right,
+                                          BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT)
+    bh = b * nheads + h
+    for part in tl.static_range(3):
+        if part == 0:
+            start, end = lo, full_lo
+        elif part == 1:
+            start, end = full_lo, full_hi
+        else:
+            start, end = full_hi, hi
+        if (part != 0) or MASK_LEFT:
+            dq = _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, bias_base, stride_bm,
+                           stride_bn, offs_m, offs_n, offs_d, start, end, seqlen_q, seqlen_k, diag,
+                           window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh,
+                           max_seqlen_q, max_seqlen_k, dropout_p, dropout_scale, seed,
+                           HEAD_DIM, BLOCK_N, part != 1, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
+                           BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION)
 
     dq = dq * softmax_scale
-    tl.store(DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=ok)
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + start_q.to(tl.int64) * stride_dqs + h * stride_dqh
+             + offs_m[:, None] * stride_dqs + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=ok)

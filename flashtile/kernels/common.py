@@ -1,20 +1,33 @@
 """Score and mask logic shared by every attention kernel.
 
 Every kernel visits (query-block, key-block) tiles. A tile is *full* when no
-element of it is masked, and *partial* otherwise. Kernels run two loops, an
-unmasked one over full tiles and a masked one over partial tiles, so the mask
-arithmetic is paid only where it is needed. The helpers below decide, for one
-query block or one key block, which key (or query) ranges are full, partial
-or skipped, and build the element mask of a partial tile.
+element of it is masked by position (sequence bounds, causal, sliding
+window), and *partial* otherwise. Kernels run up to three loops, partial /
+full / partial, so the positional mask is paid only where it is needed; tiles
+outside the band are never visited. The helpers below decide those ranges
+for one query block (or one key block) and build the scores of one tile.
 
-Causal masking is expressed with one integer, ``causal_offset``: query row
-``i`` sees key ``j`` iff ``j <= i + causal_offset``. flash_attn aligns the mask
-to the bottom-right corner (``causal_offset = seqlen_k - seqlen_q``); PyTorch's
-SDPA aligns it to the top-left (``causal_offset = 0``).
+Positions are expressed with one integer, ``diag``: query row ``i`` is
+aligned with key ``i + diag``. flash_attn aligns to the bottom-right corner
+(``diag = seqlen_k - seqlen_q``), PyTorch's SDPA to the top-left (``diag =
+0``). Query ``i`` sees key ``j`` iff ``i + diag - window_left <= j <= i +
+diag + window_right``; causal is ``window_right = 0``; MASK_LEFT / MASK_RIGHT
+say whether each bound exists.
+
+Tile helpers take ``rows`` and ``cols`` as broadcastable 2-D index tensors
+(``[M, 1]`` and ``[1, N]``, or transposed for kernels that hold transposed
+tiles), so one function serves every orientation.
 """
 
 import triton
 import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+# kinds of SDPA attn_mask / additive bias
+BIAS_NONE = tl.constexpr(0)
+BIAS_ADD = tl.constexpr(1)
+BIAS_BOOL = tl.constexpr(2)
 
 
 @triton.jit
@@ -35,46 +48,115 @@ def program_tile(seqlen, BLOCK: tl.constexpr, HEAVY_LAST: tl.constexpr):
 
 
 @triton.jit
-def key_ranges(start_m, seqlen_k, causal_offset,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
-    """For the query block starting at ``start_m``: key tiles in ``[0, full_end)``
-    are full, tiles in ``[full_end, end)`` are partial, the rest are skipped.
-    Both bounds are multiples of BLOCK_N except ``end`` which may be seqlen_k."""
-    if IS_CAUSAL:
+def _clamp(x, lo, hi):
+    return tl.minimum(tl.maximum(x, lo), hi)
+
+
+@triton.jit
+def key_ranges(start_m, seqlen_k, diag, window_left, window_right,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr):
+    """For the query block starting at ``start_m``, keys ``[lo, hi)`` are visited:
+    tiles in ``[lo, full_lo)`` and ``[full_hi, hi)`` are partial, tiles in
+    ``[full_lo, full_hi)`` full. ``lo <= full_lo <= full_hi <= hi``; all but
+    ``hi`` (which may be seqlen_k) are multiples of BLOCK_N."""
+    if MASK_RIGHT:
         # last key seen by the last row of the block, and by its first row
-        end = tl.minimum(seqlen_k, start_m + BLOCK_M + causal_offset)
-        end = tl.maximum(end, 0)
-        full_end = tl.minimum(seqlen_k, start_m + causal_offset + 1)
-        full_end = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
+        hi = tl.maximum(tl.minimum(seqlen_k, start_m + BLOCK_M + diag + window_right), 0)
+        full_hi = tl.maximum(tl.minimum(seqlen_k, start_m + diag + window_right + 1), 0) // BLOCK_N * BLOCK_N
     else:
-        end = seqlen_k
-        full_end = seqlen_k // BLOCK_N * BLOCK_N
-    return full_end, end
+        hi = seqlen_k
+        full_hi = seqlen_k // BLOCK_N * BLOCK_N
+    if MASK_LEFT:
+        # first key seen by the first row of the block, and by its last row
+        lo = tl.minimum(tl.maximum(start_m + diag - window_left, 0), hi) // BLOCK_N * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(start_m + BLOCK_M - 1 + diag - window_left, 0), BLOCK_N) * BLOCK_N
+        full_lo = _clamp(full_lo, lo, hi)
+        full_hi = _clamp(full_hi, full_lo, hi)
+    else:
+        lo = 0
+        full_lo = 0
+    return lo, full_lo, full_hi, hi
 
 
 @triton.jit
-def query_ranges(start_n, seqlen_q, causal_offset,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
-    """For the key block starting at ``start_n``: query tiles in ``[begin, full_begin)``
-    are partial, tiles in ``[full_begin, seqlen_q)`` are full. ``begin`` and
-    ``full_begin`` are multiples of BLOCK_M. Rows past seqlen_q need no score
-    mask in the backward pass: their dO and delta load as zero."""
-    if IS_CAUSAL:
-        # first query row that sees any key of the block / all keys of the block
-        begin = tl.maximum(start_n - causal_offset, 0)
-        begin = tl.minimum(begin, seqlen_q) // BLOCK_M * BLOCK_M
-        full_begin = tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0)
-        full_begin = tl.minimum(tl.cdiv(full_begin, BLOCK_M) * BLOCK_M, tl.cdiv(seqlen_q, BLOCK_M) * BLOCK_M)
+def query_ranges(start_n, seqlen_q, diag, window_left, window_right,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr):
+    """For the key block starting at ``start_n``, query rows ``[lo, hi)`` are
+    visited: tiles in ``[lo, full_lo)`` and ``[full_hi, hi)`` are partial,
+    ``[full_lo, full_hi)`` full. Bounds are multiples of BLOCK_M except ``hi``.
+    Rows past seqlen_q need no mask in the backward pass: their dO and delta
+    load as zero."""
+    q_end = tl.cdiv(seqlen_q, BLOCK_M) * BLOCK_M
+    if MASK_LEFT:
+        # one past the last row that sees any key of the block / all of them
+        hi = tl.maximum(tl.minimum(seqlen_q, start_n + BLOCK_N - diag + window_left), 0)
+        full_hi = tl.maximum(tl.minimum(seqlen_q, start_n - diag + window_left + 1), 0) // BLOCK_M * BLOCK_M
     else:
-        begin = 0
-        full_begin = 0
-    return begin, full_begin
+        hi = seqlen_q
+        full_hi = q_end
+    if MASK_RIGHT:
+        # first row that sees any key of the block / all keys of the block
+        lo = tl.minimum(tl.maximum(start_n - diag - window_right, 0), hi) // BLOCK_M * BLOCK_M
+        full_lo = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag - window_right, 0), BLOCK_M) * BLOCK_M
+        full_lo = _clamp(full_lo, lo, tl.maximum(hi, full_hi))
+    else:
+        lo = 0
+        full_lo = 0
+    full_hi = _clamp(full_hi, full_lo, tl.maximum(hi, full_hi))
+    return lo, full_lo, full_hi, hi
 
 
 @triton.jit
-def tile_mask(offs_m, offs_n, seqlen_k, causal_offset, IS_CAUSAL: tl.constexpr):
-    """Boolean [BLOCK_M, BLOCK_N] mask of the (query, key) pairs that are attended."""
-    mask = offs_n[None, :] < seqlen_k
-    if IS_CAUSAL:
-        mask = mask & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+def tile_mask(rows, cols, seqlen_k, diag, window_left, window_right,
+              MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr):
+    """Boolean mask of the (query, key) pairs allowed by position."""
+    mask = cols < seqlen_k
+    if MASK_RIGHT:
+        mask = mask & (cols <= rows + diag + window_right)
+    if MASK_LEFT:
+        mask = mask & (cols >= rows + diag - window_left)
     return mask
+
+
+@triton.jit
+def tile_scores(qk, rows, cols, seqlen_q, seqlen_k, diag, qk_scale, softcap_in, softcap_out, alibi_slope,
+                bias_base, stride_bm, stride_bn,
+                SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr):
+    """Scores of one tile in log2 units from the raw products ``qk = q . k``.
+
+    ``s = softcap * tanh(qk * scale / softcap)`` (or ``qk * scale``), then
+    ``- slope * |i + diag - j|`` (ALiBi), then ``+ bias`` or a boolean mask
+    (False -> -inf). Also returns ``tanh(...)`` (for the softcap gradient; 0
+    without softcap). ``softcap_in = scale / softcap``, ``softcap_out =
+    softcap * log2(e)``. A bias without a query-row dimension (key padding)
+    is read as one vector per tile.
+    """
+    if SOFTCAP:
+        # tanh(x) = 2 sigmoid(2x) - 1, finite for every x
+        t = 2.0 * tl.sigmoid(2.0 * softcap_in * qk) - 1.0
+        s = t * softcap_out
+    else:
+        t = qk * 0.0
+        s = qk * qk_scale
+    if HAS_ALIBI:
+        s = s - (alibi_slope * LOG2E) * tl.abs(rows + diag - cols).to(tl.float32)
+    if BIAS_KIND != BIAS_NONE:
+        if BIAS_ROWS:
+            ok = (rows < seqlen_q) & (cols < seqlen_k)
+            bias = tl.load(bias_base + rows.to(tl.int64) * stride_bm + cols * stride_bn, mask=ok, other=0)
+        else:
+            bias = tl.load(bias_base + cols * stride_bn, mask=cols < seqlen_k, other=0)
+        if BIAS_KIND == BIAS_ADD:
+            s = s + bias.to(tl.float32) * LOG2E
+        else:
+            s = tl.where(bias != 0, s, float("-inf"))
+    return s, t
+
+
+@triton.jit
+def dropout_keep(seed, bh, rows, cols, rows_per_head, cols_per_row, dropout_p):
+    """Keep-mask of dropout for elements (bh, rows, cols): Philox (Triton's
+    ``tl.rand``) on the element's linear index, so the backward pass and
+    :func:`flashtile.reference.dropout_keep_mask` regenerate the same mask."""
+    offsets = (bh.to(tl.int64) * rows_per_head + rows) * cols_per_row + cols
+    return tl.rand(seed, offsets) >= dropout_p

@@ -26,7 +26,7 @@ _SM90 = {
     "fwd_tma": {
         64: [LaunchConfig(128, 128, 4, 3), LaunchConfig(128, 64, 8, 3), LaunchConfig(64, 64, 4, 2)],
         128: [LaunchConfig(128, 128, 8, 3), LaunchConfig(128, 64, 8, 3), LaunchConfig(64, 64, 4, 2)],
-        256: [LaunchConfig(128, 64, 8, 2), LaunchConfig(64, 64, 4, 2)],
+        256: [LaunchConfig(64, 64, 4, 3), LaunchConfig(128, 64, 8, 2), LaunchConfig(64, 64, 4, 2)],
     },
     "fwd": {
         64: [LaunchConfig(128, 64, 8, 3), LaunchConfig(64, 64, 4, 2)],
@@ -34,13 +34,13 @@ _SM90 = {
         256: [LaunchConfig(128, 64, 8, 2), LaunchConfig(64, 64, 4, 2)],
     },
     "dkdv": {
-        64: [LaunchConfig(64, 64, 4, 2), LaunchConfig(32, 64, 4, 2)],
+        64: [LaunchConfig(32, 128, 4, 4), LaunchConfig(64, 64, 4, 2), LaunchConfig(32, 64, 4, 2)],
         128: [LaunchConfig(64, 64, 4, 2), LaunchConfig(32, 64, 4, 2)],
         256: [LaunchConfig(64, 64, 8, 2), LaunchConfig(32, 64, 8, 2)],
     },
     "dq": {
-        64: [LaunchConfig(128, 64, 8, 2), LaunchConfig(64, 64, 4, 2)],
-        128: [LaunchConfig(64, 64, 4, 2), LaunchConfig(64, 32, 4, 2)],
+        64: [LaunchConfig(128, 64, 8, 3), LaunchConfig(128, 64, 8, 2), LaunchConfig(64, 64, 4, 2)],
+        128: [LaunchConfig(128, 64, 8, 3), LaunchConfig(64, 64, 4, 2), LaunchConfig(64, 32, 4, 2)],
         256: [LaunchConfig(128, 32, 8, 2), LaunchConfig(64, 32, 4, 2)],
     },
 }

@@ -5,29 +5,41 @@ BLOCK_N rows stream past it; a running row max ``m`` and row sum ``l`` (online
 softmax, base 2 with ``log2(e)`` folded into the scale) rescale the partial
 output, which is normalised once at the end. Only the output and the
 natural-log LSE per row are written.
+
+Options are ``tl.constexpr`` switches of this one kernel, so the plain
+causal / non-causal kernels compile without any of their code: sliding
+window (MASK_LEFT / MASK_RIGHT), softcap, ALiBi, an additive or boolean bias
+(SDPA's attn_mask), dropout, variable-length batches (IS_VARLEN: sequence
+``b`` occupies rows ``cu_seqlens[b]:cu_seqlens[b+1]`` of a packed tensor).
 """
 
 import triton
 import triton.language as tl
 
-from .common import key_ranges, program_tile, tile_mask
+from .common import BIAS_NONE, dropout_keep, key_ranges, program_tile, tile_mask, tile_scores
 
-LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs,
-               offs_m, offs_n, offs_d, start, end, seqlen_k, causal_offset, qk_scale,
+def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, stride_bm, stride_bn,
+               offs_m, offs_n, offs_d, start, end, seqlen_q, seqlen_k, diag, window_left, window_right,
+               qk_scale, softcap_in, softcap_out, alibi_slope, bh, max_seqlen_q, max_seqlen_k, dropout_p, seed,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-               MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+               MASKED: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
+               SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr,
+               DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
     """Accumulate key tiles [start, end) into (acc, l_i, m_i).
 
     ``k_src``/``v_src`` are tensor descriptors when USE_TMA (out-of-range rows
-    and columns read as zero), else pointer blocks at key row 0.
+    and columns read as zero), else pointer blocks at key row 0. MASKED
+    applies the positional mask (bounds, causal, window).
     """
     d_ok = offs_d[None, :] < HEAD_DIM
+    rows = offs_m[:, None]
+    # a row may have seen no key yet (m = -inf): guard the exponent's offset
+    SAFE_MAX: tl.constexpr = MASKED or BIAS_KIND != BIAS_NONE
     for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         kv_rows = start_n + offs_n
@@ -46,19 +58,25 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs,
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        cols = kv_rows[None, :]
+        s, _ = tile_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), rows, cols, seqlen_q, seqlen_k,
+                           diag, qk_scale, softcap_in, softcap_out, alibi_slope, bias_base, stride_bm, stride_bn,
+                           SOFTCAP, HAS_ALIBI, BIAS_KIND, BIAS_ROWS)
         if MASKED:
-            s = tl.where(tile_mask(offs_m, kv_rows, seqlen_k, causal_offset, IS_CAUSAL), s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # a row that has seen no key yet keeps m = -inf; subtract 0 instead
+            s = tl.where(tile_mask(rows, cols, seqlen_k, diag, window_left, window_right, MASK_LEFT, MASK_RIGHT),
+                         s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if SAFE_MAX:
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
             m_sub = m_new
         p = tl.math.exp2(s - m_sub[:, None])
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
+        if DROPOUT:
+            # the row sum keeps every probability; only the product with V drops
+            p = tl.where(dropout_keep(seed, bh, rows, cols, max_seqlen_q, max_seqlen_k, dropout_p), p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -66,30 +84,52 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs,
 
 @triton.jit
 def attn_fwd_kernel(
-    Q, K, V, Out, Lse,
+    Q, K, V, Out, Lse, CuSeqlensQ, CuSeqlensK, Bias, Alibi,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh,
-    nheads, group_size, seqlen_q, seqlen_k, causal_offset, qk_scale,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_ab,
+    nheads, group_size, max_seqlen_q, max_seqlen_k, diag_offset, window_left, window_right,
+    qk_scale, softcap_in, softcap_out, dropout_p, dropout_scale, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr, DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
 ):
-    """Grid: (cdiv(seqlen_q, BLOCK_M) * batch * nheads,).
+    """Grid: (cdiv(max_seqlen_q, BLOCK_M) * batch * nheads,).
 
     Q, Out: (batch, seqlen_q, nheads, HEAD_DIM); K, V: (batch, seqlen_k,
     nheads // group_size, HEAD_DIM), last dim contiguous, other strides free.
-    Lse: (batch, nheads, seqlen_q) fp32, natural log. ``qk_scale`` is
-    softmax_scale * log2(e).
+    With IS_VARLEN the batch strides are 0 and sequence ``b`` starts at row
+    ``CuSeqlensQ[b]`` / ``CuSeqlensK[b]``. Lse: fp32, natural log, row ``i``
+    of (b, h) at ``b * stride_lb + h * stride_lh + start_q + i``. Bias:
+    (batch, nheads, seqlen_q, seqlen_k) through strides (0 where broadcast);
+    Alibi: fp32 slopes at ``b * stride_ab + h``. ``qk_scale`` is
+    softmax_scale * log2(e); ``dropout_scale`` is 1 / (1 - dropout_p).
     """
-    pid_m, pid_bh = program_tile(seqlen_q, BLOCK_M, IS_CAUSAL)
+    pid_m, pid_bh = program_tile(max_seqlen_q, BLOCK_M, MASK_RIGHT and not MASK_LEFT)
     b = pid_bh // nheads
     h = pid_bh % nheads
     hk = h // group_size
     start_m = pid_m * BLOCK_M
+    if IS_VARLEN:
+        start_q = tl.load(CuSeqlensQ + b)
+        seqlen_q = tl.load(CuSeqlensQ + b + 1) - start_q
+        start_k = tl.load(CuSeqlensK + b)
+        seqlen_k = tl.load(CuSeqlensK + b + 1) - start_k
+        diag = seqlen_k - seqlen_q
+        if start_m >= seqlen_q:
+            return
+    else:
+        start_q = 0
+        seqlen_q = max_seqlen_q
+        start_k = 0
+        seqlen_k = max_seqlen_k
+        diag = diag_offset
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -97,9 +137,9 @@ def attn_fwd_kernel(
     d_ok = offs_d[None, :] < HEAD_DIM
     row_ok = offs_m[:, None] < seqlen_q
 
-    q_ptrs = Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :]
-    k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
+    q_base = Q + b.to(tl.int64) * stride_qb + start_q.to(tl.int64) * stride_qs + h * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + start_k.to(tl.int64) * stride_ks + hk * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + start_k.to(tl.int64) * stride_vs + hk * stride_vh
     if USE_TMA:
         # bulk tensor copies of [BLOCK_N, BLOCK_D] tiles; bounds give zero fill
         k_src = tl.make_tensor_descriptor(k_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_ks, 1],
@@ -109,8 +149,12 @@ def attn_fwd_kernel(
     else:
         k_src = k_base + offs_n[:, None] * stride_ks + offs_d[None, :]
         v_src = v_base + offs_n[:, None] * stride_vs + offs_d[None, :]
+    bias_base = Bias + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh
+    alibi_slope = 0.0
+    if HAS_ALIBI:
+        alibi_slope = tl.load(Alibi + b * stride_ab + h)
 
-    q = tl.load(q_ptrs, mask=row_ok & d_ok, other=0.0)
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok & d_ok, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
 
@@ -118,23 +162,39 @@ def attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    full_end, end = key_ranges(start_m, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs,
-                               offs_m, offs_n, offs_d, 0, full_end, seqlen_k, causal_offset, qk_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, UPCAST, DOT_PRECISION,
-                               USE_TMA, WARP_SPECIALIZE)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs,
-                               offs_m, offs_n, offs_d, full_end, end, seqlen_k, causal_offset, qk_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, UPCAST, DOT_PRECISION,
-                               USE_TMA, False)
+    lo, full_lo, full_hi, hi = key_ranges(start_m, seqlen_k, diag, window_left, window_right,
+                                          BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT)
+    bh = b * nheads + h
+    if MASK_LEFT:
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, stride_bm,
+                                   stride_bn, offs_m, offs_n, offs_d, lo, full_lo, seqlen_q, seqlen_k, diag,
+                                   window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh,
+                                   max_seqlen_q, max_seqlen_k, dropout_p, seed,
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
+                                   BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, USE_TMA, False)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, stride_bm,
+                               stride_bn, offs_m, offs_n, offs_d, full_lo, full_hi, seqlen_q, seqlen_k, diag,
+                               window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh,
+                               max_seqlen_q, max_seqlen_k, dropout_p, seed,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, False, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
+                               BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, USE_TMA, WARP_SPECIALIZE)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, stride_bm,
+                               stride_bn, offs_m, offs_n, offs_d, full_hi, hi, seqlen_q, seqlen_k, diag,
+                               window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh,
+                               max_seqlen_q, max_seqlen_k, dropout_p, seed,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
+                               BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, USE_TMA, False)
 
     # rows that saw no key: output 0, LSE -inf
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
+    if DROPOUT:
+        l_safe = l_safe / dropout_scale
     acc = acc / l_safe[:, None]
-    lse = tl.where(seen, m_i * LN2 + tl.log(l_safe), float("-inf"))
+    lse = tl.where(seen, m_i * LN2 + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
 
-    o_ptrs = Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+    o_ptrs = (Out + b.to(tl.int64) * stride_ob + start_q.to(tl.int64) * stride_os + h * stride_oh
+              + offs_m[:, None] * stride_os + offs_d[None, :])
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok & d_ok)
-    lse_ptrs = Lse + b.to(tl.int64) * stride_lb + h * stride_lh + offs_m
+    lse_ptrs = Lse + b.to(tl.int64) * stride_lb + h * stride_lh + start_q + offs_m
     tl.store(lse_ptrs, lse, mask=offs_m < seqlen_q)
