@@ -33,6 +33,8 @@ for step in "$@"; do
     bench) python3 -m flashtile bench --out "$OUT" 2>&1 | tee "$OUT/bench.log" ;;
     bench-main) python3 -m flashtile bench --providers flashtile,sdpa_flash,sdpa_cudnn,sdpa_efficient \
                   --out "$OUT/main" 2>&1 | tee "$OUT/bench_main.log" ;;
+    bench-main-bf16) python3 -m flashtile bench --dtypes bf16 --providers flashtile,sdpa_flash,sdpa_cudnn \
+                  --out "$OUT/main" 2>&1 | tail -60 > "$OUT/bench_main.log" ;;
     bench-flex) python3 -m flashtile bench --dtypes bf16 --head-dims 64,128 --seqlens 2048,8192,16384 \
                   --providers flashtile,flex,sdpa_math --out "$OUT/flex" 2>&1 | tee "$OUT/bench_flex.log" ;;
     bench-quick) python3 -m flashtile bench --dtypes bf16 --head-dims 64,128 --seqlens 2048,8192,16384 \

@@ -33,8 +33,10 @@ def scaled_dot_product_attention(
             shape that broadcasts to ``(batch, nheads, seqlen_q, seqlen_k)``;
             read through strides, never expanded in memory (a key-padding
             mask ``(batch, 1, 1, seqlen_k)`` is read as one vector per tile).
-            A float mask that requires grad gets its gradient (summed over
-            the broadcast dimensions). Rows with no allowed key output zeros.
+            A float mask that requires grad gets its gradient (computed as a
+            ``(batch, nheads, seqlen_q, seqlen_k)`` fp32 buffer, then summed
+            over the broadcast dimensions: quadratic memory, like the mask
+            itself). Rows with no allowed key output zeros.
         dropout_p: dropout probability on the attention weights, applied
             whenever > 0 as in PyTorch (pass 0.0 in eval).
         is_causal: causal mask aligned to the top-left corner, as PyTorch's:
