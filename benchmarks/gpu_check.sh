@@ -13,12 +13,14 @@ for step in "$@"; do
     tune-fwd256) python3 benchmarks/tune.py --kernels fwd --causal 0 --head-dims 256 2>&1 | tee "$OUT/tune_fwd256.log" ;;
     tune-bwd) python3 benchmarks/tune.py --kernels dkdv,dq --causal 0 --head-dims 64,128 2>&1 | tee "$OUT/tune_bwd.log" ;;
     features) python3 benchmarks/features.py --out "$OUT/features.json" 2>&1 | tee "$OUT/features.log" ;;
-    ab-switches)  # plain kernels before (bench_old/, the previous commit) and after the option switches
-      for side in old new; do
+    ab-switches)  # plain kernels before (bench_old/, the previous commit) and after the option switches,
+                  # alternated over rounds because run-to-run noise is several percent
+      for round in 1 2 3; do for side in old new; do
         [ $side = old ] && pp=$PWD/bench_old || pp=$PWD
         PYTHONPATH=$pp python3 -m flashtile bench --dtypes bf16 --head-dims 64,128 --seqlens 4096,16384 \
-          --modes fwd,fwd_bwd --providers flashtile --out "$OUT/ab_$side" 2>&1 | tail -20 > "$OUT/ab_$side.log"
-      done ;;
+          --modes fwd,fwd_bwd --providers flashtile --out "$OUT/ab_${side}_$round" > /dev/null 2>&1
+      done; done ;;
+    tma-probe) python3 benchmarks/tma_probe.py 2>&1 | tee "$OUT/tma_probe.log" ;;
     tests-cpu-suite) python3 -m pytest -q -n 8 -x tests -k "not compile" 2>&1 | tail -5 ;;
     tune) python3 benchmarks/tune.py --causal 0 2>&1 | tee "$OUT/tune.log" ;;
     tune-fwd-variants)

@@ -13,6 +13,7 @@ import torch
 import triton
 
 from ..kernels.backward import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
+from ..kernels.common import BIAS_ADD, BIAS_BOOL, BIAS_NONE
 from ..kernels.configs import LaunchConfig, launch_configs
 from ..kernels.forward import attn_fwd_kernel
 from ..reference import AttnOptions
@@ -128,11 +129,11 @@ class _Layout:
         self.cu_k = cu_seqlens_k if self.varlen else q
         bias = opts.bias
         if bias is None:
-            self.bias, self.bias_strides, bias_kind, bias_rows = q, (0, 0, 0, 0), 0, False
+            self.bias, self.bias_strides, bias_kind, bias_rows = q, (0, 0, 0, 0), BIAS_NONE.value, False
         else:
             self.bias = bias.view(torch.uint8) if bias.dtype == torch.bool else bias
             self.bias_strides = bias.stride()
-            bias_kind = 2 if bias.dtype == torch.bool else 1
+            bias_kind = (BIAS_BOOL if bias.dtype == torch.bool else BIAS_ADD).value
             bias_rows = bias.stride(2) != 0 and bias.shape[2] > 1
         self.alibi = q if opts.alibi is None else opts.alibi
         self.alibi_stride = 0 if opts.alibi is None else opts.alibi.stride(0)
@@ -144,7 +145,8 @@ class _Layout:
             UPCAST=interpreting() and q.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(q.dtype),
         )
         softcap = opts.softcap if opts.softcap > 0 else 1.0
-        # (diag, window_left, window_right, [softmax_scale], qk_scale, softcap_in, softcap_out, dropout...)
+        # argument groups, in the kernels' order: (max_seqlen_q, max_seqlen_k, diag_offset, window_left,
+        # window_right), (qk_scale, softcap_in, softcap_out), (dropout_p, dropout_scale, seed)
         self.positions = (self.seqlen_q, self.seqlen_k, opts.diag, opts.window_left, opts.window_right)
         self.scores = (opts.softmax_scale * LOG2E, opts.softmax_scale / softcap, softcap * LOG2E)
         self.dropout = (opts.dropout_p, 1.0 / (1.0 - opts.dropout_p), opts.seed)
