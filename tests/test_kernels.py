@@ -41,12 +41,13 @@ def test_random_shapes(batch, seqlen_q, seqlen_k, group, nheads_k, head_dim, dty
                     q, k, v, causal=causal, softmax_scale=scale)
 
 
+@pytest.mark.parametrize("mode", ["1", "2"], ids=["in_kernel", "host"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_forward_tensor_descriptors(monkeypatch, dtype, causal):
-    # the forward kernel's TMA variant (the default on Hopper) forced on; head dim
+def test_forward_tensor_descriptors(monkeypatch, mode, dtype, causal):
+    # the forward kernel reading K/V through tensor descriptors (the default on Hopper); head dim
     # 40 gives 16-byte aligned rows, so K/V go through tensor descriptors
-    monkeypatch.setenv("FLASHTILE_FWD_TMA", "1")
+    monkeypatch.setenv("FLASHTILE_FWD_TMA", mode)
     q = torch.randn(2, 77, 4, 40, dtype=dtype)
     k = torch.randn(2, 113, 2, 40, dtype=dtype)
     v = torch.randn(2, 113, 2, 40, dtype=dtype)

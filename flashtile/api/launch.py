@@ -48,8 +48,10 @@ _chosen: dict[tuple, LaunchConfig] = {}
 forced_configs: dict[str, LaunchConfig] = {}
 
 
-def _launch(name: str, kernel, grid_fn, args: tuple, constexprs: dict, tensor: torch.Tensor, block_d: int):
-    """Launch ``kernel`` with the first config of the table that compiles here."""
+def _launch(name: str, kernel, grid_fn, args, constexprs: dict, tensor: torch.Tensor, block_d: int):
+    """Launch ``kernel`` with the first config of the table that compiles here.
+    ``args`` is a tuple, or a function of the config giving one (for arguments
+    that depend on the tile sizes, such as host-built tensor descriptors)."""
     capability = _capability(tensor.device)
     key = (name, block_d, tensor.dtype, capability, tuple(sorted(constexprs.items())))
     if name in forced_configs:
@@ -61,7 +63,8 @@ def _launch(name: str, kernel, grid_fn, args: tuple, constexprs: dict, tensor: t
     error = None
     for cfg in candidates:
         try:
-            kernel[grid_fn(cfg)](*args, **constexprs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            kernel[grid_fn(cfg)](*(args(cfg) if callable(args) else args), **constexprs,
+                                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         except triton.runtime.errors.OutOfResources as exc:  # too large for this GPU: next one
             error = exc
@@ -87,25 +90,27 @@ _allocator_set = False
 
 
 def _forward_features(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
-    """USE_TMA / WARP_SPECIALIZE for the forward kernel. Defaults per architecture;
-    FLASHTILE_FWD_TMA / FLASHTILE_FWD_WS = 0 or 1 override them (for experiments)."""
+    """KV_DESC / WARP_SPECIALIZE for the forward kernel. Defaults per architecture;
+    FLASHTILE_FWD_TMA (0 pointers, 1 descriptors built in the kernel, 2 built
+    on the host) and FLASHTILE_FWD_WS (0 or 1) override them, for experiments."""
     global _allocator_set
     capability = _capability(q.device)
     hopper = capability is not None and capability[0] >= 9
-    use_tma = _env_flag("FLASHTILE_FWD_TMA")
-    use_tma = hopper and DEFAULT_FWD_TMA if use_tma is None else use_tma
-    use_tma = use_tma and _tma_compatible(k, v)
+    env = os.environ.get("FLASHTILE_FWD_TMA")
+    kv_desc = (DEFAULT_FWD_TMA if hopper else 0) if env is None else int(env)
+    if not _tma_compatible(k, v):
+        kv_desc = 0
     warp_spec = _env_flag("FLASHTILE_FWD_WS")
     warp_spec = hopper and DEFAULT_FWD_WS if warp_spec is None else warp_spec and capability is not None
-    if use_tma and q.is_cuda and not _allocator_set:
+    if kv_desc == 1 and q.is_cuda and not _allocator_set:
         # device-side descriptors live in a small global scratch buffer
         triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=q.device))
         _allocator_set = True
-    return dict(USE_TMA=bool(use_tma), WARP_SPECIALIZE=bool(warp_spec))
+    return dict(KV_DESC=kv_desc, WARP_SPECIALIZE=bool(warp_spec))
 
 
 # measured on an H100: tensor descriptors pay (+16% at d=128), warp specialisation does not
-DEFAULT_FWD_TMA = True
+DEFAULT_FWD_TMA = 1
 DEFAULT_FWD_WS = False
 
 
@@ -169,13 +174,23 @@ def attention_forward(q, k, v, opts: AttnOptions, cu_seqlens_q=None, cu_seqlens_
     out = torch.empty_like(q)
     lse = torch.empty((q.shape[0], lay.nheads, q.shape[1]), device=q.device, dtype=torch.float32)
     const = lay.const | _forward_features(q, k, v)
-    args = (q, k, v, out, lse, lay.cu_q, lay.cu_k, lay.bias, lay.alibi,
-            *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(out, varlen), *lay.lse_strides(lse),
-            *lay.bias_strides, lay.alibi_stride, lay.nheads, lay.nheads // lay.nheads_k, *lay.positions,
-            *lay.scores, *lay.dropout)
-    _launch("fwd_tma" if const["USE_TMA"] else "fwd", attn_fwd_kernel,
+    block_d = const["BLOCK_D"]
+
+    def args(cfg):
+        k_arg, v_arg = k, v
+        if const["KV_DESC"] == 2:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            block = [1, cfg.block_n, 1, block_d]
+            k_arg, v_arg = (TensorDescriptor(t, list(t.shape), list(t.stride()), block) for t in (k, v))
+        return (q, k_arg, v_arg, out, lse, lay.cu_q, lay.cu_k, lay.bias, lay.alibi,
+                *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(out, varlen), *lay.lse_strides(lse),
+                *lay.bias_strides, lay.alibi_stride, lay.nheads, lay.nheads // lay.nheads_k, *lay.positions,
+                *lay.scores, *lay.dropout)
+
+    _launch("fwd_tma" if const["KV_DESC"] else "fwd", attn_fwd_kernel,
             lambda c: (triton.cdiv(lay.seqlen_q, c.block_m) * lay.batch * lay.nheads,),
-            args, const, q, const["BLOCK_D"])
+            args, const, q, block_d)
     if varlen:
         return out.squeeze(0), lse.squeeze(0)
     return out, lse

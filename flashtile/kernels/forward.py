@@ -29,12 +29,15 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, 
                MASKED: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
                SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr,
                DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+               KV_DESC: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, desc_b=0, desc_row=0, desc_h=0):
     """Accumulate key tiles [start, end) into (acc, l_i, m_i).
 
-    ``k_src``/``v_src`` are tensor descriptors when USE_TMA (out-of-range rows
-    and columns read as zero), else pointer blocks at key row 0. MASKED
-    applies the positional mask (bounds, causal, window).
+    ``k_src``/``v_src`` are pointer blocks at key row 0 (KV_DESC = 0), 2-D
+    tensor descriptors of this (batch, kv head) built in the kernel (1), or
+    4-D descriptors of the whole (batch, seqlen, heads, dim) tensor built on
+    the host (2), read at (``desc_b``, ``desc_row`` + key, ``desc_h``).
+    Descriptors read out-of-range rows and columns as zero. MASKED applies
+    the positional mask (bounds, causal, window).
     """
     d_ok = offs_d[None, :] < HEAD_DIM
     rows = offs_m[:, None]
@@ -43,9 +46,12 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, 
     for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         kv_rows = start_n + offs_n
-        if USE_TMA:
+        if KV_DESC == 1:
             k = k_src.load([start_n, 0])
             v = v_src.load([start_n, 0])
+        elif KV_DESC == 2:
+            k = k_src.load([desc_b, desc_row + start_n, desc_h, 0]).reshape([BLOCK_N, BLOCK_D])
+            v = v_src.load([desc_b, desc_row + start_n, desc_h, 0]).reshape([BLOCK_N, BLOCK_D])
         elif HEAD_DIM == BLOCK_D and not MASKED:
             k = tl.load(k_src + start_n * stride_ks)
             v = tl.load(v_src + start_n * stride_vs)
@@ -98,7 +104,7 @@ def attn_fwd_kernel(
     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr, DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
+    KV_DESC: tl.constexpr = 0, WARP_SPECIALIZE: tl.constexpr = False,
 ):
     """Grid: (cdiv(max_seqlen_q, BLOCK_M) * batch * nheads,).
 
@@ -108,7 +114,8 @@ def attn_fwd_kernel(
     ``CuSeqlensQ[b]`` / ``CuSeqlensK[b]``. Lse: fp32, natural log, row ``i``
     of (b, h) at ``b * stride_lb + h * stride_lh + start_q + i``. Bias:
     (batch, nheads, seqlen_q, seqlen_k) through strides (0 where broadcast);
-    Alibi: fp32 slopes at ``b * stride_ab + h``. ``qk_scale`` is
+    Alibi: fp32 slopes at ``b * stride_ab + h``. With KV_DESC = 2, K and V
+    are host-built tensor descriptors (see ``_fwd_tiles``). ``qk_scale`` is
     softmax_scale * log2(e); ``dropout_scale`` is 1 / (1 - dropout_p).
     """
     pid_m, pid_bh = program_tile(max_seqlen_q, BLOCK_M, MASK_RIGHT and not MASK_LEFT)
@@ -138,17 +145,23 @@ def attn_fwd_kernel(
     row_ok = offs_m[:, None] < seqlen_q
 
     q_base = Q + b.to(tl.int64) * stride_qb + start_q.to(tl.int64) * stride_qs + h * stride_qh
-    k_base = K + b.to(tl.int64) * stride_kb + start_k.to(tl.int64) * stride_ks + hk * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + start_k.to(tl.int64) * stride_vs + hk * stride_vh
-    if USE_TMA:
-        # bulk tensor copies of [BLOCK_N, BLOCK_D] tiles; bounds give zero fill
-        k_src = tl.make_tensor_descriptor(k_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_ks, 1],
-                                          block_shape=[BLOCK_N, BLOCK_D])
-        v_src = tl.make_tensor_descriptor(v_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_vs, 1],
-                                          block_shape=[BLOCK_N, BLOCK_D])
+    if KV_DESC == 2:
+        k_src = K
+        v_src = V
     else:
-        k_src = k_base + offs_n[:, None] * stride_ks + offs_d[None, :]
-        v_src = v_base + offs_n[:, None] * stride_vs + offs_d[None, :]
+        k_base = K + b.to(tl.int64) * stride_kb + start_k.to(tl.int64) * stride_ks + hk * stride_kh
+        v_base = V + b.to(tl.int64) * stride_vb + start_k.to(tl.int64) * stride_vs + hk * stride_vh
+        if KV_DESC == 1:
+            # bulk tensor copies of [BLOCK_N, BLOCK_D] tiles; bounds give zero fill
+            k_src = tl.make_tensor_descriptor(k_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_ks, 1],
+                                              block_shape=[BLOCK_N, BLOCK_D])
+            v_src = tl.make_tensor_descriptor(v_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_vs, 1],
+                                              block_shape=[BLOCK_N, BLOCK_D])
+        else:
+            k_src = k_base + offs_n[:, None] * stride_ks + offs_d[None, :]
+            v_src = v_base + offs_n[:, None] * stride_vs + offs_d[None, :]
+    # host descriptors span the whole tensor: varlen batches are one sequence of all tokens
+    desc_b = 0 if IS_VARLEN else b
     bias_base = Bias + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh
     alibi_slope = 0.0
     if HAS_ALIBI:
@@ -171,19 +184,22 @@ def attn_fwd_kernel(
                                    window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh,
                                    max_seqlen_q, max_seqlen_k, dropout_p, seed,
                                    HEAD_DIM, BLOCK_D, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
-                                   BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, USE_TMA, False)
+                                   BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, KV_DESC, False,
+                                   desc_b, start_k, hk)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, stride_bm,
                                stride_bn, offs_m, offs_n, offs_d, full_lo, full_hi, seqlen_q, seqlen_k, diag,
                                window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh,
                                max_seqlen_q, max_seqlen_k, dropout_p, seed,
                                HEAD_DIM, BLOCK_D, BLOCK_N, False, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
-                               BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, USE_TMA, WARP_SPECIALIZE)
+                               BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, KV_DESC, WARP_SPECIALIZE,
+                               desc_b, start_k, hk)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, stride_bm,
                                stride_bn, offs_m, offs_n, offs_d, full_hi, hi, seqlen_q, seqlen_k, diag,
                                window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh,
                                max_seqlen_q, max_seqlen_k, dropout_p, seed,
                                HEAD_DIM, BLOCK_D, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
-                               BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, USE_TMA, False)
+                               BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, KV_DESC, False,
+                               desc_b, start_k, hk)
 
     # rows that saw no key: output 0, LSE -inf
     seen = l_i > 0.0
