@@ -58,8 +58,7 @@ def varlen_slices(cu_q, cu_k):
             yield i, slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
 
 
-@torch.library.custom_op("flashtile::attn_fwd", mutates_args=())
-def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
+def _attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
              cu_seqlens_k: torch.Tensor | None, bias: torch.Tensor | None, alibi: torch.Tensor | None,
              seed: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, diag: int,
              window_left: int, window_right: int, softcap: float,
@@ -85,6 +84,9 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: to
     return out, lse
 
 
+attn_fwd = torch.library.custom_op("flashtile::attn_fwd", mutates_args=())(_attn_fwd)
+
+
 @attn_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, bias, alibi, seed, max_seqlen_q, max_seqlen_k, softmax_scale, diag,
       window_left, window_right, softcap, dropout_p):
@@ -98,8 +100,7 @@ def _reduce_bias_grad(dbias: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return (dbias.sum(dims, keepdim=True) if dims else dbias).to(bias.dtype)
 
 
-@torch.library.custom_op("flashtile::attn_bwd", mutates_args=())
-def attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+def _attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
              lse: torch.Tensor, cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
              bias: torch.Tensor | None, alibi: torch.Tensor | None, seed: torch.Tensor | None,
              max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, diag: int, window_left: int,
@@ -130,6 +131,9 @@ def attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return dq, dk, dv, _reduce_bias_grad(dbias, bias) if bias_grad else no_bias_grad
 
 
+attn_bwd = torch.library.custom_op("flashtile::attn_bwd", mutates_args=())(_attn_bwd)
+
+
 @attn_bwd.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, bias, alibi, seed, max_seqlen_q, max_seqlen_k,
       softmax_scale, diag, window_left, window_right, softcap, dropout_p, bias_grad):
@@ -149,16 +153,32 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, dout, dlse):
+def _backward(ctx, dout, dlse, bwd=attn_bwd):
     q, k, v, out, lse, cu_q, cu_k, bias, alibi, seed = ctx.saved_tensors
     bias_grad = bias is not None and ctx.needs_input_grad[_BIAS]
-    dq, dk, dv, dbias = attn_bwd(dout, q, k, v, out, lse, cu_q, cu_k, bias, alibi, seed, *ctx.scalars, bias_grad)
+    dq, dk, dv, dbias = bwd(dout, q, k, v, out, lse, cu_q, cu_k, bias, alibi, seed, *ctx.scalars, bias_grad)
     grads = [dq, dk, dv] + [None] * (_N_INPUTS - 3)
     grads[_BIAS] = dbias if bias_grad else None
     return tuple(grads)
 
 
 attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The same forward and backward as the registered ops, without the op
+    dispatch (tens of microseconds per call, which short sequences notice).
+    Used outside ``torch.compile``; traced graphs use the ops."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _attn_fwd(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return _backward(ctx, dout, dlse, bwd=_attn_bwd)
 
 
 def dropout_seed(dropout_p: float) -> torch.Tensor | None:
@@ -178,5 +198,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: 
     """
     # the kernels need a contiguous head dim; other strides are read as they are
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, bias, alibi, seed, max_seqlen_q, max_seqlen_k,
-                    softmax_scale, diag, window[0], window[1], softcap, dropout_p)
+    fwd = attn_fwd if torch.compiler.is_compiling() else _EagerAttention.apply
+    return fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, bias, alibi, seed, max_seqlen_q, max_seqlen_k,
+               softmax_scale, diag, window[0], window[1], softcap, dropout_p)
