@@ -89,15 +89,31 @@ def _tma_compatible(*tensors: torch.Tensor) -> bool:
 _allocator_set = False
 
 
-def _forward_features(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
-    """KV_DESC / WARP_SPECIALIZE for the forward kernel. Defaults per architecture;
-    FLASHTILE_FWD_TMA (0 pointers, 1 descriptors built in the kernel, 2 built
-    on the host) and FLASHTILE_FWD_WS (0 or 1) override them, for experiments."""
+def _keys_per_row(lay: "_Layout", opts: AttnOptions) -> int:
+    """About how many keys one query row attends to."""
+    keys = lay.seqlen_k
+    if opts.window_left >= 0 and opts.window_right >= 0:
+        keys = min(keys, opts.window_left + opts.window_right + 1)
+    elif opts.window_right >= 0 or opts.window_left >= 0:
+        keys //= 2
+    return keys
+
+
+def _forward_features(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys_per_row: int) -> dict:
+    """KV_DESC / WARP_SPECIALIZE for the forward kernel. Defaults per architecture:
+    on Hopper, K/V go through descriptors built in the kernel once a row sees
+    TMA_MIN_KEYS keys or more (shorter rows: pointer loads measured as fast or
+    faster). FLASHTILE_FWD_TMA (0 pointers, 1 descriptors built in the
+    kernel, 2 built on the host) and FLASHTILE_FWD_WS (0 or 1) override them,
+    for experiments."""
     global _allocator_set
     capability = _capability(q.device)
     hopper = capability is not None and capability[0] >= 9
     env = os.environ.get("FLASHTILE_FWD_TMA")
-    kv_desc = (DEFAULT_FWD_TMA if hopper else 0) if env is None else int(env)
+    if env is None:
+        kv_desc = DEFAULT_FWD_TMA if hopper and keys_per_row >= TMA_MIN_KEYS else 0
+    else:
+        kv_desc = int(env)
     if not _tma_compatible(k, v):
         kv_desc = 0
     warp_spec = _env_flag("FLASHTILE_FWD_WS")
@@ -109,8 +125,10 @@ def _forward_features(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict
     return dict(KV_DESC=kv_desc, WARP_SPECIALIZE=bool(warp_spec))
 
 
-# measured on an H100: tensor descriptors pay (+16% at d=128), warp specialisation does not
+# measured on an H100 (docs/performance.md): in-kernel descriptors pay from about 2k keys
+# per row (+5-16%), warp specialisation does not; host-built descriptors are not better overall
 DEFAULT_FWD_TMA = 1
+TMA_MIN_KEYS = 2048
 DEFAULT_FWD_WS = False
 
 
@@ -173,7 +191,7 @@ def attention_forward(q, k, v, opts: AttnOptions, cu_seqlens_q=None, cu_seqlens_
     lay = _Layout(q, k, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     out = torch.empty_like(q)
     lse = torch.empty((q.shape[0], lay.nheads, q.shape[1]), device=q.device, dtype=torch.float32)
-    const = lay.const | _forward_features(q, k, v)
+    const = lay.const | _forward_features(q, k, v, _keys_per_row(lay, opts))
     block_d = const["BLOCK_D"]
 
     def args(cfg):
