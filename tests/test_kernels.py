@@ -52,3 +52,14 @@ def test_forward_tensor_descriptors(monkeypatch, mode, dtype, causal):
     k = torch.randn(2, 113, 2, 40, dtype=dtype)
     v = torch.randn(2, 113, 2, 40, dtype=dtype)
     check_attention(lambda q, k, v: flash_attn_func(q, k, v, causal=causal), q, k, v, causal=causal, backward=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_backward_tensor_descriptors(monkeypatch, dtype, causal):
+    # dK/dV reading Q/dO and dQ reading K/V through tensor descriptors, with GQA
+    monkeypatch.setenv("FLASHTILE_BWD_TMA", "1")
+    q = torch.randn(2, 77, 4, 40, dtype=dtype)
+    k = torch.randn(2, 113, 2, 40, dtype=dtype)
+    v = torch.randn(2, 113, 2, 40, dtype=dtype)
+    check_attention(lambda q, k, v: flash_attn_func(q, k, v, causal=causal), q, k, v, causal=causal)

@@ -157,12 +157,14 @@ def test_bad_option_inputs(call, exc, match):
 
 
 @pytest.mark.parametrize("mode", ["1", "2"], ids=["in_kernel", "host"])
-def test_varlen_forward_tensor_descriptors(monkeypatch, mode):
-    # descriptors over a packed batch: key tiles that run past a sequence must not leak into it
+def test_varlen_tensor_descriptors(monkeypatch, mode):
+    # descriptors over a packed batch: tiles that run past a sequence must not leak into it
+    # (the backward kernels have in-kernel descriptors only)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("FLASHTILE_FWD_TMA", mode)
+    monkeypatch.setenv("FLASHTILE_BWD_TMA", "1" if mode == "1" else "0")
     lens_q, lens_k = [40, 7, 65], [50, 90, 33]
     q = torch.randn(sum(lens_q), 4, 32, dtype=torch.float16)
     k, v = (torch.randn(sum(lens_k), 2, 32, dtype=torch.float16) for _ in range(2))
     check_attention(lambda q, k, v: flash_attn_varlen_func(q, k, v, cu(lens_q), cu(lens_k), 65, 90, causal=True),
-                    q, k, v, ref_fn=packed_ref(lens_q, lens_k, causal=True), backward=False)
+                    q, k, v, ref_fn=packed_ref(lens_q, lens_k, causal=True), backward=mode == "1")

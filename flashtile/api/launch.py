@@ -99,35 +99,43 @@ def _keys_per_row(lay: "_Layout", opts: AttnOptions) -> int:
     return keys
 
 
-def _forward_features(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys_per_row: int) -> dict:
-    """KV_DESC / WARP_SPECIALIZE for the forward kernel. Defaults per architecture:
-    on Hopper, K/V go through descriptors built in the kernel once a row sees
-    TMA_MIN_KEYS keys or more (shorter rows: pointer loads measured as fast or
-    faster). FLASHTILE_FWD_TMA (0 pointers, 1 descriptors built in the
-    kernel, 2 built on the host) and FLASHTILE_FWD_WS (0 or 1) override them,
-    for experiments."""
+def _descriptor_mode(env_name: str, default: int, keys_per_row: int, *tensors: torch.Tensor) -> int:
+    """0: pointer loads; 1: tensor descriptors built in the kernel; 2: built on the host.
+    On Hopper, ``default`` once a query row sees TMA_MIN_KEYS keys or more (shorter
+    rows: pointer loads measured as fast or faster); ``env_name`` (0, 1 or 2)
+    overrides, for experiments. Unaligned tensors always take pointer loads."""
     global _allocator_set
+    capability = _capability(tensors[0].device)
+    hopper = capability is not None and capability[0] >= 9
+    env = os.environ.get(env_name)
+    if env is None:
+        mode = default if hopper and keys_per_row >= TMA_MIN_KEYS else 0
+    else:
+        mode = int(env)
+    if not _tma_compatible(*tensors):
+        mode = 0
+    if mode == 1 and tensors[0].is_cuda and not _allocator_set:
+        # device-side descriptors live in a small global scratch buffer
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=tensors[0].device))
+        _allocator_set = True
+    return mode
+
+
+def _forward_features(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys_per_row: int) -> dict:
+    """KV_DESC (see :func:`_descriptor_mode`, FLASHTILE_FWD_TMA) and WARP_SPECIALIZE
+    (FLASHTILE_FWD_WS = 0 or 1) for the forward kernel."""
     capability = _capability(q.device)
     hopper = capability is not None and capability[0] >= 9
-    env = os.environ.get("FLASHTILE_FWD_TMA")
-    if env is None:
-        kv_desc = DEFAULT_FWD_TMA if hopper and keys_per_row >= TMA_MIN_KEYS else 0
-    else:
-        kv_desc = int(env)
-    if not _tma_compatible(k, v):
-        kv_desc = 0
     warp_spec = _env_flag("FLASHTILE_FWD_WS")
     warp_spec = hopper and DEFAULT_FWD_WS if warp_spec is None else warp_spec and capability is not None
-    if kv_desc == 1 and q.is_cuda and not _allocator_set:
-        # device-side descriptors live in a small global scratch buffer
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=q.device))
-        _allocator_set = True
+    kv_desc = _descriptor_mode("FLASHTILE_FWD_TMA", DEFAULT_FWD_TMA, keys_per_row, k, v)
     return dict(KV_DESC=kv_desc, WARP_SPECIALIZE=bool(warp_spec))
 
 
 # measured on an H100 (docs/performance.md): in-kernel descriptors pay from about 2k keys
 # per row (+5-16%), warp specialisation does not; host-built descriptors are not better overall
 DEFAULT_FWD_TMA = 1
+DEFAULT_BWD_TMA = 0
 TMA_MIN_KEYS = 2048
 DEFAULT_FWD_WS = False
 
@@ -225,7 +233,9 @@ def attention_backward(dout, q, k, v, out, lse, opts: AttnOptions, bias_grad: bo
     if varlen:
         q, k, v, out, dout, lse = (t.unsqueeze(0) for t in (q, k, v, out, dout, lse))
     lay = _Layout(q, k, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    const = lay.const
+    # tensor descriptors (in the kernel) for Q/dO in dK/dV and K/V in dQ: FLASHTILE_BWD_TMA = 0 or 1
+    use_desc = _descriptor_mode("FLASHTILE_BWD_TMA", DEFAULT_BWD_TMA, _keys_per_row(lay, opts), q, k, v, dout) == 1
+    const = lay.const | dict(USE_DESC=use_desc)
     block_d = const["BLOCK_D"]
     head_dim = q.shape[-1]
     nheads, nheads_k = lay.nheads, lay.nheads_k
@@ -249,13 +259,13 @@ def attention_backward(dout, q, k, v, out, lse, opts: AttnOptions, bias_grad: bo
             *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(dout, varlen), *_bsh(dk, varlen),
             *_bsh(dv, varlen), *common, *dbias_strides, lay.alibi_stride,
             nheads_k, nheads // nheads_k, *lay.positions, scale, *lay.scores, *lay.dropout)
-    _launch("dkdv", attn_bwd_dkdv_kernel, lambda c: (triton.cdiv(lay.seqlen_k, c.block_n) * lay.batch * nheads_k,),
+    _launch("dkdv_tma" if use_desc else "dkdv", attn_bwd_dkdv_kernel, lambda c: (triton.cdiv(lay.seqlen_k, c.block_n) * lay.batch * nheads_k,),
             args, const | dict(BIAS_GRAD=bias_grad), q, block_d)
     args = (q, k, v, dout, dq, lse, delta, lay.cu_q, lay.cu_k, lay.bias, lay.alibi,
             *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(dout, varlen), *_bsh(dq, varlen),
             *common, lay.alibi_stride, nheads, nheads // nheads_k, *lay.positions, scale, *lay.scores,
             *lay.dropout)
-    _launch("dq", attn_bwd_dq_kernel, lambda c: (triton.cdiv(lay.seqlen_q, c.block_m) * lay.batch * nheads,),
+    _launch("dq_tma" if use_desc else "dq", attn_bwd_dq_kernel, lambda c: (triton.cdiv(lay.seqlen_q, c.block_m) * lay.batch * nheads,),
             args, const, q, block_d)
     if varlen:
         dq, dk, dv = dq.squeeze(0), dk.squeeze(0), dv.squeeze(0)

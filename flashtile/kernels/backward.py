@@ -21,7 +21,16 @@ same ``tile_scores`` so forward and backward agree exactly. With dropout,
 import triton
 import triton.language as tl
 
-from .common import dropout_keep, key_ranges, program_tile, query_ranges, tile_mask, tile_scores
+from .common import (
+    dropout_keep,
+    key_ranges,
+    load_rows,
+    program_tile,
+    query_ranges,
+    row_source,
+    tile_mask,
+    tile_scores,
+)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -86,18 +95,18 @@ def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qs, st
                 MASKED: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
                 SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr,
                 BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
+                DOT_PRECISION: tl.constexpr, USE_DESC: tl.constexpr):
     """Accumulate query tiles [start, end) into (dk, dv) for one key block.
-    Tiles are held transposed: [BLOCK_N keys, BLOCK_M queries]."""
+    Tiles are held transposed: [BLOCK_N keys, BLOCK_M queries]. ``q_ptrs`` /
+    ``do_ptrs`` are :func:`row_source` s."""
     d_ok = offs_d[None, :] < HEAD_DIM
     cols = offs_n[:, None]
     for start_m in range(start, end, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows_1d = start_m + offs_m
         rows = rows_1d[None, :]
-        ok = (rows_1d[:, None] < seqlen_q) & d_ok
-        q = tl.load(q_ptrs + start_m * stride_qs, mask=ok, other=0.0)
-        do = tl.load(do_ptrs + start_m * stride_dos, mask=ok, other=0.0)
+        q = load_rows(q_ptrs, start_m, stride_qs, rows_1d, seqlen_q, d_ok, USE_DESC)
+        do = load_rows(do_ptrs, start_m, stride_dos, rows_1d, seqlen_q, d_ok, USE_DESC)
         lse = _load_lse_log2(lse_ptr, rows_1d, seqlen_q)
         delta = tl.load(delta_ptr + rows_1d, mask=rows_1d < seqlen_q, other=0.0)
         if UPCAST:
@@ -146,7 +155,7 @@ def attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr, BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
-    IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_DESC: tl.constexpr = False,
 ):
     """Grid: (cdiv(max_seqlen_k, BLOCK_N) * batch * nheads_k,). Lse and Delta share strides.
     DBias (fp32, unbroadcast (batch, nheads, seqlen_q, seqlen_k)) receives dS when BIAS_GRAD."""
@@ -179,10 +188,11 @@ def attn_bwd_dkdv_kernel(
                                             BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT)
     for g in range(0, group_size):
         h = hk * group_size + g
-        q_ptrs = (Q + b.to(tl.int64) * stride_qb + start_q.to(tl.int64) * stride_qs + h * stride_qh
-                  + offs_m[:, None] * stride_qs + offs_d[None, :])
-        do_ptrs = (DOut + b.to(tl.int64) * stride_dob + start_q.to(tl.int64) * stride_dos + h * stride_doh
-                   + offs_m[:, None] * stride_dos + offs_d[None, :])
+        q_ptrs = row_source(Q + b.to(tl.int64) * stride_qb + start_q.to(tl.int64) * stride_qs + h * stride_qh,
+                            offs_m, offs_d, stride_qs, seqlen_q, HEAD_DIM, BLOCK_M, BLOCK_D, USE_DESC)
+        do_ptrs = row_source(DOut + b.to(tl.int64) * stride_dob + start_q.to(tl.int64) * stride_dos
+                             + h * stride_doh, offs_m, offs_d, stride_dos, seqlen_q, HEAD_DIM, BLOCK_M, BLOCK_D,
+                             USE_DESC)
         lse_ptr = Lse + b.to(tl.int64) * stride_lb + h * stride_lh + start_q
         delta_ptr = Delta + b.to(tl.int64) * stride_lb + h * stride_lh + start_q
         bias_base = Bias + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh
@@ -206,7 +216,7 @@ def attn_bwd_dkdv_kernel(
                                      window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh,
                                      max_seqlen_q, max_seqlen_k, dropout_p, dropout_scale, seed,
                                      HEAD_DIM, BLOCK_M, part != 1, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
-                                     BIAS_KIND, BIAS_ROWS, BIAS_GRAD, DROPOUT, UPCAST, DOT_PRECISION)
+                                     BIAS_KIND, BIAS_ROWS, BIAS_GRAD, DROPOUT, UPCAST, DOT_PRECISION, USE_DESC)
 
     dk = dk * softmax_scale
     tl.store(DK + b.to(tl.int64) * stride_dkb + start_k.to(tl.int64) * stride_dks + hk * stride_dkh
@@ -223,17 +233,17 @@ def _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, bias_
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
               MASKED: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
               SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr,
-              DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Accumulate key tiles [start, end) into dq for one query block."""
+              DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_DESC: tl.constexpr):
+    """Accumulate key tiles [start, end) into dq for one query block; ``k_ptrs`` /
+    ``v_ptrs`` are :func:`row_source` s."""
     d_ok = offs_d[None, :] < HEAD_DIM
     rows = offs_m[:, None]
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols_1d = start_n + offs_n
         cols = cols_1d[None, :]
-        ok = (cols_1d[:, None] < seqlen_k) & d_ok
-        k = tl.load(k_ptrs + start_n * stride_ks, mask=ok, other=0.0)
-        v = tl.load(v_ptrs + start_n * stride_vs, mask=ok, other=0.0)
+        k = load_rows(k_ptrs, start_n, stride_ks, cols_1d, seqlen_k, d_ok, USE_DESC)
+        v = load_rows(v_ptrs, start_n, stride_vs, cols_1d, seqlen_k, d_ok, USE_DESC)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -271,9 +281,10 @@ def attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr, DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_DESC: tl.constexpr = False,
 ):
-    """Grid: (cdiv(max_seqlen_q, BLOCK_M) * batch * nheads,)."""
+    """Grid: (cdiv(max_seqlen_q, BLOCK_M) * batch * nheads,). With USE_DESC, K/V
+    tiles are read through tensor descriptors (as the dK/dV kernel reads Q/dO)."""
     pid_m, pid_bh = program_tile(max_seqlen_q, BLOCK_M, MASK_RIGHT and not MASK_LEFT)
     b = pid_bh // nheads
     h = pid_bh % nheads
@@ -301,10 +312,10 @@ def attn_bwd_dq_kernel(
     lse = _load_lse_log2(Lse + lse_off, offs_m, seqlen_q)
     delta = tl.load(Delta + lse_off + offs_m, mask=offs_m < seqlen_q, other=0.0)
 
-    k_ptrs = (K + b.to(tl.int64) * stride_kb + start_k.to(tl.int64) * stride_ks + hk * stride_kh
-              + offs_n[:, None] * stride_ks + offs_d[None, :])
-    v_ptrs = (V + b.to(tl.int64) * stride_vb + start_k.to(tl.int64) * stride_vs + hk * stride_vh
-              + offs_n[:, None] * stride_vs + offs_d[None, :])
+    k_ptrs = row_source(K + b.to(tl.int64) * stride_kb + start_k.to(tl.int64) * stride_ks + hk * stride_kh,
+                        offs_n, offs_d, stride_ks, seqlen_k, HEAD_DIM, BLOCK_N, BLOCK_D, USE_DESC)
+    v_ptrs = row_source(V + b.to(tl.int64) * stride_vb + start_k.to(tl.int64) * stride_vs + hk * stride_vh,
+                        offs_n, offs_d, stride_vs, seqlen_k, HEAD_DIM, BLOCK_N, BLOCK_D, USE_DESC)
     bias_base = Bias + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh
     alibi_slope = 0.0
     if HAS_ALIBI:
@@ -327,7 +338,7 @@ def attn_bwd_dq_kernel(
                            window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh,
                            max_seqlen_q, max_seqlen_k, dropout_p, dropout_scale, seed,
                            HEAD_DIM, BLOCK_N, part != 1, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
-                           BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION)
+                           BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, USE_DESC)
 
     dq = dq * softmax_scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + start_q.to(tl.int64) * stride_dqs + h * stride_dqh

@@ -53,6 +53,28 @@ def _clamp(x, lo, hi):
 
 
 @triton.jit
+def row_source(base, offs_rows, offs_d, stride, seqlen, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+               BLOCK_D: tl.constexpr, USE_DESC: tl.constexpr):
+    """Where tiles of rows of the ``[seqlen, HEAD_DIM]`` matrix at ``base`` are read
+    from: a tensor descriptor (bulk copies, zero fill past the bounds) or a
+    block of pointers at row 0 (``offs_rows = arange(BLOCK_ROWS)``). See :func:`load_rows`."""
+    if USE_DESC:
+        return tl.make_tensor_descriptor(base, shape=[seqlen, HEAD_DIM], strides=[stride, 1],
+                                         block_shape=[BLOCK_ROWS, BLOCK_D])
+    else:
+        return base + offs_rows[:, None] * stride + offs_d[None, :]
+
+
+@triton.jit
+def load_rows(src, start, stride, rows, seqlen, d_ok, USE_DESC: tl.constexpr):
+    """The tile of rows ``start + arange(BLOCK_ROWS)`` (= ``rows``) from a :func:`row_source`."""
+    if USE_DESC:
+        return src.load([start, 0])
+    else:
+        return tl.load(src + start * stride, mask=(rows[:, None] < seqlen) & d_ok, other=0.0)
+
+
+@triton.jit
 def key_ranges(start_m, seqlen_k, diag, window_left, window_right,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr):
     """For the query block starting at ``start_m``, keys ``[lo, hi)`` are visited:
