@@ -20,6 +20,16 @@ for step in "$@"; do
         PYTHONPATH=$pp python3 -m flashtile bench --dtypes bf16 --head-dims 64,128 --seqlens 4096,16384 \
           --modes fwd,fwd_bwd --providers flashtile --out "$OUT/ab_${side}_$round" > /dev/null 2>&1
       done; done ;;
+    tests-bwd-tma) FLASHTILE_BWD_TMA=1 python3 -m pytest -q -m gpu -n 8 tests/test_gpu.py \
+                     -k "(flash_attn_gpu and (bfloat16 or float16)) or varlen or options or mask or dropout" 2>&1 | tail -4 ;;
+    tune-bwd-tma) FLASHTILE_BWD_TMA=1 python3 benchmarks/tune.py --kernels dkdv,dq --causal 0 --head-dims 64,128 \
+                    2>&1 | tee "$OUT/tune_bwd_tma.log" ;;
+    ab-bwd-tma)
+      for tma in 0 1; do
+        FLASHTILE_BWD_TMA=$tma python3 -m flashtile bench --dtypes bf16 --seqlens 2048,4096,16384 --modes bwd \
+          --providers flashtile --out "$OUT/bwd_tma_$tma" 2>&1 | grep -A3 "provider" | grep flashtile | tr -s ' ' \
+          | sed "s/^/tma=$tma /"
+      done ;;
     tma-probe) python3 benchmarks/tma_probe.py 2>&1 | tee "$OUT/tma_probe.log" ;;
     tests-cpu-suite) python3 -m pytest -q -n 8 -x tests -k "not compile" 2>&1 | tail -5 ;;
     tune) python3 benchmarks/tune.py --causal 0 2>&1 | tee "$OUT/tune.log" ;;
