@@ -86,7 +86,8 @@ def _tma_compatible(*tensors: torch.Tensor) -> bool:
                for t in tensors)
 
 
-_allocator_set = False
+def _scratch_allocator(size: int, align: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _keys_per_row(lay: "_Layout", opts: AttnOptions) -> int:
@@ -104,7 +105,6 @@ def _descriptor_mode(env_name: str, default: int, keys_per_row: int, *tensors: t
     On Hopper, ``default`` once a query row sees TMA_MIN_KEYS keys or more (shorter
     rows: pointer loads measured as fast or faster); ``env_name`` (0, 1 or 2)
     overrides, for experiments. Unaligned tensors always take pointer loads."""
-    global _allocator_set
     capability = _capability(tensors[0].device)
     hopper = capability is not None and capability[0] >= 9
     env = os.environ.get(env_name)
@@ -114,10 +114,11 @@ def _descriptor_mode(env_name: str, default: int, keys_per_row: int, *tensors: t
         mode = int(env)
     if not _tma_compatible(*tensors):
         mode = 0
-    if mode == 1 and tensors[0].is_cuda and not _allocator_set:
-        # device-side descriptors live in a small global scratch buffer
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=tensors[0].device))
-        _allocator_set = True
+    if mode == 1 and tensors[0].is_cuda:
+        # device-side descriptors live in a small global scratch buffer. Triton keeps the
+        # allocator per thread, and autograd runs the backward in a thread of its own: set it
+        # on every call rather than once.
+        triton.set_allocator(_scratch_allocator)
     return mode
 
 
