@@ -46,11 +46,11 @@ def test_random_shapes(batch, seqlen_q, seqlen_k, group, nheads_k, head_dim, dty
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_forward_tensor_descriptors(monkeypatch, mode, dtype, causal):
     # the forward kernel reading K/V through tensor descriptors (the default on Hopper); head dim
-    # 40 gives 16-byte aligned rows, so K/V go through tensor descriptors
+    # 40 gives 16-byte aligned rows and 150 keys are enough rows, so K/V go through tensor descriptors
     monkeypatch.setenv("FLASHTILE_FWD_TMA", mode)
     q = torch.randn(2, 77, 4, 40, dtype=dtype)
-    k = torch.randn(2, 113, 2, 40, dtype=dtype)
-    v = torch.randn(2, 113, 2, 40, dtype=dtype)
+    k = torch.randn(2, 150, 2, 40, dtype=dtype)
+    v = torch.randn(2, 150, 2, 40, dtype=dtype)
     check_attention(lambda q, k, v: flash_attn_func(q, k, v, causal=causal), q, k, v, causal=causal, backward=False)
 
 
@@ -59,7 +59,20 @@ def test_forward_tensor_descriptors(monkeypatch, mode, dtype, causal):
 def test_backward_tensor_descriptors(monkeypatch, dtype, causal):
     # dK/dV reading Q/dO and dQ reading K/V through tensor descriptors, with GQA
     monkeypatch.setenv("FLASHTILE_BWD_TMA", "1")
-    q = torch.randn(2, 77, 4, 40, dtype=dtype)
-    k = torch.randn(2, 113, 2, 40, dtype=dtype)
-    v = torch.randn(2, 113, 2, 40, dtype=dtype)
+    q = torch.randn(1, 130, 4, 40, dtype=dtype)
+    k = torch.randn(1, 150, 2, 40, dtype=dtype)
+    v = torch.randn(1, 150, 2, 40, dtype=dtype)
     check_attention(lambda q, k, v: flash_attn_func(q, k, v, causal=causal), q, k, v, causal=causal)
+
+
+def test_descriptors_only_where_they_apply(monkeypatch):
+    from flashtile.api import launch
+
+    monkeypatch.setenv("FLASHTILE_FWD_TMA", "1")
+    aligned = torch.randn(1, 200, 2, 64, dtype=torch.float16)
+    assert launch._descriptor_mode("FLASHTILE_FWD_TMA", 1, 200, 200, aligned) == 1
+    assert launch._descriptor_mode("FLASHTILE_FWD_TMA", 1, 200, 1, aligned) == 0     # too few rows
+    odd = torch.randn(1, 200, 2, 59, dtype=torch.float16)                             # 118-byte rows
+    assert launch._descriptor_mode("FLASHTILE_FWD_TMA", 1, 200, 200, odd) == 0
+    monkeypatch.delenv("FLASHTILE_FWD_TMA")
+    assert launch._descriptor_mode("FLASHTILE_FWD_TMA", 1, 4096, 4096, aligned) == 0  # not a Hopper GPU

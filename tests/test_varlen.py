@@ -163,7 +163,7 @@ def test_varlen_tensor_descriptors(monkeypatch, mode):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("FLASHTILE_FWD_TMA", mode)
     monkeypatch.setenv("FLASHTILE_BWD_TMA", "1" if mode == "1" else "0")
-    lens_q, lens_k = [40, 7, 65], [50, 90, 33]
+    lens_q, lens_k = [40, 27, 65], [50, 90, 33]  # at least 128 rows in all: descriptors are used
     q = torch.randn(sum(lens_q), 4, 32, dtype=torch.float16)
     k, v = (torch.randn(sum(lens_k), 2, 32, dtype=torch.float16) for _ in range(2))
     check_attention(lambda q, k, v: flash_attn_varlen_func(q, k, v, cu(lens_q), cu(lens_k), 65, 90, causal=True),

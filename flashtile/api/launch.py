@@ -100,11 +100,13 @@ def _keys_per_row(lay: "_Layout", opts: AttnOptions) -> int:
     return keys
 
 
-def _descriptor_mode(env_name: str, default: int, keys_per_row: int, *tensors: torch.Tensor) -> int:
+def _descriptor_mode(env_name: str, default: int, keys_per_row: int, rows: int, *tensors: torch.Tensor) -> int:
     """0: pointer loads; 1: tensor descriptors built in the kernel; 2: built on the host.
     On Hopper, ``default`` once a query row sees TMA_MIN_KEYS keys or more (shorter
     rows: pointer loads measured as fast or faster); ``env_name`` (0, 1 or 2)
-    overrides, for experiments. Unaligned tensors always take pointer loads."""
+    overrides, for experiments. Unaligned tensors, and descriptors over fewer
+    than TMA_MIN_ROWS rows (``rows``; a length of 1 becomes a compile-time
+    constant that Triton's descriptor lowering rejects), take pointer loads."""
     capability = _capability(tensors[0].device)
     hopper = capability is not None and capability[0] >= 9
     env = os.environ.get(env_name)
@@ -112,7 +114,7 @@ def _descriptor_mode(env_name: str, default: int, keys_per_row: int, *tensors: t
         mode = default if hopper and keys_per_row >= TMA_MIN_KEYS else 0
     else:
         mode = int(env)
-    if not _tma_compatible(*tensors):
+    if rows < TMA_MIN_ROWS or not _tma_compatible(*tensors):
         mode = 0
     if mode == 1 and tensors[0].is_cuda:
         # device-side descriptors live in a small global scratch buffer. Triton keeps the
@@ -129,15 +131,17 @@ def _forward_features(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys_pe
     hopper = capability is not None and capability[0] >= 9
     warp_spec = _env_flag("FLASHTILE_FWD_WS")
     warp_spec = hopper and DEFAULT_FWD_WS if warp_spec is None else warp_spec and capability is not None
-    kv_desc = _descriptor_mode("FLASHTILE_FWD_TMA", DEFAULT_FWD_TMA, keys_per_row, k, v)
+    kv_desc = _descriptor_mode("FLASHTILE_FWD_TMA", DEFAULT_FWD_TMA, keys_per_row, k.shape[-3], k, v)
     return dict(KV_DESC=kv_desc, WARP_SPECIALIZE=bool(warp_spec))
 
 
 # measured on an H100 (docs/performance.md): in-kernel descriptors pay from about 2k keys
-# per row (+5-16%), warp specialisation does not; host-built descriptors are not better overall
+# per row (forward +5-16%, backward up to +17%), warp specialisation does not; host-built
+# descriptors are not better overall
 DEFAULT_FWD_TMA = 1
-DEFAULT_BWD_TMA = 0
+DEFAULT_BWD_TMA = 1
 TMA_MIN_KEYS = 2048
+TMA_MIN_ROWS = 128
 DEFAULT_FWD_WS = False
 
 
@@ -235,7 +239,8 @@ def attention_backward(dout, q, k, v, out, lse, opts: AttnOptions, bias_grad: bo
         q, k, v, out, dout, lse = (t.unsqueeze(0) for t in (q, k, v, out, dout, lse))
     lay = _Layout(q, k, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     # tensor descriptors (in the kernel) for Q/dO in dK/dV and K/V in dQ: FLASHTILE_BWD_TMA = 0 or 1
-    use_desc = _descriptor_mode("FLASHTILE_BWD_TMA", DEFAULT_BWD_TMA, _keys_per_row(lay, opts), q, k, v, dout) == 1
+    use_desc = _descriptor_mode("FLASHTILE_BWD_TMA", DEFAULT_BWD_TMA, _keys_per_row(lay, opts),
+                                min(q.shape[1], k.shape[1]), q, k, v, dout) == 1
     const = lay.const | dict(USE_DESC=use_desc)
     block_d = const["BLOCK_D"]
     head_dim = q.shape[-1]
