@@ -9,6 +9,7 @@ from .flash_attn import (
     flash_attn_varlen_qkvpacked_func,
     flash_attn_with_kvcache,
 )
+from .merge import merge_attention_states
 from .padding import pad_input, unpad_input
 from .sdpa import scaled_dot_product_attention
 
@@ -20,6 +21,7 @@ __all__ = [
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_with_kvcache",
+    "merge_attention_states",
     "pad_input",
     "scaled_dot_product_attention",
     "unpad_input",
