@@ -9,6 +9,10 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 for step in "$@"; do
   case $step in
+    decode-tests) python3 -m pytest -q -m gpu -n 8 tests/test_kvcache.py 2>&1 | tail -15 | tee "$OUT/decode_tests.log" ;;
+    decode-bench) python3 benchmarks/decode.py --out "$OUT/decode" 2>&1 | tee "$OUT/decode_bench.log" ;;
+    decode-sweep) python3 benchmarks/decode.py --sweep --cache-lens 65536 --out "$OUT/decode_sweep" 2>&1 \
+                    | tee "$OUT/decode_sweep.log" ;;
     tests) python3 -m pytest -q -m gpu -n 8 -x tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.log" ;;
     tune-fwd256) python3 benchmarks/tune.py --kernels fwd --causal 0 --head-dims 256 2>&1 | tee "$OUT/tune_fwd256.log" ;;
     tune-bwd) python3 benchmarks/tune.py --kernels dkdv,dq --causal 0 --head-dims 64,128 2>&1 | tee "$OUT/tune_bwd.log" ;;

@@ -14,6 +14,8 @@ interpreter, ``TRITON_INTERPRET=1``).
 """
 
 from .api import (
+    KVCache,
+    apply_rotary_emb,
     flash_attn_func,
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
@@ -31,6 +33,8 @@ from .reference import attention_ref
 __version__ = "0.1.0"
 
 __all__ = [
+    "KVCache",
+    "apply_rotary_emb",
     "attention_ref",
     "flash_attn_func",
     "flash_attn_kvpacked_func",

@@ -258,7 +258,3 @@ def flash_attn_varlen_kvpacked_func(
                                   dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                                   deterministic, return_attn_probs)
 
-
-def flash_attn_with_kvcache(q, k_cache, v_cache, *args, **kwargs):
-    """Attention against a (paged) KV cache for decoding: not built yet."""
-    raise not_yet("KV-cache attention (flash_attn_with_kvcache)")

@@ -1,0 +1,227 @@
+"""Decoding against a KV cache on a GPU: flashtile's split-KV kernel
+(contiguous and paged caches) against PyTorch SDPA's flash backend.
+
+    python benchmarks/decode.py --out results/decode
+
+One decoding step: ``seqlen_q`` new query tokens per sequence attend to a
+cache of ``L`` keys (bf16, 32 query heads / 8 kv heads, head dim 128 unless
+told). Every provider is timed in the same run with CUDA graphs (as serving
+engines run decoding steps; ``--eager`` times plain launches instead), median
+of replays. Each timed replay visits several copies of the cache so that
+together they are at least 4x the L2 cache: the numbers are device-memory
+numbers, not L2 ones. The effective bandwidth is the bytes of K and V the
+step must read over its time, compared with a device-to-device copy
+measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench, do_bench_cudagraph
+
+import flashtile
+
+L2_BYTES = 60 * 2**20
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a large device-to-device copy."""
+    src = torch.randn(2**29 // 2, device="cuda", dtype=torch.bfloat16)  # 512 MiB
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def time_ms(fn, eager: bool) -> float:
+    if eager:
+        return do_bench(fn, warmup=25, rep=200, return_mode="median")
+    return do_bench_cudagraph(fn, rep=200, return_mode="median")
+
+
+class Step:
+    """Inputs of one decoding step, in ``copies`` independent sets."""
+
+    def __init__(self, batch, cache_len, nheads, nheads_k, head_dim, seqlen_q, page_size, dtype=torch.bfloat16):
+        kv_bytes = 2 * batch * cache_len * nheads_k * head_dim * torch.finfo(dtype).bits // 8
+        self.kv_bytes = kv_bytes
+        self.copies = max(1, math.ceil(4 * L2_BYTES / kv_bytes))
+        dev = "cuda"
+        self.q = [torch.randn(batch, seqlen_q, nheads, head_dim, device=dev, dtype=dtype) for _ in range(self.copies)]
+        self.lens = torch.full((batch,), cache_len, dtype=torch.int32, device=dev)
+        self.caches = []
+        self.tables = []
+        for _ in range(self.copies):
+            if page_size is None:
+                shape = (batch, cache_len, nheads_k, head_dim)
+                table = None
+            else:
+                pages = batch * math.ceil(cache_len / page_size)
+                shape = (pages, page_size, nheads_k, head_dim)
+                # pages of a sequence scattered over the pool, as after a while of serving
+                table = torch.randperm(pages, device=dev).int().reshape(batch, -1)
+            self.caches.append((torch.randn(shape, device=dev, dtype=dtype), torch.randn(shape, device=dev, dtype=dtype)))
+            self.tables.append(table)
+
+    def flashtile(self, num_splits=0):
+        def fn():
+            for q, (k, v), table in zip(self.q, self.caches, self.tables):
+                flashtile.flash_attn_with_kvcache(q, k, v, cache_seqlens=self.lens, block_table=table,
+                                                  num_splits=num_splits)
+        return fn
+
+
+def sdpa_step(batch, cache_len, nheads, nheads_k, head_dim, seqlen_q, backend, dtype=torch.bfloat16):
+    """SDPA on its own layout (batch, heads, seqlen, dim), GQA through enable_gqa."""
+    kv_bytes = 2 * batch * cache_len * nheads_k * head_dim * torch.finfo(dtype).bits // 8
+    copies = max(1, math.ceil(4 * L2_BYTES / kv_bytes))
+    qs = [torch.randn(batch, nheads, seqlen_q, head_dim, device="cuda", dtype=dtype) for _ in range(copies)]
+    kvs = [(torch.randn(batch, nheads_k, cache_len, head_dim, device="cuda", dtype=dtype),
+            torch.randn(batch, nheads_k, cache_len, head_dim, device="cuda", dtype=dtype)) for _ in range(copies)]
+
+    def fn():
+        with sdpa_kernel([backend]):
+            for q, (k, v) in zip(qs, kvs):
+                F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    return fn, copies
+
+
+def run_case(batch, cache_len, args, bandwidth) -> dict:
+    nheads, nheads_k, d, seqlen_q = args.nheads, args.nheads_k, args.head_dim, args.seqlen_q
+    row = dict(batch=batch, cache_len=cache_len, nheads=nheads, nheads_k=nheads_k, head_dim=d, seqlen_q=seqlen_q)
+    kv_bytes = None
+    variants = [("flashtile", None, 0), ("flashtile_no_split", None, 1)] + \
+        [(f"flashtile_paged{p}", p, 0) for p in args.page_sizes]
+    for name, page_size, splits in variants:
+        step = Step(batch, cache_len, nheads, nheads_k, d, seqlen_q, page_size)
+        kv_bytes = step.kv_bytes
+        fn = step.flashtile(splits)
+        fn()
+        row[name] = time_ms(fn, args.eager) / step.copies
+        del step
+        torch.cuda.empty_cache()
+    for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            fn, copies = sdpa_step(batch, cache_len, nheads, nheads_k, d, seqlen_q, backend)
+            fn()
+            row[name] = time_ms(fn, args.eager) / copies
+        except RuntimeError as exc:  # backend refuses the shape / GQA on this build
+            row[name] = None
+            row[name + "_error"] = str(exc).splitlines()[0][:120]
+        torch.cuda.empty_cache()
+    row["kv_bytes"] = kv_bytes
+    for key in list(row):
+        if isinstance(row[key], float) and key != "kv_bytes":
+            row[key + "_bw_frac"] = kv_bytes / (row[key] * 1e-3) / bandwidth
+    return row
+
+
+def sweep(args, bandwidth) -> list[dict]:
+    """Tiles and split counts of the kernel, for the launch table and the split heuristic."""
+    from flashtile.api import decode as decode_api
+    from flashtile.kernels.configs import LaunchConfig
+
+    default = decode_api.decode_config
+    rows = []
+    for batch, cache_len in ((1, 32768), (1, 131072), (64, 4096)):
+        step = Step(batch, cache_len, args.nheads, args.nheads_k, args.head_dim, args.seqlen_q, None)
+        for block_n, warps, stages in ((64, 4, 3), (128, 4, 3), (64, 4, 4), (128, 8, 3), (32, 4, 4), (64, 8, 2)):
+            decode_api.decode_config = lambda rows_, *a, bn=block_n, w=warps, st=stages: LaunchConfig(
+                min(128, max(16, 1 << (max(rows_, 1) - 1).bit_length())), bn, w, st)
+            for splits in (0, 1, 8, 16, 32, 64, 128):
+                if batch == 64 and splits > 8:
+                    continue
+                try:
+                    fn = step.flashtile(splits)
+                    fn()
+                    ms = time_ms(fn, args.eager) / step.copies
+                except Exception as exc:  # a config that does not fit
+                    print(batch, cache_len, block_n, warps, stages, splits, "failed:", str(exc).splitlines()[0][:80])
+                    continue
+                rows.append(dict(batch=batch, cache_len=cache_len, block_n=block_n, warps=warps, stages=stages,
+                                 splits=splits, us=ms * 1e3, bw_frac=step.kv_bytes / (ms * 1e-3) / bandwidth))
+                print(f"sweep batch={batch} L={cache_len} BLOCK_N={block_n} warps={warps} stages={stages} "
+                      f"splits={splits}: {ms * 1e3:.1f} us, {100 * rows[-1]['bw_frac']:.1f}% bw", flush=True)
+        del step
+        torch.cuda.empty_cache()
+    decode_api.decode_config = default
+    return rows
+
+
+def print_rows(rows, providers):
+    head = f"{'batch':>5} {'cache':>7} | " + " | ".join(f"{p:>18}" for p in providers)
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        cells = []
+        for p in providers:
+            ms = r.get(p)
+            cells.append(f"{'-':>18}" if ms is None else f"{ms * 1e3:8.1f}us {100 * r[p + '_bw_frac']:5.1f}%bw")
+        print(f"{r['batch']:>5} {r['cache_len']:>7} | " + " | ".join(cells))
+    print("(time per decoding step; %bw: K/V bytes over time, against the copy bandwidth)")
+
+
+def save_plot(rows, providers, path: Path, title: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [r for r in rows if r["batch"] == 1]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for p in providers:
+        pts = [(r["cache_len"], 100 * r[p + "_bw_frac"]) for r in rows if r.get(p)]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=p)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("cache length (keys)")
+    ax.set_ylabel("K/V bytes / time, % of copy bandwidth")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache-lens", default="8192,16384,32768,65536,131072")
+    parser.add_argument("--batch64-cache-len", type=int, default=4096, help="cache length of the batch-64 case")
+    parser.add_argument("--nheads", type=int, default=32)
+    parser.add_argument("--nheads-k", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--seqlen-q", type=int, default=1)
+    parser.add_argument("--page-sizes", default="16,256")
+    parser.add_argument("--eager", action="store_true", help="time plain launches instead of CUDA graph replays")
+    parser.add_argument("--out", default="bench_results/decode")
+    parser.add_argument("--sweep", action="store_true", help="also sweep tiles and split counts")
+    args = parser.parse_args()
+    args.page_sizes = [int(p) for p in args.page_sizes.split(",") if p]
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/decode.py needs a CUDA GPU (the tests cover the CPU paths)")
+    bandwidth = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")
+    cases = [(1, int(n)) for n in args.cache_lens.split(",")] + [(64, args.batch64_cache_len)]
+    rows = [run_case(b, n, args, bandwidth) for b, n in cases]
+    providers = ["flashtile", "flashtile_no_split"] + [f"flashtile_paged{p}" for p in args.page_sizes] + \
+        ["sdpa_flash", "sdpa_cudnn"]
+    print_rows(rows, providers)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, copy_bandwidth=bandwidth,
+                timing="eager" if args.eager else "cuda graph replay")
+    sweep_rows = sweep(args, bandwidth) if args.sweep else []
+    (out / "decode.json").write_text(json.dumps(dict(meta=meta, rows=rows, sweep=sweep_rows), indent=1))
+    save_plot(rows, providers, out / "decode.png",
+              f"decoding, batch 1, {args.nheads}/{args.nheads_k} heads, d={args.head_dim}, bf16 ({meta['gpu']})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Attention of a few query tokens against a key/value cache: the split-KV
+kernels' launcher, the split heuristic, the tiled CPU path and the
+``flashtile::attn_decode`` custom op (``torch.compile`` traces through it).
+
+The cache is either contiguous ``(batch_cache, seqlen_cache, nheads_k, d)``
+or paged ``(num_pages, page_size, nheads_k, d)`` with an int32
+``block_table`` ``(batch, max_pages)``. Sequence ``b`` attends to keys
+``[leftpad[b], cache_seqlens[b] + seqlen_new)`` of its cache; causal, window
+and ALiBi positions are aligned to the bottom-right corner.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from ..kernels.configs import decode_config
+from ..kernels.decode import attn_combine_kernel, attn_decode_kernel
+from ..reference import AttnOptions, attention_tiled_forward
+from .launch import LOG2E, _block_d, _capability, _dot_precision, interpreting
+
+MAX_SPLITS = 128
+# a split should stream at least this many keys, or the combine costs more than it saves
+MIN_KEYS_PER_SPLIT = 256
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_splits_heuristic(programs: int, capacity: int, device: torch.device) -> int:
+    """Splits of the key range so that about four programs per multiprocessor run
+    (``programs`` = batch * kv heads * query blocks), each streaming at least
+    MIN_KEYS_PER_SPLIT keys of a cache that holds up to ``capacity`` keys."""
+    if device.type != "cuda" or interpreting():
+        return 1 if capacity <= MIN_KEYS_PER_SPLIT else 2
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if programs >= 0.8 * sms:
+        return 1
+    return max(1, min(MAX_SPLITS, triton.cdiv(4 * sms, programs), capacity // MIN_KEYS_PER_SPLIT))
+
+
+def _decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi,
+                   seqlen_new, softmax_scale, window_left, window_right, softcap, num_splits):
+    batch, seqlen_q, nheads, head_dim = q.shape
+    nheads_k = k_cache.shape[2]
+    group = nheads // nheads_k
+    paged = block_table is not None
+    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+    block_d = _block_d(head_dim)
+    cfg = decode_config(seqlen_q * group, block_d, q.element_size(), _capability(q.device))
+    m_blocks = triton.cdiv(seqlen_q * group, cfg.block_m)
+    if num_splits <= 0:
+        num_splits = num_splits_heuristic(batch * nheads_k * m_blocks, capacity, q.device)
+    num_splits = max(1, min(num_splits, triton.cdiv(capacity, cfg.block_n)))
+
+    out = torch.empty_like(q)
+    lse = torch.empty((batch, nheads, seqlen_q), device=q.device, dtype=torch.float32)
+    if num_splits == 1:
+        part_out, part_lse = out, lse
+    else:
+        part_out = torch.empty((num_splits, *q.shape), device=q.device, dtype=torch.float32)
+        part_lse = torch.empty((num_splits, *lse.shape), device=q.device, dtype=torch.float32)
+    split_stride_o = 0 if num_splits == 1 else part_out.stride(0)
+    split_stride_l = 0 if num_splits == 1 else part_lse.stride(0)
+    po = part_out if num_splits == 1 else part_out[0]
+    pl = part_lse if num_splits == 1 else part_lse[0]
+    softcap_div = softcap if softcap > 0 else 1.0
+    attn_decode_kernel[(batch * nheads_k, num_splits, m_blocks)](
+        q, k_cache, v_cache, po, pl, cache_seqlens,
+        q if cache_batch_idx is None else cache_batch_idx, q if block_table is None else block_table,
+        q if leftpad is None else leftpad, q if alibi is None else alibi,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        po.stride(0), po.stride(1), po.stride(2), split_stride_o,
+        pl.stride(0), pl.stride(1), split_stride_l,
+        0 if block_table is None else block_table.stride(0), 0 if alibi is None or alibi.dim() == 1 else alibi.stride(0),
+        nheads_k, seqlen_q, seqlen_new, group, k_cache.shape[1] if paged else 1,
+        block_table.shape[1] if paged else 0, window_left, window_right,
+        softmax_scale * LOG2E, softmax_scale / softcap_div, softcap_div * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        PAGED=paged, HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFTPAD=leftpad is not None,
+        MASK_LEFT=window_left >= 0, MASK_RIGHT=window_right >= 0, SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None,
+        UPCAST=interpreting() and q.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if num_splits > 1:
+        attn_combine_kernel[(batch * seqlen_q * nheads,)](
+            part_out, part_lse, out, lse,
+            part_out.stride(1), part_out.stride(2), part_out.stride(3), part_out.stride(0),
+            part_lse.stride(1), part_lse.stride(2), part_lse.stride(0),
+            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+            nheads, seqlen_q, num_splits,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4)
+    return out, lse
+
+
+def cache_rows(cache: torch.Tensor, b: int, stop: int, cache_batch_idx, block_table) -> torch.Tensor:
+    """Keys (or values) ``[0, stop)`` of sequence ``b`` as a ``(stop, nheads_k, d)`` tensor;
+    ``cache_batch_idx`` names its cache row or block_table row."""
+    row = b if cache_batch_idx is None else int(cache_batch_idx[b])
+    if block_table is None:
+        return cache[row, :stop]
+    page_size = cache.shape[1]
+    pages = block_table[row, :triton.cdiv(stop, page_size)].long()
+    return cache[pages].flatten(0, 1)[:stop]
+
+
+def _decode_tiled(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi, seqlen_new,
+                  softmax_scale, window_left, window_right, softcap):
+    """The same attention with the tiled PyTorch path, one sequence at a time."""
+    batch, seqlen_q, nheads, _ = q.shape
+    out = torch.zeros_like(q)
+    lse = torch.full((batch, nheads, seqlen_q), float("-inf"), device=q.device, dtype=torch.float32)
+    lengths = (cache_seqlens + seqlen_new).tolist()
+    firsts = [0] * batch if leftpad is None else leftpad.tolist()
+    for b in range(batch):
+        first, stop = firsts[b], lengths[b]
+        if stop <= first or seqlen_q == 0:
+            continue
+        k = cache_rows(k_cache, b, stop, cache_batch_idx, block_table)[first:]
+        v = cache_rows(v_cache, b, stop, cache_batch_idx, block_table)[first:]
+        slopes = None if alibi is None else (alibi[b] if alibi.dim() == 2 else alibi).float()[None]
+        opts = AttnOptions(softmax_scale, (stop - first) - seqlen_q, window_left, window_right, softcap, slopes)
+        o, l = attention_tiled_forward(q[b:b + 1], k[None], v[None], opts)
+        out[b], lse[b] = o[0], l[0]
+    return out, lse
+
+
+def _attn_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                 cache_batch_idx: torch.Tensor | None, block_table: torch.Tensor | None, leftpad: torch.Tensor | None,
+                 alibi: torch.Tensor | None, seqlen_new: int, softmax_scale: float, window_left: int,
+                 window_right: int, softcap: float, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if q.numel() == 0:
+        return torch.zeros_like(q), torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), device=q.device)
+    if q.is_cuda or interpreting():
+        return _decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi,
+                              seqlen_new, softmax_scale, window_left, window_right, softcap, num_splits)
+    return _decode_tiled(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi,
+                         seqlen_new, softmax_scale, window_left, window_right, softcap)
+
+
+attn_decode_op = torch.library.custom_op("flashtile::attn_decode", mutates_args=())(_attn_decode)
+
+
+@attn_decode_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi, seqlen_new, softmax_scale,
+      window_left, window_right, softcap, num_splits):
+    return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+
+
+def attn_decode(*args) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of the cached attention on checked inputs (arguments as ``_attn_decode``):
+    the registered op while tracing, a direct call otherwise (decoding steps are
+    short enough for the op dispatch to show)."""
+    return attn_decode_op(*args) if torch.compiler.is_compiling() else _attn_decode(*args)
