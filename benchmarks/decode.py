@@ -129,12 +129,12 @@ def sweep(args, bandwidth) -> list[dict]:
 
     default = decode_api.decode_config
     rows = []
-    for batch, cache_len in ((1, 32768), (1, 131072), (64, 4096)):
+    for batch, cache_len in ((1, 8192), (1, 32768), (1, 131072), (64, 4096)):
         step = Step(batch, cache_len, args.nheads, args.nheads_k, args.head_dim, args.seqlen_q, None)
-        for block_n, warps, stages in ((64, 4, 3), (128, 4, 3), (64, 4, 4), (128, 8, 3), (32, 4, 4), (64, 8, 2)):
-            decode_api.decode_config = lambda rows_, *a, bn=block_n, w=warps, st=stages: LaunchConfig(
+        for block_n, warps, stages in ((128, 4, 3), (64, 4, 3), (128, 4, 2)):
+            decode_api.decode_config = lambda rows_, *a, bn=block_n, w=warps, st=stages, **kw: LaunchConfig(
                 min(128, max(16, 1 << (max(rows_, 1) - 1).bit_length())), bn, w, st)
-            for splits in (0, 1, 8, 16, 32, 64, 128):
+            for splits in (0, 4, 8, 12, 16, 24, 32):
                 if batch == 64 and splits > 8:
                     continue
                 try:

@@ -9,7 +9,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 for step in "$@"; do
   case $step in
-    decode-tests) python3 -m pytest -q -m gpu -n 8 tests/test_kvcache.py 2>&1 | tail -15 | tee "$OUT/decode_tests.log" ;;
+    decode-tests) python3 -m pytest -q -m gpu -n 8 --tb=line tests/test_kvcache.py 2>&1 | tail -40 | tee "$OUT/decode_tests.log" ;;
     decode-bench) python3 benchmarks/decode.py --out "$OUT/decode" 2>&1 | tee "$OUT/decode_bench.log" ;;
     decode-sweep) python3 benchmarks/decode.py --sweep --cache-lens 65536 --out "$OUT/decode_sweep" 2>&1 \
                     | tee "$OUT/decode_sweep.log" ;;
