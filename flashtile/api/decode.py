@@ -53,7 +53,8 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_ta
     paged = block_table is not None
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
     block_d = _block_d(head_dim)
-    cfg = decode_config(seqlen_q * group, block_d, q.element_size(), _capability(q.device), paged)
+    page_size = k_cache.shape[1] if paged else 0
+    cfg = decode_config(seqlen_q * group, block_d, q.element_size(), _capability(q.device), page_size)
     m_blocks = triton.cdiv(seqlen_q * group, cfg.block_m)
     if num_splits <= 0:
         num_splits = num_splits_heuristic(batch * nheads_k * m_blocks, capacity, q.device)
@@ -81,11 +82,10 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_ta
         po.stride(0), po.stride(1), po.stride(2), split_stride_o,
         pl.stride(0), pl.stride(1), split_stride_l,
         0 if block_table is None else block_table.stride(0), 0 if alibi is None or alibi.dim() == 1 else alibi.stride(0),
-        nheads_k, seqlen_q, seqlen_new, group, k_cache.shape[1] if paged else 1,
-        block_table.shape[1] if paged else 0, window_left, window_right,
+        nheads_k, seqlen_q, seqlen_new, group, block_table.shape[1] if paged else 0, window_left, window_right,
         softmax_scale * LOG2E, softmax_scale / softcap_div, softcap_div * LOG2E,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        PAGED=paged, HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFTPAD=leftpad is not None,
+        PAGE_SIZE=page_size, HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFTPAD=leftpad is not None,
         MASK_LEFT=window_left >= 0, MASK_RIGHT=window_right >= 0, SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None,
         UPCAST=interpreting() and q.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -98,19 +98,21 @@ def launch_configs(kernel: str, block_d: int, elem_size: int, capability: tuple[
 
 
 def decode_config(rows: int, block_d: int, elem_size: int, capability: tuple[int, int] | None,
-                  paged: bool = False) -> LaunchConfig:
+                  page_size: int = 0) -> LaunchConfig:
     """Tiles of the split-KV decoding kernel for ``rows = seqlen_q * group_size``
-    query rows per (batch, kv head). It streams the cache, so BLOCK_M is as
-    small as the rows allow (a dot needs 16) and BLOCK_N keeps a few K/V
-    tiles in flight."""
+    query rows per (batch, kv head) and a cache with pages of ``page_size``
+    rows (0: contiguous). It streams the cache, so BLOCK_M is as small as the
+    rows allow (a dot needs 16) and BLOCK_N keeps a few K/V tiles in flight."""
     block_m = min(128, max(16, 1 << (max(rows, 1) - 1).bit_length()))
     if capability is None:
         return LaunchConfig(block_m, 32, 4, 1)
     num_warps = 8 if block_m >= 128 else 4
     if capability[0] == 9 and block_m <= 64:
-        # measured on an H200 (docs/performance.md), 3 stages in flight: 128-key tiles for a
-        # contiguous cache; gathered (paged) rows measured 1.6x slower with 128 than with 64
-        block_n = (64 if paged else 128) if block_d <= 128 and elem_size <= 2 else 32
+        # measured on an H200 (docs/performance.md), 3 stages in flight: 128-key tiles when a
+        # tile is contiguous (no pages, or pages of a multiple of 128 rows); rows gathered
+        # from smaller pages measured 1.6x slower with 128 than with 64
+        gathered = page_size % 128 != 0
+        block_n = (64 if gathered else 128) if block_d <= 128 and elem_size <= 2 else 32
         return LaunchConfig(block_m, block_n, num_warps, 3)
     block_n = 64 if block_d <= 128 and elem_size <= 2 else 32
     return LaunchConfig(block_m, block_n, num_warps, 2)

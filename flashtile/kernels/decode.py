@@ -15,8 +15,9 @@ them.
 The cache is contiguous ``(batch_cache, seqlen_cache, nheads_k, d)`` (with an
 optional ``cache_batch_idx`` row per sequence), or paged ``(num_pages,
 page_size, nheads_k, d)`` with ``block_table[b, j // page_size]`` naming the
-page that holds key ``j`` of sequence ``b``; any page size works, as rows
-are gathered one by one.
+page that holds key ``j`` of sequence ``b``; any page size works: pages
+that hold whole key tiles are looked up once per tile, smaller pages once
+per row. The page size is a compile-time constant.
 """
 
 import triton
@@ -36,18 +37,18 @@ def attn_decode_kernel(
     stride_ob, stride_os, stride_oh, stride_osplit,
     stride_lb, stride_lh, stride_lsplit,
     stride_tb, stride_ab,
-    nheads_k, seqlen_q, seqlen_new, group_size, page_size, max_pages, window_left, window_right,
+    nheads_k, seqlen_q, seqlen_new, group_size, max_pages, window_left, window_right,
     qk_scale, softcap_in, softcap_out,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Grid: (batch * nheads_k, num_splits, cdiv(seqlen_q * group_size, BLOCK_M)).
 
     Q: (batch, seqlen_q, nheads, HEAD_DIM). K, V: the cache (see the module
-    docstring); ``stride_kb`` is the stride of a cache row (contiguous) or of
-    a page (paged). Sequence ``b`` has ``CacheSeqlens[b] + seqlen_new`` keys,
+    docstring): contiguous with PAGE_SIZE = 0, else paged; ``stride_kb`` is
+    the stride of a cache row (contiguous) or of a page (paged). Sequence ``b`` has ``CacheSeqlens[b] + seqlen_new`` keys,
     those before ``Leftpad[b]`` ignored; causal / window positions are
     aligned bottom-right. Out / Lse: with one split, the output (q's layout
     and dtype) and the natural-log LSE (batch, nheads, seqlen_q); with
@@ -98,7 +99,7 @@ def attn_decode_kernel(
     if HAS_ALIBI:
         alibi_slope = tl.load(Alibi + b * stride_ab + head, mask=row_ok, other=0.0)[:, None]
 
-    if PAGED:
+    if PAGE_SIZE > 0:
         table = BlockTable + b.to(tl.int64) * stride_tb
         k_base = K + hk * stride_kh
         v_base = V + hk * stride_vh
@@ -116,10 +117,16 @@ def attn_decode_kernel(
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < seqlen_k
-        if PAGED:
-            page = tl.load(table + cols // page_size, mask=col_ok & (cols // page_size < max_pages), other=0)
-            k_rows = page.to(tl.int64) * stride_kb + (cols % page_size) * stride_ks
-            v_rows = page.to(tl.int64) * stride_vb + (cols % page_size) * stride_vs
+        if PAGE_SIZE % BLOCK_N == 0 and PAGE_SIZE > 0:
+            # the tile lies in one page (start_n is a multiple of BLOCK_N): one lookup
+            page = tl.load(table + start_n // PAGE_SIZE).to(tl.int64)
+            k_rows = page * stride_kb + (start_n % PAGE_SIZE + offs_n) * stride_ks
+            v_rows = page * stride_vb + (start_n % PAGE_SIZE + offs_n) * stride_vs
+        elif PAGE_SIZE > 0:
+            # pages smaller than a tile (or not dividing it): look up the page of every row
+            page = tl.load(table + cols // PAGE_SIZE, mask=col_ok & (cols // PAGE_SIZE < max_pages), other=0)
+            k_rows = page.to(tl.int64) * stride_kb + (cols % PAGE_SIZE) * stride_ks
+            v_rows = page.to(tl.int64) * stride_vb + (cols % PAGE_SIZE) * stride_vs
         else:
             k_rows = cols.to(tl.int64) * stride_ks
             v_rows = cols.to(tl.int64) * stride_vs
