@@ -131,10 +131,10 @@ def sweep(args, bandwidth) -> list[dict]:
     rows = []
     for batch, cache_len in ((1, 8192), (1, 32768), (1, 131072), (64, 4096)):
         step = Step(batch, cache_len, args.nheads, args.nheads_k, args.head_dim, args.seqlen_q, None)
-        for block_n, warps, stages in ((128, 4, 3), (64, 4, 3), (128, 4, 2)):
+        for block_n, warps, stages in ((128, 4, 3), (64, 4, 3)):
             decode_api.decode_config = lambda rows_, *a, bn=block_n, w=warps, st=stages, **kw: LaunchConfig(
                 min(128, max(16, 1 << (max(rows_, 1) - 1).bit_length())), bn, w, st)
-            for splits in (0, 4, 8, 12, 16, 24, 32):
+            for splits in (0, 8, 16, 32):
                 if batch == 64 and splits > 8:
                     continue
                 try:
@@ -148,8 +148,55 @@ def sweep(args, bandwidth) -> list[dict]:
                                  splits=splits, us=ms * 1e3, bw_frac=step.kv_bytes / (ms * 1e-3) / bandwidth))
                 print(f"sweep batch={batch} L={cache_len} BLOCK_N={block_n} warps={warps} stages={stages} "
                       f"splits={splits}: {ms * 1e3:.1f} us, {100 * rows[-1]['bw_frac']:.1f}% bw", flush=True)
+        # the split kernel alone (partial results not merged): what the combine kernel costs
+        decode_api.decode_config = default
+        combine = decode_api.attn_combine_kernel
+        decode_api.attn_combine_kernel = _NoLaunch()
+        fn = step.flashtile(0)
+        fn()
+        ms = time_ms(fn, args.eager) / step.copies
+        decode_api.attn_combine_kernel = combine
+        rows.append(dict(batch=batch, cache_len=cache_len, splits=0, without_combine=True, us=ms * 1e3,
+                         bw_frac=step.kv_bytes / (ms * 1e-3) / bandwidth))
+        print(f"sweep batch={batch} L={cache_len} default tiles, split kernel without the combine: "
+              f"{ms * 1e3:.1f} us, {100 * rows[-1]['bw_frac']:.1f}% bw", flush=True)
         del step
         torch.cuda.empty_cache()
+    return rows
+
+
+class _NoLaunch:
+    """Stands in for a kernel: ``kernel[grid](...)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def sweep_paged(args, bandwidth) -> list[dict]:
+    """Tiles and split counts for paged caches."""
+    from flashtile.api import decode as decode_api
+    from flashtile.kernels.configs import LaunchConfig
+
+    default = decode_api.decode_config
+    rows = []
+    for page_size in (16, 256):
+        for cache_len in (8192, 32768, 131072):
+            step = Step(1, cache_len, args.nheads, args.nheads_k, args.head_dim, args.seqlen_q, page_size)
+            for block_n, warps, stages in ((64, 4, 3), (128, 4, 3), (64, 4, 5), (32, 4, 4)):
+                decode_api.decode_config = lambda rows_, *a, bn=block_n, w=warps, st=stages, **kw: LaunchConfig(
+                    16, bn, w, st)
+                for splits in (16, 32, 64, 128):
+                    fn = step.flashtile(splits)
+                    fn()
+                    ms = time_ms(fn, args.eager) / step.copies
+                    rows.append(dict(page_size=page_size, cache_len=cache_len, block_n=block_n, warps=warps,
+                                     stages=stages, splits=splits, us=ms * 1e3,
+                                     bw_frac=step.kv_bytes / (ms * 1e-3) / bandwidth))
+                    print(f"paged sweep page={page_size} L={cache_len} BLOCK_N={block_n} warps={warps} "
+                          f"stages={stages} splits={splits}: {ms * 1e3:.1f} us, {100 * rows[-1]['bw_frac']:.1f}% bw",
+                          flush=True)
+            del step
+            torch.cuda.empty_cache()
     decode_api.decode_config = default
     return rows
 
@@ -202,6 +249,7 @@ def main():
     parser.add_argument("--eager", action="store_true", help="time plain launches instead of CUDA graph replays")
     parser.add_argument("--out", default="bench_results/decode")
     parser.add_argument("--sweep", action="store_true", help="also sweep tiles and split counts")
+    parser.add_argument("--sweep-paged", action="store_true", help="sweep tiles and split counts of paged caches")
     args = parser.parse_args()
     args.page_sizes = [int(p) for p in args.page_sizes.split(",") if p]
     if not torch.cuda.is_available():
@@ -218,7 +266,9 @@ def main():
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, copy_bandwidth=bandwidth,
                 timing="eager" if args.eager else "cuda graph replay")
     sweep_rows = sweep(args, bandwidth) if args.sweep else []
-    (out / "decode.json").write_text(json.dumps(dict(meta=meta, rows=rows, sweep=sweep_rows), indent=1))
+    paged_rows = sweep_paged(args, bandwidth) if args.sweep_paged else []
+    (out / "decode.json").write_text(json.dumps(dict(meta=meta, rows=rows, sweep=sweep_rows, sweep_paged=paged_rows),
+                                                indent=1))
     save_plot(rows, providers, out / "decode.png",
               f"decoding, batch 1, {args.nheads}/{args.nheads_k} heads, d={args.head_dim}, bf16 ({meta['gpu']})")
 

@@ -10,9 +10,11 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 for step in "$@"; do
   case $step in
     decode-tests) python3 -m pytest -q -m gpu -n 8 --tb=line tests/test_kvcache.py 2>&1 | tail -40 | tee "$OUT/decode_tests.log" ;;
-    decode-bench) python3 benchmarks/decode.py --out "$OUT/decode" 2>&1 | tee "$OUT/decode_bench.log" ;;
+    decode-bench) python3 benchmarks/decode.py --page-sizes 16,64,256 --out "$OUT/decode" 2>&1 | tee "$OUT/decode_bench.log" ;;
     decode-sweep) python3 benchmarks/decode.py --sweep --cache-lens 65536 --out "$OUT/decode_sweep" 2>&1 \
                     | tee "$OUT/decode_sweep.log" ;;
+    decode-sweep-paged) python3 benchmarks/decode.py --sweep-paged --cache-lens 65536 --page-sizes 16 \
+                    --out "$OUT/decode_sweep_paged" 2>&1 | tee "$OUT/decode_sweep_paged.log" ;;
     tests) python3 -m pytest -q -m gpu -n 8 -x tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.log" ;;
     tune-fwd256) python3 benchmarks/tune.py --kernels fwd --causal 0 --head-dims 256 2>&1 | tee "$OUT/tune_fwd256.log" ;;
     tune-bwd) python3 benchmarks/tune.py --kernels dkdv,dq --causal 0 --head-dims 64,128 2>&1 | tee "$OUT/tune_bwd.log" ;;

@@ -31,18 +31,34 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def num_splits_heuristic(programs: int, capacity: int, device: torch.device) -> int:
+def num_splits_heuristic(programs: int, capacity: int, paged: bool, device: torch.device) -> int:
     """Splits of the key range so that about one program per multiprocessor runs
-    (``programs`` = batch * kv heads * query blocks without splits), each
-    streaming at least MIN_KEYS_PER_SPLIT keys of a cache that holds up to
-    ``capacity`` keys. One wave measured best on an H200: more splits add
-    tails and combine work, fewer leave multiprocessors idle."""
+    (two for a paged cache), ``programs`` being batch * kv heads * query blocks
+    without splits; each split streams at least MIN_KEYS_PER_SPLIT keys of a
+    cache that holds up to ``capacity`` keys. Measured on an H200: more
+    splits add tails and combine work, fewer leave multiprocessors idle; a
+    paged cache's page lookups need the second wave to hide their latency."""
     if device.type != "cuda" or interpreting():
         return 1 if capacity <= MIN_KEYS_PER_SPLIT else 2
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     if programs >= 0.8 * sms:
         return 1
-    return max(1, min(MAX_SPLITS, round(sms / programs), capacity // MIN_KEYS_PER_SPLIT))
+    waves = 2 if paged else 1
+    return max(1, min(MAX_SPLITS, round(waves * sms / programs), capacity // MIN_KEYS_PER_SPLIT))
+
+
+def _launch_decode(grid, cfg, *args, **constexprs) -> None:
+    """Launch the split kernel with ``cfg``, dropping pipeline stages while the
+    compiler reports that they do not fit (shared memory) on this GPU."""
+    error = None
+    for stages in range(cfg.num_stages, 0, -1):
+        try:
+            attn_decode_kernel[grid](*args, **constexprs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                     num_warps=cfg.num_warps, num_stages=stages)
+            return
+        except triton.runtime.errors.OutOfResources as exc:
+            error = exc
+    raise RuntimeError("flashtile: the decoding kernel does not fit on this GPU") from error
 
 
 def _decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi,
@@ -57,8 +73,8 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_ta
     cfg = decode_config(seqlen_q * group, block_d, q.element_size(), _capability(q.device), page_size)
     m_blocks = triton.cdiv(seqlen_q * group, cfg.block_m)
     if num_splits <= 0:
-        num_splits = num_splits_heuristic(batch * nheads_k * m_blocks, capacity, q.device)
-    num_splits = max(1, min(num_splits, triton.cdiv(capacity, cfg.block_n)))
+        num_splits = num_splits_heuristic(batch * nheads_k * m_blocks, capacity, paged, q.device)
+    num_splits = max(1, min(num_splits, MAX_SPLITS, triton.cdiv(capacity, cfg.block_n)))
 
     out = torch.empty_like(q)
     lse = torch.empty((batch, nheads, seqlen_q), device=q.device, dtype=torch.float32)
@@ -72,7 +88,7 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_ta
     po = part_out if num_splits == 1 else part_out[0]
     pl = part_lse if num_splits == 1 else part_lse[0]
     softcap_div = softcap if softcap > 0 else 1.0
-    attn_decode_kernel[(batch * nheads_k, num_splits, m_blocks)](
+    _launch_decode((batch * nheads_k, num_splits, m_blocks), cfg,
         q, k_cache, v_cache, po, pl, cache_seqlens,
         q if cache_batch_idx is None else cache_batch_idx, q if block_table is None else block_table,
         q if leftpad is None else leftpad, q if alibi is None else alibi,
@@ -84,11 +100,10 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_ta
         0 if block_table is None else block_table.stride(0), 0 if alibi is None or alibi.dim() == 1 else alibi.stride(0),
         nheads_k, seqlen_q, seqlen_new, group, block_table.shape[1] if paged else 0, window_left, window_right,
         softmax_scale * LOG2E, softmax_scale / softcap_div, softcap_div * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HEAD_DIM=head_dim, BLOCK_D=block_d,
         PAGE_SIZE=page_size, HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFTPAD=leftpad is not None,
         MASK_LEFT=window_left >= 0, MASK_RIGHT=window_right >= 0, SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None,
-        UPCAST=interpreting() and q.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        UPCAST=interpreting() and q.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(q.dtype))
     if num_splits > 1:
         attn_combine_kernel[(batch * seqlen_q * nheads,)](
             part_out, part_lse, out, lse,

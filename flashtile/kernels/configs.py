@@ -107,12 +107,12 @@ def decode_config(rows: int, block_d: int, elem_size: int, capability: tuple[int
     if capability is None:
         return LaunchConfig(block_m, 32, 4, 1)
     num_warps = 8 if block_m >= 128 else 4
+    wide = block_d <= 128 and elem_size <= 2
     if capability[0] == 9 and block_m <= 64:
-        # measured on an H200 (docs/performance.md), 3 stages in flight: 128-key tiles when a
-        # tile is contiguous (no pages, or pages of a multiple of 128 rows); rows gathered
-        # from smaller pages measured 1.6x slower with 128 than with 64
-        gathered = page_size % 128 != 0
-        block_n = (64 if gathered else 128) if block_d <= 128 and elem_size <= 2 else 32
-        return LaunchConfig(block_m, block_n, num_warps, 3)
-    block_n = 64 if block_d <= 128 and elem_size <= 2 else 32
-    return LaunchConfig(block_m, block_n, num_warps, 2)
+        # measured on an H200 (docs/performance.md): 128-key tiles, 3 stages for a contiguous
+        # cache; a paged one (a page lookup before each tile's loads) wants more loads in
+        # flight: 64-key tiles, 5 stages
+        if page_size:
+            return LaunchConfig(block_m, 64 if wide else 32, num_warps, 5)
+        return LaunchConfig(block_m, 128 if wide else 32, num_warps, 3)
+    return LaunchConfig(block_m, 64 if wide else 32, num_warps, 2)
