@@ -8,6 +8,9 @@ Two APIs over the same kernels:
 * PyTorch SDPA compatible, layout ``(batch, nheads, seqlen, headdim)``:
   :func:`scaled_dot_product_attention`.
 
+Cosine-similarity attention (l2-normalised q and k, fixed scale, no running
+row max): :func:`flash_cosine_sim_attention`.
+
 GPU tensors run the Triton kernels; CPU tensors run a tiled PyTorch
 implementation of the same algorithm (or the Triton kernels under Triton's
 interpreter, ``TRITON_INTERPRET=1``).
@@ -23,12 +26,14 @@ from .api import (
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
     flash_attn_with_kvcache,
+    flash_cosine_sim_attention,
+    l2norm_tensors,
     merge_attention_states,
     pad_input,
     scaled_dot_product_attention,
     unpad_input,
 )
-from .reference import attention_ref
+from .reference import attention_ref, plain_cosine_sim_attention
 
 __version__ = "0.1.0"
 
@@ -43,8 +48,11 @@ __all__ = [
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_with_kvcache",
+    "flash_cosine_sim_attention",
+    "l2norm_tensors",
     "merge_attention_states",
     "pad_input",
+    "plain_cosine_sim_attention",
     "scaled_dot_product_attention",
     "unpad_input",
 ]

@@ -7,10 +7,13 @@
   FlashAttention algorithm itself with PyTorch tensor ops, one (query-block,
   key-block) tile at a time, so memory grows linearly with sequence length.
   They serve CPU tensors when Triton's interpreter is not in use.
+* :func:`plain_cosine_sim_attention`: cosine-similarity attention,
+  materialised (layout ``(batch, nheads, seqlen, headdim)``, the arguments
+  of the flash-cosine-sim-attention library), the oracle of :func:`flashtile.flash_cosine_sim_attention`.
 * :func:`dropout_keep_mask` regenerates the kernels' dropout pattern (the same
   Philox counter-based generator Triton's ``tl.rand`` uses), bit for bit.
 
-All functions take the flash_attn layout ``(batch, seqlen, nheads, headdim)``.
+The other functions take the flash_attn layout ``(batch, seqlen, nheads, headdim)``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import NamedTuple
 import torch
 
 __all__ = ["AttnOptions", "attention_probs", "attention_ref", "attention_tiled_forward", "attention_tiled_backward",
-           "causal_offset_for", "dropout_keep_mask"]
+           "causal_offset_for", "dropout_keep_mask", "l2norm_grouped", "plain_cosine_sim_attention"]
 
 
 def causal_offset_for(seqlen_q: int, seqlen_k: int, align: str) -> int:
@@ -181,6 +184,10 @@ class AttnOptions(NamedTuple):
     nheads, seqlen_q, seqlen_k)`` (stride 0 where broadcast). Dropout element
     ``(b, h, i, j)`` draws at index ``((b + dropout_batch_base) * nheads + h) *
     dropout_rows + i) * dropout_cols + j`` (rows/cols 0 = seqlen_q/seqlen_k).
+    ``fixed_max``: an upper bound of every score (natural units, scale and
+    bias included), or None. When given, the forward pass uses it as the
+    softmax offset instead of a running row max (cosine-similarity
+    attention); the results are the same up to rounding.
     """
     softmax_scale: float
     diag: int = 0
@@ -194,6 +201,7 @@ class AttnOptions(NamedTuple):
     dropout_batch_base: int = 0
     dropout_rows: int = 0
     dropout_cols: int = 0
+    fixed_max: float | None = None
 
 
 def _grouped(t: torch.Tensor, nheads_k: int) -> torch.Tensor:
@@ -264,7 +272,8 @@ def attention_tiled_forward(q, k, v, opts: AttnOptions, block_m: int = 128, bloc
     for m0 in range(0, seqlen_q, block_m):
         m1 = min(m0 + block_m, seqlen_q)
         qb = qg[..., m0:m1, :].float()
-        m_i = torch.full(qb.shape[:-1], float("-inf"), device=q.device)
+        m_i = torch.full(qb.shape[:-1], float("-inf") if opts.fixed_max is None else opts.fixed_max,
+                         device=q.device)
         l_i = torch.zeros_like(m_i)
         acc = torch.zeros(qb.shape, device=q.device)
         lo, hi = _key_span(m0, m1, seqlen_k, opts)
@@ -272,15 +281,21 @@ def attention_tiled_forward(q, k, v, opts: AttnOptions, block_m: int = 128, bloc
             n1 = min(n0 + block_n, hi)
             tile = _Tile(qb @ kg[..., n0:n1, :].float().transpose(-1, -2), m0, m1, n0, n1, opts, nheads_k, group)
             s = tile.scores
-            m_new = torch.maximum(m_i, s.amax(-1))
-            m_sub = torch.where(m_new == float("-inf"), 0.0, m_new)
-            p = torch.exp(s - m_sub[..., None])
-            alpha = torch.exp(m_i - m_sub)
-            l_i = l_i * alpha + p.sum(-1)
+            if opts.fixed_max is not None:
+                # a constant offset bounds every score: no running max, no rescaling
+                p = torch.exp(s - m_i[..., None])
+                l_i = l_i + p.sum(-1)
+            else:
+                m_new = torch.maximum(m_i, s.amax(-1))
+                m_sub = torch.where(m_new == float("-inf"), 0.0, m_new)
+                p = torch.exp(s - m_sub[..., None])
+                alpha = torch.exp(m_i - m_sub)
+                l_i = l_i * alpha + p.sum(-1)
+                acc = acc * alpha[..., None]
+                m_i = m_new
             if tile.keep is not None:
                 p = p.masked_fill(~tile.keep, 0.0)
-            acc = acc * alpha[..., None] + p @ vg[..., n0:n1, :].float()
-            m_i = m_new
+            acc = acc + p @ vg[..., n0:n1, :].float()
         seen = l_i > 0
         l_safe = torch.where(seen, l_i, 1.0) * (1.0 - opts.dropout_p)
         out_f[..., m0:m1, :] = acc / l_safe[..., None]
@@ -358,3 +373,65 @@ def attention_probs(q, k, lse, opts: AttnOptions) -> tuple[torch.Tensor, torch.T
     probs = torch.exp(tile.scores - lse).reshape(batch, nheads, seqlen_q, seqlen_k)
     keep = None if tile.keep is None else tile.keep.expand(tile.scores.shape).reshape(probs.shape)
     return probs, keep
+
+
+# ---------------------------------------------------------------------------
+# Cosine-similarity attention, plain PyTorch (layout (batch, nheads, seqlen, headdim))
+# ---------------------------------------------------------------------------
+
+def l2norm_grouped(t: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """``t`` with each of the ``groups`` sub-vectors of its last dimension scaled to unit
+    l2 norm, computed in fp32 (or t's dtype if wider) and returned in t's dtype."""
+    compute = torch.promote_types(t.dtype, torch.float32)
+    x = t.to(compute).unflatten(-1, (groups, t.shape[-1] // groups))
+    return torch.nn.functional.normalize(x, dim=-1).flatten(-2).to(t.dtype)
+
+
+def plain_cosine_sim_attention(q, k, v, mask=None, attn_bias=None, scale=8, groups=1, causal=False, l2norm_qk=True,
+                               attn_bias_batch_dim=False, *, compute_dtype: torch.dtype | None = None):
+    """Cosine-similarity attention, materialised: ``softmax(scale * l2norm(q) l2norm(k)^T
+    + attn_bias) v``. Same arguments as
+    :func:`flashtile.flash_cosine_sim_attention`; quadratic memory.
+
+    Args:
+        q: ``(b, h, i, d)``, or ``(b*h, i, d)`` with batch and heads merged (then
+            k, v are 3-D too and attn_bias is ``(b*h, i, j)``).
+        k, v: ``(b, h, j, d)``, or ``(b, j, d)``: one key/value head for all query heads.
+        mask: bool ``(b, j)``, True = keep.
+        attn_bias: float ``(h, i, j)``, or ``(b, i, j)`` with ``attn_bias_batch_dim``.
+        causal: query ``i`` sees keys ``j <= i + seqlen_k - seqlen_q`` (bottom-right).
+        compute_dtype: compute in this dtype (e.g. fp64 for tests) and return q's
+            dtype; default: every step in q's dtype.
+
+    Rows that see no key give zeros.
+    """
+    dtype = q.dtype
+    if compute_dtype is not None:
+        q, k, v = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
+        if attn_bias is not None:
+            attn_bias = attn_bias.to(compute_dtype)
+    merged = q.dim() == 3
+    if merged:
+        q, k, v = q[:, None], k[:, None], v[:, None]
+        attn_bias_batch_dim = True
+    elif k.dim() == 3:
+        k, v = k[:, None], v[:, None]
+    if l2norm_qk:
+        q, k = l2norm_grouped(q, groups), l2norm_grouped(k, groups)
+    if k.shape[1] not in (1, q.shape[1]):
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    k, v = k.expand(-1, q.shape[1], -1, -1), v.expand(-1, q.shape[1], -1, -1)
+    sim = torch.einsum("bhid,bhjd->bhij", q, k) * scale
+    if attn_bias is not None:
+        sim = sim + attn_bias.to(sim.dtype).unsqueeze(1 if attn_bias_batch_dim else 0)
+    i, j = sim.shape[-2:]
+    if causal:
+        future = torch.ones((i, j), device=q.device, dtype=torch.bool).triu(j - i + 1)
+        sim = sim.masked_fill(future, float("-inf"))
+    if mask is not None:
+        sim = sim.masked_fill(~mask[:, None, None, :], float("-inf"))
+    attn = sim.softmax(dim=-1)
+    attn = attn.masked_fill(torch.isnan(attn), 0.0)  # rows with no key
+    out = torch.einsum("bhij,bhjd->bhid", attn, v).to(dtype)
+    return out.squeeze(1) if merged else out

@@ -1,5 +1,6 @@
 """Public API layer: argument checking, layouts, autograd and torch.library ops."""
 
+from .cosine_sim import flash_cosine_sim_attention, l2norm_tensors
 from .flash_attn import (
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -23,6 +24,8 @@ __all__ = [
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_with_kvcache",
+    "flash_cosine_sim_attention",
+    "l2norm_tensors",
     "merge_attention_states",
     "pad_input",
     "scaled_dot_product_attention",

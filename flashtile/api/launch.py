@@ -132,6 +132,10 @@ def _forward_features(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys_pe
     warp_spec = _env_flag("FLASHTILE_FWD_WS")
     warp_spec = hopper and DEFAULT_FWD_WS if warp_spec is None else warp_spec and capability is not None
     kv_desc = _descriptor_mode("FLASHTILE_FWD_TMA", DEFAULT_FWD_TMA, keys_per_row, k.shape[-3], k, v)
+    if q.element_size() > 2 and "FLASHTILE_FWD_TMA" not in os.environ:
+        # fp32 through descriptors measured 32x slower than through pointer loads on an H200
+        # (27 ms at 2k keys against 0.84 ms at 1k, docs/performance.md)
+        kv_desc = 0
     return dict(KV_DESC=kv_desc, WARP_SPECIALIZE=bool(warp_spec))
 
 
@@ -143,6 +147,27 @@ DEFAULT_BWD_TMA = 1
 TMA_MIN_KEYS = 2048
 TMA_MIN_ROWS = 128
 DEFAULT_FWD_WS = False
+
+
+# Fixed softmax offset (cosine-similarity attention). P = exp2(s - offset) with the offset
+# FIXED_MAX_HEADROOM (log2 units) below the score bound is at most 2**14: P cast to fp16 for
+# the PV product cannot overflow, even when scores exceed their bound by up to 1.1 (natural
+# units: rounding, inputs normalised by the caller). Below, fp16 keeps full precision down
+# to 2**-14: scores from bound down to -bound fit (about) when 2 * bound * log2(e) <= 29,
+# i.e. bound <= 10 (scale 10, one group). Beyond that an fp16 row whose visible keys all score
+# far below the bound would lose its probabilities to underflow, so fp16 takes the running
+# max instead (exact, also no overflow). bf16 and fp32 have fp32's exponent range: no limit.
+FIXED_MAX_HEADROOM = 14.0
+FIXED_MAX_FP16_RANGE = 29.0
+
+
+def fixed_offset(opts: AttnOptions, dtype: torch.dtype) -> float | None:
+    """The forward kernel's fixed softmax offset (log2 units), or None for the running row max."""
+    if opts.fixed_max is None:
+        return None
+    if dtype == torch.float16 and 2 * opts.fixed_max * LOG2E > FIXED_MAX_FP16_RANGE:
+        return None
+    return opts.fixed_max * LOG2E - FIXED_MAX_HEADROOM
 
 
 def _bsh(t: torch.Tensor, varlen: bool = False) -> tuple[int, int, int]:
@@ -186,6 +211,8 @@ class _Layout:
         self.positions = (self.seqlen_q, self.seqlen_k, opts.diag, opts.window_left, opts.window_right)
         self.scores = (opts.softmax_scale * LOG2E, opts.softmax_scale / softcap, softcap * LOG2E)
         self.dropout = (opts.dropout_p, 1.0 / (1.0 - opts.dropout_p), opts.seed)
+        # forward only: the fixed softmax offset (log2 units) that replaces the running row max
+        self.fixed_max = fixed_offset(opts, q.dtype)
 
     def lse_strides(self, lse: torch.Tensor) -> tuple[int, int]:
         return 0 if self.varlen else lse.stride(0), lse.stride(1)
@@ -204,7 +231,8 @@ def attention_forward(q, k, v, opts: AttnOptions, cu_seqlens_q=None, cu_seqlens_
     lay = _Layout(q, k, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     out = torch.empty_like(q)
     lse = torch.empty((q.shape[0], lay.nheads, q.shape[1]), device=q.device, dtype=torch.float32)
-    const = lay.const | _forward_features(q, k, v, _keys_per_row(lay, opts))
+    const = lay.const | dict(FIXED_MAX=lay.fixed_max is not None) | _forward_features(q, k, v,
+                                                                                       _keys_per_row(lay, opts))
     block_d = const["BLOCK_D"]
 
     def args(cfg):
@@ -217,7 +245,7 @@ def attention_forward(q, k, v, opts: AttnOptions, cu_seqlens_q=None, cu_seqlens_
         return (q, k_arg, v_arg, out, lse, lay.cu_q, lay.cu_k, lay.bias, lay.alibi,
                 *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(out, varlen), *lay.lse_strides(lse),
                 *lay.bias_strides, lay.alibi_stride, lay.nheads, lay.nheads // lay.nheads_k, *lay.positions,
-                *lay.scores, *lay.dropout)
+                *lay.scores, *lay.dropout, 0.0 if lay.fixed_max is None else lay.fixed_max)
 
     _launch("fwd_tma" if const["KV_DESC"] else "fwd", attn_fwd_kernel,
             lambda c: (triton.cdiv(lay.seqlen_q, c.block_m) * lay.batch * lay.nheads,),

@@ -16,6 +16,10 @@ slopes ``(nheads,)`` or ``(batch, nheads)``; ``seed`` a 0-d int64 CPU tensor
 for dropout. Positions: query ``i`` is aligned with key ``i + diag`` and sees
 keys ``[i + diag - window_left, i + diag + window_right]`` (-1 = unbounded);
 varlen sequences are aligned bottom-right, each its own ``diag``.
+``fixed_max`` (forward only): an upper bound of ``q.k * softmax_scale`` for
+l2-normalised q and k (cosine-similarity attention); the forward pass then
+uses a fixed softmax offset (that bound, plus the largest value of an
+additive ``bias``) instead of a running row max.
 """
 
 from __future__ import annotations
@@ -30,16 +34,28 @@ def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or launch.interpreting()
 
 
+def _score_bound(fixed_max: float | None, bias: torch.Tensor | None) -> float | None:
+    """The fixed softmax offset: ``fixed_max`` plus the largest additive bias (read
+    once, without its broadcast dimensions); None (running max) if not finite."""
+    if fixed_max is None:
+        return None
+    if bias is not None and bias.is_floating_point() and bias.numel():
+        stored = bias[tuple(slice(0, 1) if st == 0 else slice(None) for st in bias.stride())]
+        fixed_max = fixed_max + max(0.0, float(stored.detach().amax()))
+    return fixed_max if abs(fixed_max) < float("inf") else None
+
+
 def attn_options(q, k, bias, alibi, seed, softmax_scale, diag, window_left, window_right, softcap, dropout_p,
-             varlen: bool) -> AttnOptions:
+             varlen: bool, fixed_max: float | None = None) -> AttnOptions:
     batch, nheads = (1, q.shape[1]) if varlen else (q.shape[0], q.shape[2])
+    fixed_max = _score_bound(fixed_max, bias)
     if bias is not None:
         bias = bias.expand(batch, nheads, q.shape[1], k.shape[1])
     if alibi is not None:
         alibi = alibi.float()
         alibi = alibi.expand(batch, nheads) if alibi.dim() == 1 else alibi
     return AttnOptions(softmax_scale, diag, window_left, window_right, softcap, alibi, bias, dropout_p,
-                       0 if seed is None else int(seed))
+                       0 if seed is None else int(seed), fixed_max=fixed_max)
 
 
 def seq_options(opts: AttnOptions, i: int, seqlen_q: int, seqlen_k: int, max_seqlen_q: int, max_seqlen_k: int):
@@ -62,10 +78,10 @@ def _attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
              cu_seqlens_k: torch.Tensor | None, bias: torch.Tensor | None, alibi: torch.Tensor | None,
              seed: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, diag: int,
              window_left: int, window_right: int, softcap: float,
-             dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+             dropout_p: float, fixed_max: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     varlen = cu_seqlens_q is not None
     opts = attn_options(q, k, bias, alibi, seed, softmax_scale, diag, window_left, window_right, softcap, dropout_p,
-                    varlen)
+                    varlen, fixed_max)
     lse_shape = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
     if q.numel() == 0 or k.shape[-3] == 0:
         # nothing to attend: zeros and LSE -inf (also covers empty batches)
@@ -89,7 +105,7 @@ attn_fwd = torch.library.custom_op("flashtile::attn_fwd", mutates_args=())(_attn
 
 @attn_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, bias, alibi, seed, max_seqlen_q, max_seqlen_k, softmax_scale, diag,
-      window_left, window_right, softcap, dropout_p):
+      window_left, window_right, softcap, dropout_p, fixed_max=None):
     lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else (q.shape[0], q.shape[2], q.shape[1])
     return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
 
@@ -141,15 +157,16 @@ def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, bias, alibi, seed, ma
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
 
 
-_N_INPUTS = 16  # attn_fwd's arguments
-_BIAS = 5       # position of bias among them
+_BIAS = 5  # position of bias among them
+_SCALARS = slice(8, 16)  # those attn_bwd takes too (max_seqlen_q .. dropout_p)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, bias, alibi, seed, *scalars = inputs
+    q, k, v, cu_q, cu_k, bias, alibi, seed = inputs[:8]
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, bias, alibi, seed)
-    ctx.scalars = scalars
+    ctx.scalars = tuple(inputs[_SCALARS])
+    ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(lse)
 
 
@@ -157,7 +174,7 @@ def _backward(ctx, dout, dlse, bwd=attn_bwd):
     q, k, v, out, lse, cu_q, cu_k, bias, alibi, seed = ctx.saved_tensors
     bias_grad = bias is not None and ctx.needs_input_grad[_BIAS]
     dq, dk, dv, dbias = bwd(dout, q, k, v, out, lse, cu_q, cu_k, bias, alibi, seed, *ctx.scalars, bias_grad)
-    grads = [dq, dk, dv] + [None] * (_N_INPUTS - 3)
+    grads = [dq, dk, dv] + [None] * (ctx.n_inputs - 3)
     grads[_BIAS] = dbias if bias_grad else None
     return tuple(grads)
 
@@ -191,13 +208,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: 
               window: tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi: torch.Tensor | None = None,
               bias: torch.Tensor | None = None, dropout_p: float = 0.0, seed: torch.Tensor | None = None,
               cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
-              max_seqlen_q: int = 0, max_seqlen_k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+              max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+              fixed_max: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable attention on checked inputs. Returns (out, lse).
 
     ``window = (left, right)``, -1 unbounded (causal is ``right = 0``).
+    ``fixed_max``: a bound of the scores without bias (cosine-similarity
+    attention, see the module docstring), or None for the running row max.
     """
     # the kernels need a contiguous head dim; other strides are read as they are
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     fwd = attn_fwd if torch.compiler.is_compiling() else _EagerAttention.apply
     return fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, bias, alibi, seed, max_seqlen_q, max_seqlen_k,
-               softmax_scale, diag, window[0], window[1], softcap, dropout_p)
+               softmax_scale, diag, window[0], window[1], softcap, dropout_p, fixed_max)

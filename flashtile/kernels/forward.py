@@ -10,7 +10,11 @@ Options are ``tl.constexpr`` switches of this one kernel, so the plain
 causal / non-causal kernels compile without any of their code: sliding
 window (MASK_LEFT / MASK_RIGHT), softcap, ALiBi, an additive or boolean bias
 (SDPA's attn_mask), dropout, variable-length batches (IS_VARLEN: sequence
-``b`` occupies rows ``cu_seqlens[b]:cu_seqlens[b+1]`` of a packed tensor).
+``b`` occupies rows ``cu_seqlens[b]:cu_seqlens[b+1]`` of a packed tensor),
+and a fixed softmax offset (FIXED_MAX, cosine-similarity attention: with
+l2-normalised q and k every score is bounded by a constant known on the
+host, so ``m`` is that constant instead of a running row max: no row max,
+no rescaling of the partial output per tile).
 """
 
 import triton
@@ -29,7 +33,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, 
                MASKED: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
                SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr,
                DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               KV_DESC: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, desc_b=0, desc_row=0, desc_h=0):
+               KV_DESC: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, desc_b=0, desc_row=0, desc_h=0,
+               FIXED_MAX: tl.constexpr = False):
     """Accumulate key tiles [start, end) into (acc, l_i, m_i).
 
     ``k_src``/``v_src`` are pointer blocks at key row 0 (KV_DESC = 0), 2-D
@@ -37,7 +42,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, 
     4-D descriptors of the whole (batch, seqlen, heads, dim) tensor built on
     the host (2), read at (``desc_b``, ``desc_row`` + key, ``desc_h``).
     Descriptors read out-of-range rows and columns as zero. MASKED applies
-    the positional mask (bounds, causal, window).
+    the positional mask (bounds, causal, window). With FIXED_MAX, ``m_i`` is a
+    constant bound of the scores (log2 units) and stays as it is.
     """
     d_ok = offs_d[None, :] < HEAD_DIM
     rows = offs_m[:, None]
@@ -71,20 +77,25 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, 
         if MASKED:
             s = tl.where(tile_mask(rows, cols, seqlen_k, diag, window_left, window_right, MASK_LEFT, MASK_RIGHT),
                          s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if SAFE_MAX:
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if FIXED_MAX:
+            # s <= m_i by construction (masked scores are -inf): nothing to rescale
+            p = tl.math.exp2(s - m_i[:, None])
+            l_i = l_i + tl.sum(p, 1)
         else:
-            m_sub = m_new
-        p = tl.math.exp2(s - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            if SAFE_MAX:
+                m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_sub = m_new
+            p = tl.math.exp2(s - m_sub[:, None])
+            alpha = tl.math.exp2(m_i - m_sub)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            m_i = m_new
         if DROPOUT:
             # the row sum keeps every probability; only the product with V drops
             p = tl.where(dropout_keep(seed, bh, rows, cols, max_seqlen_q, max_seqlen_k, dropout_p), p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
     return acc, l_i, m_i
 
 
@@ -98,13 +109,13 @@ def attn_fwd_kernel(
     stride_lb, stride_lh,
     stride_bb, stride_bh, stride_bm, stride_bn, stride_ab,
     nheads, group_size, max_seqlen_q, max_seqlen_k, diag_offset, window_left, window_right,
-    qk_scale, softcap_in, softcap_out, dropout_p, dropout_scale, seed,
+    qk_scale, softcap_in, softcap_out, dropout_p, dropout_scale, seed, fixed_max,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr, DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KV_DESC: tl.constexpr = 0, WARP_SPECIALIZE: tl.constexpr = False,
+    KV_DESC: tl.constexpr = 0, WARP_SPECIALIZE: tl.constexpr = False, FIXED_MAX: tl.constexpr = False,
 ):
     """Grid: (cdiv(max_seqlen_q, BLOCK_M) * batch * nheads,).
 
@@ -117,6 +128,10 @@ def attn_fwd_kernel(
     Alibi: fp32 slopes at ``b * stride_ab + h``. With KV_DESC = 2, K and V
     are host-built tensor descriptors (see ``_fwd_tiles``). ``qk_scale`` is
     softmax_scale * log2(e); ``dropout_scale`` is 1 / (1 - dropout_p).
+    With FIXED_MAX, ``fixed_max`` (log2 units) replaces the running row max:
+    every score must be at most ``fixed_max`` plus a small margin (the
+    launcher sets it so that P stays below the fp16 range); the LSE written
+    is still the exact natural-log LSE.
     """
     pid_m, pid_bh = program_tile(max_seqlen_q, BLOCK_M, MASK_RIGHT and not MASK_LEFT)
     b = pid_bh // nheads
@@ -171,7 +186,10 @@ def attn_fwd_kernel(
     if UPCAST:
         q = q.to(tl.float32)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    if FIXED_MAX:
+        m_i = tl.full([BLOCK_M], fixed_max, dtype=tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
@@ -185,21 +203,21 @@ def attn_fwd_kernel(
                                    max_seqlen_q, max_seqlen_k, dropout_p, seed,
                                    HEAD_DIM, BLOCK_D, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
                                    BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, KV_DESC, False,
-                                   desc_b, start_k, hk)
+                                   desc_b, start_k, hk, FIXED_MAX)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, stride_bm,
                                stride_bn, offs_m, offs_n, offs_d, full_lo, full_hi, seqlen_q, seqlen_k, diag,
                                window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh,
                                max_seqlen_q, max_seqlen_k, dropout_p, seed,
                                HEAD_DIM, BLOCK_D, BLOCK_N, False, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
                                BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, KV_DESC, WARP_SPECIALIZE,
-                               desc_b, start_k, hk)
+                               desc_b, start_k, hk, FIXED_MAX)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, stride_bm,
                                stride_bn, offs_m, offs_n, offs_d, full_hi, hi, seqlen_q, seqlen_k, diag,
                                window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh,
                                max_seqlen_q, max_seqlen_k, dropout_p, seed,
                                HEAD_DIM, BLOCK_D, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
                                BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, KV_DESC, False,
-                               desc_b, start_k, hk)
+                               desc_b, start_k, hk, FIXED_MAX)
 
     # rows that saw no key: output 0, LSE -inf
     seen = l_i > 0.0
