@@ -5,8 +5,16 @@ import os
 if os.environ.get("FLASHTILE_TEST_GPU") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import zlib  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# CI draws the same property-test examples on every run (reproducible failures)
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 def pytest_configure(config):
@@ -24,5 +32,5 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _seed(request):
-    # fresh but reproducible inputs per test
-    torch.manual_seed(hash(request.node.nodeid) % (2**31))
+    # fresh but reproducible inputs per test (crc32, unlike hash(), is the same in every process)
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))

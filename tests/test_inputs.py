@@ -61,8 +61,6 @@ def test_packed_shapes():
 def test_features_of_later_releases_say_so():
     with pytest.raises(NotImplementedError, match="paged KV"):
         flash_attn_varlen_func(*(t[0] for t in qkv()), None, None, 8, 8, block_table=torch.zeros(1, 1))
-    with pytest.raises(NotImplementedError, match="KV-cache"):
-        flash_attn_with_kvcache(*qkv())
 
 
 def test_sdpa_arguments():
