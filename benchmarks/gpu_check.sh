@@ -15,7 +15,20 @@ for step in "$@"; do
                     | tee "$OUT/decode_sweep.log" ;;
     decode-sweep-paged) python3 benchmarks/decode.py --sweep-paged --cache-lens 65536 --page-sizes 16 \
                     --out "$OUT/decode_sweep_paged" 2>&1 | tee "$OUT/decode_sweep_paged.log" ;;
-    tests) python3 -m pytest -q -m gpu -n 8 -x tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.log" ;;
+    cosine-tests) python3 -m pytest -q -m gpu -n 8 --tb=line tests/test_cosine_sim.py 2>&1 | tail -30 \
+                    | tee "$OUT/cosine_tests.log" ;;
+    cosine-bench) python3 benchmarks/cosine_sim.py --out "$OUT/cosine_sim.json" 2>&1 | tee "$OUT/cosine_bench.log" ;;
+    cosine-bench-causal) python3 benchmarks/cosine_sim.py --causal --out "$OUT/cosine_sim_causal.json" 2>&1 \
+                    | tee "$OUT/cosine_bench_causal.log" ;;
+    cosine-train) python3 examples/train_cosine_sim.py --steps 300 --seqlen 8192 --batch 4 --val-every 100 \
+                    --generate 256 --out "$OUT/train_cosine_sim" 2>&1 | tee "$OUT/cosine_train.log" ;;
+    cosine-bench-fp32) python3 benchmarks/cosine_sim.py --dtypes float32 --seqlens 1024,2048,4096,8192 \
+                    --out "$OUT/cosine_sim_fp32.json" 2>&1 | tee "$OUT/cosine_bench_fp32.log" ;;
+    cosine-train-long) python3 examples/train_cosine_sim.py --steps 1500 --seqlen 8192 --batch 4 --val-every 250 \
+                    --generate 256 --out "$OUT/train_cosine_sim" 2>&1 | tee "$OUT/cosine_train.log" ;;
+    cosine-bench-causal-16) python3 benchmarks/cosine_sim.py --causal --dtypes float16,bfloat16 \
+                    --out "$OUT/cosine_sim_causal.json" 2>&1 | tee "$OUT/cosine_bench_causal.log" ;;
+    tests) python3 -m pytest -q -m gpu -n 8 --tb=line tests/test_gpu.py 2>&1 | tail -30 | tee "$OUT/gpu_tests.log" ;;
     tune-fwd256) python3 benchmarks/tune.py --kernels fwd --causal 0 --head-dims 256 2>&1 | tee "$OUT/tune_fwd256.log" ;;
     tune-bwd) python3 benchmarks/tune.py --kernels dkdv,dq --causal 0 --head-dims 64,128 2>&1 | tee "$OUT/tune_bwd.log" ;;
     features) python3 benchmarks/features.py --out "$OUT/features.json" 2>&1 | tee "$OUT/features.log" ;;

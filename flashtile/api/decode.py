@@ -75,6 +75,10 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_ta
     if num_splits <= 0:
         num_splits = num_splits_heuristic(batch * nheads_k * m_blocks, capacity, paged, q.device)
     num_splits = max(1, min(num_splits, MAX_SPLITS, triton.cdiv(capacity, cfg.block_n)))
+    if paged and num_splits == 1:
+        # enough programs without splits (large batches): the 5 stages that hide the page
+        # lookups of a few programs cost occupancy here (batch 64 at 4k: 313 us vs 248 us)
+        cfg = cfg._replace(num_stages=min(cfg.num_stages, 3))
 
     out = torch.empty_like(q)
     lse = torch.empty((batch, nheads, seqlen_q), device=q.device, dtype=torch.float32)
