@@ -48,9 +48,10 @@ def attn_decode_kernel(
 
     Q: (batch, seqlen_q, nheads, HEAD_DIM). K, V: the cache (see the module
     docstring): contiguous with PAGE_SIZE = 0, else paged; ``stride_kb`` is
-    the stride of a cache row (contiguous) or of a page (paged). Sequence ``b`` has ``CacheSeqlens[b] + seqlen_new`` keys,
-    those before ``Leftpad[b]`` ignored; causal / window positions are
-    aligned bottom-right. Out / Lse: with one split, the output (q's layout
+    the stride of a cache row (contiguous) or of a page (paged). Sequence
+    ``b`` has ``CacheSeqlens[b] + seqlen_new`` keys, those before
+    ``Leftpad[b]`` ignored; causal / window positions are aligned
+    bottom-right. Out / Lse: with one split, the output (q's layout
     and dtype) and the natural-log LSE (batch, nheads, seqlen_q); with
     several, fp32 partial results of each split at ``split * stride_osplit``
     / ``split * stride_lsplit``, merged by :func:`attn_combine_kernel`.
