@@ -75,10 +75,13 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_ta
     if num_splits <= 0:
         num_splits = num_splits_heuristic(batch * nheads_k * m_blocks, capacity, paged, q.device)
     num_splits = max(1, min(num_splits, MAX_SPLITS, triton.cdiv(capacity, cfg.block_n)))
+    row_lookup = False
     if paged and num_splits == 1:
         # enough programs without splits (large batches): the 5 stages that hide the page
-        # lookups of a few programs cost occupancy here (batch 64 at 4k: 313 us vs 248 us)
+        # lookups of a few programs cost occupancy here (batch 64 at 4k: 313 us vs 248 us),
+        # and a page lookup per row pipelines better than one per tile (247 us vs 301 us)
         cfg = cfg._replace(num_stages=min(cfg.num_stages, 3))
+        row_lookup = True
 
     out = torch.empty_like(q)
     lse = torch.empty((batch, nheads, seqlen_q), device=q.device, dtype=torch.float32)
@@ -107,7 +110,8 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_ta
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         PAGE_SIZE=page_size, HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFTPAD=leftpad is not None,
         MASK_LEFT=window_left >= 0, MASK_RIGHT=window_right >= 0, SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None,
-        UPCAST=interpreting() and q.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(q.dtype))
+        UPCAST=interpreting() and q.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(q.dtype),
+        ROW_LOOKUP=row_lookup)
     if num_splits > 1:
         attn_combine_kernel[(batch * seqlen_q * nheads,)](
             part_out, part_lse, out, lse,

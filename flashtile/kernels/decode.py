@@ -42,13 +42,14 @@ def attn_decode_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_LOOKUP: tl.constexpr = False,
 ):
     """Grid: (batch * nheads_k, num_splits, cdiv(seqlen_q * group_size, BLOCK_M)).
 
     Q: (batch, seqlen_q, nheads, HEAD_DIM). K, V: the cache (see the module
-    docstring): contiguous with PAGE_SIZE = 0, else paged; ``stride_kb`` is
-    the stride of a cache row (contiguous) or of a page (paged). Sequence
+    docstring): contiguous with PAGE_SIZE = 0, else paged (ROW_LOOKUP: look
+    up the page of every row even where a tile lies in one page); ``stride_kb``
+    is the stride of a cache row (contiguous) or of a page (paged). Sequence
     ``b`` has ``CacheSeqlens[b] + seqlen_new`` keys, those before
     ``Leftpad[b]`` ignored; causal / window positions are aligned
     bottom-right. Out / Lse: with one split, the output (q's layout
@@ -118,8 +119,9 @@ def attn_decode_kernel(
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < seqlen_k
-        if PAGE_SIZE % BLOCK_N == 0 and PAGE_SIZE > 0:
-            # the tile lies in one page (start_n is a multiple of BLOCK_N): one lookup
+        if PAGE_SIZE % BLOCK_N == 0 and PAGE_SIZE > 0 and not ROW_LOOKUP:
+            # the tile lies in one page (start_n is a multiple of BLOCK_N): one lookup (a scalar
+            # load, which measured 2-6% faster with splits and 23% slower without: ROW_LOOKUP)
             page = tl.load(table + start_n // PAGE_SIZE).to(tl.int64)
             k_rows = page * stride_kb + (start_n % PAGE_SIZE + offs_n) * stride_ks
             v_rows = page * stride_vb + (start_n % PAGE_SIZE + offs_n) * stride_vs
