@@ -233,6 +233,26 @@ def test_l2norm_tensors_groups():
     assert torch.all((y.float() * x.float()).unflatten(-1, (3, 8)).sum(-1) > 0)  # same direction per group
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,groups", [((2, 3, 5, 64), 1), ((2, 7, 48), 3), ((4, 1, 40), 2), ((3, 5, 1), 1)])
+def test_l2norm_kernel_forward_and_gradient(shape, groups, dtype):
+    """The one-launch l2norm (Triton) against PyTorch's normalize in fp64: within the
+    output dtype's rounding, gradients included; a zero vector stays zero (its
+    gradient, dy / eps, is not compared: it overflows 16-bit types in PyTorch too)."""
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    (y,) = l2norm_tensors(x, groups=groups)
+    dy = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    xr = x.detach().double().requires_grad_()
+    yr = torch.nn.functional.normalize(xr.unflatten(-1, (groups, -1)), dim=-1).flatten(-2)
+    (dxr,) = torch.autograd.grad(yr, xr, dy.double())
+    assert y.dtype == dx.dtype == dtype
+    assert max_err(y, yr) <= rounding_floor(yr, dtype)
+    assert max_err(dx, dxr) <= rounding_floor(dxr, dtype, dxr.abs().max().item())
+    zero = torch.zeros(shape[-1], dtype=dtype)
+    assert torch.equal(l2norm_tensors(zero, groups=groups)[0], zero)
+
+
 BAD = [
     (dict(q=torch.randn(1, 2, 8, 16).int()), TypeError, "q"),
     (dict(k=torch.randn(1, 2, 8, 16).double()), TypeError, "k"),

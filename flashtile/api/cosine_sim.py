@@ -16,11 +16,52 @@ from __future__ import annotations
 
 import torch
 
+import triton
+
+from ..kernels.l2norm import l2norm_bwd_kernel, l2norm_fwd_kernel
 from ..reference import l2norm_grouped
 from .checks import check_qkv, check_tensor
+from .launch import interpreting
 from .ops import attention
 
 _LAYOUT = "(batch, nheads, seqlen, headdim)"
+
+
+def _l2norm_launch(kernel, group_dim: int, *tensors: torch.Tensor) -> None:
+    rows = tensors[0].numel() // group_dim
+    block_d = max(16, triton.next_power_of_2(group_dim))
+    block_r = max(1, min(64, 4096 // block_d))
+    kernel[(triton.cdiv(rows, block_r),)](*tensors, rows, GROUP_DIM=group_dim, BLOCK_R=block_r, BLOCK_D=block_d)
+
+
+class _L2Norm(torch.autograd.Function):
+    """:func:`l2norm_grouped` in one Triton launch each way (fp32 inside)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, groups: int) -> torch.Tensor:
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        _l2norm_launch(l2norm_fwd_kernel, x.shape[-1] // groups, x, y)
+        ctx.save_for_backward(x)
+        ctx.groups = groups
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        dx = torch.empty_like(x)
+        _l2norm_launch(l2norm_bwd_kernel, x.shape[-1] // ctx.groups, x, dy.contiguous(), dx)
+        return dx, None
+
+
+def _l2norm(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """The Triton version for GPU tensors (and under the interpreter); PyTorch's ops
+    on the CPU and while tracing (the compiler fuses them itself). fp64 stays in
+    PyTorch (the kernels compute in fp32)."""
+    if (t.is_cuda or interpreting()) and t.dtype != torch.float64 and t.numel() \
+            and not torch.compiler.is_compiling():
+        return _L2Norm.apply(t, groups)
+    return l2norm_grouped(t, groups)
 
 
 def _check_groups(groups, head_dim: int | None = None) -> int:
@@ -52,7 +93,7 @@ def l2norm_tensors(*tensors: torch.Tensor, groups: int = 1) -> tuple[torch.Tenso
             raise TypeError(f"flashtile: tensors[{i}] must be floating point, got {t.dtype}")
         if t.dim() == 0:
             raise ValueError(f"flashtile: tensors[{i}] must have at least one dimension")
-        out.append(l2norm_grouped(t, _check_groups(groups, t.shape[-1])))
+        out.append(_l2norm(t, _check_groups(groups, t.shape[-1])))
     return tuple(out)
 
 
