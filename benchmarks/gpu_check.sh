@@ -28,6 +28,10 @@ for step in "$@"; do
                     --generate 256 --out "$OUT/train_cosine_sim" 2>&1 | tee "$OUT/cosine_train.log" ;;
     cosine-bench-causal-16) python3 benchmarks/cosine_sim.py --causal --dtypes float16,bfloat16 \
                     --out "$OUT/cosine_sim_causal.json" 2>&1 | tee "$OUT/cosine_bench_causal.log" ;;
+    sparse-tests) python3 -m pytest -q -m gpu -n 8 --tb=line tests/test_block_sparse.py 2>&1 | tail -30 \
+                    | tee "$OUT/sparse_tests.log" ;;
+    sparse-bench) python3 benchmarks/sparse_density.py --long 65536,131072 --out "$OUT/block_sparse" 2>&1 \
+                    | tee "$OUT/block_sparse.log" ;;
     tests) python3 -m pytest -q -m gpu -n 8 --tb=line tests/test_gpu.py 2>&1 | tail -30 | tee "$OUT/gpu_tests.log" ;;
     tune-fwd256) python3 benchmarks/tune.py --kernels fwd --causal 0 --head-dims 256 2>&1 | tee "$OUT/tune_fwd256.log" ;;
     tune-bwd) python3 benchmarks/tune.py --kernels dkdv,dq --causal 0 --head-dims 64,128 2>&1 | tee "$OUT/tune_bwd.log" ;;

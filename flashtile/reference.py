@@ -188,6 +188,9 @@ class AttnOptions(NamedTuple):
     bias included), or None. When given, the forward pass uses it as the
     softmax offset instead of a running row max (cosine-similarity
     attention); the results are the same up to rounding.
+    ``block_mask``: a :class:`flashtile.api.block_mask.BlockMask` (block-sparse
+    attention), or None: the tiled path then takes the mask's tiles, skips
+    the empty ones and masks the partial ones.
     """
     softmax_scale: float
     diag: int = 0
@@ -202,6 +205,7 @@ class AttnOptions(NamedTuple):
     dropout_rows: int = 0
     dropout_cols: int = 0
     fixed_max: float | None = None
+    block_mask: object | None = None
 
 
 def _grouped(t: torch.Tensor, nheads_k: int) -> torch.Tensor:
@@ -221,7 +225,7 @@ class _Tile:
     """Scores of one (query rows [m0, m1), keys [n0, n1)) tile for all heads,
     shaped (batch, nheads_k, group, m, n) like the grouped tensors."""
 
-    def __init__(self, qk, m0, m1, n0, n1, opts: AttnOptions, nheads_k: int, group: int):
+    def __init__(self, qk, m0, m1, n0, n1, opts: AttnOptions, nheads_k: int, group: int, allowed=None):
         device = qk.device
         batch = qk.shape[0]
         self.rows = torch.arange(m0, m1, device=device)[:, None]
@@ -237,9 +241,9 @@ class _Tile:
         if opts.bias is not None:
             bias = opts.bias.reshape(batch, nheads_k, group, *opts.bias.shape[2:])[..., m0:m1, n0:n1]
             s = s.masked_fill(~bias, float("-inf")) if bias.dtype == torch.bool else s + bias.float()
-        allowed = None
         if opts.window_right >= 0:
-            allowed = self.cols <= self.rows + opts.diag + opts.window_right
+            right_ok = self.cols <= self.rows + opts.diag + opts.window_right
+            allowed = right_ok if allowed is None else allowed & right_ok
         if opts.window_left >= 0:
             left_ok = self.cols >= self.rows + opts.diag - opts.window_left
             allowed = left_ok if allowed is None else allowed & left_ok
@@ -259,6 +263,26 @@ def _filled(opts: AttnOptions, seqlen_q: int, seqlen_k: int) -> AttnOptions:
     return opts._replace(dropout_rows=opts.dropout_rows or seqlen_q, dropout_cols=opts.dropout_cols or seqlen_k)
 
 
+def _sparse_tiles(opts: AttnOptions, block_m: int, block_n: int) -> tuple[int, int]:
+    """Tile sizes of the tiled path: the block mask's, if there is one."""
+    return opts.block_mask.block_size if opts.block_mask is not None else (block_m, block_n)
+
+
+def _sparse_allowed(opts: AttnOptions, m0, m1, n0, n1, nheads_k: int, group: int):
+    """Block-sparse element mask of a tile, grouped like the scores ``(batch|1,
+    nheads_k|1, group|1, m, n)``; None without a block mask; False for an empty tile."""
+    mask = opts.block_mask
+    if mask is None:
+        return None
+    bq, bk = mask.block_size
+    elems = mask.tile_elements(m0 // bq, n0 // bk)
+    if elems is None:
+        return False
+    b, h = elems.shape[:2]
+    elems = elems[..., :m1 - m0, :n1 - n0]
+    return elems.reshape(b, 1, 1, m1 - m0, n1 - n0) if h == 1 else elems.reshape(b, nheads_k, group, m1 - m0, n1 - n0)
+
+
 def attention_tiled_forward(q, k, v, opts: AttnOptions, block_m: int = 128, block_n: int = 256):
     """Tiled forward, memory linear in sequence length. Returns (out, lse) like the kernels:
     out ``(batch, seqlen_q, nheads, headdim)`` in q's dtype, lse ``(batch, nheads, seqlen_q)`` fp32."""
@@ -266,6 +290,7 @@ def attention_tiled_forward(q, k, v, opts: AttnOptions, block_m: int = 128, bloc
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     group = nheads // nheads_k
     opts = _filled(opts, seqlen_q, seqlen_k)
+    block_m, block_n = _sparse_tiles(opts, block_m, block_n)
     qg, kg, vg = _grouped(q, nheads_k), _grouped(k, nheads_k), _grouped(v, nheads_k)
     out_f = torch.empty(qg.shape, dtype=torch.float32, device=q.device)
     lse = torch.empty(qg.shape[:-1], dtype=torch.float32, device=q.device)
@@ -279,7 +304,11 @@ def attention_tiled_forward(q, k, v, opts: AttnOptions, block_m: int = 128, bloc
         lo, hi = _key_span(m0, m1, seqlen_k, opts)
         for n0 in range(lo, hi, block_n):
             n1 = min(n0 + block_n, hi)
-            tile = _Tile(qb @ kg[..., n0:n1, :].float().transpose(-1, -2), m0, m1, n0, n1, opts, nheads_k, group)
+            allowed = _sparse_allowed(opts, m0, m1, n0, n1, nheads_k, group)
+            if allowed is False:
+                continue
+            tile = _Tile(qb @ kg[..., n0:n1, :].float().transpose(-1, -2), m0, m1, n0, n1, opts, nheads_k, group,
+                         allowed)
             s = tile.scores
             if opts.fixed_max is not None:
                 # a constant offset bounds every score: no running max, no rescaling
@@ -314,6 +343,7 @@ def attention_tiled_backward(dout, q, k, v, out, lse, opts: AttnOptions, bias_gr
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     group = nheads // nheads_k
     opts = _filled(opts, seqlen_q, seqlen_k)
+    block_m, block_n = _sparse_tiles(opts, block_m, block_n)
     qg, kg, vg = _grouped(q, nheads_k), _grouped(k, nheads_k), _grouped(v, nheads_k)
     dog, og = _grouped(dout, nheads_k), _grouped(out, nheads_k)
     lse_g = lse.reshape(batch, nheads_k, group, seqlen_q)
@@ -333,8 +363,11 @@ def attention_tiled_backward(dout, q, k, v, out, lse, opts: AttnOptions, bias_gr
         lo, hi = _key_span(m0, m1, seqlen_k, opts)
         for n0 in range(lo, hi, block_n):
             n1 = min(n0 + block_n, hi)
+            allowed = _sparse_allowed(opts, m0, m1, n0, n1, nheads_k, group)
+            if allowed is False:
+                continue
             kb, vb = kg[..., n0:n1, :].float(), vg[..., n0:n1, :].float()
-            tile = _Tile(qb @ kb.transpose(-1, -2), m0, m1, n0, n1, opts, nheads_k, group)
+            tile = _Tile(qb @ kb.transpose(-1, -2), m0, m1, n0, n1, opts, nheads_k, group, allowed)
             p = torch.exp(tile.scores - lse_b)
             dp = dob @ vb.transpose(-1, -2)
             p_drop = p

@@ -51,7 +51,9 @@ forced_configs: dict[str, LaunchConfig] = {}
 def _launch(name: str, kernel, grid_fn, args, constexprs: dict, tensor: torch.Tensor, block_d: int):
     """Launch ``kernel`` with the first config of the table that compiles here.
     ``args`` is a tuple, or a function of the config giving one (for arguments
-    that depend on the tile sizes, such as host-built tensor descriptors)."""
+    that depend on the tile sizes, such as host-built tensor descriptors).
+    Block-sparse launches (SPARSE) cap the tiles at the mask's block size, of
+    which they are then divisors (all are powers of two)."""
     capability = _capability(tensor.device)
     key = (name, block_d, tensor.dtype, capability, tuple(sorted(constexprs.items())))
     if name in forced_configs:
@@ -60,6 +62,9 @@ def _launch(name: str, kernel, grid_fn, args, constexprs: dict, tensor: torch.Te
         candidates = [_chosen[key]]
     else:
         candidates = launch_configs(name, block_d, tensor.element_size(), capability)
+    if constexprs.get("SPARSE"):
+        candidates = [c._replace(block_m=min(c.block_m, constexprs["SPARSE_BM"]),
+                                 block_n=min(c.block_n, constexprs["SPARSE_BN"])) for c in candidates]
     error = None
     for cfg in candidates:
         try:
@@ -176,10 +181,21 @@ def _bsh(t: torch.Tensor, varlen: bool = False) -> tuple[int, int, int]:
     return 0 if varlen else t.stride(0), t.stride(1), t.stride(2)
 
 
-class _Layout:
-    """Batch geometry, feature switches and the score arguments shared by all three kernels."""
+def _sparse_args(full: torch.Tensor, part: torch.Tensor, patterns: torch.Tensor) -> tuple:
+    """Kernel arguments of block-sparse tile lists ``(B, H, n_blocks, width)``: the
+    lists, the patterns, the list-row strides of batch and head (0 where
+    broadcast) and the two row lengths."""
+    b, h, n_blocks, _ = full.shape
+    return (full, part, patterns, h * n_blocks if b > 1 else 0, n_blocks if h > 1 else 0,
+            full.shape[-1], part.shape[-1])
 
-    def __init__(self, q, k, opts: AttnOptions, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+
+class _Layout:
+    """Batch geometry, feature switches and the score arguments shared by all three kernels.
+    ``sparse``: the :class:`~flashtile.api.block_mask.BlockMask` of block-sparse attention, or None."""
+
+    def __init__(self, q, k, opts: AttnOptions, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                 sparse=None):
         self.varlen = cu_seqlens_q is not None
         self.batch = cu_seqlens_q.numel() - 1 if self.varlen else q.shape[0]
         self.nheads, self.nheads_k = q.shape[2], k.shape[2]
@@ -213,22 +229,31 @@ class _Layout:
         self.dropout = (opts.dropout_p, 1.0 / (1.0 - opts.dropout_p), opts.seed)
         # forward only: the fixed softmax offset (log2 units) that replaces the running row max
         self.fixed_max = fixed_offset(opts, q.dtype)
+        # block-sparse tile lists: (forward and dQ kernels), (dK/dV kernel); unused pointers get q
+        self.sparse_fwd = self.sparse_bwd = (q, q, q, 0, 0, 0, 0)
+        self.const["SPARSE"] = sparse is not None
+        if sparse is not None:
+            lists = sparse.kernel_lists()
+            self.sparse_fwd = _sparse_args(lists.fwd_full, lists.fwd_part, lists.pattern_bits)
+            self.sparse_bwd = _sparse_args(lists.bwd_full, lists.bwd_part, lists.pattern_bits)
+            self.const["SPARSE_BM"], self.const["SPARSE_BN"] = sparse.block_size
 
     def lse_strides(self, lse: torch.Tensor) -> tuple[int, int]:
         return 0 if self.varlen else lse.stride(0), lse.stride(1)
 
 
 def attention_forward(q, k, v, opts: AttnOptions, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
-                      max_seqlen_k=0):
+                      max_seqlen_k=0, sparse=None):
     """Returns (out, lse): out like q, lse (batch, nheads, seqlen_q) fp32.
 
     Varlen: q (total_q, nheads, d), k/v (total_k, nheads_k, d) given with
-    int32 ``cu_seqlens_q/k``; lse is then (nheads, total_q).
+    int32 ``cu_seqlens_q/k``; lse is then (nheads, total_q). ``sparse``: a
+    ``BlockMask`` (block-sparse attention; not with varlen).
     """
     varlen = cu_seqlens_q is not None
     if varlen:
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-    lay = _Layout(q, k, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    lay = _Layout(q, k, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sparse)
     out = torch.empty_like(q)
     lse = torch.empty((q.shape[0], lay.nheads, q.shape[1]), device=q.device, dtype=torch.float32)
     const = lay.const | dict(FIXED_MAX=lay.fixed_max is not None) | _forward_features(q, k, v,
@@ -245,7 +270,7 @@ def attention_forward(q, k, v, opts: AttnOptions, cu_seqlens_q=None, cu_seqlens_
         return (q, k_arg, v_arg, out, lse, lay.cu_q, lay.cu_k, lay.bias, lay.alibi,
                 *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(out, varlen), *lay.lse_strides(lse),
                 *lay.bias_strides, lay.alibi_stride, lay.nheads, lay.nheads // lay.nheads_k, *lay.positions,
-                *lay.scores, *lay.dropout, 0.0 if lay.fixed_max is None else lay.fixed_max)
+                *lay.scores, *lay.dropout, 0.0 if lay.fixed_max is None else lay.fixed_max, *lay.sparse_fwd)
 
     _launch("fwd_tma" if const["KV_DESC"] else "fwd", attn_fwd_kernel,
             lambda c: (triton.cdiv(lay.seqlen_q, c.block_m) * lay.batch * lay.nheads,),
@@ -256,16 +281,16 @@ def attention_forward(q, k, v, opts: AttnOptions, cu_seqlens_q=None, cu_seqlens_
 
 
 def attention_backward(dout, q, k, v, out, lse, opts: AttnOptions, bias_grad: bool = False,
-                       cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+                       cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, sparse=None):
     """Returns (dq, dk, dv, dbias) shaped and typed like (q, k, v); dbias is the fp32
     gradient of ``opts.bias`` before broadcast reduction, (batch, nheads, seqlen_q,
-    seqlen_k), or None unless ``bias_grad``."""
+    seqlen_k), or None unless ``bias_grad``. ``sparse``: as in :func:`attention_forward`."""
     varlen = cu_seqlens_q is not None
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     if varlen:
         q, k, v, out, dout, lse = (t.unsqueeze(0) for t in (q, k, v, out, dout, lse))
-    lay = _Layout(q, k, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    lay = _Layout(q, k, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sparse)
     # tensor descriptors (in the kernel) for Q/dO in dK/dV and K/V in dQ: FLASHTILE_BWD_TMA = 0 or 1
     use_desc = _descriptor_mode("FLASHTILE_BWD_TMA", DEFAULT_BWD_TMA, _keys_per_row(lay, opts),
                                 min(q.shape[1], k.shape[1]), q, k, v, dout) == 1
@@ -292,14 +317,16 @@ def attention_backward(dout, q, k, v, out, lse, opts: AttnOptions, bias_grad: bo
     args = (q, k, v, dout, dk, dv, lse, delta, lay.cu_q, lay.cu_k, lay.bias, dbias_arg, lay.alibi,
             *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(dout, varlen), *_bsh(dk, varlen),
             *_bsh(dv, varlen), *common, *dbias_strides, lay.alibi_stride,
-            nheads_k, nheads // nheads_k, *lay.positions, scale, *lay.scores, *lay.dropout)
-    _launch("dkdv_tma" if use_desc else "dkdv", attn_bwd_dkdv_kernel, lambda c: (triton.cdiv(lay.seqlen_k, c.block_n) * lay.batch * nheads_k,),
+            nheads_k, nheads // nheads_k, *lay.positions, scale, *lay.scores, *lay.dropout, *lay.sparse_bwd)
+    _launch("dkdv_tma" if use_desc else "dkdv", attn_bwd_dkdv_kernel,
+            lambda c: (triton.cdiv(lay.seqlen_k, c.block_n) * lay.batch * nheads_k,),
             args, const | dict(BIAS_GRAD=bias_grad), q, block_d)
     args = (q, k, v, dout, dq, lse, delta, lay.cu_q, lay.cu_k, lay.bias, lay.alibi,
             *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(dout, varlen), *_bsh(dq, varlen),
             *common, lay.alibi_stride, nheads, nheads // nheads_k, *lay.positions, scale, *lay.scores,
-            *lay.dropout)
-    _launch("dq_tma" if use_desc else "dq", attn_bwd_dq_kernel, lambda c: (triton.cdiv(lay.seqlen_q, c.block_m) * lay.batch * nheads,),
+            *lay.dropout, *lay.sparse_fwd)
+    _launch("dq_tma" if use_desc else "dq", attn_bwd_dq_kernel,
+            lambda c: (triton.cdiv(lay.seqlen_q, c.block_m) * lay.batch * nheads,),
             args, const, q, block_d)
     if varlen:
         dq, dk, dv = dq.squeeze(0), dk.squeeze(0), dv.squeeze(0)

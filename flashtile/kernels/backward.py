@@ -25,9 +25,12 @@ from .common import (
     dropout_keep,
     key_ranges,
     load_rows,
+    pattern_mask,
     program_tile,
     query_ranges,
     row_source,
+    sparse_entry,
+    sparse_step,
     tile_mask,
     tile_scores,
 )
@@ -95,13 +98,27 @@ def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qs, st
                 MASKED: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
                 SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr,
                 BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, USE_DESC: tl.constexpr):
+                DOT_PRECISION: tl.constexpr, USE_DESC: tl.constexpr, tile_list=0, Patterns=0, col0=0,
+                SPARSE: tl.constexpr = False, SPARSE_BM: tl.constexpr = 1, SPARSE_BN: tl.constexpr = 1,
+                key_start=0, BLOCK_N: tl.constexpr = 16):
     """Accumulate query tiles [start, end) into (dk, dv) for one key block.
     Tiles are held transposed: [BLOCK_N keys, BLOCK_M queries]. ``q_ptrs`` /
-    ``do_ptrs`` are :func:`row_source` s."""
+    ``do_ptrs`` are :func:`row_source` s. SPARSE: ``start``/``end`` count
+    kernel tiles of the query-block list ``tile_list``; MASKED tiles are
+    partial tiles, masked by their pattern (this key block's mask block
+    starts at key ``col0``, the program's BLOCK_N keys at ``key_start``)."""
     d_ok = offs_d[None, :] < HEAD_DIM
     cols = offs_n[:, None]
-    for start_m in range(start, end, BLOCK_M):
+    SUB: tl.constexpr = SPARSE_BM // BLOCK_M
+    if SPARSE:
+        nxt_blk, nxt_pattern = sparse_entry(tile_list, start // SUB, start < end, MASKED)
+    for it in range(start, end, 1 if SPARSE else BLOCK_M):
+        if SPARSE:
+            pattern = nxt_pattern
+            start_m, row0, nxt_blk, nxt_pattern = sparse_step(tile_list, it, end, nxt_blk, SUB, SPARSE_BM, BLOCK_M,
+                                                              MASKED)
+        else:
+            start_m = it
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows_1d = start_m + offs_m
         rows = rows_1d[None, :]
@@ -117,8 +134,11 @@ def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qs, st
                                stride_bm, stride_bn, SOFTCAP, HAS_ALIBI, BIAS_KIND, BIAS_ROWS)
         p_t = tl.math.exp2(s_t - lse[None, :])
         if MASKED:
-            p_t = tl.where(tile_mask(rows, cols, seqlen_k, diag, window_left, window_right, MASK_LEFT, MASK_RIGHT),
-                           p_t, 0.0)
+            allowed = tile_mask(rows, cols, seqlen_k, diag, window_left, window_right, MASK_LEFT, MASK_RIGHT)
+            if SPARSE:
+                allowed = allowed & pattern_mask(Patterns, pattern, rows, cols, row0, col0, key_start, SPARSE_BM,
+                                                  SPARSE_BN, BLOCK_N)
+            p_t = tl.where(allowed, p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if DROPOUT:
             keep = dropout_keep(seed, bh, rows, cols, max_seqlen_q, max_seqlen_k, dropout_p)
@@ -151,14 +171,19 @@ def attn_bwd_dkdv_kernel(
     stride_dbb, stride_dbh, stride_dbm, stride_dbn, stride_ab,
     nheads_k, group_size, max_seqlen_q, max_seqlen_k, diag_offset, window_left, window_right,
     softmax_scale, qk_scale, softcap_in, softcap_out, dropout_p, dropout_scale, seed,
+    FullList, PartList, Patterns, sparse_sb, sparse_sh, full_row, part_row,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr, BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
     IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_DESC: tl.constexpr = False,
+    SPARSE: tl.constexpr = False, SPARSE_BM: tl.constexpr = 1, SPARSE_BN: tl.constexpr = 1,
 ):
     """Grid: (cdiv(max_seqlen_k, BLOCK_N) * batch * nheads_k,). Lse and Delta share strides.
-    DBias (fp32, unbroadcast (batch, nheads, seqlen_q, seqlen_k)) receives dS when BIAS_GRAD."""
+    DBias (fp32, unbroadcast (batch, nheads, seqlen_q, seqlen_k)) receives dS when BIAS_GRAD.
+    SPARSE: the lists are those of the forward kernel transposed (per key
+    block, the query blocks of its full and partial tiles), one row per
+    (batch, query head, key block)."""
     pid_n, pid_bh = program_tile(max_seqlen_k, BLOCK_N, False)
     b = pid_bh // nheads_k
     hk = pid_bh % nheads_k
@@ -184,8 +209,11 @@ def attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    lo, full_lo, full_hi, hi = query_ranges(start_n, seqlen_q, diag, window_left, window_right,
-                                            BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT)
+    if not SPARSE:
+        lo, full_lo, full_hi, hi = query_ranges(start_n, seqlen_q, diag, window_left, window_right,
+                                                BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT)
+    else:
+        k_blk = start_n // SPARSE_BN
     for g in range(0, group_size):
         h = hk * group_size + g
         q_ptrs = row_source(Q + b.to(tl.int64) * stride_qb + start_q.to(tl.int64) * stride_qs + h * stride_qh,
@@ -201,22 +229,40 @@ def attn_bwd_dkdv_kernel(
         if HAS_ALIBI:
             alibi_slope = tl.load(Alibi + b * stride_ab + h)
         bh = b * (nheads_k * group_size) + h
-        for part in tl.static_range(3):
-            # partial rows before the band's full part, the full part, partial rows after it
-            if part == 0:
-                start, end = lo, full_lo
-            elif part == 1:
-                start, end = full_lo, full_hi
-            else:
-                start, end = full_hi, hi
-            if (part != 2) or MASK_LEFT:
+        if SPARSE:
+            list_row = b * sparse_sb + h * sparse_sh + k_blk
+            for part in tl.static_range(2):
+                # partial tiles (masked by their pattern), then full tiles
+                if part == 0:
+                    tile_list = PartList + list_row * part_row
+                else:
+                    tile_list = FullList + list_row * full_row
                 dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qs, stride_dos,
                                      bias_base, stride_bm, stride_bn, dbias_base, stride_dbm, stride_dbn,
-                                     offs_m, offs_n, offs_d, start, end, seqlen_q, seqlen_k, diag,
-                                     window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh,
-                                     max_seqlen_q, max_seqlen_k, dropout_p, dropout_scale, seed,
-                                     HEAD_DIM, BLOCK_M, part != 1, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
-                                     BIAS_KIND, BIAS_ROWS, BIAS_GRAD, DROPOUT, UPCAST, DOT_PRECISION, USE_DESC)
+                                     offs_m, offs_n, offs_d, 0, tl.load(tile_list) * (SPARSE_BM // BLOCK_M),
+                                     seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap_in,
+                                     softcap_out, alibi_slope, bh, max_seqlen_q, max_seqlen_k, dropout_p,
+                                     dropout_scale, seed, HEAD_DIM, BLOCK_M, part == 0, MASK_LEFT, MASK_RIGHT,
+                                     SOFTCAP, HAS_ALIBI, BIAS_KIND, BIAS_ROWS, BIAS_GRAD, DROPOUT, UPCAST,
+                                     DOT_PRECISION, USE_DESC, tile_list + 1, Patterns, k_blk * SPARSE_BN,
+                                     SPARSE, SPARSE_BM, SPARSE_BN, start_n, BLOCK_N)
+        else:
+            for part in tl.static_range(3):
+                # partial rows before the band's full part, the full part, partial rows after it
+                if part == 0:
+                    start, end = lo, full_lo
+                elif part == 1:
+                    start, end = full_lo, full_hi
+                else:
+                    start, end = full_hi, hi
+                if (part != 2) or MASK_LEFT:
+                    dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qs, stride_dos,
+                                         bias_base, stride_bm, stride_bn, dbias_base, stride_dbm, stride_dbn,
+                                         offs_m, offs_n, offs_d, start, end, seqlen_q, seqlen_k, diag,
+                                         window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope,
+                                         bh, max_seqlen_q, max_seqlen_k, dropout_p, dropout_scale, seed,
+                                         HEAD_DIM, BLOCK_M, part != 1, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
+                                         BIAS_KIND, BIAS_ROWS, BIAS_GRAD, DROPOUT, UPCAST, DOT_PRECISION, USE_DESC)
 
     dk = dk * softmax_scale
     tl.store(DK + b.to(tl.int64) * stride_dkb + start_k.to(tl.int64) * stride_dks + hk * stride_dkh
@@ -233,12 +279,23 @@ def _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, bias_
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
               MASKED: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
               SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr,
-              DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_DESC: tl.constexpr):
+              DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_DESC: tl.constexpr,
+              tile_list=0, Patterns=0, row0=0,
+              SPARSE: tl.constexpr = False, SPARSE_BM: tl.constexpr = 1, SPARSE_BN: tl.constexpr = 1):
     """Accumulate key tiles [start, end) into dq for one query block; ``k_ptrs`` /
-    ``v_ptrs`` are :func:`row_source` s."""
+    ``v_ptrs`` are :func:`row_source` s. SPARSE: as in the forward pass."""
     d_ok = offs_d[None, :] < HEAD_DIM
     rows = offs_m[:, None]
-    for start_n in range(start, end, BLOCK_N):
+    SUB: tl.constexpr = SPARSE_BN // BLOCK_N
+    if SPARSE:
+        nxt_blk, nxt_pattern = sparse_entry(tile_list, start // SUB, start < end, MASKED)
+    for it in range(start, end, 1 if SPARSE else BLOCK_N):
+        if SPARSE:
+            pattern = nxt_pattern
+            start_n, col0, nxt_blk, nxt_pattern = sparse_step(tile_list, it, end, nxt_blk, SUB, SPARSE_BN, BLOCK_N,
+                                                              MASKED)
+        else:
+            start_n = it
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols_1d = start_n + offs_n
         cols = cols_1d[None, :]
@@ -252,8 +309,11 @@ def _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, bias_
                            SOFTCAP, HAS_ALIBI, BIAS_KIND, BIAS_ROWS)
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
-            p = tl.where(tile_mask(rows, cols, seqlen_k, diag, window_left, window_right, MASK_LEFT, MASK_RIGHT),
-                         p, 0.0)
+            allowed = tile_mask(rows, cols, seqlen_k, diag, window_left, window_right, MASK_LEFT, MASK_RIGHT)
+            if SPARSE:
+                allowed = allowed & pattern_mask(Patterns, pattern, rows, cols, row0, col0, start_n, SPARSE_BM,
+                                                  SPARSE_BN, BLOCK_N)
+            p = tl.where(allowed, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
             keep = dropout_keep(seed, bh, rows, cols, max_seqlen_q, max_seqlen_k, dropout_p)
@@ -277,14 +337,17 @@ def attn_bwd_dq_kernel(
     stride_bb, stride_bh, stride_bm, stride_bn, stride_ab,
     nheads, group_size, max_seqlen_q, max_seqlen_k, diag_offset, window_left, window_right,
     softmax_scale, qk_scale, softcap_in, softcap_out, dropout_p, dropout_scale, seed,
+    FullList, PartList, Patterns, sparse_sb, sparse_sh, full_row, part_row,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr, DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_DESC: tl.constexpr = False,
+    SPARSE: tl.constexpr = False, SPARSE_BM: tl.constexpr = 1, SPARSE_BN: tl.constexpr = 1,
 ):
     """Grid: (cdiv(max_seqlen_q, BLOCK_M) * batch * nheads,). With USE_DESC, K/V
-    tiles are read through tensor descriptors (as the dK/dV kernel reads Q/dO)."""
+    tiles are read through tensor descriptors (as the dK/dV kernel reads Q/dO).
+    SPARSE: the forward kernel's tile lists."""
     pid_m, pid_bh = program_tile(max_seqlen_q, BLOCK_M, MASK_RIGHT and not MASK_LEFT)
     b = pid_bh // nheads
     h = pid_bh % nheads
@@ -322,23 +385,40 @@ def attn_bwd_dq_kernel(
         alibi_slope = tl.load(Alibi + b * stride_ab + h)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    lo, full_lo, full_hi, hi = key_ranges(start_m, seqlen_k, diag, window_left, window_right,
-                                          BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT)
     bh = b * nheads + h
-    for part in tl.static_range(3):
-        if part == 0:
-            start, end = lo, full_lo
-        elif part == 1:
-            start, end = full_lo, full_hi
-        else:
-            start, end = full_hi, hi
-        if (part != 0) or MASK_LEFT:
+    if SPARSE:
+        q_blk = start_m // SPARSE_BM
+        list_row = b * sparse_sb + h * sparse_sh + q_blk
+        for part in tl.static_range(2):
+            # partial tiles (masked by their pattern), then full tiles
+            if part == 0:
+                tile_list = PartList + list_row * part_row
+            else:
+                tile_list = FullList + list_row * full_row
             dq = _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, bias_base, stride_bm,
-                           stride_bn, offs_m, offs_n, offs_d, start, end, seqlen_q, seqlen_k, diag,
-                           window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh,
-                           max_seqlen_q, max_seqlen_k, dropout_p, dropout_scale, seed,
-                           HEAD_DIM, BLOCK_N, part != 1, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
-                           BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, USE_DESC)
+                           stride_bn, offs_m, offs_n, offs_d, 0, tl.load(tile_list) * (SPARSE_BN // BLOCK_N),
+                           seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap_in, softcap_out,
+                           alibi_slope, bh, max_seqlen_q, max_seqlen_k, dropout_p, dropout_scale, seed,
+                           HEAD_DIM, BLOCK_N, part == 0, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
+                           BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, USE_DESC,
+                           tile_list + 1, Patterns, q_blk * SPARSE_BM, SPARSE, SPARSE_BM, SPARSE_BN)
+    else:
+        lo, full_lo, full_hi, hi = key_ranges(start_m, seqlen_k, diag, window_left, window_right,
+                                              BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT)
+        for part in tl.static_range(3):
+            if part == 0:
+                start, end = lo, full_lo
+            elif part == 1:
+                start, end = full_lo, full_hi
+            else:
+                start, end = full_hi, hi
+            if (part != 0) or MASK_LEFT:
+                dq = _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, bias_base, stride_bm,
+                               stride_bn, offs_m, offs_n, offs_d, start, end, seqlen_q, seqlen_k, diag,
+                               window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh,
+                               max_seqlen_q, max_seqlen_k, dropout_p, dropout_scale, seed,
+                               HEAD_DIM, BLOCK_N, part != 1, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
+                               BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, USE_DESC)
 
     dq = dq * softmax_scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + start_q.to(tl.int64) * stride_dqs + h * stride_dqh

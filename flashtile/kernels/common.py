@@ -182,3 +182,52 @@ def dropout_keep(seed, bh, rows, cols, rows_per_head, cols_per_row, dropout_p):
     :func:`flashtile.reference.dropout_keep_mask` regenerate the same mask."""
     offsets = (bh.to(tl.int64) * rows_per_head + rows) * cols_per_row + cols
     return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit
+def sparse_entry(tile_list, entry, ok, PAIRS: tl.constexpr):
+    """Entry ``entry`` of a block-sparse tile list (see
+    ``flashtile.api.block_mask.KernelLists``): (block, pattern id), the
+    entries being (block, pattern id) pairs when PAIRS, else blocks alone
+    (pattern id 0). ``ok`` False gives (0, 0) without reading."""
+    if PAIRS:
+        blk = tl.load(tile_list + 2 * entry, mask=ok, other=0)
+        pattern = tl.load(tile_list + 2 * entry + 1, mask=ok, other=0)
+    else:
+        blk = tl.load(tile_list + entry, mask=ok, other=0)
+        pattern = blk * 0
+    return blk, pattern
+
+
+@triton.jit
+def sparse_step(tile_list, it, end, blk, SUB: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+                PAIRS: tl.constexpr):
+    """Block-sparse iteration over kernel tiles ``it`` in [.., end): each list entry is a
+    mask block of MASK_BLOCK rows, cut into SUB = MASK_BLOCK / BLOCK kernel tiles.
+    Given ``blk``, the block of tile ``it`` (read one step ahead, so that its
+    load is not on the path of this step's K/V loads), returns (first row of
+    the tile, first row of its mask block) and the entry of tile ``it + 1``."""
+    blk_start = blk * MASK_BLOCK
+    nxt_blk, nxt_pattern = sparse_entry(tile_list, tl.minimum(it + 1, end - 1) // SUB, True, PAIRS)
+    return blk_start + (it % SUB) * BLOCK, blk_start, nxt_blk, nxt_pattern
+
+
+@triton.jit
+def pattern_mask(PatternBits, pattern, rows, cols, row0, col0, col_start, MASK_M: tl.constexpr,
+                 MASK_N: tl.constexpr, TILE_N: tl.constexpr):
+    """Element mask of a partial block-sparse tile at the (query, key) positions
+    ``rows``, ``cols`` (broadcastable index tensors, either orientation): the
+    tile's pattern ``pattern`` of the mask tile that starts at (``row0``,
+    ``col0``). Patterns are bit-packed, int32 ``[MASK_M, WORDS]`` each (bit
+    ``b`` of word ``w`` is key ``32 w + b``), so a row's bits load as a few
+    row vectors instead of a [rows, keys] gather. This kernel tile covers the
+    TILE_N keys from ``col_start``."""
+    WORDS: tl.constexpr = (MASK_N + 31) // 32
+    TILE_WORDS: tl.constexpr = (TILE_N + 31) // 32
+    rel = cols - col0
+    row_words = PatternBits + pattern.to(tl.int64) * (MASK_M * WORDS) + (rows - row0) * WORDS
+    first = (col_start - col0) // 32
+    bits = tl.load(row_words + first)
+    for w in tl.static_range(1, TILE_WORDS):
+        bits = tl.where(rel // 32 == first + w, tl.load(row_words + first + w), bits)
+    return ((bits >> (rel % 32)) & 1) != 0

@@ -20,7 +20,17 @@ no rescaling of the partial output per tile).
 import triton
 import triton.language as tl
 
-from .common import BIAS_NONE, dropout_keep, key_ranges, program_tile, tile_mask, tile_scores
+from .common import (
+    BIAS_NONE,
+    dropout_keep,
+    key_ranges,
+    pattern_mask,
+    program_tile,
+    sparse_entry,
+    sparse_step,
+    tile_mask,
+    tile_scores,
+)
 
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -34,7 +44,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, 
                SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr,
                DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                KV_DESC: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, desc_b=0, desc_row=0, desc_h=0,
-               FIXED_MAX: tl.constexpr = False):
+               FIXED_MAX: tl.constexpr = False, tile_list=0, Patterns=0, row0=0,
+               SPARSE: tl.constexpr = False, SPARSE_BM: tl.constexpr = 1, SPARSE_BN: tl.constexpr = 1):
     """Accumulate key tiles [start, end) into (acc, l_i, m_i).
 
     ``k_src``/``v_src`` are pointer blocks at key row 0 (KV_DESC = 0), 2-D
@@ -44,12 +55,26 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, 
     Descriptors read out-of-range rows and columns as zero. MASKED applies
     the positional mask (bounds, causal, window). With FIXED_MAX, ``m_i`` is a
     constant bound of the scores (log2 units) and stays as it is.
+
+    SPARSE (block-sparse attention): ``start``/``end`` count kernel tiles of
+    the key-block list ``tile_list`` (see ``sparse_step``); MASKED tiles are
+    then partial tiles, masked by their pattern (the query block of this
+    program starts at row ``row0``).
     """
     d_ok = offs_d[None, :] < HEAD_DIM
     rows = offs_m[:, None]
     # a row may have seen no key yet (m = -inf): guard the exponent's offset
     SAFE_MAX: tl.constexpr = MASKED or BIAS_KIND != BIAS_NONE
-    for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    SUB: tl.constexpr = SPARSE_BN // BLOCK_N
+    if SPARSE:
+        nxt_blk, nxt_pattern = sparse_entry(tile_list, start // SUB, start < end, MASKED)
+    for it in tl.range(start, end, 1 if SPARSE else BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        if SPARSE:
+            pattern = nxt_pattern
+            start_n, col0, nxt_blk, nxt_pattern = sparse_step(tile_list, it, end, nxt_blk, SUB, SPARSE_BN, BLOCK_N,
+                                                              MASKED)
+        else:
+            start_n = it
         start_n = tl.multiple_of(start_n, BLOCK_N)
         kv_rows = start_n + offs_n
         if KV_DESC == 1:
@@ -75,8 +100,11 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, 
                            diag, qk_scale, softcap_in, softcap_out, alibi_slope, bias_base, stride_bm, stride_bn,
                            SOFTCAP, HAS_ALIBI, BIAS_KIND, BIAS_ROWS)
         if MASKED:
-            s = tl.where(tile_mask(rows, cols, seqlen_k, diag, window_left, window_right, MASK_LEFT, MASK_RIGHT),
-                         s, float("-inf"))
+            allowed = tile_mask(rows, cols, seqlen_k, diag, window_left, window_right, MASK_LEFT, MASK_RIGHT)
+            if SPARSE:
+                allowed = allowed & pattern_mask(Patterns, pattern, rows, cols, row0, col0, start_n, SPARSE_BM,
+                                                  SPARSE_BN, BLOCK_N)
+            s = tl.where(allowed, s, float("-inf"))
         if FIXED_MAX:
             # s <= m_i by construction (masked scores are -inf): nothing to rescale
             p = tl.math.exp2(s - m_i[:, None])
@@ -110,12 +138,14 @@ def attn_fwd_kernel(
     stride_bb, stride_bh, stride_bm, stride_bn, stride_ab,
     nheads, group_size, max_seqlen_q, max_seqlen_k, diag_offset, window_left, window_right,
     qk_scale, softcap_in, softcap_out, dropout_p, dropout_scale, seed, fixed_max,
+    FullList, PartList, Patterns, sparse_sb, sparse_sh, full_row, part_row,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr, DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_DESC: tl.constexpr = 0, WARP_SPECIALIZE: tl.constexpr = False, FIXED_MAX: tl.constexpr = False,
+    SPARSE: tl.constexpr = False, SPARSE_BM: tl.constexpr = 1, SPARSE_BN: tl.constexpr = 1,
 ):
     """Grid: (cdiv(max_seqlen_q, BLOCK_M) * batch * nheads,).
 
@@ -132,6 +162,14 @@ def attn_fwd_kernel(
     every score must be at most ``fixed_max`` plus a small margin (the
     launcher sets it so that P stays below the fp16 range); the LSE written
     is still the exact natural-log LSE.
+
+    With SPARSE (block-sparse attention, blocks of SPARSE_BM x SPARSE_BN,
+    BLOCK_M dividing SPARSE_BM and BLOCK_N dividing SPARSE_BN), the program
+    visits only the key blocks listed for its query block: row ``(b *
+    sparse_sb + h * sparse_sh + query block)`` of FullList (``full_row``
+    int32 each: a count, then key blocks) and PartList (``part_row`` each: a
+    count, then (key block, pattern id) pairs; patterns are bit-packed in
+    Patterns, see ``pattern_mask``).
     """
     pid_m, pid_bh = program_tile(max_seqlen_q, BLOCK_M, MASK_RIGHT and not MASK_LEFT)
     b = pid_bh // nheads
@@ -193,32 +231,57 @@ def attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    lo, full_lo, full_hi, hi = key_ranges(start_m, seqlen_k, diag, window_left, window_right,
-                                          BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT)
     bh = b * nheads + h
-    if MASK_LEFT:
+    if SPARSE:
+        # partial tiles (pattern-masked; a row may see no key yet), then full tiles
+        q_blk = start_m // SPARSE_BM
+        list_row = b * sparse_sb + h * sparse_sh + q_blk
+        part_list = PartList + list_row * part_row
+        full_list = FullList + list_row * full_row
+        n_part = tl.load(part_list) * (SPARSE_BN // BLOCK_N)
+        n_full = tl.load(full_list) * (SPARSE_BN // BLOCK_N)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, stride_bm,
-                                   stride_bn, offs_m, offs_n, offs_d, lo, full_lo, seqlen_q, seqlen_k, diag,
+                                   stride_bn, offs_m, offs_n, offs_d, 0, n_part,
+                                   seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap_in,
+                                   softcap_out, alibi_slope, bh, max_seqlen_q, max_seqlen_k, dropout_p, seed,
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
+                                   BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, KV_DESC, False,
+                                   desc_b, start_k, hk, FIXED_MAX, part_list + 1, Patterns, q_blk * SPARSE_BM,
+                                   SPARSE, SPARSE_BM, SPARSE_BN)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, stride_bm,
+                                   stride_bn, offs_m, offs_n, offs_d, 0, n_full,
+                                   seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap_in,
+                                   softcap_out, alibi_slope, bh, max_seqlen_q, max_seqlen_k, dropout_p, seed,
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, False, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
+                                   BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, KV_DESC, WARP_SPECIALIZE,
+                                   desc_b, start_k, hk, FIXED_MAX, full_list + 1, Patterns, q_blk * SPARSE_BM,
+                                   SPARSE, SPARSE_BM, SPARSE_BN)
+    else:
+        lo, full_lo, full_hi, hi = key_ranges(start_m, seqlen_k, diag, window_left, window_right,
+                                              BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT)
+        if MASK_LEFT:
+            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, stride_bm,
+                                       stride_bn, offs_m, offs_n, offs_d, lo, full_lo, seqlen_q, seqlen_k, diag,
+                                       window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh,
+                                       max_seqlen_q, max_seqlen_k, dropout_p, seed,
+                                       HEAD_DIM, BLOCK_D, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
+                                       BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, KV_DESC, False,
+                                       desc_b, start_k, hk, FIXED_MAX)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, stride_bm,
+                                   stride_bn, offs_m, offs_n, offs_d, full_lo, full_hi, seqlen_q, seqlen_k, diag,
+                                   window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh,
+                                   max_seqlen_q, max_seqlen_k, dropout_p, seed,
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, False, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
+                                   BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, KV_DESC, WARP_SPECIALIZE,
+                                   desc_b, start_k, hk, FIXED_MAX)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, stride_bm,
+                                   stride_bn, offs_m, offs_n, offs_d, full_hi, hi, seqlen_q, seqlen_k, diag,
                                    window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh,
                                    max_seqlen_q, max_seqlen_k, dropout_p, seed,
                                    HEAD_DIM, BLOCK_D, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
                                    BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, KV_DESC, False,
                                    desc_b, start_k, hk, FIXED_MAX)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, stride_bm,
-                               stride_bn, offs_m, offs_n, offs_d, full_lo, full_hi, seqlen_q, seqlen_k, diag,
-                               window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh,
-                               max_seqlen_q, max_seqlen_k, dropout_p, seed,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, False, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
-                               BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, KV_DESC, WARP_SPECIALIZE,
-                               desc_b, start_k, hk, FIXED_MAX)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, stride_bm,
-                               stride_bn, offs_m, offs_n, offs_d, full_hi, hi, seqlen_q, seqlen_k, diag,
-                               window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh,
-                               max_seqlen_q, max_seqlen_k, dropout_p, seed,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
-                               BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, KV_DESC, False,
-                               desc_b, start_k, hk, FIXED_MAX)
-
+    
     # rows that saw no key: output 0, LSE -inf
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
