@@ -182,7 +182,8 @@ def local_global_mask_mod(window: int, global_tokens=0) -> MaskMod:
     count, positions = _global_positions(global_tokens, None)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        allowed = (q_idx - kv_idx).abs() <= window
+        # |i - j| <= window, without an int64 (rows, cols) difference
+        allowed = (kv_idx <= q_idx + window) & (q_idx <= kv_idx + window)
         if count:
             allowed = allowed | (q_idx < count) | (kv_idx < count)
         if positions is not None and positions.numel():
@@ -201,9 +202,10 @@ def strided_mask_mod(stride: int) -> MaskMod:
     stride = _int_arg("stride", stride, 1)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        diff = q_idx - kv_idx
-        # torch.remainder takes the divisor's sign: 0 for every multiple of stride, negative or not
-        return (diff.abs() < stride) | (torch.remainder(diff, stride) == 0)
+        # i - j is a multiple of stride iff i and j have the same residue: arithmetic on the
+        # index vectors only, the (rows, cols) broadcast is just compared
+        near = (kv_idx < q_idx + stride) & (q_idx < kv_idx + stride)
+        return near | (q_idx % stride == kv_idx % stride)
 
     return mask_mod
 
