@@ -30,8 +30,8 @@ from flashtile.api.sparse_patterns import (
     strided_mask_mod,
 )
 
-SEQLENS = [100, 203, 256]
-BLOCKS = [16, 32, 64]
+# (seqlen, block size): ends inside a block or not, few and many blocks
+SIZES = [(100, 16), (203, 32), (256, 64), (203, 64), (256, 16)]
 
 
 # --- independent references ----------------------------------------------------------
@@ -112,8 +112,7 @@ def tiled_path(monkeypatch):
 # --- Longformer: local + global ---------------------------------------------------------
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("block", BLOCKS)
-@pytest.mark.parametrize("seqlen", SEQLENS)
+@pytest.mark.parametrize("seqlen, block", SIZES, ids=str)
 @pytest.mark.parametrize("window, globals_", [(5, 0), (17, 3), (0, (7, 61, 99))], ids=["w5", "w17-g3", "w0-pos"])
 def test_local_global(seqlen, block, causal, window, globals_):
     global_set = frozenset(range(globals_)) if isinstance(globals_, int) else frozenset(globals_)
@@ -138,8 +137,7 @@ def test_local_global_token_forms():
 # --- Sparse Transformer: strided and fixed --------------------------------------------------
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("block", BLOCKS)
-@pytest.mark.parametrize("seqlen", SEQLENS)
+@pytest.mark.parametrize("seqlen, block", SIZES, ids=str)
 @pytest.mark.parametrize("stride", [1, 7, 16, 40])
 def test_strided(seqlen, block, causal, stride):
     mask = strided_block_mask(seqlen, stride, block_size=block, causal=causal)
@@ -147,8 +145,7 @@ def test_strided(seqlen, block, causal, stride):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("block", BLOCKS)
-@pytest.mark.parametrize("seqlen", SEQLENS)
+@pytest.mark.parametrize("seqlen, block", SIZES, ids=str)
 @pytest.mark.parametrize("block_len, num_summary", [(8, 1), (20, 3), (64, 0), (50, 50)])
 def test_fixed(seqlen, block, causal, block_len, num_summary):
     mask = fixed_block_mask(seqlen, block_len, num_summary, block_size=block, causal=causal)
@@ -179,8 +176,7 @@ def expand_layout(layout, block, seqlen):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("block", BLOCKS)
-@pytest.mark.parametrize("seqlen", SEQLENS)
+@pytest.mark.parametrize("seqlen, block", SIZES, ids=str)
 @pytest.mark.parametrize("num_random, window, n_global", [(2, 1, 1), (1, 0, 0), (3, 2, 2), (0, 1, 1)])
 def test_bigbird(seqlen, block, causal, num_random, window, n_global):
     n = -(-seqlen // block)
@@ -233,8 +229,7 @@ def python_doc_dense(ids_q, ids_k):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("block", BLOCKS)
-@pytest.mark.parametrize("seqlen", SEQLENS)
+@pytest.mark.parametrize("seqlen, block", SIZES, ids=str)
 def test_document(seqlen, block, causal):
     torch.manual_seed(seqlen * 1000 + block)
     lengths = random_lengths(seqlen, 5)
