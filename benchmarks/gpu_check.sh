@@ -33,6 +33,9 @@ for step in "$@"; do
     sparse-bench) python3 benchmarks/sparse_density.py --long 65536,131072 --out "$OUT/block_sparse" 2>&1 \
                     | tee "$OUT/block_sparse.log" ;;
     tests) python3 -m pytest -q -m gpu -n 8 --tb=line tests/test_gpu.py 2>&1 | tail -30 | tee "$OUT/gpu_tests.log" ;;
+    tune-fp32) python3 benchmarks/tune.py --dtype fp32 --causal 0 --head-dims 64,128 2>&1 | tee "$OUT/tune_fp32.log" ;;
+    tests-fp32) python3 -m pytest -q -m gpu -n 8 --tb=line tests/test_gpu.py tests/test_cosine_sim.py -k "float32 or fp32" \
+                  2>&1 | tail -30 | tee "$OUT/fp32_tests.log" ;;
     tune-fwd256) python3 benchmarks/tune.py --kernels fwd --causal 0 --head-dims 256 2>&1 | tee "$OUT/tune_fwd256.log" ;;
     tune-bwd) python3 benchmarks/tune.py --kernels dkdv,dq --causal 0 --head-dims 64,128 2>&1 | tee "$OUT/tune_bwd.log" ;;
     features) python3 benchmarks/features.py --out "$OUT/features.json" 2>&1 | tee "$OUT/features.log" ;;

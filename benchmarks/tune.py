@@ -23,6 +23,12 @@ CANDIDATES = {
     "dkdv": [LaunchConfig(m, n, w, s) for (m, n), w, s in itertools.product(((64, 64), (64, 128), (32, 128)), (4, 8), (2, 3, 4))],
     "dq": [LaunchConfig(m, n, w, s) for (m, n), w, s in itertools.product(((64, 64), (128, 64), (128, 32)), (4, 8), (2, 3, 4))],
 }
+# 4-byte inputs: tiles of half the area
+_FP32_TILES = ((32, 32), (64, 32), (32, 64), (64, 64), (128, 32))
+CANDIDATES_FP32 = {
+    kernel: [LaunchConfig(m, n, w, s) for (m, n), w, s in itertools.product(_FP32_TILES, (4, 8), (2, 3))]
+    for kernel in ("fwd", "dkdv", "dq")
+}
 
 
 def main():
@@ -33,7 +39,8 @@ def main():
     ap.add_argument("--kernels", default="fwd,dkdv,dq")
     ap.add_argument("--causal", default="0,1")
     args = ap.parse_args()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    candidates = CANDIDATES_FP32 if dtype == torch.float32 else CANDIDATES
     for d in map(int, args.head_dims.split(",")):
         for causal in (c == "1" for c in args.causal.split(",")):
             b, h, s = max(1, 16384 // args.seqlen), 2048 // d, args.seqlen
@@ -43,8 +50,8 @@ def main():
             fwd_flops = 4 * b * h * s * s * d / (2 if causal else 1)
             for kernel in args.kernels.split(","):
                 rows = []
-                for cfg in CANDIDATES[kernel]:
-                    if d == 256 and cfg.block_m * cfg.block_n > 64 * 64 and kernel != "fwd":
+                for cfg in candidates[kernel]:
+                    if d * cfg.block_m * cfg.block_n * dtype.itemsize > 256 * 64 * 64 * 2 and kernel != "fwd":
                         continue
                     launch.forced_configs.clear()
                     for name in (kernel, kernel + "_tma"):  # either forward variant

@@ -76,3 +76,27 @@ def test_descriptors_only_where_they_apply(monkeypatch):
     assert launch._descriptor_mode("FLASHTILE_FWD_TMA", 1, 200, 200, odd) == 0
     monkeypatch.delenv("FLASHTILE_FWD_TMA")
     assert launch._descriptor_mode("FLASHTILE_FWD_TMA", 1, 4096, 4096, aligned) == 0  # not a Hopper GPU
+
+
+def test_fp32_dot_precision(monkeypatch):
+    from flashtile.api import launch
+
+    monkeypatch.delenv("FLASHTILE_FP32_DOT", raising=False)
+    cpu = torch.device("cpu")
+    assert launch._dot_precision(torch.bfloat16, cpu) == "ieee"
+    assert launch._dot_precision(torch.float32, cpu) == "ieee"  # no tensor cores here
+    # on a tensor-core GPU: three TF32 products, or TF32 when PyTorch allows it
+    monkeypatch.setattr(launch, "_capability", lambda device: (9, 0))
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert launch._dot_precision(torch.float32, cpu) == "tf32x3"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert launch._dot_precision(torch.float32, cpu) == "tf32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    monkeypatch.setenv("FLASHTILE_FP32_DOT", "ieee")
+    assert launch._dot_precision(torch.float32, cpu) == "ieee"
+    monkeypatch.setenv("FLASHTILE_FP32_DOT", "fast")
+    with pytest.raises(ValueError, match="FLASHTILE_FP32_DOT"):
+        launch._dot_precision(torch.float32, cpu)

@@ -110,7 +110,7 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_ta
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         PAGE_SIZE=page_size, HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFTPAD=leftpad is not None,
         MASK_LEFT=window_left >= 0, MASK_RIGHT=window_right >= 0, SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None,
-        UPCAST=interpreting() and q.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(q.dtype),
+        UPCAST=interpreting() and q.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(q.dtype, q.device),
         ROW_LOOKUP=row_lookup)
     if num_splits > 1:
         attn_combine_kernel[(batch * seqlen_q * nheads,)](

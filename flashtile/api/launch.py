@@ -14,7 +14,7 @@ import triton
 
 from ..kernels.backward import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from ..kernels.common import BIAS_ADD, BIAS_BOOL, BIAS_NONE
-from ..kernels.configs import LaunchConfig, launch_configs
+from ..kernels.configs import LaunchConfig, launch_configs, sparse_constexprs
 from ..kernels.forward import attn_fwd_kernel
 from ..reference import AttnOptions
 
@@ -32,11 +32,24 @@ def _capability(device: torch.device) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(device)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs follow PyTorch's own matmul setting: exact fp32 unless TF32 is allowed
-    if dtype == torch.float32 and torch.version.hip is None and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """Precision of the kernels' dot products for ``dtype`` inputs. fp32 follows
+    PyTorch's matmul setting: TF32 when ``torch.backends.cuda.matmul.allow_tf32``,
+    else products accurate to about fp32 (relative error ~1e-6): three TF32
+    products per element (the operands split into a TF32 high and low part) on
+    tensor-core NVIDIA GPUs, plain fp32 elsewhere. ``FLASHTILE_FP32_DOT``
+    (``ieee``, ``tf32x3`` or ``tf32``) overrides the choice."""
+    if dtype != torch.float32:
+        return "ieee"
+    forced = os.environ.get("FLASHTILE_FP32_DOT")
+    if forced:
+        if forced not in ("ieee", "tf32x3", "tf32"):
+            raise ValueError(f"FLASHTILE_FP32_DOT must be 'ieee', 'tf32x3' or 'tf32', got {forced!r}")
+        return forced
+    capability = _capability(device)
+    if torch.version.hip is not None or capability is None or capability[0] < 8:
+        return "ieee"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
 def _block_d(head_dim: int) -> int:
@@ -67,8 +80,9 @@ def _launch(name: str, kernel, grid_fn, args, constexprs: dict, tensor: torch.Te
                                  block_n=min(c.block_n, constexprs["SPARSE_BN"])) for c in candidates]
     error = None
     for cfg in candidates:
+        sparse = sparse_constexprs(name, cfg, capability) if constexprs.get("SPARSE") else {}
         try:
-            kernel[grid_fn(cfg)](*(args(cfg) if callable(args) else args), **constexprs,
+            kernel[grid_fn(cfg)](*(args(cfg) if callable(args) else args), **constexprs, **sparse,
                                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         except triton.runtime.errors.OutOfResources as exc:  # too large for this GPU: next one
@@ -219,7 +233,7 @@ class _Layout:
             MASK_LEFT=opts.window_left >= 0, MASK_RIGHT=opts.window_right >= 0,
             SOFTCAP=opts.softcap > 0, HAS_ALIBI=opts.alibi is not None,
             BIAS_KIND=bias_kind, BIAS_ROWS=bias_rows, DROPOUT=opts.dropout_p > 0, IS_VARLEN=self.varlen,
-            UPCAST=interpreting() and q.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(q.dtype),
+            UPCAST=interpreting() and q.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(q.dtype, q.device),
         )
         softcap = opts.softcap if opts.softcap > 0 else 1.0
         # argument groups, in the kernels' order: (max_seqlen_q, max_seqlen_k, diag_offset, window_left,

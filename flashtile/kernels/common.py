@@ -213,6 +213,33 @@ def sparse_step(tile_list, it, end, blk, SUB: tl.constexpr, MASK_BLOCK: tl.const
 
 
 @triton.jit
+def sparse_tile(tile_list, it, SUB: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+                PAIRS: tl.constexpr):
+    """Kernel tile ``it`` of a block-sparse loop over a tile list (see
+    ``flashtile.api.block_mask.KernelLists``): each list entry is a mask block
+    of MASK_BLOCK rows, cut into SUB = MASK_BLOCK / BLOCK kernel tiles; the
+    entries are (block, pattern id) pairs when PAIRS, else blocks alone.
+    Returns (first row of the tile, first row of its mask block, pattern id).
+
+    The entry is read as a 2-vector, not a scalar: the software pipeliner
+    then issues it as an asynchronous copy some tiles ahead (the loop gets
+    extra stages for it, ``SPARSE_STAGES``), so the K/V loads that depend on
+    it are not held up by a load at each step. Used by the forward kernel; in
+    the backward kernels, where the extra stages do not fit, the scalar read
+    one tile ahead (``sparse_step``) measured faster."""
+    two = tl.arange(0, 2)
+    entry = it // SUB
+    if PAIRS:
+        pair = tl.load(tile_list + 2 * entry + two)
+        pattern = tl.sum(tl.where(two == 1, pair, 0), 0)
+    else:
+        pair = tl.load(tile_list + entry + two, mask=two == 0, other=0)
+        pattern = 0
+    blk_start = tl.sum(tl.where(two == 0, pair, 0), 0) * MASK_BLOCK
+    return blk_start + (it % SUB) * BLOCK, blk_start, pattern
+
+
+@triton.jit
 def pattern_mask(PatternBits, pattern, rows, cols, row0, col0, col_start, MASK_M: tl.constexpr,
                  MASK_N: tl.constexpr, TILE_N: tl.constexpr):
     """Element mask of a partial block-sparse tile at the (query, key) positions

@@ -45,6 +45,15 @@ _SM90 = {
     },
 }
 
+# Hopper, 4-byte inputs (dot products as three TF32 products, see launch._dot_precision);
+# measured on an H200 at seqlen 4096 (docs/performance.md). Other head dims: the
+# 2-byte table's tiles halved.
+_SM90_FP32 = {
+    "fwd": {64: [LaunchConfig(128, 32, 4, 3)], 128: [LaunchConfig(32, 64, 4, 2)]},
+    "dkdv": {64: [LaunchConfig(64, 32, 4, 2)], 128: [LaunchConfig(32, 32, 4, 2)]},
+    "dq": {64: [LaunchConfig(32, 64, 4, 3)], 128: [LaunchConfig(32, 32, 4, 2)]},
+}
+
 # Any other GPU (Ampere, Ada, Blackwell, AMD): conservative choices that fit
 # in about 100 KB of shared memory.
 _GENERIC = {
@@ -92,9 +101,21 @@ def launch_configs(kernel: str, block_d: int, elem_size: int, capability: tuple[
     configs = list(table[kernel][_bucket(block_d)])
     if elem_size == 4:
         configs = [_halve_for_fp32(c) for c in configs]
+        if capability[0] == 9:
+            configs = _SM90_FP32[kernel.removesuffix("_tma")].get(_bucket(block_d), []) + configs
     # last resort: the smallest tiles a dot accepts
     configs.append(LaunchConfig(16, 16, 4, 1))
     return configs
+
+
+# The forward kernel's block-sparse loops read each tile's list entry a stage
+# ahead of its K/V loads (kernels/common.py, sparse_tile): on Hopper two stages
+# more than the config's, which still fits the 128 x 128 tiles.
+def sparse_constexprs(kernel: str, cfg: LaunchConfig, capability: tuple[int, int] | None) -> dict:
+    """Extra compile-time switches of a block-sparse launch of ``kernel`` with ``cfg``."""
+    if not kernel.startswith("fwd"):
+        return {}
+    return dict(SPARSE_STAGES=cfg.num_stages + (2 if capability and capability[0] == 9 else 0))
 
 
 def decode_config(rows: int, block_d: int, elem_size: int, capability: tuple[int, int] | None,

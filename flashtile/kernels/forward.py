@@ -26,8 +26,7 @@ from .common import (
     key_ranges,
     pattern_mask,
     program_tile,
-    sparse_entry,
-    sparse_step,
+    sparse_tile,
     tile_mask,
     tile_scores,
 )
@@ -45,7 +44,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, 
                DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                KV_DESC: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, desc_b=0, desc_row=0, desc_h=0,
                FIXED_MAX: tl.constexpr = False, tile_list=0, Patterns=0, row0=0,
-               SPARSE: tl.constexpr = False, SPARSE_BM: tl.constexpr = 1, SPARSE_BN: tl.constexpr = 1):
+               SPARSE: tl.constexpr = False, SPARSE_BM: tl.constexpr = 1, SPARSE_BN: tl.constexpr = 1,
+               SPARSE_STAGES: tl.constexpr = 0):
     """Accumulate key tiles [start, end) into (acc, l_i, m_i).
 
     ``k_src``/``v_src`` are pointer blocks at key row 0 (KV_DESC = 0), 2-D
@@ -66,13 +66,13 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, 
     # a row may have seen no key yet (m = -inf): guard the exponent's offset
     SAFE_MAX: tl.constexpr = MASKED or BIAS_KIND != BIAS_NONE
     SUB: tl.constexpr = SPARSE_BN // BLOCK_N
-    if SPARSE:
-        nxt_blk, nxt_pattern = sparse_entry(tile_list, start // SUB, start < end, MASKED)
-    for it in tl.range(start, end, 1 if SPARSE else BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    # block-sparse loops: stages for the tile list read ahead (see sparse_tile); partial tiles
+    # also stream their pattern bits: two stages there, so that the full tiles' loop fits the
+    # deeper pipeline in shared memory
+    LOOP_STAGES: tl.constexpr = (2 if MASKED else SPARSE_STAGES) if SPARSE and SPARSE_STAGES > 0 else None
+    for it in tl.range(start, end, 1 if SPARSE else BLOCK_N, num_stages=LOOP_STAGES, warp_specialize=WARP_SPECIALIZE):
         if SPARSE:
-            pattern = nxt_pattern
-            start_n, col0, nxt_blk, nxt_pattern = sparse_step(tile_list, it, end, nxt_blk, SUB, SPARSE_BN, BLOCK_N,
-                                                              MASKED)
+            start_n, col0, pattern = sparse_tile(tile_list, it, SUB, SPARSE_BN, BLOCK_N, MASKED)
         else:
             start_n = it
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -146,6 +146,7 @@ def attn_fwd_kernel(
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_DESC: tl.constexpr = 0, WARP_SPECIALIZE: tl.constexpr = False, FIXED_MAX: tl.constexpr = False,
     SPARSE: tl.constexpr = False, SPARSE_BM: tl.constexpr = 1, SPARSE_BN: tl.constexpr = 1,
+    SPARSE_STAGES: tl.constexpr = 0,
 ):
     """Grid: (cdiv(max_seqlen_q, BLOCK_M) * batch * nheads,).
 
@@ -233,55 +234,44 @@ def attn_fwd_kernel(
 
     bh = b * nheads + h
     if SPARSE:
-        # partial tiles (pattern-masked; a row may see no key yet), then full tiles
         q_blk = start_m // SPARSE_BM
         list_row = b * sparse_sb + h * sparse_sh + q_blk
-        part_list = PartList + list_row * part_row
-        full_list = FullList + list_row * full_row
-        n_part = tl.load(part_list) * (SPARSE_BN // BLOCK_N)
-        n_full = tl.load(full_list) * (SPARSE_BN // BLOCK_N)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, stride_bm,
-                                   stride_bn, offs_m, offs_n, offs_d, 0, n_part,
-                                   seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap_in,
-                                   softcap_out, alibi_slope, bh, max_seqlen_q, max_seqlen_k, dropout_p, seed,
-                                   HEAD_DIM, BLOCK_D, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
-                                   BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, KV_DESC, False,
-                                   desc_b, start_k, hk, FIXED_MAX, part_list + 1, Patterns, q_blk * SPARSE_BM,
-                                   SPARSE, SPARSE_BM, SPARSE_BN)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, stride_bm,
-                                   stride_bn, offs_m, offs_n, offs_d, 0, n_full,
-                                   seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap_in,
-                                   softcap_out, alibi_slope, bh, max_seqlen_q, max_seqlen_k, dropout_p, seed,
-                                   HEAD_DIM, BLOCK_D, BLOCK_N, False, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
-                                   BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, KV_DESC, WARP_SPECIALIZE,
-                                   desc_b, start_k, hk, FIXED_MAX, full_list + 1, Patterns, q_blk * SPARSE_BM,
-                                   SPARSE, SPARSE_BM, SPARSE_BN)
+        for part in tl.static_range(2):
+            # partial tiles (pattern-masked; a row may see no key yet), then full tiles
+            if part == 0:
+                tile_list = PartList + list_row * part_row
+            else:
+                tile_list = FullList + list_row * full_row
+            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, stride_bm,
+                                       stride_bn, offs_m, offs_n, offs_d, 0,
+                                       tl.load(tile_list) * (SPARSE_BN // BLOCK_N), seqlen_q, seqlen_k, diag,
+                                       window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh,
+                                       max_seqlen_q, max_seqlen_k, dropout_p, seed,
+                                       HEAD_DIM, BLOCK_D, BLOCK_N, part == 0, MASK_LEFT, MASK_RIGHT, SOFTCAP,
+                                       HAS_ALIBI, BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, KV_DESC,
+                                       WARP_SPECIALIZE and part == 1, desc_b, start_k, hk, FIXED_MAX,
+                                       tile_list + 1, Patterns, q_blk * SPARSE_BM, SPARSE, SPARSE_BM, SPARSE_BN,
+                                       SPARSE_STAGES)
     else:
         lo, full_lo, full_hi, hi = key_ranges(start_m, seqlen_k, diag, window_left, window_right,
                                               BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT)
-        if MASK_LEFT:
-            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, stride_bm,
-                                       stride_bn, offs_m, offs_n, offs_d, lo, full_lo, seqlen_q, seqlen_k, diag,
-                                       window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh,
-                                       max_seqlen_q, max_seqlen_k, dropout_p, seed,
-                                       HEAD_DIM, BLOCK_D, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
-                                       BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, KV_DESC, False,
-                                       desc_b, start_k, hk, FIXED_MAX)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, stride_bm,
-                                   stride_bn, offs_m, offs_n, offs_d, full_lo, full_hi, seqlen_q, seqlen_k, diag,
-                                   window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh,
-                                   max_seqlen_q, max_seqlen_k, dropout_p, seed,
-                                   HEAD_DIM, BLOCK_D, BLOCK_N, False, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
-                                   BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, KV_DESC, WARP_SPECIALIZE,
-                                   desc_b, start_k, hk, FIXED_MAX)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, stride_bm,
-                                   stride_bn, offs_m, offs_n, offs_d, full_hi, hi, seqlen_q, seqlen_k, diag,
-                                   window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh,
-                                   max_seqlen_q, max_seqlen_k, dropout_p, seed,
-                                   HEAD_DIM, BLOCK_D, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
-                                   BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, KV_DESC, False,
-                                   desc_b, start_k, hk, FIXED_MAX)
-    
+        for part in tl.static_range(3):
+            # masked tiles before the band's full part (sliding window), the full part, masked tiles after it
+            if part == 0:
+                start, end = lo, full_lo
+            elif part == 1:
+                start, end = full_lo, full_hi
+            else:
+                start, end = full_hi, hi
+            if (part != 0) or MASK_LEFT:
+                acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base,
+                                           stride_bm, stride_bn, offs_m, offs_n, offs_d, start, end, seqlen_q,
+                                           seqlen_k, diag, window_left, window_right, qk_scale, softcap_in,
+                                           softcap_out, alibi_slope, bh, max_seqlen_q, max_seqlen_k, dropout_p,
+                                           seed, HEAD_DIM, BLOCK_D, BLOCK_N, part != 1, MASK_LEFT, MASK_RIGHT,
+                                           SOFTCAP, HAS_ALIBI, BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION,
+                                           KV_DESC, WARP_SPECIALIZE and part == 1, desc_b, start_k, hk, FIXED_MAX)
+
     # rows that saw no key: output 0, LSE -inf
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
