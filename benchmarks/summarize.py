@@ -1,6 +1,7 @@
 """Print ratio tables from one or more bench.json files (flashtile / baseline, same run).
 
     python benchmarks/summarize.py bench_results/bench.json [--markdown]
+    python benchmarks/summarize.py bench_results/bench.json --by-provider   # README tables
 """
 
 import argparse
@@ -13,6 +14,8 @@ def main():
     ap.add_argument("files", nargs="+")
     ap.add_argument("--baseline", default="sdpa_flash")
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--by-provider", action="store_true",
+                    help="markdown, one table per (dtype, head dim), a row per (provider, mode, causal)")
     args = ap.parse_args()
     rows = defaultdict(dict)
     meta = None
@@ -25,6 +28,9 @@ def main():
             rows[key].setdefault(c["seqlen"], {})[r["provider"]] = r
     print(f"# {meta['device']}, torch {meta['torch']}, triton {meta.get('triton')}")
     seqlens = sorted({s for v in rows.values() for s in v})
+    if args.by_provider:
+        print_by_provider(rows, seqlens)
+        return
     sep = " | " if args.markdown else "  "
     print(sep.join(["case", "mode"] + [f"{s}" for s in seqlens]))
     if args.markdown:
@@ -40,6 +46,28 @@ def main():
             else:
                 cells.append("-")
         print(sep.join([f"{dt} d{d} {'causal' if causal else 'full'}", mode] + cells))
+
+
+NAMES = {"flashtile": "flashtile", "sdpa_flash": "SDPA flash (FA2)", "sdpa_cudnn": "SDPA cuDNN", "flex": "FlexAttention",
+         "sdpa_efficient": "SDPA efficient", "sdpa_math": "SDPA math"}
+
+
+def print_by_provider(rows, seqlens):
+    label = lambda s: f"{s // 1024}k" if s >= 1024 else str(s)  # noqa: E731
+    for dt, d in sorted({(k[0], k[1]) for k in rows}):
+        print(f"\n| {dt}, head dim {d} | " + " | ".join(label(s) for s in seqlens) + " |")
+        print("|---" * (len(seqlens) + 1) + "|")
+        for causal in (False, True):
+            for mode in ("fwd", "fwd_bwd"):
+                cells = rows.get((dt, d, causal, mode), {})
+                providers = [p for p in NAMES if any(p in cells.get(s, {}) for s in seqlens)]
+                for p in providers:
+                    vals = []
+                    for s in seqlens:
+                        r = cells.get(s, {}).get(p)
+                        vals.append(f"{r['tflops']:.0f}" if r and r["status"] == "ok" else "-")
+                    name = f"{NAMES[p]}, {mode.replace('_', '+')}" + (", causal" if causal else "")
+                    print(f"| {name} | " + " | ".join(vals) + " |")
 
 
 if __name__ == "__main__":

@@ -340,6 +340,17 @@ def test_decode_gpu(dtype, page_size, seqlen_q, num_splits, head_dim):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [None, 16], ids=lambda p: "contiguous" if p is None else f"page{p}")
+@pytest.mark.parametrize("seqlen_q,num_splits", [(1, 0), (7, 1)])
+def test_decode_gpu_fp32(page_size, seqlen_q, num_splits):
+    # fp32 dot products run as three TF32 products on tensor-core GPUs: still within the accuracy rule
+    case = Case(batch=3, seqlen_q=seqlen_q, nheads=32, nheads_k=8, head_dim=128, capacity=5000,
+                page_size=page_size, seqlen_new=seqlen_q, dtype=torch.float32)
+    out, lse = case.run(causal=True, num_splits=num_splits, return_softmax_lse=True)
+    case.check(out, lse, causal=True)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("options", [dict(window_size=(700, 0), softcap=20.0), dict(alibi="per_batch", causal=True)])
 def test_decode_gpu_options_mqa(options):
     options = dict(options)
