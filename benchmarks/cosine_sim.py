@@ -24,27 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
 import flashtile
-
-
-def _timer(fn, cuda: bool) -> float:
-    """Median milliseconds of fn()."""
-    if cuda:
-        from triton.testing import do_bench
-
-        return do_bench(fn, warmup=25, rep=100, return_mode="median")
-    fn()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+from flashtile.bench import median_ms
 
 
 def measure(fn, inputs, backward: bool, cuda: bool):
@@ -52,7 +36,7 @@ def measure(fn, inputs, backward: bool, cuda: bool):
     try:
         if not backward:
             with torch.no_grad():
-                return _timer(fn, cuda)
+                return median_ms(fn, cuda)
         out = fn()
         dout = torch.randn_like(out)
 
@@ -60,7 +44,7 @@ def measure(fn, inputs, backward: bool, cuda: bool):
             for t in inputs:
                 t.grad = None
             out.backward(dout, retain_graph=True)
-        return _timer(step, cuda)
+        return median_ms(step, cuda)
     except torch.OutOfMemoryError:
         return "oom"
     finally:

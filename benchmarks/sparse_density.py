@@ -25,28 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
 import flashtile
+from flashtile.bench import median_ms
 from flashtile import BlockMask, block_sparse_attn_func, flash_attn_func
-
-
-def timer(fn, cuda: bool) -> float:
-    """Median milliseconds of fn()."""
-    if cuda:
-        from triton.testing import do_bench
-
-        return do_bench(fn, warmup=10, rep=50, return_mode="median")
-    fn()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def fwd_and_fwd_bwd(fn, inputs, cuda: bool) -> tuple[float | str, float | str]:
@@ -61,9 +45,9 @@ def fwd_and_fwd_bwd(fn, inputs, cuda: bool) -> tuple[float | str, float | str]:
         try:
             if mode == "fwd":
                 with torch.no_grad():
-                    results.append(timer(fn, cuda))
+                    results.append(median_ms(fn, cuda, warmup=10, rep=50))
             else:
-                results.append(timer(step, cuda))
+                results.append(median_ms(step, cuda, warmup=10, rep=50))
         except torch.OutOfMemoryError:
             results.append("oom")
         if cuda:

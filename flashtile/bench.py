@@ -57,6 +57,23 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
+def median_ms(fn, cuda: bool, warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds of ``fn()``: ``triton.testing.do_bench`` on a GPU
+    (``warmup`` / ``rep`` milliseconds), three wall-clock calls after one
+    warm-up call on the CPU."""
+    if cuda:
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+    fn()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
 def standard_grid(dtypes, head_dims, seqlens, causals, hidden=2048, tokens=16384) -> list[Case]:
     return [Case(dt, d, c, s, max(1, tokens // s), hidden // d)
             for dt in dtypes for d in head_dims for c in causals for s in seqlens]

@@ -240,7 +240,12 @@ def test_bad_input(bad, error, name):
     (lambda: create_block_mask("x", None, None, 64, 64), TypeError, "mask_mod"),
     (lambda: create_block_mask(lambda b, h, i, j: i + j, None, None, 64, 64, 32), TypeError, "bool"),
     (lambda: BlockMask.causal(64, 64, 32) & BlockMask.causal(64, 64, 16), ValueError, "block_size"),
-], ids=["block_size", "layout_dtype", "layout_extent", "mask_mod", "mask_mod_result", "combine"])
+    (lambda: BlockMask.from_layout(torch.ones(2, 3, 2, 2, dtype=torch.bool), 32)
+     | BlockMask.from_layout(torch.ones(1, 2, 2, 2, dtype=torch.bool), 32), ValueError, "heads"),
+    (lambda: create_block_mask(lambda b, h, i, j: torch.ones(3, 3, dtype=torch.bool), 2, None, 64, 64, 32),
+     ValueError, "mask_mod"),
+], ids=["block_size", "layout_dtype", "layout_extent", "mask_mod", "mask_mod_result", "combine", "combine_heads",
+        "mask_mod_shape"])
 def test_bad_mask_input(call, error, name):
     with pytest.raises(error, match=name):
         call()

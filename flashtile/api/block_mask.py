@@ -253,7 +253,12 @@ class BlockMask:
             raise ValueError("flashtile: block masks combine only with the same seqlen_q, seqlen_k and block_size, "
                              f"got {(self.seqlen_q, self.seqlen_k, self.block_size)} and "
                              f"{(other.seqlen_q, other.seqlen_k, other.block_size)}")
-        a, b = torch.broadcast_tensors(self.tiles.to(torch.int64), other.tiles.to(torch.int64).to(self.tiles.device))
+        try:
+            a, b = torch.broadcast_tensors(self.tiles.to(torch.int64),
+                                           other.tiles.to(torch.int64).to(self.tiles.device))
+        except RuntimeError:
+            raise ValueError("flashtile: block masks combine only when their (batch, heads) sizes broadcast, got "
+                             f"{tuple(self.tiles.shape[:2])} and {tuple(other.tiles.shape[:2])}") from None
         if is_and:
             empty = (a == EMPTY) | (b == EMPTY)
             full = (a == FULL) & (b == FULL)
@@ -398,7 +403,11 @@ def create_block_mask(mask_mod: Callable, B: int | None, H: int | None, seqlen_q
         allowed = torch.as_tensor(mask_mod(b_idx, h_idx, q_idx, kv_idx), device=device)
         if allowed.dtype != torch.bool:
             raise TypeError(f"flashtile: mask_mod must return a bool tensor, got {allowed.dtype}")
-        allowed = torch.broadcast_to(allowed, (B, H, q_pos.numel(), kv_pos.numel()))
+        try:
+            allowed = torch.broadcast_to(allowed, (B, H, q_pos.numel(), kv_pos.numel()))
+        except RuntimeError:
+            raise ValueError(f"flashtile: mask_mod returned shape {tuple(allowed.shape)}, which does not broadcast "
+                             f"to (B, H, q_idx, kv_idx) = {(B, H, q_pos.numel(), kv_pos.numel())}") from None
         # rows past seqlen_q copy the last row (don't care); keys past seqlen_k are never allowed
         allowed = allowed & col_ok
         elems = allowed.reshape(B, H, c1 - c0, bq, n_k, bk).transpose(3, 4)  # (B, H, c, nk, bq, bk)
