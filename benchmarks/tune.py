@@ -38,9 +38,16 @@ def main():
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--kernels", default="fwd,dkdv,dq")
     ap.add_argument("--causal", default="0,1")
+    ap.add_argument("--tiles", help="BLOCK_M x BLOCK_N tiles to try instead of the defaults, e.g. 64x64,32x128")
+    ap.add_argument("--warps", default="4,8")
+    ap.add_argument("--stages", default="2,3,4")
     args = ap.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     candidates = CANDIDATES_FP32 if dtype == torch.float32 else CANDIDATES
+    if args.tiles:
+        tiles = [tuple(map(int, t.split("x"))) for t in args.tiles.split(",")]
+        grid = list(itertools.product(tiles, map(int, args.warps.split(",")), map(int, args.stages.split(","))))
+        candidates = {kernel: [LaunchConfig(m, n, w, st) for (m, n), w, st in grid] for kernel in ("fwd", "dkdv", "dq")}
     for d in map(int, args.head_dims.split(",")):
         for causal in (c == "1" for c in args.causal.split(",")):
             b, h, s = max(1, 16384 // args.seqlen), 2048 // d, args.seqlen
@@ -51,10 +58,11 @@ def main():
             for kernel in args.kernels.split(","):
                 rows = []
                 for cfg in candidates[kernel]:
-                    if d * cfg.block_m * cfg.block_n * dtype.itemsize > 256 * 64 * 64 * 2 and kernel != "fwd":
+                    too_large = d * cfg.block_m * cfg.block_n * dtype.itemsize > 256 * 64 * 64 * 2
+                    if too_large and kernel != "fwd" and not args.tiles:
                         continue
                     launch.forced_configs.clear()
-                    for name in (kernel, kernel + "_tma"):  # either forward variant
+                    for name in (kernel, kernel + "_tma", kernel + "_causal", kernel + "_tma_causal"):  # any variant
                         launch.forced_configs[name] = cfg
                     try:
                         if kernel == "fwd":
@@ -68,10 +76,12 @@ def main():
                     flops = fwd_flops * (1.0 if kernel == "fwd" else 2.5)
                     rows.append((ms, cfg, f"{flops / ms * 1e-9:.0f} TFLOP/s"))
                 launch.forced_configs.clear()
+                ms = do_bench(fn, warmup=10, rep=40, return_mode="median")
+                rows.append((ms, "table", f"{fwd_flops * (1.0 if kernel == 'fwd' else 2.5) / ms * 1e-9:.0f} TFLOP/s"))
                 rows.sort(key=lambda r: r[0])
                 print(f"== {kernel} d={d} causal={causal} seqlen={s} (bwd rows time the whole backward)")
-                for ms, cfg, note in rows[:6]:
-                    print(f"  {ms:8.3f} ms  {tuple(cfg)}  {note}")
+                for ms, cfg, note in rows[:8]:
+                    print(f"  {ms:8.3f} ms  {cfg if isinstance(cfg, str) else tuple(cfg)}  {note}")
 
 
 if __name__ == "__main__":

@@ -70,12 +70,37 @@ def test_descriptors_only_where_they_apply(monkeypatch):
 
     monkeypatch.setenv("FLASHTILE_FWD_TMA", "1")
     aligned = torch.randn(1, 200, 2, 64, dtype=torch.float16)
-    assert launch._descriptor_mode("FLASHTILE_FWD_TMA", 1, 200, 200, aligned) == 1
-    assert launch._descriptor_mode("FLASHTILE_FWD_TMA", 1, 200, 1, aligned) == 0     # too few rows
-    odd = torch.randn(1, 200, 2, 59, dtype=torch.float16)                             # 118-byte rows
-    assert launch._descriptor_mode("FLASHTILE_FWD_TMA", 1, 200, 200, odd) == 0
+    assert launch._descriptor_mode("FLASHTILE_FWD_TMA", 1, 200, 2048, 200, aligned) == 1
+    assert launch._descriptor_mode("FLASHTILE_FWD_TMA", 1, 200, 2048, 1, aligned) == 0     # too few rows
+    odd = torch.randn(1, 200, 2, 59, dtype=torch.float16)                                   # 118-byte rows
+    assert launch._descriptor_mode("FLASHTILE_FWD_TMA", 1, 200, 2048, 200, odd) == 0
     monkeypatch.delenv("FLASHTILE_FWD_TMA")
-    assert launch._descriptor_mode("FLASHTILE_FWD_TMA", 1, 4096, 4096, aligned) == 0  # not a Hopper GPU
+    assert launch._descriptor_mode("FLASHTILE_FWD_TMA", 1, 4096, 2048, 4096, aligned) == 0  # not a Hopper GPU
+
+
+def test_forward_descriptors_by_row_length_on_hopper(monkeypatch):
+    """Without the override, Hopper's forward reads K/V through descriptors from
+    1k keys per row at head dims above 64, from 2k keys at 64 and below."""
+    from flashtile.api import launch
+
+    monkeypatch.delenv("FLASHTILE_FWD_TMA", raising=False)
+    monkeypatch.setattr(launch, "_capability", lambda device: (9, 0))
+    for head_dim, keys, expected in [(128, 1024, 1), (128, 1023, 0), (256, 1024, 1), (64, 1024, 0), (64, 2048, 1)]:
+        q = torch.randn(1, 256, 2, head_dim, dtype=torch.bfloat16)
+        assert launch._forward_features(q, q, q, keys)["KV_DESC"] == expected, (head_dim, keys)
+
+
+def test_launch_table_falls_back_to_the_base_kernel():
+    from flashtile.kernels import configs
+
+    hopper = (9, 0)
+    # a variant with an entry for this head dim takes it; one without, its base kernel's
+    assert configs.launch_configs("dkdv_tma_causal", 64, 2, hopper)[0] == configs._SM90["dkdv_tma_causal"][64][0]
+    assert configs.launch_configs("dkdv_tma_causal", 128, 2, hopper)[0] == configs._SM90["dkdv"][128][0]
+    assert configs.launch_configs("dkdv_tma", 64, 2, hopper)[0] == configs._SM90["dkdv_tma"][64][0]
+    assert configs.launch_configs("dq_causal", 256, 2, hopper)[0] == configs._SM90["dq"][256][0]
+    assert configs.launch_configs("fwd_tma", 128, 2, (8, 0))[0] == configs._GENERIC["fwd"][128][0]
+    assert configs.launch_configs("dq_tma_causal", 64, 2, None) == [configs._INTERPRETER]
 
 
 def test_fp32_dot_precision(monkeypatch):

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import torch
 
-import triton
 
 from ..kernels.l2norm import l2norm_bwd_kernel, l2norm_fwd_kernel
 from ..reference import l2norm_grouped
 from .checks import check_qkv, check_tensor
-from .launch import interpreting
+from .launch import _block_d, cdiv, interpreting
 from .ops import attention
 
 _LAYOUT = "(batch, nheads, seqlen, headdim)"
@@ -29,9 +28,9 @@ _LAYOUT = "(batch, nheads, seqlen, headdim)"
 
 def _l2norm_launch(kernel, group_dim: int, *tensors: torch.Tensor) -> None:
     rows = tensors[0].numel() // group_dim
-    block_d = max(16, triton.next_power_of_2(group_dim))
+    block_d = _block_d(group_dim)
     block_r = max(1, min(64, 4096 // block_d))
-    kernel[(triton.cdiv(rows, block_r),)](*tensors, rows, GROUP_DIM=group_dim, BLOCK_R=block_r, BLOCK_D=block_d)
+    kernel[(cdiv(rows, block_r),)](*tensors, rows, GROUP_DIM=group_dim, BLOCK_R=block_r, BLOCK_D=block_d)
 
 
 class _L2Norm(torch.autograd.Function):

@@ -19,7 +19,7 @@ import triton
 from ..kernels.configs import decode_config
 from ..kernels.decode import attn_combine_kernel, attn_decode_kernel
 from ..reference import AttnOptions, attention_tiled_forward
-from .launch import LOG2E, _block_d, _capability, _dot_precision, interpreting
+from .launch import LOG2E, _block_d, _capability, _dot_precision, cdiv, interpreting
 
 MAX_SPLITS = 128
 # a split should stream at least this many keys, or the combine costs more than it saves
@@ -71,10 +71,10 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_ta
     block_d = _block_d(head_dim)
     page_size = k_cache.shape[1] if paged else 0
     cfg = decode_config(seqlen_q * group, block_d, q.element_size(), _capability(q.device), page_size)
-    m_blocks = triton.cdiv(seqlen_q * group, cfg.block_m)
+    m_blocks = cdiv(seqlen_q * group, cfg.block_m)
     if num_splits <= 0:
         num_splits = num_splits_heuristic(batch * nheads_k * m_blocks, capacity, paged, q.device)
-    num_splits = max(1, min(num_splits, MAX_SPLITS, triton.cdiv(capacity, cfg.block_n)))
+    num_splits = max(1, min(num_splits, MAX_SPLITS, cdiv(capacity, cfg.block_n)))
     row_lookup = False
     if paged and num_splits == 1:
         # enough programs without splits (large batches): the 5 stages that hide the page
@@ -119,7 +119,7 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_ta
             part_lse.stride(1), part_lse.stride(2), part_lse.stride(0),
             out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
             nheads, seqlen_q, num_splits,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4)
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, 1 << (num_splits - 1).bit_length()), num_warps=4)
     return out, lse
 
 
@@ -130,7 +130,7 @@ def cache_rows(cache: torch.Tensor, b: int, stop: int, cache_batch_idx, block_ta
     if block_table is None:
         return cache[row, :stop]
     page_size = cache.shape[1]
-    pages = block_table[row, :triton.cdiv(stop, page_size)].long()
+    pages = block_table[row, :cdiv(stop, page_size)].long()
     return cache[pages].flatten(0, 1)[:stop]
 
 

@@ -26,10 +26,24 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_capabilities: dict[int, tuple[int, int]] = {}
+
+
 def _capability(device: torch.device) -> tuple[int, int] | None:
-    if interpreting() or device.type != "cuda":
+    """CUDA compute capability of ``device`` (cached per device: asked on every call), or
+    None under the interpreter and off CUDA."""
+    if device.type != "cuda" or interpreting():
         return None
-    return torch.cuda.get_device_capability(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    capability = _capabilities.get(index)
+    if capability is None:
+        capability = _capabilities[index] = torch.cuda.get_device_capability(index)
+    return capability
+
+
+def cdiv(a: int, b: int) -> int:
+    # plain Python: triton.cdiv is a constexpr function, several times slower to call on the host
+    return -(-a // b)
 
 
 def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
@@ -53,7 +67,7 @@ def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
 
 
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, 1 << (head_dim - 1).bit_length())
 
 
 _chosen: dict[tuple, LaunchConfig] = {}
@@ -68,7 +82,8 @@ def _launch(name: str, kernel, grid_fn, args, constexprs: dict, tensor: torch.Te
     Block-sparse launches (SPARSE) cap the tiles at the mask's block size, of
     which they are then divisors (all are powers of two)."""
     capability = _capability(tensor.device)
-    key = (name, block_d, tensor.dtype, capability, tuple(sorted(constexprs.items())))
+    # each call site builds ``constexprs`` in a fixed order: no need to sort it
+    key = (name, block_d, tensor.dtype, capability, tuple(constexprs.items()))
     if name in forced_configs:
         candidates = [forced_configs[name]]
     elif key in _chosen:
@@ -119,9 +134,10 @@ def _keys_per_row(lay: "_Layout", opts: AttnOptions) -> int:
     return keys
 
 
-def _descriptor_mode(env_name: str, default: int, keys_per_row: int, rows: int, *tensors: torch.Tensor) -> int:
+def _descriptor_mode(env_name: str, default: int, keys_per_row: int, min_keys: int, rows: int,
+                     *tensors: torch.Tensor) -> int:
     """0: pointer loads; 1: tensor descriptors built in the kernel; 2: built on the host.
-    On Hopper, ``default`` once a query row sees TMA_MIN_KEYS keys or more (shorter
+    On Hopper, ``default`` once a query row sees ``min_keys`` keys or more (shorter
     rows: pointer loads measured as fast or faster); ``env_name`` (0, 1 or 2)
     overrides, for experiments. Unaligned tensors, and descriptors over fewer
     than TMA_MIN_ROWS rows (``rows``; a length of 1 becomes a compile-time
@@ -130,7 +146,7 @@ def _descriptor_mode(env_name: str, default: int, keys_per_row: int, rows: int, 
     hopper = capability is not None and capability[0] >= 9
     env = os.environ.get(env_name)
     if env is None:
-        mode = default if hopper and keys_per_row >= TMA_MIN_KEYS else 0
+        mode = default if hopper and keys_per_row >= min_keys else 0
     else:
         mode = int(env)
     if rows < TMA_MIN_ROWS or not _tma_compatible(*tensors):
@@ -150,7 +166,8 @@ def _forward_features(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys_pe
     hopper = capability is not None and capability[0] >= 9
     warp_spec = _env_flag("FLASHTILE_FWD_WS")
     warp_spec = hopper and DEFAULT_FWD_WS if warp_spec is None else warp_spec and capability is not None
-    kv_desc = _descriptor_mode("FLASHTILE_FWD_TMA", DEFAULT_FWD_TMA, keys_per_row, k.shape[-3], k, v)
+    min_keys = TMA_MIN_KEYS if q.shape[-1] <= 64 else TMA_MIN_KEYS_WIDE
+    kv_desc = _descriptor_mode("FLASHTILE_FWD_TMA", DEFAULT_FWD_TMA, keys_per_row, min_keys, k.shape[-3], k, v)
     if q.element_size() > 2 and "FLASHTILE_FWD_TMA" not in os.environ:
         # fp32 through descriptors measured 32x slower than through pointer loads on an H200
         # (27 ms at 2k keys against 0.84 ms at 1k, docs/performance.md)
@@ -164,6 +181,9 @@ def _forward_features(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys_pe
 DEFAULT_FWD_TMA = 1
 DEFAULT_BWD_TMA = 1
 TMA_MIN_KEYS = 2048
+# at head dims above 64 descriptors gain from 1k keys per row (H200, 1k non-causal and 2k causal:
+# forward +5-13%, backward +1-20%); head dim 64 loses up to 11% there (docs/performance.md)
+TMA_MIN_KEYS_WIDE = 1024
 TMA_MIN_ROWS = 128
 DEFAULT_FWD_WS = False
 
@@ -192,7 +212,8 @@ def fixed_offset(opts: AttnOptions, dtype: torch.dtype) -> float | None:
 def _bsh(t: torch.Tensor, varlen: bool = False) -> tuple[int, int, int]:
     """Batch, sequence and head strides of a (batch, seqlen, heads, dim) tensor;
     for a packed varlen tensor (1, total, heads, dim) the batch stride is 0."""
-    return 0 if varlen else t.stride(0), t.stride(1), t.stride(2)
+    batch, seq, head = t.stride()[:3]
+    return 0 if varlen else batch, seq, head
 
 
 def _sparse_args(full: torch.Tensor, part: torch.Tensor, patterns: torch.Tensor) -> tuple:
@@ -286,8 +307,9 @@ def attention_forward(q, k, v, opts: AttnOptions, cu_seqlens_q=None, cu_seqlens_
                 *lay.bias_strides, lay.alibi_stride, lay.nheads, lay.nheads // lay.nheads_k, *lay.positions,
                 *lay.scores, *lay.dropout, 0.0 if lay.fixed_max is None else lay.fixed_max, *lay.sparse_fwd)
 
-    _launch("fwd_tma" if const["KV_DESC"] else "fwd", attn_fwd_kernel,
-            lambda c: (triton.cdiv(lay.seqlen_q, c.block_m) * lay.batch * lay.nheads,),
+    causal = const["MASK_RIGHT"] and not const["MASK_LEFT"]
+    _launch(("fwd_tma" if const["KV_DESC"] else "fwd") + ("_causal" if causal else ""), attn_fwd_kernel,
+            lambda c: (cdiv(lay.seqlen_q, c.block_m) * lay.batch * lay.nheads,),
             args, const, q, block_d)
     if varlen:
         return out.squeeze(0), lse.squeeze(0)
@@ -306,7 +328,8 @@ def attention_backward(dout, q, k, v, out, lse, opts: AttnOptions, bias_grad: bo
         q, k, v, out, dout, lse = (t.unsqueeze(0) for t in (q, k, v, out, dout, lse))
     lay = _Layout(q, k, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sparse)
     # tensor descriptors (in the kernel) for Q/dO in dK/dV and K/V in dQ: FLASHTILE_BWD_TMA = 0 or 1
-    use_desc = _descriptor_mode("FLASHTILE_BWD_TMA", DEFAULT_BWD_TMA, _keys_per_row(lay, opts),
+    min_keys = TMA_MIN_KEYS if q.shape[-1] <= 64 else TMA_MIN_KEYS_WIDE
+    use_desc = _descriptor_mode("FLASHTILE_BWD_TMA", DEFAULT_BWD_TMA, _keys_per_row(lay, opts), min_keys,
                                 min(q.shape[1], k.shape[1]), q, k, v, dout) == 1
     const = lay.const | dict(USE_DESC=use_desc)
     block_d = const["BLOCK_D"]
@@ -316,7 +339,7 @@ def attention_backward(dout, q, k, v, out, lse, opts: AttnOptions, bias_grad: bo
     # delta over the padded (batch, seqlen_q) or the packed (1, total_q) rows
     delta = torch.empty_like(lse)
     pre_m = 32 if interpreting() else 64
-    attn_bwd_preprocess_kernel[(triton.cdiv(q.shape[1], pre_m) * q.shape[0] * nheads,)](
+    attn_bwd_preprocess_kernel[(cdiv(q.shape[1], pre_m) * q.shape[0] * nheads,)](
         out, dout, delta, *_bsh(out), *_bsh(dout), delta.stride(0), delta.stride(1), nheads, q.shape[1],
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_m)
 
@@ -332,15 +355,17 @@ def attention_backward(dout, q, k, v, out, lse, opts: AttnOptions, bias_grad: bo
             *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(dout, varlen), *_bsh(dk, varlen),
             *_bsh(dv, varlen), *common, *dbias_strides, lay.alibi_stride,
             nheads_k, nheads // nheads_k, *lay.positions, scale, *lay.scores, *lay.dropout, *lay.sparse_bwd)
-    _launch("dkdv_tma" if use_desc else "dkdv", attn_bwd_dkdv_kernel,
-            lambda c: (triton.cdiv(lay.seqlen_k, c.block_n) * lay.batch * nheads_k,),
+    # launch-table names: the kernel, "_tma" with descriptors, "_causal" for a causal mask alone
+    suffix = ("_tma" if use_desc else "") + ("_causal" if const["MASK_RIGHT"] and not const["MASK_LEFT"] else "")
+    _launch("dkdv" + suffix, attn_bwd_dkdv_kernel,
+            lambda c: (cdiv(lay.seqlen_k, c.block_n) * lay.batch * nheads_k,),
             args, const | dict(BIAS_GRAD=bias_grad), q, block_d)
     args = (q, k, v, dout, dq, lse, delta, lay.cu_q, lay.cu_k, lay.bias, lay.alibi,
             *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(dout, varlen), *_bsh(dq, varlen),
             *common, lay.alibi_stride, nheads, nheads // nheads_k, *lay.positions, scale, *lay.scores,
             *lay.dropout, *lay.sparse_fwd)
-    _launch("dq_tma" if use_desc else "dq", attn_bwd_dq_kernel,
-            lambda c: (triton.cdiv(lay.seqlen_q, c.block_m) * lay.batch * nheads,),
+    _launch("dq" + suffix, attn_bwd_dq_kernel,
+            lambda c: (cdiv(lay.seqlen_q, c.block_m) * lay.batch * nheads,),
             args, const, q, block_d)
     if varlen:
         dq, dk, dv = dq.squeeze(0), dk.squeeze(0), dv.squeeze(0)

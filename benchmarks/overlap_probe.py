@@ -1,0 +1,115 @@
+"""Probe: does computing the next tile's scores before this tile's softmax pay?
+
+A stripped forward (non-causal, tensor descriptors, seqlen a multiple of the
+tiles) in two schedules:
+- in order: S_j = Q K_j^T; softmax(S_j); O += P_j V_j
+- scores one tile ahead: S_{j+1} = Q K_{j+1}^T is issued before the softmax
+  of S_j, so the tensor cores can run it while the softmax of tile j runs
+  (FlashAttention-3's intra-warpgroup overlap), at the cost of holding two
+  score tiles in registers.
+
+    python benchmarks/overlap_probe.py --head-dims 64,128 --seqlens 1024,4096
+"""
+
+import argparse
+
+import torch
+import triton
+import triton.language as tl
+from triton.testing import do_bench
+
+from flashtile.api import launch
+
+
+@triton.jit
+def _softmax_pv(s, acc, l_i, m_i, v, qk_scale):
+    s = s * qk_scale
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def probe_fwd(Q, K, V, Out, seqlen, stride_s, nheads, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, AHEAD: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // nheads
+    h = bh % nheads
+    off = b.to(tl.int64) * seqlen * stride_s + h * HEAD_DIM
+    q_desc = tl.make_tensor_descriptor(Q + off, [seqlen, HEAD_DIM], [stride_s, 1], [BLOCK_M, HEAD_DIM])
+    k_desc = tl.make_tensor_descriptor(K + off, [seqlen, HEAD_DIM], [stride_s, 1], [BLOCK_N, HEAD_DIM])
+    v_desc = tl.make_tensor_descriptor(V + off, [seqlen, HEAD_DIM], [stride_s, 1], [BLOCK_N, HEAD_DIM])
+    o_desc = tl.make_tensor_descriptor(Out + off, [seqlen, HEAD_DIM], [stride_s, 1], [BLOCK_M, HEAD_DIM])
+    q = q_desc.load([pid_m * BLOCK_M, 0])
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if AHEAD:
+        s = tl.dot(q, tl.trans(k_desc.load([0, 0])))
+        for start in tl.range(BLOCK_N, seqlen, BLOCK_N):
+            s_next = tl.dot(q, tl.trans(k_desc.load([start, 0])))
+            acc, l_i, m_i = _softmax_pv(s, acc, l_i, m_i, v_desc.load([start - BLOCK_N, 0]), qk_scale)
+            s = s_next
+        acc, l_i, m_i = _softmax_pv(s, acc, l_i, m_i, v_desc.load([seqlen - BLOCK_N, 0]), qk_scale)
+    else:
+        for start in tl.range(0, seqlen, BLOCK_N):
+            s = tl.dot(q, tl.trans(k_desc.load([start, 0])))
+            acc, l_i, m_i = _softmax_pv(s, acc, l_i, m_i, v_desc.load([start, 0]), qk_scale)
+    acc = acc / l_i[:, None]
+    o_desc.store([pid_m * BLOCK_M, 0], acc.to(Out.dtype.element_ty))
+
+
+def probe(q, k, v, block_m, block_n, warps, stages, maxnreg, ahead):
+    b, s, h, d = q.shape
+    out = torch.empty_like(q)
+    triton.set_allocator(launch._scratch_allocator)  # device-side descriptors need scratch memory
+    grid = (s // block_m, b * h)
+    probe_fwd[grid](q, k, v, out, s, q.stride(1), h, d**-0.5 * 1.4426950408889634, HEAD_DIM=d, BLOCK_M=block_m,
+                    BLOCK_N=block_n, AHEAD=ahead, num_warps=warps, num_stages=stages,
+                    maxnreg=maxnreg or None)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--head-dims", default="64,128,256")
+    ap.add_argument("--seqlens", default="1024,4096,16384")
+    ap.add_argument("--configs", default="128x128x8x3,128x64x8x3,128x64x8x2r128,64x64x4x3,64x64x4x2")
+    ap.add_argument("--ahead", action="store_true", help="also the scores-one-tile-ahead schedule")
+    args = ap.parse_args()
+    # BLOCK_M x BLOCK_N x warps x stages, optionally "r" and a register cap (two programs per SM)
+    configs = [tuple(map(int, c.replace("r", "x").split("x"))) for c in args.configs.split(",")]
+    configs = [c if len(c) == 5 else c + (0,) for c in configs]
+    for d in map(int, args.head_dims.split(",")):
+        for s in map(int, args.seqlens.split(",")):
+            b, h = max(1, 16384 // s), 2048 // d
+            q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+            ref = ref.transpose(1, 2)
+            flops = 4 * b * h * s * s * d
+            import flashtile
+
+            ms = do_bench(lambda: flashtile.flash_attn_func(q, k, v), warmup=10, rep=50, return_mode="median")
+            print(f"d{d} s{s} flashtile {flops / ms * 1e-9:.0f} TFLOP/s", flush=True)
+            for cfg in configs:
+                line = []
+                for ahead in (False, True):
+                    if ahead and not args.ahead:
+                        continue
+                    try:
+                        out = probe(q, k, v, *cfg, ahead)
+                        err = (out.float() - ref.float()).abs().max().item()
+                        ms = do_bench(lambda: probe(q, k, v, *cfg, ahead), warmup=10, rep=50, return_mode="median")
+                        line.append(f"{'ahead' if ahead else 'order'} {flops / ms * 1e-9:.0f} (err {err:.1e})")
+                    except Exception as exc:
+                        line.append(f"{'ahead' if ahead else 'order'} {type(exc).__name__}")
+                print(f"d{d} s{s} {cfg}: " + "  ".join(line), flush=True)
+
+
+if __name__ == "__main__":
+    main()
