@@ -58,6 +58,8 @@ for step in "$@"; do
       done ;;
     tma-probe) python3 benchmarks/tma_probe.py 2>&1 | tee "$OUT/tma_probe.log" ;;
     host) python3 benchmarks/host_overhead.py --profile 2>&1 | tee "$OUT/host.log" ;;
+    autotune) python3 -m pytest -q -m gpu tests/test_autotune.py 2>&1 | tail -3
+              python3 benchmarks/autotune_gain.py 2>&1 | tee "$OUT/autotune.log" ;;
     tests-cpu-suite) python3 -m pytest -q -n 8 -x tests -k "not compile" 2>&1 | tail -5 ;;
     tune) python3 benchmarks/tune.py --causal 0 2>&1 | tee "$OUT/tune.log" ;;
     tune-fwd-variants)

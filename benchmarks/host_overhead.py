@@ -94,9 +94,9 @@ def launch_detail() -> None:
     launches = []
     real_launch = launch._launch
 
-    def recording_launch(name, kernel, grid_fn, args, constexprs, tensor, block_d):
+    def recording_launch(name, kernel, grid_fn, args, constexprs, tensor, block_d, seqlens=(0, 0)):
         launches.append((name, kernel, grid_fn, args, constexprs, tensor, block_d))
-        real_launch(name, kernel, grid_fn, args, constexprs, tensor, block_d)
+        real_launch(name, kernel, grid_fn, args, constexprs, tensor, block_d, seqlens)
 
     launch._launch = recording_launch
     launch.attention_forward(q, k, v, opts)

@@ -62,8 +62,8 @@ def main():
                     if too_large and kernel != "fwd" and not args.tiles:
                         continue
                     launch.forced_configs.clear()
-                    for name in (kernel, kernel + "_tma", kernel + "_causal", kernel + "_tma_causal"):  # any variant
-                        launch.forced_configs[name] = cfg
+                    for variant in ("", "_tma", "_causal", "_tma_causal", "_causal_short", "_tma_causal_short"):
+                        launch.forced_configs[kernel + variant] = cfg  # whichever variant the call takes
                     try:
                         if kernel == "fwd":
                             fn = lambda: flashtile.flash_attn_func(q, k, v, causal=causal)  # noqa: E731

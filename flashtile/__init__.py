@@ -48,6 +48,7 @@ from .api import (
     or_masks,
     pad_input,
     scaled_dot_product_attention,
+    set_autotune,
     strided_block_mask,
     unpad_input,
 )
@@ -83,6 +84,7 @@ __all__ = [
     "pad_input",
     "plain_cosine_sim_attention",
     "scaled_dot_product_attention",
+    "set_autotune",
     "strided_block_mask",
     "unpad_input",
 ]

@@ -101,6 +101,26 @@ def test_launch_table_falls_back_to_the_base_kernel():
     assert configs.launch_configs("dq_causal", 256, 2, hopper)[0] == configs._SM90["dq"][256][0]
     assert configs.launch_configs("fwd_tma", 128, 2, (8, 0))[0] == configs._GENERIC["fwd"][128][0]
     assert configs.launch_configs("dq_tma_causal", 64, 2, None) == [configs._INTERPRETER]
+    short = configs._SM90["fwd_tma_causal_short"][128][0]
+    assert configs.launch_configs("fwd_tma_causal_short", 128, 2, hopper)[0] == short
+    assert configs.launch_configs("fwd_tma_causal_short", 64, 2, hopper)[0] == configs._SM90["fwd_tma"][64][0]
+    assert configs.launch_configs("fwd_causal_short", 128, 2, hopper)[0] == configs._SM90["fwd_causal"][128][0]
+
+
+@pytest.mark.parametrize("seqlen, causal, window, expected", [
+    (256, True, (-1, -1), "fwd_causal_short"), (256, False, (-1, -1), "fwd"),
+    (256, False, (16, 0), "fwd"), (4200, True, (-1, -1), "fwd_causal")])
+def test_forward_launch_names(monkeypatch, seqlen, causal, window, expected):
+    from flashtile.api import launch, ops
+
+    names = []
+    monkeypatch.setattr(launch, "_launch", lambda name, *args: names.append(name))
+    # causal rows see seqlen / 2 keys on average: "_short" below 2k
+    q = torch.randn(1, seqlen, 1, 16)
+    left, right = (-1, 0) if causal else window
+    opts = ops.attn_options(q, q, None, None, None, 0.25, 0, left, right, 0.0, 0.0, False)
+    launch.attention_forward(q, q, q, opts)
+    assert names == [expected]
 
 
 def test_fp32_dot_precision(monkeypatch):

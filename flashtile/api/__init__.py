@@ -1,5 +1,6 @@
 """Public API layer: argument checking, layouts, autograd and torch.library ops."""
 
+from .autotune import set_autotune
 from .block_mask import BlockMask, create_block_mask
 from .block_sparse import block_sparse_attention, block_sparse_attn_func
 from .cosine_sim import flash_cosine_sim_attention, l2norm_tensors
@@ -52,6 +53,7 @@ __all__ = [
     "or_masks",
     "pad_input",
     "scaled_dot_product_attention",
+    "set_autotune",
     "strided_block_mask",
     "unpad_input",
 ]

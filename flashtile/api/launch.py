@@ -6,6 +6,7 @@ a contiguous last dimension; any other strides are passed to the kernels.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 
@@ -17,6 +18,7 @@ from ..kernels.common import BIAS_ADD, BIAS_BOOL, BIAS_NONE
 from ..kernels.configs import LaunchConfig, launch_configs, sparse_constexprs
 from ..kernels.forward import attn_fwd_kernel
 from ..reference import AttnOptions
+from . import autotune
 
 LOG2E = 1.4426950408889634
 
@@ -75,15 +77,20 @@ _chosen: dict[tuple, LaunchConfig] = {}
 forced_configs: dict[str, LaunchConfig] = {}
 
 
-def _launch(name: str, kernel, grid_fn, args, constexprs: dict, tensor: torch.Tensor, block_d: int):
-    """Launch ``kernel`` with the first config of the table that compiles here.
+def _launch(name: str, kernel, grid_fn, args, constexprs: dict, tensor: torch.Tensor, block_d: int,
+            seqlens: tuple[int, int] = (0, 0)):
+    """Launch ``kernel`` with the first config of the table that compiles here,
+    or with autotuning on (see :mod:`.autotune`) the fastest one for this
+    (GPU, head dim, dtype, switches, bucket of ``seqlens`` = (seqlen_q, seqlen_k)).
     ``args`` is a tuple, or a function of the config giving one (for arguments
     that depend on the tile sizes, such as host-built tensor descriptors).
     Block-sparse launches (SPARSE) cap the tiles at the mask's block size, of
     which they are then divisors (all are powers of two)."""
     capability = _capability(tensor.device)
+    tuning = capability is not None and autotune.enabled()
     # each call site builds ``constexprs`` in a fixed order: no need to sort it
-    key = (name, block_d, tensor.dtype, capability, tuple(constexprs.items()))
+    key = (name, block_d, tensor.dtype, capability, tuple(constexprs.items()),
+           tuple(map(autotune.size_bucket, seqlens)) if tuning else None)
     if name in forced_configs:
         candidates = [forced_configs[name]]
     elif key in _chosen:
@@ -91,15 +98,27 @@ def _launch(name: str, kernel, grid_fn, args, constexprs: dict, tensor: torch.Te
     else:
         candidates = launch_configs(name, block_d, tensor.element_size(), capability)
     if constexprs.get("SPARSE"):
-        candidates = [c._replace(block_m=min(c.block_m, constexprs["SPARSE_BM"]),
-                                 block_n=min(c.block_n, constexprs["SPARSE_BN"])) for c in candidates]
+        candidates = list(dict.fromkeys(
+            c._replace(block_m=min(c.block_m, constexprs["SPARSE_BM"]), block_n=min(c.block_n, constexprs["SPARSE_BN"]))
+            for c in candidates))
+
+    def run(cfg: LaunchConfig) -> None:
+        sparse = sparse_constexprs(name, cfg, capability) if constexprs.get("SPARSE") else {}
+        kernel[grid_fn(cfg)](*(args(cfg) if callable(args) else args), **constexprs, **sparse,
+                             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    if tuning and name not in forced_configs and key not in _chosen:
+        disk_key = _autotune_key(name, kernel, block_d, tensor, capability, constexprs, key[-1])
+        tuned = autotune.lookup(disk_key)
+        if tuned is None and not torch.cuda.is_current_stream_capturing():
+            tuned = autotune.tune(disk_key, autotune.search_space(candidates), run)
+        if tuned is not None:
+            candidates = [tuned] + candidates
     error = None
     for cfg in candidates:
-        sparse = sparse_constexprs(name, cfg, capability) if constexprs.get("SPARSE") else {}
         try:
-            kernel[grid_fn(cfg)](*(args(cfg) if callable(args) else args), **constexprs, **sparse,
-                                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            run(cfg)
         except triton.runtime.errors.OutOfResources as exc:  # too large for this GPU: next one
             error = exc
             continue
@@ -107,6 +126,16 @@ def _launch(name: str, kernel, grid_fn, args, constexprs: dict, tensor: torch.Te
             _chosen[key] = cfg
         return
     raise RuntimeError(f"flashtile: no launch configuration of kernel '{name}' fits this GPU") from error
+
+
+def _autotune_key(name, kernel, block_d, tensor, capability, constexprs, buckets) -> str:
+    """Key of a tuned choice in the on-disk cache: GPU, kernel source, variant, shapes."""
+    switches = hashlib.sha1(repr(tuple(constexprs.items())).encode()).hexdigest()[:12]
+    source = getattr(kernel, "cache_key", "")[:12]
+    gpu = torch.cuda.get_device_name(tensor.device).replace(" ", "_")
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    return (f"{gpu}/sm{capability[0]}{capability[1]}/triton-{triton.__version__}/{name}-{source}/d{block_d}/"
+            f"{dtype}/{switches}/{buckets[0]}x{buckets[1]}")
 
 
 def _env_flag(name: str) -> bool | None:
@@ -184,6 +213,8 @@ TMA_MIN_KEYS = 2048
 # at head dims above 64 descriptors gain from 1k keys per row (H200, 1k non-causal and 2k causal:
 # forward +5-13%, backward +1-20%); head dim 64 loses up to 11% there (docs/performance.md)
 TMA_MIN_KEYS_WIDE = 1024
+# causal forward rows shorter than this (seqlen < 4k) take the "_short" launch-table entries
+SHORT_CAUSAL_KEYS = 2048
 TMA_MIN_ROWS = 128
 DEFAULT_FWD_WS = False
 
@@ -291,8 +322,8 @@ def attention_forward(q, k, v, opts: AttnOptions, cu_seqlens_q=None, cu_seqlens_
     lay = _Layout(q, k, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sparse)
     out = torch.empty_like(q)
     lse = torch.empty((q.shape[0], lay.nheads, q.shape[1]), device=q.device, dtype=torch.float32)
-    const = lay.const | dict(FIXED_MAX=lay.fixed_max is not None) | _forward_features(q, k, v,
-                                                                                       _keys_per_row(lay, opts))
+    keys_per_row = _keys_per_row(lay, opts)
+    const = lay.const | dict(FIXED_MAX=lay.fixed_max is not None) | _forward_features(q, k, v, keys_per_row)
     block_d = const["BLOCK_D"]
 
     def args(cfg):
@@ -307,10 +338,15 @@ def attention_forward(q, k, v, opts: AttnOptions, cu_seqlens_q=None, cu_seqlens_
                 *lay.bias_strides, lay.alibi_stride, lay.nheads, lay.nheads // lay.nheads_k, *lay.positions,
                 *lay.scores, *lay.dropout, 0.0 if lay.fixed_max is None else lay.fixed_max, *lay.sparse_fwd)
 
+    # launch-table names: "_tma" with descriptors, "_causal" for a causal mask alone, "_short"
+    # when its rows see fewer than SHORT_CAUSAL_KEYS keys (smaller query blocks pay there)
     causal = const["MASK_RIGHT"] and not const["MASK_LEFT"]
-    _launch(("fwd_tma" if const["KV_DESC"] else "fwd") + ("_causal" if causal else ""), attn_fwd_kernel,
+    name = ("fwd_tma" if const["KV_DESC"] else "fwd") + ("_causal" if causal else "")
+    if causal and keys_per_row < SHORT_CAUSAL_KEYS:
+        name += "_short"
+    _launch(name, attn_fwd_kernel,
             lambda c: (cdiv(lay.seqlen_q, c.block_m) * lay.batch * lay.nheads,),
-            args, const, q, block_d)
+            args, const, q, block_d, (lay.seqlen_q, lay.seqlen_k))
     if varlen:
         return out.squeeze(0), lse.squeeze(0)
     return out, lse
@@ -359,14 +395,14 @@ def attention_backward(dout, q, k, v, out, lse, opts: AttnOptions, bias_grad: bo
     suffix = ("_tma" if use_desc else "") + ("_causal" if const["MASK_RIGHT"] and not const["MASK_LEFT"] else "")
     _launch("dkdv" + suffix, attn_bwd_dkdv_kernel,
             lambda c: (cdiv(lay.seqlen_k, c.block_n) * lay.batch * nheads_k,),
-            args, const | dict(BIAS_GRAD=bias_grad), q, block_d)
+            args, const | dict(BIAS_GRAD=bias_grad), q, block_d, (lay.seqlen_q, lay.seqlen_k))
     args = (q, k, v, dout, dq, lse, delta, lay.cu_q, lay.cu_k, lay.bias, lay.alibi,
             *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(dout, varlen), *_bsh(dq, varlen),
             *common, lay.alibi_stride, nheads, nheads // nheads_k, *lay.positions, scale, *lay.scores,
             *lay.dropout, *lay.sparse_fwd)
     _launch("dq" + suffix, attn_bwd_dq_kernel,
             lambda c: (cdiv(lay.seqlen_q, c.block_m) * lay.batch * nheads,),
-            args, const, q, block_d)
+            args, const, q, block_d, (lay.seqlen_q, lay.seqlen_k))
     if varlen:
         dq, dk, dv = dq.squeeze(0), dk.squeeze(0), dv.squeeze(0)
     return dq, dk, dv, dbias
