@@ -162,4 +162,4 @@ def tune(key: str, candidates: list[LaunchConfig], run: Callable[[LaunchConfig],
 
 def size_bucket(n: int) -> int:
     """Sequence lengths tuned together: the next power of two, 128 to 65536."""
-    return min(65536, max(128, 1 << max(0, n - 1).bit_length()))
+    return min(65536, max(128, 1 << max(0, n - 1).bit_length()))  # next power of two, clamped

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 
-
 from ..kernels.l2norm import l2norm_bwd_kernel, l2norm_fwd_kernel
 from ..reference import l2norm_grouped
 from .checks import check_qkv, check_tensor

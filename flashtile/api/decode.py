@@ -19,7 +19,7 @@ import triton
 from ..kernels.configs import decode_config
 from ..kernels.decode import attn_combine_kernel, attn_decode_kernel
 from ..reference import AttnOptions, attention_tiled_forward
-from .launch import LOG2E, _block_d, _capability, _dot_precision, cdiv, interpreting
+from .launch import LOG2E, _block_d, _capability, _dot_precision, cdiv, interpreting, next_power_of_2
 
 MAX_SPLITS = 128
 # a split should stream at least this many keys, or the combine costs more than it saves
@@ -119,7 +119,7 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_ta
             part_lse.stride(1), part_lse.stride(2), part_lse.stride(0),
             out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
             nheads, seqlen_q, num_splits,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, 1 << (num_splits - 1).bit_length()), num_warps=4)
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, next_power_of_2(num_splits)), num_warps=4)
     return out, lse
 
 

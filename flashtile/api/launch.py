@@ -68,8 +68,13 @@ def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
+def next_power_of_2(n: int) -> int:
+    # plain Python, like cdiv (triton.next_power_of_2 is a constexpr function)
+    return 1 << max(0, n - 1).bit_length()
+
+
 def _block_d(head_dim: int) -> int:
-    return max(16, 1 << (head_dim - 1).bit_length())
+    return max(16, next_power_of_2(head_dim))
 
 
 _chosen: dict[tuple, LaunchConfig] = {}
