@@ -46,6 +46,28 @@ for step in "$@"; do
         PYTHONPATH=$pp python3 -m flashtile bench --dtypes bf16 --head-dims 64,128 --seqlens 4096,16384 \
           --modes fwd,fwd_bwd --providers flashtile --out "$OUT/ab_${side}_$round" > /dev/null 2>&1
       done; done ;;
+    ab-plain)  # plain kernels of bench_old/ (before the option switches), bench_head/ (HEAD) and the
+               # working tree, each with the same forced launch table, alternated over two rounds
+      for round in 1 2; do for side in old head new; do
+        [ $side = new ] && pp=$PWD || pp=$PWD/bench_$side
+        PYTHONPATH=$pp python3 benchmarks/ab_plain.py --tag $side --out "$OUT/ab_${side}_$round.json" 2>&1 | grep TFLOP
+      done; done ;;
+    tests-forward)  # every GPU test that runs the forward kernel (dense, block-sparse, cosine-sim)
+      python3 -m pytest -q -m gpu -n 14 --tb=line tests/test_gpu.py tests/test_block_sparse.py tests/test_cosine_sim.py \
+        > "$OUT/forward_tests.log" 2>&1; tail -8 "$OUT/forward_tests.log" ;;
+    bench-fwd-bf16) python3 -m flashtile bench --dtypes bf16 --modes fwd,fwd_bwd --providers flashtile,sdpa_flash,sdpa_cudnn \
+                  --out "$OUT/main" > "$OUT/bench_main.log" 2>&1; tail -5 "$OUT/bench_main.log" ;;
+    halves-tests) python3 -m pytest -q -m gpu -n 8 --tb=short tests/test_gpu.py -k two_halves 2>&1 | tail -15 \
+                    | tee "$OUT/halves_tests.log" ;;
+    halves-tune)  # the forward with two halves against the table's tiles
+      for s in 1024 4096 16384; do
+        python3 benchmarks/tune.py --kernels fwd --head-dims 128 --seqlen $s \
+          --configs 128x128x8x3,256x64x8x3h,256x64x8x2h,128x64x4x3h,128x128x4x3h
+      done 2>&1 | tee "$OUT/halves_tune_d128.log"
+      for s in 1024 4096; do
+        python3 benchmarks/tune.py --kernels fwd --head-dims 64 --seqlen $s \
+          --configs 128x128x4x3,256x64x8x3h,128x128x4x3h,256x128x8x3h,128x64x4x3h
+      done 2>&1 | tee "$OUT/halves_tune_d64.log" ;;
     tests-bwd-tma) FLASHTILE_BWD_TMA=1 python3 -m pytest -q -m gpu -n 8 tests/test_gpu.py \
                      -k "(flash_attn_gpu and (bfloat16 or float16)) or varlen or options or mask or dropout" 2>&1 | tail -4 ;;
     tune-bwd-tma) FLASHTILE_BWD_TMA=1 python3 benchmarks/tune.py --kernels dkdv,dq --causal 0 --head-dims 64,128 \

@@ -7,6 +7,10 @@ tiles) in two schedules:
   of S_j, so the tensor cores can run it while the softmax of tile j runs
   (FlashAttention-3's intra-warpgroup overlap), at the cost of holding two
   score tiles in registers.
+- two halves (``--halves``): the query block as two halves a, b sharing each K/V
+  tile: S_a, S_b; softmax(S_a); O_a += P_a V; softmax(S_b); O_b += P_b V. The
+  product P_a V is an accumulation, which Triton keeps in flight, so it can
+  run on the tensor cores during the softmax of half b.
 
     python benchmarks/overlap_probe.py --head-dims 64,128 --seqlens 1024,4096
 """
@@ -31,6 +35,38 @@ def _softmax_pv(s, acc, l_i, m_i, v, qk_scale):
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_new
+
+
+@triton.jit
+def probe_fwd_halves(Q, K, V, Out, seqlen, stride_s, nheads, qk_scale,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    HALF: tl.constexpr = BLOCK_M // 2
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // nheads
+    h = bh % nheads
+    off = b.to(tl.int64) * seqlen * stride_s + h * HEAD_DIM
+    q_desc = tl.make_tensor_descriptor(Q + off, [seqlen, HEAD_DIM], [stride_s, 1], [HALF, HEAD_DIM])
+    k_desc = tl.make_tensor_descriptor(K + off, [seqlen, HEAD_DIM], [stride_s, 1], [BLOCK_N, HEAD_DIM])
+    v_desc = tl.make_tensor_descriptor(V + off, [seqlen, HEAD_DIM], [stride_s, 1], [BLOCK_N, HEAD_DIM])
+    o_desc = tl.make_tensor_descriptor(Out + off, [seqlen, HEAD_DIM], [stride_s, 1], [HALF, HEAD_DIM])
+    q_a = q_desc.load([pid_m * BLOCK_M, 0])
+    q_b = q_desc.load([pid_m * BLOCK_M + HALF, 0])
+    m_a = tl.full([HALF], float("-inf"), dtype=tl.float32)
+    m_b = tl.full([HALF], float("-inf"), dtype=tl.float32)
+    l_a = tl.zeros([HALF], dtype=tl.float32)
+    l_b = tl.zeros([HALF], dtype=tl.float32)
+    acc_a = tl.zeros([HALF, HEAD_DIM], dtype=tl.float32)
+    acc_b = tl.zeros([HALF, HEAD_DIM], dtype=tl.float32)
+    for start in tl.range(0, seqlen, BLOCK_N):
+        k = k_desc.load([start, 0])
+        v = v_desc.load([start, 0])
+        s_a = tl.dot(q_a, tl.trans(k))
+        s_b = tl.dot(q_b, tl.trans(k))
+        acc_a, l_a, m_a = _softmax_pv(s_a, acc_a, l_a, m_a, v, qk_scale)
+        acc_b, l_b, m_b = _softmax_pv(s_b, acc_b, l_b, m_b, v, qk_scale)
+    o_desc.store([pid_m * BLOCK_M, 0], (acc_a / l_a[:, None]).to(Out.dtype.element_ty))
+    o_desc.store([pid_m * BLOCK_M + HALF, 0], (acc_b / l_b[:, None]).to(Out.dtype.element_ty))
 
 
 @triton.jit
@@ -69,6 +105,11 @@ def probe(q, k, v, block_m, block_n, warps, stages, maxnreg, ahead):
     out = torch.empty_like(q)
     triton.set_allocator(launch._scratch_allocator)  # device-side descriptors need scratch memory
     grid = (s // block_m, b * h)
+    if ahead == "halves":
+        probe_fwd_halves[grid](q, k, v, out, s, q.stride(1), h, d**-0.5 * 1.4426950408889634, HEAD_DIM=d,
+                               BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+                               maxnreg=maxnreg or None)
+        return out
     probe_fwd[grid](q, k, v, out, s, q.stride(1), h, d**-0.5 * 1.4426950408889634, HEAD_DIM=d, BLOCK_M=block_m,
                     BLOCK_N=block_n, AHEAD=ahead, num_warps=warps, num_stages=stages,
                     maxnreg=maxnreg or None)
@@ -81,6 +122,8 @@ def main():
     ap.add_argument("--seqlens", default="1024,4096,16384")
     ap.add_argument("--configs", default="128x128x8x3,128x64x8x3,128x64x8x2r128,64x64x4x3,64x64x4x2")
     ap.add_argument("--ahead", action="store_true", help="also the scores-one-tile-ahead schedule")
+    ap.add_argument("--halves", action="store_true", help="also the two-halves schedule")
+    ap.add_argument("--no-order", action="store_true", help="skip the in-order schedule")
     args = ap.parse_args()
     # BLOCK_M x BLOCK_N x warps x stages, optionally "r" and a register cap (two programs per SM)
     configs = [tuple(map(int, c.replace("r", "x").split("x"))) for c in args.configs.split(",")]
@@ -98,16 +141,18 @@ def main():
             print(f"d{d} s{s} flashtile {flops / ms * 1e-9:.0f} TFLOP/s", flush=True)
             for cfg in configs:
                 line = []
-                for ahead in (False, True):
-                    if ahead and not args.ahead:
+                for ahead in (False, True, "halves"):
+                    if (ahead is True and not args.ahead) or (ahead == "halves" and not args.halves) or (
+                            ahead is False and args.no_order):
                         continue
                     try:
                         out = probe(q, k, v, *cfg, ahead)
                         err = (out.float() - ref.float()).abs().max().item()
                         ms = do_bench(lambda: probe(q, k, v, *cfg, ahead), warmup=10, rep=50, return_mode="median")
-                        line.append(f"{'ahead' if ahead else 'order'} {flops / ms * 1e-9:.0f} (err {err:.1e})")
+                        name = ahead if isinstance(ahead, str) else "ahead" if ahead else "order"
+                        line.append(f"{name} {flops / ms * 1e-9:.0f} (err {err:.1e})")
                     except Exception as exc:
-                        line.append(f"{'ahead' if ahead else 'order'} {type(exc).__name__}")
+                        line.append(f"{ahead} {type(exc).__name__}")
                 print(f"d{d} s{s} {cfg}: " + "  ".join(line), flush=True)
 
 

@@ -5,6 +5,7 @@ into flashtile/kernels/configs.py by hand, with the numbers in
 docs/performance.md.
 
     python benchmarks/tune.py --head-dims 64,128,256 --seqlen 4096
+    python benchmarks/tune.py --kernels fwd --configs 128x128x8x3,256x64x8x3h   # h: two halves
 """
 
 import argparse
@@ -41,6 +42,8 @@ def main():
     ap.add_argument("--tiles", help="BLOCK_M x BLOCK_N tiles to try instead of the defaults, e.g. 64x64,32x128")
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--stages", default="2,3,4")
+    ap.add_argument("--configs", help="explicit BLOCK_MxBLOCK_NxWARPSxSTAGES list; a trailing 'h' asks the "
+                    "forward for two halves (LaunchConfig.halves)")
     args = ap.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     candidates = CANDIDATES_FP32 if dtype == torch.float32 else CANDIDATES
@@ -48,6 +51,10 @@ def main():
         tiles = [tuple(map(int, t.split("x"))) for t in args.tiles.split(",")]
         grid = list(itertools.product(tiles, map(int, args.warps.split(",")), map(int, args.stages.split(","))))
         candidates = {kernel: [LaunchConfig(m, n, w, st) for (m, n), w, st in grid] for kernel in ("fwd", "dkdv", "dq")}
+    if args.configs:
+        explicit = [LaunchConfig(*map(int, c.rstrip("h").split("x")), halves=c.endswith("h"))
+                    for c in args.configs.split(",")]
+        candidates = {kernel: explicit for kernel in ("fwd", "dkdv", "dq")}
     for d in map(int, args.head_dims.split(",")):
         for causal in (c == "1" for c in args.causal.split(",")):
             b, h, s = max(1, 16384 // args.seqlen), 2048 // d, args.seqlen
@@ -59,7 +66,7 @@ def main():
                 rows = []
                 for cfg in candidates[kernel]:
                     too_large = d * cfg.block_m * cfg.block_n * dtype.itemsize > 256 * 64 * 64 * 2
-                    if too_large and kernel != "fwd" and not args.tiles:
+                    if too_large and kernel != "fwd" and not (args.tiles or args.configs):
                         continue
                     launch.forced_configs.clear()
                     for variant in ("", "_tma", "_causal", "_tma_causal", "_causal_short", "_tma_causal_short"):
@@ -81,7 +88,7 @@ def main():
                 rows.sort(key=lambda r: r[0])
                 print(f"== {kernel} d={d} causal={causal} seqlen={s} (bwd rows time the whole backward)")
                 for ms, cfg, note in rows[:8]:
-                    print(f"  {ms:8.3f} ms  {cfg if isinstance(cfg, str) else tuple(cfg)}  {note}")
+                    print(f"  {ms:8.3f} ms  {cfg if isinstance(cfg, str) else tuple(cfg)}  {note}", flush=True)
 
 
 if __name__ == "__main__":
