@@ -149,3 +149,23 @@ def test_unaligned_strides_take_the_pointer_path_gpu():
     # head dim 59 gives rows of 118 bytes: no tensor descriptors, the plain loads must serve
     q, k, v = (torch.randn(2, 777, 4, 59, device="cuda", dtype=torch.float16) for _ in range(3))
     check_attention(lambda q, k, v: flash_attn_func(q, k, v, causal=True), q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("config", ["256x64x8x3", "128x128x4x3"])
+@pytest.mark.parametrize("feature", ["plain", "causal", "window", "softcap"])
+@pytest.mark.parametrize("head_dim", [64, 96, 128])
+@pytest.mark.parametrize("seqlens", [(4096, 4096), (1000, 3001), (2048, 512)], ids=str)
+def test_forward_two_halves_gpu(monkeypatch, config, feature, head_dim, seqlens):
+    # the forward's query block as two halves, whatever launch-table entry the call takes
+    from flashtile.api import launch
+    from flashtile.kernels.configs import LaunchConfig
+
+    cfg = LaunchConfig(*map(int, config.split("x")), halves=True)
+    monkeypatch.setattr(launch, "forced_configs", {f"fwd{a}{b}{c}": cfg for a in ("", "_tma")
+                                                    for b in ("", "_causal") for c in ("", "_short")})
+    kw = dict(plain={}, causal=dict(causal=True), window=dict(window_size=(700, 50)), softcap=dict(softcap=20.0))
+    kw = kw[feature]
+    q = torch.randn(2, seqlens[0], 4, head_dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, seqlens[1], 2, head_dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(2, seqlens[1], 2, head_dim, device="cuda", dtype=torch.bfloat16)
+    check_attention(lambda q, k, v: flash_attn_func(q, k, v, **kw), q, k, v, backward=False, **kw)

@@ -108,14 +108,14 @@ def test_launch_table_falls_back_to_the_base_kernel():
 
 
 @pytest.mark.parametrize("seqlen, causal, window, expected", [
-    (256, True, (-1, -1), "fwd_causal_short"), (256, False, (-1, -1), "fwd"),
-    (256, False, (16, 0), "fwd"), (4200, True, (-1, -1), "fwd_causal")])
+    (256, True, (-1, -1), "fwd_causal_short"), (256, False, (-1, -1), "fwd_short"),
+    (256, False, (16, 0), "fwd_window"), (4200, True, (-1, -1), "fwd_causal"), (8192, False, (-1, -1), "fwd")])
 def test_forward_launch_names(monkeypatch, seqlen, causal, window, expected):
     from flashtile.api import launch, ops
 
     names = []
     monkeypatch.setattr(launch, "_launch", lambda name, *args: names.append(name))
-    # causal rows see seqlen / 2 keys on average: "_short" below 2k
+    # causal rows see seqlen / 2 keys on average: "_short" below 2k; full attention below 8k
     q = torch.randn(1, seqlen, 1, 16)
     left, right = (-1, 0) if causal else window
     opts = ops.attn_options(q, q, None, None, None, 0.25, 0, left, right, 0.0, 0.0, False)
@@ -145,3 +145,30 @@ def test_fp32_dot_precision(monkeypatch):
     monkeypatch.setenv("FLASHTILE_FP32_DOT", "fast")
     with pytest.raises(ValueError, match="FLASHTILE_FP32_DOT"):
         launch._dot_precision(torch.float32, cpu)
+
+
+HALVES_CASES = {
+    "plain": dict(),
+    "causal": dict(causal=True),
+    "window": dict(window_size=(40, 7)),
+    "softcap_alibi": dict(softcap=5.0, alibi=True),
+}
+
+
+@pytest.mark.parametrize("case", list(HALVES_CASES), ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_forward_two_halves(monkeypatch, case, dtype):
+    # the forward's query block as two halves (LaunchConfig.halves, the Hopper table's choice for
+    # head dim 128): ragged lengths so that the second half, or both, run past the rows
+    from flashtile.api import launch
+    from flashtile.kernels.configs import LaunchConfig
+
+    kw = dict(HALVES_CASES[case])
+    halves = LaunchConfig(64, 32, 4, 1, halves=True)
+    monkeypatch.setattr(launch, "forced_configs", {name: halves for name in ("fwd", "fwd_causal", "fwd_causal_short")})
+    q = torch.randn(2, 77, 4, 40, dtype=dtype)
+    k = torch.randn(2, 113, 2, 40, dtype=dtype)
+    v = torch.randn(2, 113, 2, 40, dtype=dtype)
+    if kw.pop("alibi", False):
+        kw["alibi_slopes"] = torch.rand(4) * 0.3
+    check_attention(lambda q, k, v: flash_attn_func(q, k, v, **kw), q, k, v, backward=False, **kw)

@@ -90,7 +90,7 @@ def _load(path: Path) -> dict[str, list[int]]:
         if path.exists():
             try:
                 loaded = json.loads(path.read_text())
-                entries = {k: v for k, v in loaded.items() if isinstance(v, list) and len(v) == 4}
+                entries = {k: v for k, v in loaded.items() if isinstance(v, list) and len(v) in (4, 5)}
             except (OSError, ValueError) as exc:
                 warnings.warn(f"flashtile: ignoring unreadable autotune cache {path}: {exc}", stacklevel=3)
         _entries[path] = entries

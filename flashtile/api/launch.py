@@ -90,7 +90,7 @@ def _launch(name: str, kernel, grid_fn, args, constexprs: dict, tensor: torch.Te
     ``args`` is a tuple, or a function of the config giving one (for arguments
     that depend on the tile sizes, such as host-built tensor descriptors).
     Block-sparse launches (SPARSE) cap the tiles at the mask's block size, of
-    which they are then divisors (all are powers of two)."""
+    which they are then divisors (all are powers of two), and take no two-halves configs."""
     capability = _capability(tensor.device)
     tuning = capability is not None and autotune.enabled()
     # each call site builds ``constexprs`` in a fixed order: no need to sort it
@@ -103,13 +103,15 @@ def _launch(name: str, kernel, grid_fn, args, constexprs: dict, tensor: torch.Te
     else:
         candidates = launch_configs(name, block_d, tensor.element_size(), capability)
     if constexprs.get("SPARSE"):
+        # the tiles' own entries (two halves were measured on dense attention only)
         candidates = list(dict.fromkeys(
             c._replace(block_m=min(c.block_m, constexprs["SPARSE_BM"]), block_n=min(c.block_n, constexprs["SPARSE_BN"]))
-            for c in candidates))
+            for c in candidates if not c.halves))
 
     def run(cfg: LaunchConfig) -> None:
         sparse = sparse_constexprs(name, cfg, capability) if constexprs.get("SPARSE") else {}
-        kernel[grid_fn(cfg)](*(args(cfg) if callable(args) else args), **constexprs, **sparse,
+        halves = dict(HALVES=True) if cfg.halves else {}  # a forward-kernel switch only
+        kernel[grid_fn(cfg)](*(args(cfg) if callable(args) else args), **constexprs, **sparse, **halves,
                              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                              num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -218,8 +220,9 @@ TMA_MIN_KEYS = 2048
 # at head dims above 64 descriptors gain from 1k keys per row (H200, 1k non-causal and 2k causal:
 # forward +5-13%, backward +1-20%); head dim 64 loses up to 11% there (docs/performance.md)
 TMA_MIN_KEYS_WIDE = 1024
-# causal forward rows shorter than this (seqlen < 4k) take the "_short" launch-table entries
-SHORT_CAUSAL_KEYS = 2048
+# forward rows that see fewer keys than this take the "_short" launch-table entries, per
+# mask ("" = full attention): causal below 2k keys a row (seqlen < 4k), full below 8k
+SHORT_KEYS = {"_causal": 2048, "": 8192}
 TMA_MIN_ROWS = 128
 DEFAULT_FWD_WS = False
 
@@ -343,11 +346,11 @@ def attention_forward(q, k, v, opts: AttnOptions, cu_seqlens_q=None, cu_seqlens_
                 *lay.bias_strides, lay.alibi_stride, lay.nheads, lay.nheads // lay.nheads_k, *lay.positions,
                 *lay.scores, *lay.dropout, 0.0 if lay.fixed_max is None else lay.fixed_max, *lay.sparse_fwd)
 
-    # launch-table names: "_tma" with descriptors, "_causal" for a causal mask alone, "_short"
-    # when its rows see fewer than SHORT_CAUSAL_KEYS keys (smaller query blocks pay there)
-    causal = const["MASK_RIGHT"] and not const["MASK_LEFT"]
-    name = ("fwd_tma" if const["KV_DESC"] else "fwd") + ("_causal" if causal else "")
-    if causal and keys_per_row < SHORT_CAUSAL_KEYS:
+    # launch-table names: "_tma" with descriptors, "_causal" for a causal mask alone, "_window"
+    # with a left window bound, "_short" when the rows see fewer than SHORT_KEYS keys
+    mask = "_window" if const["MASK_LEFT"] else "_causal" if const["MASK_RIGHT"] else ""
+    name = ("fwd_tma" if const["KV_DESC"] else "fwd") + mask
+    if keys_per_row < SHORT_KEYS.get(mask, 0):
         name += "_short"
     _launch(name, attn_fwd_kernel,
             lambda c: (cdiv(lay.seqlen_q, c.block_m) * lay.batch * lay.nheads,),

@@ -17,16 +17,29 @@ class LaunchConfig(NamedTuple):
     block_n: int
     num_warps: int
     num_stages: int
+    # forward only: the query block as two halves of block_m / 2 rows whose softmax
+    # and P V products alternate, so that matmuls overlap the softmax (kernels/forward.py)
+    halves: bool = False
 
 
 # Hopper (sm90), 2-byte inputs. Measured on an H100 (see docs/performance.md).
 # "fwd_tma" is the forward kernel reading K/V through tensor descriptors: the
 # bulk copies free registers, so 128x128 tiles win there.
 _SM90 = {
+    # two halves (halves=True) let a half's P V product run under the other half's softmax:
+    # on an H200, d64 4k +6-8% (causal +5%), d128 full 1k +8% (docs/performance.md)
     "fwd_tma": {
-        64: [LaunchConfig(128, 128, 4, 3), LaunchConfig(128, 64, 8, 3), LaunchConfig(64, 64, 4, 2)],
+        64: [LaunchConfig(128, 128, 4, 3, halves=True), LaunchConfig(128, 128, 4, 3), LaunchConfig(64, 64, 4, 2)],
         128: [LaunchConfig(128, 128, 8, 3), LaunchConfig(128, 64, 8, 3), LaunchConfig(64, 64, 4, 2)],
         256: [LaunchConfig(64, 64, 4, 3), LaunchConfig(128, 64, 8, 2), LaunchConfig(64, 64, 4, 2)],
+    },
+    # full attention, rows of fewer than 8k keys (from 16k the 128 x 128 tiles win again)
+    "fwd_tma_short": {
+        128: [LaunchConfig(256, 64, 8, 3, halves=True), LaunchConfig(128, 128, 8, 3), LaunchConfig(64, 64, 4, 2)],
+    },
+    # sliding windows: halves measured only without one
+    "fwd_tma_window": {
+        64: [LaunchConfig(128, 128, 4, 3), LaunchConfig(128, 64, 8, 3), LaunchConfig(64, 64, 4, 2)],
     },
     "fwd": {
         64: [LaunchConfig(128, 64, 8, 3), LaunchConfig(64, 64, 4, 2)],
@@ -112,8 +125,9 @@ def _halve_for_fp32(cfg: LaunchConfig) -> LaunchConfig:
 def launch_configs(kernel: str, block_d: int, elem_size: int, capability: tuple[int, int] | None) -> list[LaunchConfig]:
     """Configs to try, best first, for ``kernel``: "fwd", "dkdv" or "dq", with the
     suffix "_tma" when it reads through tensor descriptors, then "_causal" for
-    a causal mask without a left window, then (forward) "_short" when its rows
-    see fewer than 2k keys. A variant without an entry for this head dim takes
+    a causal mask without a left window or "_window" with a left window bound
+    (forward), then (forward) "_short" for rows of fewer keys than
+    ``launch.SHORT_KEYS``. A variant without an entry for this head dim takes
     the entry of the name without its last suffix.
 
     ``capability`` is the CUDA compute capability, or None under the interpreter.

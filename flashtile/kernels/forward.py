@@ -15,6 +15,13 @@ and a fixed softmax offset (FIXED_MAX, cosine-similarity attention: with
 l2-normalised q and k every score is bounded by a constant known on the
 host, so ``m`` is that constant instead of a running row max: no row max,
 no rescaling of the partial output per tile).
+
+A launch switch, HALVES, makes the program's query block two halves that
+share each K/V tile: both halves' scores first, then half a's softmax and
+P V product, then half b's. Triton keeps a P V product (an accumulation) in
+flight on the tensor cores, so half a's matmul runs under half b's softmax:
+FlashAttention-3's softmax/matmul overlap, which Triton 3.6 does not build
+by itself on Hopper.
 """
 
 import triton
@@ -35,9 +42,52 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, stride_bm, stride_bn,
-               offs_m, offs_n, offs_d, start, end, seqlen_q, seqlen_k, diag, window_left, window_right,
-               qk_scale, softcap_in, softcap_out, alibi_slope, bh, max_seqlen_q, max_seqlen_k, dropout_p, seed,
+def _softmax_pv(acc, l_i, m_i, qk, v, rows, cols, seqlen_q, seqlen_k, diag, window_left, window_right,
+                qk_scale, softcap_in, softcap_out, alibi_slope, bias_base, stride_bm, stride_bn, bh,
+                max_seqlen_q, max_seqlen_k, dropout_p, seed, Patterns, pattern, row0, col0, start_n,
+                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
+                SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr,
+                DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, FIXED_MAX: tl.constexpr,
+                SPARSE: tl.constexpr, SPARSE_BM: tl.constexpr, SPARSE_BN: tl.constexpr):
+    """One key tile for the query ``rows``: scores from the raw products ``qk``,
+    mask, online softmax into (acc, l_i, m_i), and ``acc += P V``."""
+    # a row may have seen no key yet (m = -inf): guard the exponent's offset
+    SAFE_MAX: tl.constexpr = MASKED or BIAS_KIND != BIAS_NONE
+    s, _ = tile_scores(qk, rows, cols, seqlen_q, seqlen_k, diag, qk_scale, softcap_in, softcap_out, alibi_slope,
+                       bias_base, stride_bm, stride_bn, SOFTCAP, HAS_ALIBI, BIAS_KIND, BIAS_ROWS)
+    if MASKED:
+        allowed = tile_mask(rows, cols, seqlen_k, diag, window_left, window_right, MASK_LEFT, MASK_RIGHT)
+        if SPARSE:
+            allowed = allowed & pattern_mask(Patterns, pattern, rows, cols, row0, col0, start_n, SPARSE_BM,
+                                              SPARSE_BN, BLOCK_N)
+        s = tl.where(allowed, s, float("-inf"))
+    if FIXED_MAX:
+        # s <= m_i by construction (masked scores are -inf): nothing to rescale
+        p = tl.math.exp2(s - m_i[:, None])
+        l_i = l_i + tl.sum(p, 1)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if SAFE_MAX:
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_sub = m_new
+        p = tl.math.exp2(s - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        m_i = m_new
+    if DROPOUT:
+        # the row sum keeps every probability; only the product with V drops
+        p = tl.where(dropout_keep(seed, bh, rows, cols, max_seqlen_q, max_seqlen_k, dropout_p), p, 0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, acc_b, l_b, m_b, q_b, k_src, v_src, stride_ks, stride_vs, bias_base, stride_bm,
+               stride_bn, offs_m, offs_m_b, offs_n, offs_d, start, end, seqlen_q, seqlen_k, diag, window_left,
+               window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh, max_seqlen_q, max_seqlen_k,
+               dropout_p, seed,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
                SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr,
@@ -45,8 +95,10 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, 
                KV_DESC: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, desc_b=0, desc_row=0, desc_h=0,
                FIXED_MAX: tl.constexpr = False, tile_list=0, Patterns=0, row0=0,
                SPARSE: tl.constexpr = False, SPARSE_BM: tl.constexpr = 1, SPARSE_BN: tl.constexpr = 1,
-               SPARSE_STAGES: tl.constexpr = 0):
-    """Accumulate key tiles [start, end) into (acc, l_i, m_i).
+               SPARSE_STAGES: tl.constexpr = 0, HALVES: tl.constexpr = False):
+    """Accumulate key tiles [start, end) into (acc, l_i, m_i) of the query rows
+    ``offs_m`` and, with HALVES, into (acc_b, l_b, m_b) of the rows ``offs_m_b``
+    (``q_b``); otherwise the ``_b`` arguments are unused and returned as given.
 
     ``k_src``/``v_src`` are pointer blocks at key row 0 (KV_DESC = 0), 2-D
     tensor descriptors of this (batch, kv head) built in the kernel (1), or
@@ -56,6 +108,12 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, 
     the positional mask (bounds, causal, window). With FIXED_MAX, ``m_i`` is a
     constant bound of the scores (log2 units) and stays as it is.
 
+    HALVES: both halves' scores are computed first, then each half's softmax
+    and P V product. The first half's P V product accumulates into a
+    loop-carried tile, which Triton leaves in flight on the tensor cores
+    while the second half's softmax runs (FlashAttention-3's overlap of
+    softmax and matmul, within one program).
+
     SPARSE (block-sparse attention): ``start``/``end`` count kernel tiles of
     the key-block list ``tile_list`` (see ``sparse_step``); MASKED tiles are
     then partial tiles, masked by their pattern (the query block of this
@@ -63,8 +121,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, 
     """
     d_ok = offs_d[None, :] < HEAD_DIM
     rows = offs_m[:, None]
-    # a row may have seen no key yet (m = -inf): guard the exponent's offset
-    SAFE_MAX: tl.constexpr = MASKED or BIAS_KIND != BIAS_NONE
+    rows_b = offs_m_b[:, None]
     SUB: tl.constexpr = SPARSE_BN // BLOCK_N
     # block-sparse loops: stages for the tile list read ahead (see sparse_tile); partial tiles
     # also stream their pattern bits: two stages there, so that the full tiles' loop fits the
@@ -74,7 +131,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, 
         if SPARSE:
             start_n, col0, pattern = sparse_tile(tile_list, it, SUB, SPARSE_BN, BLOCK_N, MASKED)
         else:
-            start_n = it
+            start_n, col0, pattern = it, 0, 0
         start_n = tl.multiple_of(start_n, BLOCK_N)
         kv_rows = start_n + offs_n
         if KV_DESC == 1:
@@ -96,35 +153,59 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, 
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         cols = kv_rows[None, :]
-        s, _ = tile_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), rows, cols, seqlen_q, seqlen_k,
-                           diag, qk_scale, softcap_in, softcap_out, alibi_slope, bias_base, stride_bm, stride_bn,
-                           SOFTCAP, HAS_ALIBI, BIAS_KIND, BIAS_ROWS)
-        if MASKED:
-            allowed = tile_mask(rows, cols, seqlen_k, diag, window_left, window_right, MASK_LEFT, MASK_RIGHT)
-            if SPARSE:
-                allowed = allowed & pattern_mask(Patterns, pattern, rows, cols, row0, col0, start_n, SPARSE_BM,
-                                                  SPARSE_BN, BLOCK_N)
-            s = tl.where(allowed, s, float("-inf"))
-        if FIXED_MAX:
-            # s <= m_i by construction (masked scores are -inf): nothing to rescale
-            p = tl.math.exp2(s - m_i[:, None])
-            l_i = l_i + tl.sum(p, 1)
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            if SAFE_MAX:
-                m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-            else:
-                m_sub = m_new
-            p = tl.math.exp2(s - m_sub[:, None])
-            alpha = tl.math.exp2(m_i - m_sub)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            m_i = m_new
-        if DROPOUT:
-            # the row sum keeps every probability; only the product with V drops
-            p = tl.where(dropout_keep(seed, bh, rows, cols, max_seqlen_q, max_seqlen_k, dropout_p), p, 0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-    return acc, l_i, m_i
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if HALVES:
+            qk_b = tl.dot(q_b, tl.trans(k), input_precision=DOT_PRECISION)
+        acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, v, rows, cols, seqlen_q, seqlen_k, diag, window_left,
+                                    window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bias_base,
+                                    stride_bm, stride_bn, bh, max_seqlen_q, max_seqlen_k, dropout_p, seed,
+                                    Patterns, pattern, row0, col0, start_n, BLOCK_N, MASKED, MASK_LEFT,
+                                    MASK_RIGHT, SOFTCAP, HAS_ALIBI, BIAS_KIND, BIAS_ROWS, DROPOUT, DOT_PRECISION,
+                                    FIXED_MAX, SPARSE, SPARSE_BM, SPARSE_BN)
+        if HALVES:
+            acc_b, l_b, m_b = _softmax_pv(acc_b, l_b, m_b, qk_b, v, rows_b, cols, seqlen_q, seqlen_k, diag,
+                                          window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope,
+                                          bias_base, stride_bm, stride_bn, bh, max_seqlen_q, max_seqlen_k,
+                                          dropout_p, seed, Patterns, pattern, row0, col0, start_n, BLOCK_N, MASKED,
+                                          MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI, BIAS_KIND, BIAS_ROWS, DROPOUT,
+                                          DOT_PRECISION, FIXED_MAX, SPARSE, SPARSE_BM, SPARSE_BN)
+    return acc, l_i, m_i, acc_b, l_b, m_b
+
+
+@triton.jit
+def _load_rows_q(q_base, offs_m, offs_d, stride_qs, seqlen_q, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """The query rows ``offs_m`` (zero past seqlen_q and HEAD_DIM)."""
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
+                mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    return q
+
+
+@triton.jit
+def _init_rows(fixed_max, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, FIXED_MAX: tl.constexpr):
+    """(acc, l, m) of ROWS query rows before any key."""
+    if FIXED_MAX:
+        m_i = tl.full([ROWS], fixed_max, dtype=tl.float32)
+    else:
+        m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    return tl.zeros([ROWS, BLOCK_D], dtype=tl.float32), tl.zeros([ROWS], dtype=tl.float32), m_i
+
+
+@triton.jit
+def _store_rows(acc, l_i, m_i, o_base, lse_base, offs_m, offs_d, stride_os, seqlen_q, dropout_scale,
+                HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr):
+    """Normalise and write the output rows ``offs_m`` and their LSE; rows that saw
+    no key get output 0 and LSE -inf."""
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    if DROPOUT:
+        l_safe = l_safe / dropout_scale
+    acc = acc / l_safe[:, None]
+    lse = tl.where(seen, m_i * LN2 + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], acc.to(o_base.dtype.element_ty),
+             mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
+    tl.store(lse_base + offs_m, lse, mask=offs_m < seqlen_q)
 
 
 @triton.jit
@@ -146,7 +227,7 @@ def attn_fwd_kernel(
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_DESC: tl.constexpr = 0, WARP_SPECIALIZE: tl.constexpr = False, FIXED_MAX: tl.constexpr = False,
     SPARSE: tl.constexpr = False, SPARSE_BM: tl.constexpr = 1, SPARSE_BN: tl.constexpr = 1,
-    SPARSE_STAGES: tl.constexpr = 0,
+    SPARSE_STAGES: tl.constexpr = 0, HALVES: tl.constexpr = False,
 ):
     """Grid: (cdiv(max_seqlen_q, BLOCK_M) * batch * nheads,).
 
@@ -171,6 +252,9 @@ def attn_fwd_kernel(
     int32 each: a count, then key blocks) and PartList (``part_row`` each: a
     count, then (key block, pattern id) pairs; patterns are bit-packed in
     Patterns, see ``pattern_mask``).
+
+    HALVES: the BLOCK_M rows are two halves whose softmax and P V products
+    alternate, so that matmuls overlap the softmax (see ``_fwd_tiles``).
     """
     pid_m, pid_bh = program_tile(max_seqlen_q, BLOCK_M, MASK_RIGHT and not MASK_LEFT)
     b = pid_bh // nheads
@@ -192,11 +276,11 @@ def attn_fwd_kernel(
         seqlen_k = max_seqlen_k
         diag = diag_offset
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    ROWS: tl.constexpr = BLOCK_M // 2 if HALVES else BLOCK_M  # rows of each half
+    offs_m = start_m + tl.arange(0, ROWS)
+    offs_m_b = offs_m + ROWS
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d[None, :] < HEAD_DIM
-    row_ok = offs_m[:, None] < seqlen_q
 
     q_base = Q + b.to(tl.int64) * stride_qb + start_q.to(tl.int64) * stride_qs + h * stride_qh
     if KV_DESC == 2:
@@ -221,16 +305,13 @@ def attn_fwd_kernel(
     if HAS_ALIBI:
         alibi_slope = tl.load(Alibi + b * stride_ab + h)
 
-    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok & d_ok, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-
-    if FIXED_MAX:
-        m_i = tl.full([BLOCK_M], fixed_max, dtype=tl.float32)
+    q = _load_rows_q(q_base, offs_m, offs_d, stride_qs, seqlen_q, HEAD_DIM, UPCAST)
+    acc, l_i, m_i = _init_rows(fixed_max, ROWS, BLOCK_D, FIXED_MAX)
+    if HALVES:
+        q_b = _load_rows_q(q_base, offs_m_b, offs_d, stride_qs, seqlen_q, HEAD_DIM, UPCAST)
+        acc_b, l_b, m_b = _init_rows(fixed_max, ROWS, BLOCK_D, FIXED_MAX)
     else:
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        q_b, acc_b, l_b, m_b = 0.0, 0.0, 0.0, 0.0
 
     bh = b * nheads + h
     if SPARSE:
@@ -242,8 +323,9 @@ def attn_fwd_kernel(
                 tile_list = PartList + list_row * part_row
             else:
                 tile_list = FullList + list_row * full_row
-            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base, stride_bm,
-                                       stride_bn, offs_m, offs_n, offs_d, 0,
+            acc, l_i, m_i, acc_b, l_b, m_b = _fwd_tiles(
+                                       acc, l_i, m_i, q, acc_b, l_b, m_b, q_b, k_src, v_src, stride_ks, stride_vs,
+                                       bias_base, stride_bm, stride_bn, offs_m, offs_m_b, offs_n, offs_d, 0,
                                        tl.load(tile_list) * (SPARSE_BN // BLOCK_N), seqlen_q, seqlen_k, diag,
                                        window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh,
                                        max_seqlen_q, max_seqlen_k, dropout_p, seed,
@@ -251,7 +333,7 @@ def attn_fwd_kernel(
                                        HAS_ALIBI, BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, KV_DESC,
                                        WARP_SPECIALIZE and part == 1, desc_b, start_k, hk, FIXED_MAX,
                                        tile_list + 1, Patterns, q_blk * SPARSE_BM, SPARSE, SPARSE_BM, SPARSE_BN,
-                                       SPARSE_STAGES)
+                                       SPARSE_STAGES, HALVES)
     else:
         lo, full_lo, full_hi, hi = key_ranges(start_m, seqlen_k, diag, window_left, window_right,
                                               BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT)
@@ -264,24 +346,20 @@ def attn_fwd_kernel(
             else:
                 start, end = full_hi, hi
             if (part != 0) or MASK_LEFT:
-                acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, bias_base,
-                                           stride_bm, stride_bn, offs_m, offs_n, offs_d, start, end, seqlen_q,
+                acc, l_i, m_i, acc_b, l_b, m_b = _fwd_tiles(
+                                           acc, l_i, m_i, q, acc_b, l_b, m_b, q_b, k_src, v_src, stride_ks,
+                                           stride_vs, bias_base, stride_bm, stride_bn, offs_m, offs_m_b, offs_n,
+                                           offs_d, start, end, seqlen_q,
                                            seqlen_k, diag, window_left, window_right, qk_scale, softcap_in,
                                            softcap_out, alibi_slope, bh, max_seqlen_q, max_seqlen_k, dropout_p,
                                            seed, HEAD_DIM, BLOCK_D, BLOCK_N, part != 1, MASK_LEFT, MASK_RIGHT,
                                            SOFTCAP, HAS_ALIBI, BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION,
-                                           KV_DESC, WARP_SPECIALIZE and part == 1, desc_b, start_k, hk, FIXED_MAX)
+                                           KV_DESC, WARP_SPECIALIZE and part == 1, desc_b, start_k, hk, FIXED_MAX,
+                                           HALVES=HALVES)
 
-    # rows that saw no key: output 0, LSE -inf
-    seen = l_i > 0.0
-    l_safe = tl.where(seen, l_i, 1.0)
-    if DROPOUT:
-        l_safe = l_safe / dropout_scale
-    acc = acc / l_safe[:, None]
-    lse = tl.where(seen, m_i * LN2 + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
-
-    o_ptrs = (Out + b.to(tl.int64) * stride_ob + start_q.to(tl.int64) * stride_os + h * stride_oh
-              + offs_m[:, None] * stride_os + offs_d[None, :])
-    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok & d_ok)
-    lse_ptrs = Lse + b.to(tl.int64) * stride_lb + h * stride_lh + start_q + offs_m
-    tl.store(lse_ptrs, lse, mask=offs_m < seqlen_q)
+    o_base = Out + b.to(tl.int64) * stride_ob + start_q.to(tl.int64) * stride_os + h * stride_oh
+    lse_base = Lse + b.to(tl.int64) * stride_lb + h * stride_lh + start_q
+    _store_rows(acc, l_i, m_i, o_base, lse_base, offs_m, offs_d, stride_os, seqlen_q, dropout_scale, HEAD_DIM, DROPOUT)
+    if HALVES:
+        _store_rows(acc_b, l_b, m_b, o_base, lse_base, offs_m_b, offs_d, stride_os, seqlen_q, dropout_scale,
+                    HEAD_DIM, DROPOUT)
