@@ -38,7 +38,7 @@ TABLE = {
 def force(head_dim: int) -> None:
     t = TABLE[head_dim]
     launch.forced_configs.clear()
-    for suffix in ("", "_causal", "_causal_short", "_short"):
+    for suffix in ("", "_causal", "_causal_short", "_short", "_window"):
         launch.forced_configs["fwd_tma" + suffix] = t["fwd"]
         launch.forced_configs["fwd" + suffix] = t["fwd"]
         launch.forced_configs["dkdv" + suffix] = t["dkdv"]

@@ -24,6 +24,8 @@ CANDIDATES = {
     "dkdv": [LaunchConfig(m, n, w, s) for (m, n), w, s in itertools.product(((64, 64), (64, 128), (32, 128)), (4, 8), (2, 3, 4))],
     "dq": [LaunchConfig(m, n, w, s) for (m, n), w, s in itertools.product(((64, 64), (128, 64), (128, 32)), (4, 8), (2, 3, 4))],
 }
+# every launch-table name suffix a call can take (see flashtile.api.launch)
+VARIANTS = [tma + mask + short for tma in ("", "_tma") for mask in ("", "_causal", "_window") for short in ("", "_short")]
 # 4-byte inputs: tiles of half the area
 _FP32_TILES = ((32, 32), (64, 32), (32, 64), (64, 64), (128, 32))
 CANDIDATES_FP32 = {
@@ -69,7 +71,7 @@ def main():
                     if too_large and kernel != "fwd" and not (args.tiles or args.configs):
                         continue
                     launch.forced_configs.clear()
-                    for variant in ("", "_tma", "_causal", "_tma_causal", "_causal_short", "_tma_causal_short"):
+                    for variant in VARIANTS:
                         launch.forced_configs[kernel + variant] = cfg  # whichever variant the call takes
                     try:
                         if kernel == "fwd":
