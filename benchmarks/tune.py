@@ -24,8 +24,8 @@ CANDIDATES = {
     "dkdv": [LaunchConfig(m, n, w, s) for (m, n), w, s in itertools.product(((64, 64), (64, 128), (32, 128)), (4, 8), (2, 3, 4))],
     "dq": [LaunchConfig(m, n, w, s) for (m, n), w, s in itertools.product(((64, 64), (128, 64), (128, 32)), (4, 8), (2, 3, 4))],
 }
-# every launch-table name suffix a call can take (see flashtile.api.launch)
-VARIANTS = [tma + mask + short for tma in ("", "_tma") for mask in ("", "_causal", "_window") for short in ("", "_short")]
+# every launch-table name suffix a call can take (the backward's are among the forward's)
+VARIANTS = [name.removeprefix("fwd") for name in launch.FORWARD_NAMES]
 # 4-byte inputs: tiles of half the area
 _FP32_TILES = ((32, 32), (64, 32), (32, 64), (64, 64), (128, 32))
 CANDIDATES_FP32 = {

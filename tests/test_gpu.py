@@ -161,8 +161,7 @@ def test_forward_two_halves_gpu(monkeypatch, config, feature, head_dim, seqlens)
     from flashtile.kernels.configs import LaunchConfig
 
     cfg = LaunchConfig(*map(int, config.split("x")), halves=True)
-    monkeypatch.setattr(launch, "forced_configs", {f"fwd{a}{b}{c}": cfg for a in ("", "_tma")
-                                                    for b in ("", "_causal") for c in ("", "_short")})
+    monkeypatch.setattr(launch, "forced_configs", {name: cfg for name in launch.FORWARD_NAMES})
     kw = dict(plain={}, causal=dict(causal=True), window=dict(window_size=(700, 50)), softcap=dict(softcap=20.0))
     kw = kw[feature]
     q = torch.randn(2, seqlens[0], 4, head_dim, device="cuda", dtype=torch.bfloat16)

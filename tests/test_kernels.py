@@ -165,7 +165,7 @@ def test_forward_two_halves(monkeypatch, case, dtype):
 
     kw = dict(HALVES_CASES[case])
     halves = LaunchConfig(64, 32, 4, 1, halves=True)
-    monkeypatch.setattr(launch, "forced_configs", {name: halves for name in ("fwd", "fwd_causal", "fwd_causal_short")})
+    monkeypatch.setattr(launch, "forced_configs", {name: halves for name in launch.FORWARD_NAMES})
     q = torch.randn(2, 77, 4, 40, dtype=dtype)
     k = torch.randn(2, 113, 2, 40, dtype=dtype)
     v = torch.randn(2, 113, 2, 40, dtype=dtype)

@@ -223,6 +223,9 @@ TMA_MIN_KEYS_WIDE = 1024
 # forward rows that see fewer keys than this take the "_short" launch-table entries, per
 # mask ("" = full attention): causal below 2k keys a row (seqlen < 4k), full below 8k
 SHORT_KEYS = {"_causal": 2048, "": 8192}
+# every launch-table name the forward launcher can ask for (tools and tests force configs on all)
+FORWARD_NAMES = [f"fwd{tma}{mask}{short}" for tma in ("", "_tma") for mask in ("", "_causal", "_window")
+                 for short in ("", "_short")]
 TMA_MIN_ROWS = 128
 DEFAULT_FWD_WS = False
 
