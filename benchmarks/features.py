@@ -84,6 +84,10 @@ def window_vs_full(seqlen=32768, nheads=16, head_dim=128, window=4096):
         row = dict(mode="fwd_bwd" if backward else "fwd")
         for name, kw in cases.items():
             row[name] = bench(lambda: flashtile.flash_attn_func(q, k, v, **kw), backward)
+        # the same full causal attention in SDPA's flash backend (FlashAttention-2), which has no window
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            row["sdpa_flash_causal_full"] = bench(lambda: F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True), backward)
         rows.append(row)
         print(row, flush=True)
     return dict(seqlen=seqlen, nheads=nheads, head_dim=head_dim, window=window, rows=rows)
@@ -92,9 +96,14 @@ def window_vs_full(seqlen=32768, nheads=16, head_dim=128, window=4096):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="features.json")
+    ap.add_argument("--parts", default="varlen,window", help="comma list of varlen, window")
     args = ap.parse_args()
-    result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                  varlen=varlen_vs_padded(), window=window_vs_full())
+    parts = args.parts.split(",")
+    result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__)
+    if "varlen" in parts:
+        result["varlen"] = varlen_vs_padded()
+    if "window" in parts:
+        result["window"] = window_vs_full()
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 
