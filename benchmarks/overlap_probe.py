@@ -38,18 +38,25 @@ def _softmax_pv(s, acc, l_i, m_i, v, qk_scale):
 
 
 @triton.jit
+def _descriptors(Q, K, V, Out, seqlen, stride_s, nheads, HEAD_DIM: tl.constexpr, Q_ROWS: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """Tensor descriptors of this program's (batch, head): Q and Out in tiles of
+    Q_ROWS rows, K and V in tiles of BLOCK_N."""
+    bh = tl.program_id(1)
+    off = (bh // nheads).to(tl.int64) * seqlen * stride_s + (bh % nheads) * HEAD_DIM
+    q_desc = tl.make_tensor_descriptor(Q + off, [seqlen, HEAD_DIM], [stride_s, 1], [Q_ROWS, HEAD_DIM])
+    k_desc = tl.make_tensor_descriptor(K + off, [seqlen, HEAD_DIM], [stride_s, 1], [BLOCK_N, HEAD_DIM])
+    v_desc = tl.make_tensor_descriptor(V + off, [seqlen, HEAD_DIM], [stride_s, 1], [BLOCK_N, HEAD_DIM])
+    o_desc = tl.make_tensor_descriptor(Out + off, [seqlen, HEAD_DIM], [stride_s, 1], [Q_ROWS, HEAD_DIM])
+    return q_desc, k_desc, v_desc, o_desc
+
+
+@triton.jit
 def probe_fwd_halves(Q, K, V, Out, seqlen, stride_s, nheads, qk_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     HALF: tl.constexpr = BLOCK_M // 2
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // nheads
-    h = bh % nheads
-    off = b.to(tl.int64) * seqlen * stride_s + h * HEAD_DIM
-    q_desc = tl.make_tensor_descriptor(Q + off, [seqlen, HEAD_DIM], [stride_s, 1], [HALF, HEAD_DIM])
-    k_desc = tl.make_tensor_descriptor(K + off, [seqlen, HEAD_DIM], [stride_s, 1], [BLOCK_N, HEAD_DIM])
-    v_desc = tl.make_tensor_descriptor(V + off, [seqlen, HEAD_DIM], [stride_s, 1], [BLOCK_N, HEAD_DIM])
-    o_desc = tl.make_tensor_descriptor(Out + off, [seqlen, HEAD_DIM], [stride_s, 1], [HALF, HEAD_DIM])
+    q_desc, k_desc, v_desc, o_desc = _descriptors(Q, K, V, Out, seqlen, stride_s, nheads, HEAD_DIM, HALF, BLOCK_N)
     q_a = q_desc.load([pid_m * BLOCK_M, 0])
     q_b = q_desc.load([pid_m * BLOCK_M + HALF, 0])
     m_a = tl.full([HALF], float("-inf"), dtype=tl.float32)
@@ -73,14 +80,7 @@ def probe_fwd_halves(Q, K, V, Out, seqlen, stride_s, nheads, qk_scale,
 def probe_fwd(Q, K, V, Out, seqlen, stride_s, nheads, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, AHEAD: tl.constexpr):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // nheads
-    h = bh % nheads
-    off = b.to(tl.int64) * seqlen * stride_s + h * HEAD_DIM
-    q_desc = tl.make_tensor_descriptor(Q + off, [seqlen, HEAD_DIM], [stride_s, 1], [BLOCK_M, HEAD_DIM])
-    k_desc = tl.make_tensor_descriptor(K + off, [seqlen, HEAD_DIM], [stride_s, 1], [BLOCK_N, HEAD_DIM])
-    v_desc = tl.make_tensor_descriptor(V + off, [seqlen, HEAD_DIM], [stride_s, 1], [BLOCK_N, HEAD_DIM])
-    o_desc = tl.make_tensor_descriptor(Out + off, [seqlen, HEAD_DIM], [stride_s, 1], [BLOCK_M, HEAD_DIM])
+    q_desc, k_desc, v_desc, o_desc = _descriptors(Q, K, V, Out, seqlen, stride_s, nheads, HEAD_DIM, BLOCK_M, BLOCK_N)
     q = q_desc.load([pid_m * BLOCK_M, 0])
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
