@@ -34,3 +34,18 @@ def pytest_collection_modifyitems(config, items):
 def _seed(request):
     # fresh but reproducible inputs per test (crc32, unlike hash(), is the same in every process)
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(params=["triton", "triton_halves", "tiled"])
+def backend(request, monkeypatch):
+    """CPU tensors run the Triton kernels under the interpreter (also with the
+    forward's two-halves schedule forced on every forward launch), or the tiled
+    path without it."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if request.param == "tiled" else "1")
+    if request.param == "triton_halves":
+        from flashtile.api import launch
+        from flashtile.kernels.configs import LaunchConfig
+
+        halves = LaunchConfig(32, 32, 4, 1, halves=True)
+        monkeypatch.setattr(launch, "forced_configs", {name: halves for name in launch.FORWARD_NAMES})
+    return request.param

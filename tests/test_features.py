@@ -11,13 +11,6 @@ from flashtile import attention_ref, flash_attn_func, scaled_dot_product_attenti
 from helpers import check_attention, max_err, rounding_floor
 
 
-@pytest.fixture(params=["triton", "tiled"])
-def backend(request, monkeypatch):
-    """CPU tensors run the Triton kernels under the interpreter, or the tiled path without it."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1" if request.param == "triton" else "0")
-    return request.param
-
-
 def qkv(b, sq, sk, h, hk, d, dtype=torch.float32):
     return (torch.randn(b, sq, h, d, dtype=dtype), torch.randn(b, sk, hk, d, dtype=dtype),
             torch.randn(b, sk, hk, d, dtype=dtype))

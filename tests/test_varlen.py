@@ -18,12 +18,6 @@ from flashtile import (
 from helpers import check_attention
 
 
-@pytest.fixture(params=["triton", "tiled"])
-def backend(request, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1" if request.param == "triton" else "0")
-    return request.param
-
-
 def cu(lengths):
     return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
 
