@@ -43,9 +43,8 @@ def backend(request, monkeypatch):
     path without it."""
     monkeypatch.setenv("TRITON_INTERPRET", "0" if request.param == "tiled" else "1")
     if request.param == "triton_halves":
-        from flashtile.api import launch
         from flashtile.kernels.configs import LaunchConfig
+        from helpers import force_forward_config
 
-        halves = LaunchConfig(32, 32, 4, 1, halves=True)
-        monkeypatch.setattr(launch, "forced_configs", {name: halves for name in launch.FORWARD_NAMES})
+        force_forward_config(monkeypatch, LaunchConfig(32, 32, 4, 1, halves=True))
     return request.param

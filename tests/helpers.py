@@ -63,3 +63,11 @@ def check_attention(fn, q, k, v, *, backward=True, fwd_factor=2.0, bwd_factor=3.
         err, base = max_err(g, gr), max_err(gl, gr)
         floor = rounding_floor(gr, q.dtype, magnitude)
         assert err <= bwd_factor * base + floor, f"d{name} error {err:.3e} vs pytorch {base:.3e}"
+
+
+def force_forward_config(monkeypatch, cfg) -> None:
+    """Launch every forward kernel call with the LaunchConfig ``cfg``, whatever
+    launch-table name it takes (e.g. to force the two-halves schedule)."""
+    from flashtile.api import launch
+
+    monkeypatch.setattr(launch, "forced_configs", {name: cfg for name in launch.FORWARD_NAMES})

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flashtile import flash_attn_func, scaled_dot_product_attention
-from helpers import check_attention
+from helpers import check_attention, force_forward_config
 
 pytestmark = pytest.mark.gpu
 
@@ -157,11 +157,9 @@ def test_unaligned_strides_take_the_pointer_path_gpu():
 @pytest.mark.parametrize("seqlens", [(4096, 4096), (1000, 3001), (2048, 512)], ids=str)
 def test_forward_two_halves_gpu(monkeypatch, config, feature, head_dim, seqlens):
     # the forward's query block as two halves, whatever launch-table entry the call takes
-    from flashtile.api import launch
     from flashtile.kernels.configs import LaunchConfig
 
-    cfg = LaunchConfig(*map(int, config.split("x")), halves=True)
-    monkeypatch.setattr(launch, "forced_configs", {name: cfg for name in launch.FORWARD_NAMES})
+    force_forward_config(monkeypatch, LaunchConfig(*map(int, config.split("x")), halves=True))
     kw = dict(plain={}, causal=dict(causal=True), window=dict(window_size=(700, 50)), softcap=dict(softcap=20.0))
     kw = kw[feature]
     q = torch.randn(2, seqlens[0], 4, head_dim, device="cuda", dtype=torch.bfloat16)

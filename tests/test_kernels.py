@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flashtile import flash_attn_func
-from helpers import check_attention
+from helpers import check_attention, force_forward_config
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # (seqlen_q, seqlen_k, headdim): ragged lengths, cross attention, odd head dims
@@ -160,12 +160,10 @@ HALVES_CASES = {
 def test_forward_two_halves(monkeypatch, case, dtype):
     # the forward's query block as two halves (LaunchConfig.halves, the Hopper table's choice for
     # head dim 128): ragged lengths so that the second half, or both, run past the rows
-    from flashtile.api import launch
     from flashtile.kernels.configs import LaunchConfig
 
     kw = dict(HALVES_CASES[case])
-    halves = LaunchConfig(64, 32, 4, 1, halves=True)
-    monkeypatch.setattr(launch, "forced_configs", {name: halves for name in launch.FORWARD_NAMES})
+    force_forward_config(monkeypatch, LaunchConfig(64, 32, 4, 1, halves=True))
     q = torch.randn(2, 77, 4, 40, dtype=dtype)
     k = torch.randn(2, 113, 2, 40, dtype=dtype)
     v = torch.randn(2, 113, 2, 40, dtype=dtype)
