@@ -79,19 +79,22 @@ def main():
     ap.add_argument("--causal", type=int, default=0)
     ap.add_argument("--window", default="-1,-1", help="left,right")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    ap.add_argument("--pass", dest="passes", default="fwd", help="fwd, bwd or fwd,bwd")
+    ap.add_argument("--pass", dest="passes", default="fwd",
+                    help="fwd, bwd, decode (one token of 32 query heads / 8 kv heads against a cache of "
+                         "--seqlen keys in 16 splits; --page-size for a paged one), or a list: fwd,bwd")
+    ap.add_argument("--page-size", type=int, default=0)
     ap.add_argument("--dump", default=None, help="folder for .ptx and .ttgir of each launch")
     ap.add_argument("--force", action="append", default=[], metavar="NAME=BM,BN,WARPS,STAGES[,HALVES]",
                     help="launch-table name and the config to force on it (repeatable), e.g. dkdv_tma=64,64,8,2")
     args = ap.parse_args()
 
-    from flashtile.api import launch
+    from flashtile.api import decode, launch
     from flashtile.kernels.configs import LaunchConfig
     from flashtile.reference import AttnOptions
 
     driver.set_active(_HostOnlyDriver())
     JITFunction.run = _compile_only
-    launch._capability = lambda device: (9, 0)
+    launch._capability = decode._capability = lambda device: (9, 0)
     launch._tma_compatible = lambda *tensors: True  # CPU tensors: alignment as on the GPU
     for item in args.force:
         name, cfg = item.split("=")
@@ -110,6 +113,19 @@ def main():
     if "bwd" in passes:
         out, lse = torch.randn_like(q), torch.randn(args.batch, args.heads, args.seqlen)
         launch.attention_backward(torch.randn_like(q), q, k, v, out, lse, opts)
+    if "decode" in passes:
+        qd = torch.randn(args.batch, 1, 32, args.head_dim, dtype=dtype)
+        seqlens = torch.full((args.batch,), args.seqlen, dtype=torch.int32)
+        table = None
+        if args.page_size:
+            pages = args.seqlen // args.page_size
+            cache = (args.batch * pages, args.page_size, 8, args.head_dim)
+            table = torch.arange(args.batch * pages, dtype=torch.int32).view(args.batch, pages)
+        else:
+            cache = (args.batch, args.seqlen, 8, args.head_dim)
+        kc, vc = torch.randn(cache, dtype=dtype), torch.randn(cache, dtype=dtype)
+        decode._decode_triton(qd, kc, vc, seqlens, None, table, None, None, 0, args.head_dim ** -0.5, -1, -1,
+                              0.0, 16)
     for i, (name, switches, kernel) in enumerate(compiled):
         on = {k: v for k, v in switches.items() if v not in (False, 0, None) and not k.startswith("num_")}
         print(f"{name}: shared {kernel.metadata.shared} B, {_resource_usage(kernel)}, "

@@ -166,3 +166,15 @@ def test_forward_two_halves_gpu(monkeypatch, config, feature, head_dim, seqlens)
     k = torch.randn(2, seqlens[1], 2, head_dim, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(2, seqlens[1], 2, head_dim, device="cuda", dtype=torch.bfloat16)
     check_attention(lambda q, k, v: flash_attn_func(q, k, v, **kw), q, k, v, backward=False, **kw)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_causal_longest_first_grid_gpu(head_dim):
+    """Enough (batch, head) pairs that the causal grids have both sections: heads
+    issued one after another, then the last waves block by block (program_tile)."""
+    from flashtile.api import launch
+
+    q, k, v = (torch.randn(4, 1536, 24, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    assert 0 < launch.tail_heads(1536 // 128, 4 * 24, True, q.device) < 4 * 24
+    assert 0 < launch.tail_heads(1536 // 64, 4 * 24, True, q.device) < 4 * 24
+    check_attention(lambda q, k, v: flash_attn_func(q, k, v, causal=True), q, k, v, causal=True)

@@ -2,10 +2,13 @@
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flashtile import flash_attn_func
+from flashtile.kernels.common import program_tile
 from helpers import check_attention, force_forward_config
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -170,3 +173,26 @@ def test_forward_two_halves(monkeypatch, case, dtype):
     if kw.pop("alibi", False):
         kw["alibi_slopes"] = torch.rand(4) * 0.3
     check_attention(lambda q, k, v: flash_attn_func(q, k, v, **kw), q, k, v, backward=False, **kw)
+
+
+@triton.jit
+def _order_kernel(Out, seqlen, tail_bh, BLOCK: tl.constexpr, HEAVY_LAST: tl.constexpr):
+    blk, bh = program_tile(seqlen, BLOCK, HEAVY_LAST, tail_bh)
+    tl.store(Out + 2 * tl.program_id(0), blk)
+    tl.store(Out + 2 * tl.program_id(0) + 1, bh)
+
+
+@pytest.mark.parametrize("num_blocks, num_bh, tail_bh", [(4, 6, 0), (4, 6, 2), (3, 5, 5), (1, 3, 3), (5, 1, 1)])
+@pytest.mark.parametrize("heavy_last", [False, True])
+def test_program_tile_order(num_blocks, num_bh, tail_bh, heavy_last):
+    """Every (block, head) pair gets exactly one program; the first heads go head by
+    head, the last ``tail_bh`` heads block by block, heaviest block first."""
+    out = torch.full((num_blocks * num_bh, 2), -1, dtype=torch.int32)
+    _order_kernel[(num_blocks * num_bh,)](out, num_blocks * 16 - 3, tail_bh, BLOCK=16, HEAVY_LAST=heavy_last)
+    pairs = [tuple(p) for p in out.tolist()]
+    assert sorted(pairs) == [(blk, bh) for blk in range(num_blocks) for bh in range(num_bh)]
+    head_major = (num_bh - tail_bh) * num_blocks
+    heavy = (lambda blk: num_blocks - 1 - blk) if heavy_last else (lambda blk: blk)
+    assert [bh for _, bh in pairs[:head_major]] == sorted(bh for _, bh in pairs[:head_major])
+    assert [heavy(blk) for blk, _ in pairs[head_major:]] == sorted(heavy(blk) for blk, _ in pairs[head_major:])
+    assert {bh for _, bh in pairs[head_major:]} == set(range(num_bh - tail_bh, num_bh))

@@ -11,7 +11,7 @@ and ALiBi positions are aligned to the bottom-right corner.
 
 from __future__ import annotations
 
-import functools
+import os
 
 import torch
 import triton
@@ -19,16 +19,11 @@ import triton
 from ..kernels.configs import decode_config
 from ..kernels.decode import attn_combine_kernel, attn_decode_kernel
 from ..reference import AttnOptions, attention_tiled_forward
-from .launch import LOG2E, _block_d, _capability, _dot_precision, cdiv, interpreting, next_power_of_2
+from .launch import LOG2E, _block_d, _capability, _dot_precision, cdiv, interpreting, next_power_of_2, sm_count
 
 MAX_SPLITS = 128
 # a split should stream at least this many keys, or the combine costs more than it saves
 MIN_KEYS_PER_SPLIT = 256
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def num_splits_heuristic(programs: int, capacity: int, paged: bool, device: torch.device) -> int:
@@ -40,7 +35,7 @@ def num_splits_heuristic(programs: int, capacity: int, paged: bool, device: torc
     paged cache's page lookups need the second wave to hide their latency."""
     if device.type != "cuda" or interpreting():
         return 1 if capacity <= MIN_KEYS_PER_SPLIT else 2
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = sm_count(device)
     if programs >= 0.8 * sms:
         return 1
     waves = 2 if paged else 1
@@ -83,6 +78,11 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_ta
         cfg = cfg._replace(num_stages=min(cfg.num_stages, 3))
         row_lookup = True
 
+    # Hopper and later: the combine kernel is a programmatic dependent launch (its launch
+    # overlaps the split kernel); FLASHTILE_DECODE_PDL=0 turns that off
+    capability = _capability(q.device)
+    dependent = (num_splits > 1 and capability is not None and capability[0] >= 9
+                 and os.environ.get("FLASHTILE_DECODE_PDL", "1") == "1")
     out = torch.empty_like(q)
     lse = torch.empty((batch, nheads, seqlen_q), device=q.device, dtype=torch.float32)
     if num_splits == 1:
@@ -111,7 +111,7 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_ta
         PAGE_SIZE=page_size, HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFTPAD=leftpad is not None,
         MASK_LEFT=window_left >= 0, MASK_RIGHT=window_right >= 0, SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None,
         UPCAST=interpreting() and q.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(q.dtype, q.device),
-        ROW_LOOKUP=row_lookup)
+        ROW_LOOKUP=row_lookup, LAUNCH_COMBINE=dependent)
     if num_splits > 1:
         attn_combine_kernel[(batch * seqlen_q * nheads,)](
             part_out, part_lse, out, lse,
@@ -119,7 +119,8 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_ta
             part_lse.stride(1), part_lse.stride(2), part_lse.stride(0),
             out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
             nheads, seqlen_q, num_splits,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, next_power_of_2(num_splits)), num_warps=4)
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, next_power_of_2(num_splits)), DEPENDENT=dependent,
+            num_warps=4, launch_pdl=dependent)
     return out, lse
 
 

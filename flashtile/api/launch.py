@@ -6,6 +6,7 @@ a contiguous last dimension; any other strides are passed to the kernels.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -41,6 +42,41 @@ def _capability(device: torch.device) -> tuple[int, int] | None:
     if capability is None:
         capability = _capabilities[index] = torch.cuda.get_device_capability(index)
     return capability
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of ``device``; 1 under the interpreter and off CUDA."""
+    if device.type != "cuda" or interpreting():
+        return 1
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# A causal grid's programs carry work growing (forward, dQ) or shrinking (dK/dV) with
+# the block index. Issued head after head, the grid would end on the last heads'
+# heaviest blocks running alone: its last LONGEST_FIRST_WAVES x SMs programs are issued
+# block by block across heads instead, heaviest first (kernels/common.py, program_tile).
+# Once a head has more blocks than half the multiprocessors, its own lighter blocks fill
+# in behind its heavy ones, and the order across heads costs more L2 reuse than it gains:
+# H200 (docs/performance.md), +2-5% from 1k to 8k keys, -1 to -4% where a head has 128
+# blocks (d128 at 16k, d256 from 8k), +2% at d64 16k.
+LONGEST_FIRST_WAVES = 6
+# under the interpreter: multiprocessors to assume, so that small test grids take both orders
+INTERPRETER_SMS = 8
+
+
+def tail_heads(num_blocks: int, num_bh: int, uneven: bool, device: torch.device) -> int:
+    """``tail_bh`` of a grid of ``num_blocks`` sequence blocks x ``num_bh`` (batch, head)
+    pairs: 0 unless the work per block is ``uneven`` and a head's blocks fill at most
+    half the GPU."""
+    sms = INTERPRETER_SMS if interpreting() else sm_count(device)
+    if not uneven or num_blocks > sms // 2:
+        return 0
+    return min(num_bh, cdiv(LONGEST_FIRST_WAVES * sms, num_blocks))
 
 
 def cdiv(a: int, b: int) -> int:
@@ -347,11 +383,13 @@ def attention_forward(q, k, v, opts: AttnOptions, cu_seqlens_q=None, cu_seqlens_
         return (q, k_arg, v_arg, out, lse, lay.cu_q, lay.cu_k, lay.bias, lay.alibi,
                 *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(out, varlen), *lay.lse_strides(lse),
                 *lay.bias_strides, lay.alibi_stride, lay.nheads, lay.nheads // lay.nheads_k, *lay.positions,
-                *lay.scores, *lay.dropout, 0.0 if lay.fixed_max is None else lay.fixed_max, *lay.sparse_fwd)
+                *lay.scores, *lay.dropout, 0.0 if lay.fixed_max is None else lay.fixed_max, *lay.sparse_fwd,
+                tail_heads(cdiv(lay.seqlen_q, cfg.block_m), lay.batch * lay.nheads, causal, q.device))
 
     # launch-table names: "_tma" with descriptors, "_causal" for a causal mask alone, "_window"
     # with a left window bound, "_short" when the rows see fewer than SHORT_KEYS keys
     mask = "_window" if const["MASK_LEFT"] else "_causal" if const["MASK_RIGHT"] else ""
+    causal = mask == "_causal"
     name = ("fwd_tma" if const["KV_DESC"] else "fwd") + mask
     if keys_per_row < SHORT_KEYS.get(mask, 0):
         name += "_short"
@@ -398,22 +436,25 @@ def attention_backward(dout, q, k, v, out, lse, opts: AttnOptions, bias_grad: bo
     dbias_strides = (0, 0, 0, 0) if dbias is None else dbias.stride()
     scale = opts.softmax_scale
     common = (*lay.lse_strides(lse), *lay.bias_strides)
+    causal = const["MASK_RIGHT"] and not const["MASK_LEFT"]
     args = (q, k, v, dout, dk, dv, lse, delta, lay.cu_q, lay.cu_k, lay.bias, dbias_arg, lay.alibi,
             *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(dout, varlen), *_bsh(dk, varlen),
             *_bsh(dv, varlen), *common, *dbias_strides, lay.alibi_stride,
             nheads_k, nheads // nheads_k, *lay.positions, scale, *lay.scores, *lay.dropout, *lay.sparse_bwd)
     # launch-table names: the kernel, "_tma" with descriptors, "_causal" for a causal mask alone
-    suffix = ("_tma" if use_desc else "") + ("_causal" if const["MASK_RIGHT"] and not const["MASK_LEFT"] else "")
+    suffix = ("_tma" if use_desc else "") + ("_causal" if causal else "")
     _launch("dkdv" + suffix, attn_bwd_dkdv_kernel,
             lambda c: (cdiv(lay.seqlen_k, c.block_n) * lay.batch * nheads_k,),
-            args, const | dict(BIAS_GRAD=bias_grad), q, block_d, (lay.seqlen_q, lay.seqlen_k))
-    args = (q, k, v, dout, dq, lse, delta, lay.cu_q, lay.cu_k, lay.bias, lay.alibi,
-            *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(dout, varlen), *_bsh(dq, varlen),
-            *common, lay.alibi_stride, nheads, nheads // nheads_k, *lay.positions, scale, *lay.scores,
-            *lay.dropout, *lay.sparse_fwd)
+            lambda c: (*args, tail_heads(cdiv(lay.seqlen_k, c.block_n), lay.batch * nheads_k, causal, q.device)),
+            const | dict(BIAS_GRAD=bias_grad), q, block_d, (lay.seqlen_q, lay.seqlen_k))
+    args_dq = (q, k, v, dout, dq, lse, delta, lay.cu_q, lay.cu_k, lay.bias, lay.alibi,
+               *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(dout, varlen), *_bsh(dq, varlen),
+               *common, lay.alibi_stride, nheads, nheads // nheads_k, *lay.positions, scale, *lay.scores,
+               *lay.dropout, *lay.sparse_fwd)
     _launch("dq" + suffix, attn_bwd_dq_kernel,
             lambda c: (cdiv(lay.seqlen_q, c.block_m) * lay.batch * nheads,),
-            args, const, q, block_d, (lay.seqlen_q, lay.seqlen_k))
+            lambda c: (*args_dq, tail_heads(cdiv(lay.seqlen_q, c.block_m), lay.batch * nheads, causal, q.device)),
+            const, q, block_d, (lay.seqlen_q, lay.seqlen_k))
     if varlen:
         dq, dk, dv = dq.squeeze(0), dk.squeeze(0), dv.squeeze(0)
     return dq, dk, dv, dbias

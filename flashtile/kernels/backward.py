@@ -171,7 +171,7 @@ def attn_bwd_dkdv_kernel(
     stride_dbb, stride_dbh, stride_dbm, stride_dbn, stride_ab,
     nheads_k, group_size, max_seqlen_q, max_seqlen_k, diag_offset, window_left, window_right,
     softmax_scale, qk_scale, softcap_in, softcap_out, dropout_p, dropout_scale, seed,
-    FullList, PartList, Patterns, sparse_sb, sparse_sh, full_row, part_row,
+    FullList, PartList, Patterns, sparse_sb, sparse_sh, full_row, part_row, tail_bh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -179,12 +179,13 @@ def attn_bwd_dkdv_kernel(
     IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_DESC: tl.constexpr = False,
     SPARSE: tl.constexpr = False, SPARSE_BM: tl.constexpr = 1, SPARSE_BN: tl.constexpr = 1,
 ):
-    """Grid: (cdiv(max_seqlen_k, BLOCK_N) * batch * nheads_k,). Lse and Delta share strides.
+    """Grid: (cdiv(max_seqlen_k, BLOCK_N) * batch * nheads_k,), the last ``tail_bh``
+    (batch, kv head) pairs issued longest first (``program_tile``). Lse and Delta share strides.
     DBias (fp32, unbroadcast (batch, nheads, seqlen_q, seqlen_k)) receives dS when BIAS_GRAD.
     SPARSE: the lists are those of the forward kernel transposed (per key
     block, the query blocks of its full and partial tiles), one row per
     (batch, query head, key block)."""
-    pid_n, pid_bh = program_tile(max_seqlen_k, BLOCK_N, False)
+    pid_n, pid_bh = program_tile(max_seqlen_k, BLOCK_N, False, tail_bh)
     b = pid_bh // nheads_k
     hk = pid_bh % nheads_k
     start_n = pid_n * BLOCK_N
@@ -337,7 +338,7 @@ def attn_bwd_dq_kernel(
     stride_bb, stride_bh, stride_bm, stride_bn, stride_ab,
     nheads, group_size, max_seqlen_q, max_seqlen_k, diag_offset, window_left, window_right,
     softmax_scale, qk_scale, softcap_in, softcap_out, dropout_p, dropout_scale, seed,
-    FullList, PartList, Patterns, sparse_sb, sparse_sh, full_row, part_row,
+    FullList, PartList, Patterns, sparse_sb, sparse_sh, full_row, part_row, tail_bh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -345,10 +346,11 @@ def attn_bwd_dq_kernel(
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_DESC: tl.constexpr = False,
     SPARSE: tl.constexpr = False, SPARSE_BM: tl.constexpr = 1, SPARSE_BN: tl.constexpr = 1,
 ):
-    """Grid: (cdiv(max_seqlen_q, BLOCK_M) * batch * nheads,). With USE_DESC, K/V
+    """Grid: (cdiv(max_seqlen_q, BLOCK_M) * batch * nheads,), the last ``tail_bh``
+    (batch, head) pairs issued longest first (``program_tile``). With USE_DESC, K/V
     tiles are read through tensor descriptors (as the dK/dV kernel reads Q/dO).
     SPARSE: the forward kernel's tile lists."""
-    pid_m, pid_bh = program_tile(max_seqlen_q, BLOCK_M, MASK_RIGHT and not MASK_LEFT)
+    pid_m, pid_bh = program_tile(max_seqlen_q, BLOCK_M, MASK_RIGHT and not MASK_LEFT, tail_bh)
     b = pid_bh // nheads
     h = pid_bh % nheads
     hk = h // group_size

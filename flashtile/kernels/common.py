@@ -31,17 +31,28 @@ BIAS_BOOL = tl.constexpr(2)
 
 
 @triton.jit
-def program_tile(seqlen, BLOCK: tl.constexpr, HEAVY_LAST: tl.constexpr):
+def program_tile(seqlen, BLOCK: tl.constexpr, HEAVY_LAST: tl.constexpr, tail_bh=0):
     """Map the 1-D program id to (block index along the sequence, batch*head index).
 
     The grid is flat (no 65535 limit on batch*heads) with sequence blocks
     varying fastest, so programs running together share K/V in L2. When the
-    last blocks carry the most work (causal forward), they are issued first.
+    last blocks carry the most work (causal forward and dQ), they are issued
+    first. With work that varies by block (causal), the last ``tail_bh``
+    (batch, head) pairs are issued block by block instead, heads varying
+    fastest: the grid then ends on the lightest blocks of all of them
+    rather than on one head's heaviest block running alone (longest first).
     """
     pid = tl.program_id(0)
     num_blocks = tl.cdiv(seqlen, BLOCK)
-    pid_bh = pid // num_blocks
-    pid_blk = pid % num_blocks
+    # programs before the tail section
+    head_major = (tl.num_programs(0) // num_blocks - tail_bh) * num_blocks
+    if pid < head_major:
+        pid_bh = pid // num_blocks
+        pid_blk = pid % num_blocks
+    else:
+        tail = tl.maximum(tail_bh, 1)
+        pid_bh = head_major // num_blocks + (pid - head_major) % tail
+        pid_blk = (pid - head_major) // tail
     if HEAVY_LAST:
         pid_blk = num_blocks - 1 - pid_blk
     return pid_blk, pid_bh

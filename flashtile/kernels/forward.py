@@ -219,7 +219,7 @@ def attn_fwd_kernel(
     stride_bb, stride_bh, stride_bm, stride_bn, stride_ab,
     nheads, group_size, max_seqlen_q, max_seqlen_k, diag_offset, window_left, window_right,
     qk_scale, softcap_in, softcap_out, dropout_p, dropout_scale, seed, fixed_max,
-    FullList, PartList, Patterns, sparse_sb, sparse_sh, full_row, part_row,
+    FullList, PartList, Patterns, sparse_sb, sparse_sh, full_row, part_row, tail_bh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -229,7 +229,8 @@ def attn_fwd_kernel(
     SPARSE: tl.constexpr = False, SPARSE_BM: tl.constexpr = 1, SPARSE_BN: tl.constexpr = 1,
     SPARSE_STAGES: tl.constexpr = 0, HALVES: tl.constexpr = False,
 ):
-    """Grid: (cdiv(max_seqlen_q, BLOCK_M) * batch * nheads,).
+    """Grid: (cdiv(max_seqlen_q, BLOCK_M) * batch * nheads,), the last ``tail_bh``
+    (batch, head) pairs issued longest first (see ``program_tile``).
 
     Q, Out: (batch, seqlen_q, nheads, HEAD_DIM); K, V: (batch, seqlen_k,
     nheads // group_size, HEAD_DIM), last dim contiguous, other strides free.
@@ -256,7 +257,7 @@ def attn_fwd_kernel(
     HALVES: the BLOCK_M rows are two halves whose softmax and P V products
     alternate, so that matmuls overlap the softmax (see ``_fwd_tiles``).
     """
-    pid_m, pid_bh = program_tile(max_seqlen_q, BLOCK_M, MASK_RIGHT and not MASK_LEFT)
+    pid_m, pid_bh = program_tile(max_seqlen_q, BLOCK_M, MASK_RIGHT and not MASK_LEFT, tail_bh)
     b = pid_bh // nheads
     h = pid_bh % nheads
     hk = h // group_size
