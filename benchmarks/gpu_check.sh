@@ -56,9 +56,6 @@ for step in "$@"; do
       python3 -m pytest -q -m gpu -n 14 --tb=line tests/test_gpu.py tests/test_kvcache.py -k "causal or kvcache or decode" \
         > "$OUT/causal_tests.log" 2>&1; tail -8 "$OUT/causal_tests.log" ;;
     ab-schedule) python3 benchmarks/ab_schedule.py --out "$OUT/ab_schedule.json" 2>&1 | tee "$OUT/ab_schedule.log" ;;
-    decode-pdl)  # the combine kernel as a programmatic dependent launch, on and off, same process order
-      FLASHTILE_DECODE_PDL=0 python3 benchmarks/decode.py --page-sizes 16 --out "$OUT/decode_nopdl" 2>&1 | tail -12
-      python3 benchmarks/decode.py --page-sizes 16 --out "$OUT/decode_pdl" 2>&1 | tail -12 ;;
     tests-forward)  # every GPU test that runs the forward kernel (dense, block-sparse, cosine-sim)
       python3 -m pytest -q -m gpu -n 14 --tb=line tests/test_gpu.py tests/test_block_sparse.py tests/test_cosine_sim.py \
         > "$OUT/forward_tests.log" 2>&1; tail -8 "$OUT/forward_tests.log" ;;

@@ -11,8 +11,6 @@ and ALiBi positions are aligned to the bottom-right corner.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
@@ -78,11 +76,6 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_ta
         cfg = cfg._replace(num_stages=min(cfg.num_stages, 3))
         row_lookup = True
 
-    # Hopper and later: the combine kernel is a programmatic dependent launch (its launch
-    # overlaps the split kernel); FLASHTILE_DECODE_PDL=0 turns that off
-    capability = _capability(q.device)
-    dependent = (num_splits > 1 and capability is not None and capability[0] >= 9
-                 and os.environ.get("FLASHTILE_DECODE_PDL", "1") == "1")
     out = torch.empty_like(q)
     lse = torch.empty((batch, nheads, seqlen_q), device=q.device, dtype=torch.float32)
     if num_splits == 1:
@@ -111,7 +104,7 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_ta
         PAGE_SIZE=page_size, HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFTPAD=leftpad is not None,
         MASK_LEFT=window_left >= 0, MASK_RIGHT=window_right >= 0, SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None,
         UPCAST=interpreting() and q.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(q.dtype, q.device),
-        ROW_LOOKUP=row_lookup, LAUNCH_COMBINE=dependent)
+        ROW_LOOKUP=row_lookup)
     if num_splits > 1:
         attn_combine_kernel[(batch * seqlen_q * nheads,)](
             part_out, part_lse, out, lse,
@@ -119,8 +112,7 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_ta
             part_lse.stride(1), part_lse.stride(2), part_lse.stride(0),
             out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
             nheads, seqlen_q, num_splits,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, next_power_of_2(num_splits)), DEPENDENT=dependent,
-            num_warps=4, launch_pdl=dependent)
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, next_power_of_2(num_splits)), num_warps=4)
     return out, lse
 
 

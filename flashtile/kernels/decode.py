@@ -43,7 +43,6 @@ def attn_decode_kernel(
     PAGE_SIZE: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_LOOKUP: tl.constexpr = False,
-    LAUNCH_COMBINE: tl.constexpr = False,
 ):
     """Grid: (batch * nheads_k, num_splits, cdiv(seqlen_q * group_size, BLOCK_M)).
 
@@ -57,12 +56,7 @@ def attn_decode_kernel(
     and dtype) and the natural-log LSE (batch, nheads, seqlen_q); with
     several, fp32 partial results of each split at ``split * stride_osplit``
     / ``split * stride_lsplit``, merged by :func:`attn_combine_kernel`.
-    LAUNCH_COMBINE (Hopper on): the combine kernel, launched as a programmatic
-    dependent, may start as soon as every program here has started; it
-    waits for this grid's results before reading them.
     """
-    if LAUNCH_COMBINE:
-        tl.extra.cuda.gdc_launch_dependents()
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
@@ -179,18 +173,14 @@ def attn_combine_kernel(
     stride_plb, stride_plh, stride_plsplit,
     stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
     nheads, seqlen_q, num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, DEPENDENT: tl.constexpr = False,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Grid: (batch * seqlen_q * nheads,): one output row per program.
 
     ``out = sum_s exp(lse_s - lse) * out_s`` with ``lse = log sum_s exp(lse_s)``
     over the ``num_splits`` partial results (fp32); a row no split saw
-    gives zeros and LSE -inf. DEPENDENT: launched as a programmatic dependent
-    of the split kernel, so the launch overlaps that kernel; wait for its
-    results first.
+    gives zeros and LSE -inf.
     """
-    if DEPENDENT:
-        tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
     h = pid % nheads
     t = (pid // nheads) % seqlen_q
