@@ -238,8 +238,8 @@ def _forward_features(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys_pe
     hopper = capability is not None and capability[0] >= 9
     warp_spec = _env_flag("FLASHTILE_FWD_WS")
     warp_spec = hopper and DEFAULT_FWD_WS if warp_spec is None else warp_spec and capability is not None
-    min_keys = TMA_MIN_KEYS if q.shape[-1] <= 64 else TMA_MIN_KEYS_WIDE
-    kv_desc = _descriptor_mode("FLASHTILE_FWD_TMA", DEFAULT_FWD_TMA, keys_per_row, min_keys, k.shape[-3], k, v)
+    kv_desc = _descriptor_mode("FLASHTILE_FWD_TMA", DEFAULT_FWD_TMA, keys_per_row, FWD_TMA_MIN_KEYS, k.shape[-3],
+                               k, v)
     if q.element_size() > 2 and "FLASHTILE_FWD_TMA" not in os.environ:
         # fp32 through descriptors measured 32x slower than through pointer loads on an H200
         # (27 ms at 2k keys against 0.84 ms at 1k, docs/performance.md)
@@ -249,13 +249,16 @@ def _forward_features(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys_pe
 
 # measured on an H100 (docs/performance.md): in-kernel descriptors pay from about 2k keys
 # per row (forward +5-16%, backward up to +17%), warp specialisation does not; host-built
-# descriptors are not better overall
+# descriptors are not better overall. The backward's thresholds:
 DEFAULT_FWD_TMA = 1
 DEFAULT_BWD_TMA = 1
 TMA_MIN_KEYS = 2048
 # at head dims above 64 descriptors gain from 1k keys per row (H200, 1k non-causal and 2k causal:
 # forward +5-13%, backward +1-20%); head dim 64 loses up to 11% there (docs/performance.md)
 TMA_MIN_KEYS_WIDE = 1024
+# the forward, with the two-halves tiles that descriptors allow, from 1k keys at every head dim
+# (H200, d64 full 1k: 383 against 368 TFLOP/s; causal 2k: 347 against 350, docs/performance.md)
+FWD_TMA_MIN_KEYS = 1024
 # forward rows that see fewer keys than this take the "_short" launch-table entries, per
 # mask ("" = full attention): causal below 2k keys a row (seqlen < 4k), full below 8k
 SHORT_KEYS = {"_causal": 2048, "": 8192}
