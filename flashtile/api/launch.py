@@ -14,7 +14,7 @@ import os
 import torch
 import triton
 
-from ..kernels.backward import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
+from ..kernels.backward import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
 from ..kernels.common import BIAS_ADD, BIAS_BOOL, BIAS_NONE
 from ..kernels.configs import LaunchConfig, launch_configs, sparse_constexprs
 from ..kernels.forward import attn_fwd_kernel
@@ -424,13 +424,8 @@ def attention_backward(dout, q, k, v, out, lse, opts: AttnOptions, bias_grad: bo
     head_dim = q.shape[-1]
     nheads, nheads_k = lay.nheads, lay.nheads_k
 
-    # delta over the padded (batch, seqlen_q) or the packed (1, total_q) rows
+    # rowsum(dO * O) per query row, in lse's layout: written by the dQ kernel, read by dK/dV
     delta = torch.empty_like(lse)
-    pre_m = 32 if interpreting() else 64
-    attn_bwd_preprocess_kernel[(cdiv(q.shape[1], pre_m) * q.shape[0] * nheads,)](
-        out, dout, delta, *_bsh(out), *_bsh(dout), delta.stride(0), delta.stride(1), nheads, q.shape[1],
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_m)
-
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbias = None
     if bias_grad:
@@ -440,24 +435,24 @@ def attention_backward(dout, q, k, v, out, lse, opts: AttnOptions, bias_grad: bo
     scale = opts.softmax_scale
     common = (*lay.lse_strides(lse), *lay.bias_strides)
     causal = const["MASK_RIGHT"] and not const["MASK_LEFT"]
-    args = (q, k, v, dout, dk, dv, lse, delta, lay.cu_q, lay.cu_k, lay.bias, dbias_arg, lay.alibi,
-            *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(dout, varlen), *_bsh(dk, varlen),
-            *_bsh(dv, varlen), *common, *dbias_strides, lay.alibi_stride,
-            nheads_k, nheads // nheads_k, *lay.positions, scale, *lay.scores, *lay.dropout, *lay.sparse_bwd)
     # launch-table names: the kernel, "_tma" with descriptors, "_causal" for a causal mask alone
     suffix = ("_tma" if use_desc else "") + ("_causal" if causal else "")
-    _launch("dkdv" + suffix, attn_bwd_dkdv_kernel,
-            lambda c: (cdiv(lay.seqlen_k, c.block_n) * lay.batch * nheads_k,),
-            lambda c: (*args, tail_heads(cdiv(lay.seqlen_k, c.block_n), lay.batch * nheads_k, causal, q.device)),
-            const | dict(BIAS_GRAD=bias_grad), q, block_d, (lay.seqlen_q, lay.seqlen_k))
-    args_dq = (q, k, v, dout, dq, lse, delta, lay.cu_q, lay.cu_k, lay.bias, lay.alibi,
-               *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(dout, varlen), *_bsh(dq, varlen),
-               *common, lay.alibi_stride, nheads, nheads // nheads_k, *lay.positions, scale, *lay.scores,
+    args_dq = (q, k, v, dout, out, dq, lse, delta, lay.cu_q, lay.cu_k, lay.bias, lay.alibi,
+               *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(dout, varlen), *_bsh(out, varlen),
+               *_bsh(dq, varlen), *common, lay.alibi_stride, nheads, nheads // nheads_k, *lay.positions, scale, *lay.scores,
                *lay.dropout, *lay.sparse_fwd)
     _launch("dq" + suffix, attn_bwd_dq_kernel,
             lambda c: (cdiv(lay.seqlen_q, c.block_m) * lay.batch * nheads,),
             lambda c: (*args_dq, tail_heads(cdiv(lay.seqlen_q, c.block_m), lay.batch * nheads, causal, q.device)),
             const, q, block_d, (lay.seqlen_q, lay.seqlen_k))
+    args_dkdv = (q, k, v, dout, dk, dv, lse, delta, lay.cu_q, lay.cu_k, lay.bias, dbias_arg, lay.alibi,
+                 *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(dout, varlen), *_bsh(dk, varlen),
+                 *_bsh(dv, varlen), *common, *dbias_strides, lay.alibi_stride,
+                 nheads_k, nheads // nheads_k, *lay.positions, scale, *lay.scores, *lay.dropout, *lay.sparse_bwd)
+    _launch("dkdv" + suffix, attn_bwd_dkdv_kernel,
+            lambda c: (cdiv(lay.seqlen_k, c.block_n) * lay.batch * nheads_k,),
+            lambda c: (*args_dkdv, tail_heads(cdiv(lay.seqlen_k, c.block_n), lay.batch * nheads_k, causal, q.device)),
+            const | dict(BIAS_GRAD=bias_grad), q, block_d, (lay.seqlen_q, lay.seqlen_k))
     if varlen:
         dq, dk, dv = dq.squeeze(0), dk.squeeze(0), dv.squeeze(0)
     return dq, dk, dv, dbias

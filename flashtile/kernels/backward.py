@@ -1,16 +1,17 @@
 """FlashAttention backward kernels.
 
-Three launches, no atomics (so gradients are bitwise deterministic):
+Two launches, no atomics (so gradients are bitwise deterministic):
 
-1. ``attn_bwd_preprocess_kernel``: ``delta = rowsum(dO * O)`` per query row.
+1. ``attn_bwd_dq_kernel``: one program owns BLOCK_M query rows of one head
+   and loops over key blocks, as the forward pass does. It first computes
+   ``delta = rowsum(dO * O)`` of its rows (it loads their dO anyway) and
+   writes it for the second kernel: no separate pass over O and dO.
 2. ``attn_bwd_dkdv_kernel``: one program owns BLOCK_N keys of one kv head;
    it keeps K, V, dK, dV on chip and loops over every query head of its
    group and over the query blocks that see those keys, recomputing
    ``P = exp(S - LSE)`` from the saved LSE. dK/dV of a GQA group are
    therefore summed in registers. It also writes dS, the gradient of an
    additive bias, when one is asked for (each element is visited once).
-3. ``attn_bwd_dq_kernel``: one program owns BLOCK_M query rows of one head
-   and loops over key blocks, as the forward pass does.
 
 The options are the forward kernel's constexpr switches; scores come from the
 same ``tile_scores`` so forward and backward agree exactly. With dropout,
@@ -36,30 +37,6 @@ from .common import (
 )
 
 LOG2E = tl.constexpr(1.4426950408889634)
-
-
-@triton.jit
-def attn_bwd_preprocess_kernel(
-    Out, DOut, Delta,
-    stride_ob, stride_os, stride_oh,
-    stride_dob, stride_dos, stride_doh,
-    stride_db, stride_dh,
-    nheads, seqlen_q,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """Grid: (cdiv(seqlen_q, BLOCK_M) * batch * nheads,). Delta: (batch, nheads, seqlen_q) fp32."""
-    pid_m, pid_bh = program_tile(seqlen_q, BLOCK_M, False)
-    b = pid_bh // nheads
-    h = pid_bh % nheads
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
-                mask=ok, other=0.0).to(tl.float32)
-    do = tl.load(DOut + b.to(tl.int64) * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :],
-                 mask=ok, other=0.0).to(tl.float32)
-    delta = tl.sum(o * do, axis=1)
-    tl.store(Delta + b.to(tl.int64) * stride_db + h * stride_dh + offs_m, delta, mask=offs_m < seqlen_q)
 
 
 @triton.jit
@@ -328,11 +305,12 @@ def _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, bias_
 
 @triton.jit
 def attn_bwd_dq_kernel(
-    Q, K, V, DOut, DQ, Lse, Delta, CuSeqlensQ, CuSeqlensK, Bias, Alibi,
+    Q, K, V, DOut, Out, DQ, Lse, Delta, CuSeqlensQ, CuSeqlensK, Bias, Alibi,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
+    stride_ob, stride_os, stride_oh,
     stride_dqb, stride_dqs, stride_dqh,
     stride_lb, stride_lh,
     stride_bb, stride_bh, stride_bm, stride_bn, stride_ab,
@@ -349,7 +327,8 @@ def attn_bwd_dq_kernel(
     """Grid: (cdiv(max_seqlen_q, BLOCK_M) * batch * nheads,), the last ``tail_bh``
     (batch, head) pairs issued longest first (``program_tile``). With USE_DESC, K/V
     tiles are read through tensor descriptors (as the dK/dV kernel reads Q/dO).
-    SPARSE: the forward kernel's tile lists."""
+    SPARSE: the forward kernel's tile lists. Writes Delta (fp32, Lse's layout)
+    of its rows, which the dK/dV kernel reads."""
     pid_m, pid_bh = program_tile(max_seqlen_q, BLOCK_M, MASK_RIGHT and not MASK_LEFT, tail_bh)
     b = pid_bh // nheads
     h = pid_bh % nheads
@@ -375,7 +354,11 @@ def attn_bwd_dq_kernel(
         do = do.to(tl.float32)
     lse_off = b.to(tl.int64) * stride_lb + h * stride_lh + start_q
     lse = _load_lse_log2(Lse + lse_off, offs_m, seqlen_q)
-    delta = tl.load(Delta + lse_off + offs_m, mask=offs_m < seqlen_q, other=0.0)
+    o_off = b.to(tl.int64) * stride_ob + start_q.to(tl.int64) * stride_os + h * stride_oh
+    o = tl.load(Out + o_off + offs_m[:, None] * stride_os + offs_d[None, :], mask=ok, other=0.0)
+    # delta_i = sum_d dO_id O_id (= rowsum(P * dP)), for dS here and in the dK/dV kernel
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + lse_off + offs_m, delta, mask=offs_m < seqlen_q)
 
     k_ptrs = row_source(K + b.to(tl.int64) * stride_kb + start_k.to(tl.int64) * stride_ks + hk * stride_kh,
                         offs_n, offs_d, stride_ks, seqlen_k, HEAD_DIM, BLOCK_N, BLOCK_D, USE_DESC)
