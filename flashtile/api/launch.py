@@ -307,7 +307,7 @@ def _sparse_args(full: torch.Tensor, part: torch.Tensor, patterns: torch.Tensor)
 
 
 class _Layout:
-    """Batch geometry, feature switches and the score arguments shared by all three kernels.
+    """Batch geometry, feature switches and the score arguments shared by the forward, dQ and dK/dV kernels.
     ``sparse``: the :class:`~flashtile.api.block_mask.BlockMask` of block-sparse attention, or None."""
 
     def __init__(self, q, k, opts: AttnOptions, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
