@@ -59,6 +59,10 @@ for step in "$@"; do
     tests-forward)  # every GPU test that runs the forward kernel (dense, block-sparse, cosine-sim)
       python3 -m pytest -q -m gpu -n 14 --tb=line tests/test_gpu.py tests/test_block_sparse.py tests/test_cosine_sim.py \
         > "$OUT/forward_tests.log" 2>&1; tail -8 "$OUT/forward_tests.log" ;;
+    bench-graph)  # the 1k-2k cells eager and as CUDA-graph replays (GPU time alone), flashtile and SDPA flash
+      python3 -m flashtile bench --dtypes bf16 --modes fwd,fwd_bwd --providers flashtile,sdpa_flash --seqlens 1024,2048 \
+        --graph --out "$OUT/graph" > "$OUT/bench_graph.log" 2>&1
+      python3 benchmarks/summarize.py "$OUT/graph/bench.json"; python3 benchmarks/summarize.py --graph "$OUT/graph/bench.json" ;;
     bench-fwd-bf16) python3 -m flashtile bench --dtypes bf16 --modes fwd,fwd_bwd --providers flashtile,sdpa_flash,sdpa_cudnn \
                   --out "$OUT/main" > "$OUT/bench_main.log" 2>&1; tail -5 "$OUT/bench_main.log" ;;
     halves-tests) python3 -m pytest -q -m gpu -n 8 --tb=short tests/test_gpu.py -k two_halves 2>&1 | tail -15 \

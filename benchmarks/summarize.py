@@ -2,6 +2,7 @@
 
     python benchmarks/summarize.py bench_results/bench.json [--markdown]
     python benchmarks/summarize.py bench_results/bench.json --by-provider   # README tables
+    python benchmarks/summarize.py bench_results/bench.json --graph   # GPU time alone (bench --graph)
 """
 
 import argparse
@@ -14,6 +15,8 @@ def main():
     ap.add_argument("files", nargs="+")
     ap.add_argument("--baseline", default="sdpa_flash")
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--graph", action="store_true",
+                    help="TFLOP/s of CUDA-graph replays (a run with flashtile bench --graph) instead of eager calls")
     ap.add_argument("--by-provider", action="store_true",
                     help="markdown, one table per (dtype, head dim), a row per (provider, mode, causal)")
     args = ap.parse_args()
@@ -24,6 +27,9 @@ def main():
         meta = meta or data["meta"]
         for r in data["results"]:
             c = r["case"]
+            if args.graph:
+                graphed = r.get("extra", {}).get("graph_tflops")
+                r = dict(r, tflops=graphed, status=r["status"] if graphed else "no graph")
             key = (c["dtype"], c["head_dim"], c["causal"], r["mode"])
             rows[key].setdefault(c["seqlen"], {})[r["provider"]] = r
     print(f"# {meta['device']}, torch {meta['torch']}, triton {meta.get('triton')}")

@@ -132,7 +132,28 @@ def _timed_fn(mode: str, fn, inputs):
 
 # ---------------------------------------------------------------- measuring
 
-def _gpu_measure(provider: str, case: Case, modes) -> list[Result]:
+def _short_error(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:120]
+
+
+def graph_ms(fn) -> float:
+    """Median milliseconds of ``fn`` captured in a CUDA graph and replayed (L2 flushed
+    before each replay, as for eager calls): the GPU's time without the host's."""
+    from triton.testing import do_bench
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+
+
+def _gpu_measure(provider: str, case: Case, modes, graph: bool = False) -> list[Result]:
     from triton.testing import do_bench
     results = []
     try:
@@ -141,6 +162,13 @@ def _gpu_measure(provider: str, case: Case, modes) -> list[Result]:
             timed = _timed_fn(mode, fn, inputs)
             ms = do_bench(timed, warmup=25, rep=100, return_mode="median")
             res = Result(case, mode, provider, ms=ms, tflops=case.flops(mode) / ms * 1e-9)
+            if graph:
+                # eager time well above the graph's: the call waits on the host
+                try:
+                    res.extra["graph_ms"] = graph_ms(timed)
+                    res.extra["graph_tflops"] = case.flops(mode) / res.extra["graph_ms"] * 1e-9
+                except Exception as exc:  # not capturable (e.g. a host sync inside)
+                    res.extra["graph_error"] = _short_error(exc)
             if mode == "fwd_bwd":
                 torch.cuda.synchronize()
                 base = torch.cuda.memory_allocated()
@@ -152,8 +180,8 @@ def _gpu_measure(provider: str, case: Case, modes) -> list[Result]:
     except torch.cuda.OutOfMemoryError:
         results += [Result(case, m, provider, status="oom") for m in modes if m not in {r.mode for r in results}]
     except Exception as exc:  # a backend that does not support this case
-        msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:120]
-        results += [Result(case, m, provider, status=msg) for m in modes if m not in {r.mode for r in results}]
+        results += [Result(case, m, provider, status=_short_error(exc)) for m in modes
+                    if m not in {r.mode for r in results}]
     finally:
         torch.cuda.empty_cache()
     return results
@@ -325,7 +353,7 @@ def run(args) -> list[Result]:
                 progress.update(task, description=f"{p} {case.dtype} d={case.head_dim} "
                                 f"{'causal ' if case.causal else ''}seqlen {case.seqlen}")
                 if on_gpu:
-                    results += _gpu_measure(p, case, modes)
+                    results += _gpu_measure(p, case, modes, graph=getattr(args, "graph", False))
                 else:
                     results += _cpu_measure(p, case, modes)
                 progress.advance(task)

@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--hidden", type=int, default=2048, help="nheads * headdim (default 2048)")
     bench.add_argument("--tokens", type=int, default=16384, help="batch * seqlen (default 16384)")
     bench.add_argument("--cpu", action="store_true", help="run the CPU benchmark even if a GPU is present")
+    bench.add_argument("--graph", action="store_true",
+                       help="GPU: also time each call as CUDA-graph replays (the GPU alone, no host time); "
+                            "in bench.json as extra.graph_ms")
     bench.add_argument("--out", default="bench_results", help="folder for bench.json and bench.png")
     return parser
 

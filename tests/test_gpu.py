@@ -178,3 +178,14 @@ def test_causal_longest_first_grid_gpu(head_dim):
     assert 0 < launch.tail_heads(1536 // 128, 4 * 24, True, q.device) < 4 * 24
     assert 0 < launch.tail_heads(1536 // 64, 4 * 24, True, q.device) < 4 * 24
     check_attention(lambda q, k, v: flash_attn_func(q, k, v, causal=True), q, k, v, causal=True)
+
+
+def test_bench_graph_timing_gpu():
+    """``flashtile bench --graph``: every mode also timed as CUDA-graph replays."""
+    from flashtile.bench import Case, _gpu_measure
+
+    case = Case("bf16", 64, True, 1024, 2, 4)
+    for provider in ("flashtile", "sdpa_flash"):
+        results = _gpu_measure(provider, case, ["fwd", "fwd_bwd"], graph=True)
+        assert [r.status for r in results] == ["ok", "ok"]
+        assert all(r.extra["graph_ms"] > 0 for r in results), [r.extra for r in results]
