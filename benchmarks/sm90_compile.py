@@ -81,7 +81,8 @@ def main():
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--pass", dest="passes", default="fwd",
                     help="fwd, bwd, decode (one token of 32 query heads / 8 kv heads against a cache of "
-                         "--seqlen keys in 16 splits; --page-size for a paged one), or a list: fwd,bwd")
+                         "--seqlen keys in 16 splits; --page-size for a paged one), sparse (block-sparse "
+                         "forward and backward, a causal band of 300 keys in 128 x 128 blocks), or a list: fwd,bwd")
     ap.add_argument("--page-size", type=int, default=0)
     ap.add_argument("--dump", default=None, help="folder for .ptx and .ttgir of each launch")
     ap.add_argument("--force", action="append", default=[], metavar="NAME=BM,BN,WARPS,STAGES[,HALVES]",
@@ -113,6 +114,17 @@ def main():
     if "bwd" in passes:
         out, lse = torch.randn_like(q), torch.randn(args.batch, args.heads, args.seqlen)
         launch.attention_backward(torch.randn_like(q), q, k, v, out, lse, opts)
+    if "sparse" in passes:
+        import flashtile
+        from flashtile.api import block_sparse, ops
+        from flashtile.api.block_mask import create_block_mask
+
+        ops._use_triton = block_sparse._use_triton = lambda t: True  # CPU tensors, compiled for sm90
+        mask = create_block_mask(lambda b, h, qi, kj: (qi >= kj) & (qi - kj < 300), None, None, args.seqlen,
+                                 args.seqlen, device="cpu", block_size=128)
+        qs, ks, vs = (t.detach().requires_grad_() for t in (q, k, v))
+        out = flashtile.block_sparse_attn_func(qs, ks, vs, mask)
+        out.backward(torch.randn_like(out))
     if "decode" in passes:
         qd = torch.randn(args.batch, 1, 32, args.head_dim, dtype=dtype)
         seqlens = torch.full((args.batch,), args.seqlen, dtype=torch.int32)

@@ -71,3 +71,10 @@ def force_forward_config(monkeypatch, cfg) -> None:
     from flashtile.api import launch
 
     monkeypatch.setattr(launch, "forced_configs", {name: cfg for name in launch.FORWARD_NAMES})
+
+
+def force_halves_config(monkeypatch, cfg) -> None:
+    """Launch every forward and dQ kernel call with the two-halves LaunchConfig ``cfg``."""
+    from flashtile.api import launch
+
+    monkeypatch.setattr(launch, "forced_configs", {name: cfg for name in launch.FORWARD_NAMES + launch.DQ_NAMES})

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from flashtile import flash_attn_func
 from flashtile.kernels.common import program_tile
-from helpers import check_attention, force_forward_config
+from helpers import check_attention, force_forward_config, force_halves_config
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # (seqlen_q, seqlen_k, headdim): ragged lengths, cross attention, odd head dims
@@ -173,6 +173,22 @@ def test_forward_two_halves(monkeypatch, case, dtype):
     if kw.pop("alibi", False):
         kw["alibi_slopes"] = torch.rand(4) * 0.3
     check_attention(lambda q, k, v: flash_attn_func(q, k, v, **kw), q, k, v, backward=False, **kw)
+
+
+@pytest.mark.parametrize("case", list(HALVES_CASES), ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_dq_two_halves(monkeypatch, case, dtype):
+    # the dQ kernel's query block as two halves too (LaunchConfig.halves), gradients checked
+    from flashtile.kernels.configs import LaunchConfig
+
+    kw = dict(HALVES_CASES[case])
+    force_halves_config(monkeypatch, LaunchConfig(64, 32, 4, 1, halves=True))
+    q = torch.randn(2, 77, 4, 40, dtype=dtype)
+    k = torch.randn(2, 113, 2, 40, dtype=dtype)
+    v = torch.randn(2, 113, 2, 40, dtype=dtype)
+    if kw.pop("alibi", False):
+        kw["alibi_slopes"] = torch.rand(4) * 0.3
+    check_attention(lambda q, k, v: flash_attn_func(q, k, v, **kw), q, k, v, **kw)
 
 
 @triton.jit

@@ -146,7 +146,7 @@ def _launch(name: str, kernel, grid_fn, args, constexprs: dict, tensor: torch.Te
 
     def run(cfg: LaunchConfig) -> None:
         sparse = sparse_constexprs(name, cfg, capability) if constexprs.get("SPARSE") else {}
-        halves = dict(HALVES=True) if cfg.halves else {}  # a forward-kernel switch only
+        halves = dict(HALVES=True) if cfg.halves else {}  # a switch of the forward and dQ kernels
         kernel[grid_fn(cfg)](*(args(cfg) if callable(args) else args), **constexprs, **sparse, **halves,
                              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                              num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -265,6 +265,8 @@ SHORT_KEYS = {"_causal": 2048, "": 8192}
 # every launch-table name the forward launcher can ask for (tools and tests force configs on all)
 FORWARD_NAMES = [f"fwd{tma}{mask}{short}" for tma in ("", "_tma") for mask in ("", "_causal", "_window")
                  for short in ("", "_short")]
+# the dQ kernel's launch-table names (its launches take LaunchConfig.halves as the forward's do)
+DQ_NAMES = [f"dq{tma}{mask}" for tma in ("", "_tma") for mask in ("", "_causal")]
 TMA_MIN_ROWS = 128
 DEFAULT_FWD_WS = False
 
