@@ -20,6 +20,7 @@ import time
 import torch
 
 import flashtile
+from flashtile.bench import graph_ms
 
 
 def per_call_us(fn, calls: int = 2000) -> float:
@@ -65,22 +66,6 @@ def cases(b: int, s: int, h: int, d: int, causal: bool):
 
     return {"flashtile fwd": ft_fwd, "flashtile fwd (no grad)": ft_fwd_nograd, "flashtile fwd+bwd": ft_fwd_bwd,
             "sdpa_flash fwd": sdpa_fwd, "sdpa_flash fwd+bwd": sdpa_fwd_bwd}
-
-
-def graph_ms(fn) -> float:
-    """Milliseconds per replay of ``fn`` captured in a CUDA graph: the GPU's time alone."""
-    from triton.testing import do_bench
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
 
 
 def launch_detail() -> None:

@@ -160,35 +160,22 @@ HALVES_CASES = {
 
 @pytest.mark.parametrize("case", list(HALVES_CASES), ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_forward_two_halves(monkeypatch, case, dtype):
-    # the forward's query block as two halves (LaunchConfig.halves, the Hopper table's choice for
-    # head dim 128): ragged lengths so that the second half, or both, run past the rows
+@pytest.mark.parametrize("kernels", ["forward", "forward_dq"])
+def test_two_halves(monkeypatch, case, dtype, kernels):
+    # the query block as two halves (LaunchConfig.halves, the Hopper table's choice for the
+    # forward at head dim 128) in the forward, or in the forward and the dQ kernel with the
+    # gradients checked: ragged lengths so that the second half, or both, run past the rows
     from flashtile.kernels.configs import LaunchConfig
 
     kw = dict(HALVES_CASES[case])
-    force_forward_config(monkeypatch, LaunchConfig(64, 32, 4, 1, halves=True))
+    force = force_forward_config if kernels == "forward" else force_halves_config
+    force(monkeypatch, LaunchConfig(64, 32, 4, 1, halves=True))
     q = torch.randn(2, 77, 4, 40, dtype=dtype)
     k = torch.randn(2, 113, 2, 40, dtype=dtype)
     v = torch.randn(2, 113, 2, 40, dtype=dtype)
     if kw.pop("alibi", False):
         kw["alibi_slopes"] = torch.rand(4) * 0.3
-    check_attention(lambda q, k, v: flash_attn_func(q, k, v, **kw), q, k, v, backward=False, **kw)
-
-
-@pytest.mark.parametrize("case", list(HALVES_CASES), ids=str)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_dq_two_halves(monkeypatch, case, dtype):
-    # the dQ kernel's query block as two halves too (LaunchConfig.halves), gradients checked
-    from flashtile.kernels.configs import LaunchConfig
-
-    kw = dict(HALVES_CASES[case])
-    force_halves_config(monkeypatch, LaunchConfig(64, 32, 4, 1, halves=True))
-    q = torch.randn(2, 77, 4, 40, dtype=dtype)
-    k = torch.randn(2, 113, 2, 40, dtype=dtype)
-    v = torch.randn(2, 113, 2, 40, dtype=dtype)
-    if kw.pop("alibi", False):
-        kw["alibi_slopes"] = torch.rand(4) * 0.3
-    check_attention(lambda q, k, v: flash_attn_func(q, k, v, **kw), q, k, v, **kw)
+    check_attention(lambda q, k, v: flash_attn_func(q, k, v, **kw), q, k, v, backward=kernels != "forward", **kw)
 
 
 @triton.jit
