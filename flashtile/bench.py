@@ -353,7 +353,7 @@ def run(args) -> list[Result]:
                 progress.update(task, description=f"{p} {case.dtype} d={case.head_dim} "
                                 f"{'causal ' if case.causal else ''}seqlen {case.seqlen}")
                 if on_gpu:
-                    results += _gpu_measure(p, case, modes, graph=getattr(args, "graph", False))
+                    results += _gpu_measure(p, case, modes, graph=args.graph)
                 else:
                     results += _cpu_measure(p, case, modes)
                 progress.advance(task)

@@ -73,8 +73,10 @@ def tail_heads(num_blocks: int, num_bh: int, uneven: bool, device: torch.device)
     """``tail_bh`` of a grid of ``num_blocks`` sequence blocks x ``num_bh`` (batch, head)
     pairs: 0 unless the work per block is ``uneven`` and a head's blocks fill at most
     half the GPU."""
+    if not uneven:
+        return 0
     sms = INTERPRETER_SMS if interpreting() else sm_count(device)
-    if not uneven or num_blocks > sms // 2:
+    if num_blocks > sms // 2:
         return 0
     return min(num_bh, cdiv(LONGEST_FIRST_WAVES * sms, num_blocks))
 
@@ -441,8 +443,8 @@ def attention_backward(dout, q, k, v, out, lse, opts: AttnOptions, bias_grad: bo
     suffix = ("_tma" if use_desc else "") + ("_causal" if causal else "")
     args_dq = (q, k, v, dout, out, dq, lse, delta, lay.cu_q, lay.cu_k, lay.bias, lay.alibi,
                *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(dout, varlen), *_bsh(out, varlen),
-               *_bsh(dq, varlen), *common, lay.alibi_stride, nheads, nheads // nheads_k, *lay.positions, scale, *lay.scores,
-               *lay.dropout, *lay.sparse_fwd)
+               *_bsh(dq, varlen), *common, lay.alibi_stride, nheads, nheads // nheads_k, *lay.positions, scale,
+               *lay.scores, *lay.dropout, *lay.sparse_fwd)
     _launch("dq" + suffix, attn_bwd_dq_kernel,
             lambda c: (cdiv(lay.seqlen_q, c.block_m) * lay.batch * nheads,),
             lambda c: (*args_dq, tail_heads(cdiv(lay.seqlen_q, c.block_m), lay.batch * nheads, causal, q.device)),
