@@ -56,9 +56,12 @@ for step in "$@"; do
       python3 -m pytest -q -m gpu -n 14 --tb=line tests/test_gpu.py tests/test_kvcache.py -k "causal or kvcache or decode" \
         > "$OUT/causal_tests.log" 2>&1; tail -8 "$OUT/causal_tests.log" ;;
     ab-schedule) python3 benchmarks/ab_schedule.py --out "$OUT/ab_schedule.json" 2>&1 | tee "$OUT/ab_schedule.log" ;;
-    tests-forward)  # every GPU test that runs the forward kernel (dense, block-sparse, cosine-sim)
+    tests-forward)  # every GPU test that runs the forward kernel (dense, block-sparse, cosine-sim); the
+                    # failures again one at a time (14 test processes can run out of GPU memory together)
       python3 -m pytest -q -m gpu -n 14 --tb=line tests/test_gpu.py tests/test_block_sparse.py tests/test_cosine_sim.py \
-        > "$OUT/forward_tests.log" 2>&1; tail -8 "$OUT/forward_tests.log" ;;
+        > "$OUT/forward_tests.log" 2>&1; tail -4 "$OUT/forward_tests.log"
+      grep -q "failed" "$OUT/forward_tests.log" && python3 -m pytest -q -m gpu --lf --tb=short tests/test_gpu.py \
+        tests/test_block_sparse.py tests/test_cosine_sim.py 2>&1 | tail -30 ;;
     dq-halves)  # the dQ kernel's two halves: GPU tests, then timed against the table's dQ tiles
       python3 -m pytest -q -m gpu -n 8 --tb=short tests/test_gpu.py -k dq_two_halves 2>&1 | tail -6
       for s in 1024 4096 16384; do

@@ -30,6 +30,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _check_launch_plans():
+    # every call that replays a launch plan also builds its launches the slow way and
+    # compares them: a plan key that misses something fails the test that calls it
+    from flashtile.api import launch
+
+    launch.check_plans = True
+
+
 @pytest.fixture(autouse=True)
 def _seed(request):
     # fresh but reproducible inputs per test (crc32, unlike hash(), is the same in every process)

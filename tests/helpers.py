@@ -78,3 +78,28 @@ def force_halves_config(monkeypatch, cfg) -> None:
     from flashtile.api import launch
 
     monkeypatch.setattr(launch, "forced_configs", {name: cfg for name in launch.FORWARD_NAMES + launch.DQ_NAMES})
+
+
+def count_plan_replays(monkeypatch) -> list:
+    """Launch plans run from now on (flashtile/api/launch.py), each entry the names
+    of the plan's kernels."""
+    from flashtile.api import launch
+
+    runs = []
+    real_run = launch._Plan.run
+
+    def counting_run(self, call):
+        runs.append([step.kernel.__name__ for step, *_ in self.launches])
+        real_run(self, call)
+
+    monkeypatch.setattr(launch._Plan, "run", counting_run)
+    return runs
+
+
+def set_switch(monkeypatch, name: str, value: str) -> None:
+    """Set the environment switch ``name`` (FLASHTILE_FWD_TMA, ...) for this test; launch
+    plans, which read the switches when made, start afresh and are restored afterwards."""
+    from flashtile.api import launch
+
+    monkeypatch.setenv(name, value)
+    monkeypatch.setattr(launch, "_plans", {})

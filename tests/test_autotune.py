@@ -20,6 +20,7 @@ def cache_file(tmp_path, monkeypatch):
     monkeypatch.setattr(autotune, "_cache_file", path)
     monkeypatch.setattr(autotune, "_entries", {})
     monkeypatch.setattr(launch, "_chosen", {})
+    monkeypatch.setattr(launch, "_plans", {})
     return path
 
 
@@ -124,7 +125,7 @@ def test_autotuned_launches_are_correct_and_cached_gpu(cache_file, monkeypatch):
     assert names == ["dkdv_causal", "dq_causal", "fwd_causal_short"], entries
     assert all(key.endswith("/512x512") for key in entries)
     # another sequence-length bucket tunes again; the same bucket reuses the choice
-    launch._chosen.clear()
+    launch.clear_caches()
     autotune._entries.clear()
     q2 = torch.randn(2, 1500, 4, 64, device="cuda", dtype=torch.bfloat16)
     flashtile.flash_attn_func(q2, q2, q2, causal=True)

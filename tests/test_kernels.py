@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from flashtile import flash_attn_func
 from flashtile.kernels.common import program_tile
-from helpers import check_attention, force_forward_config, force_halves_config
+from helpers import check_attention, force_forward_config, force_halves_config, set_switch
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # (seqlen_q, seqlen_k, headdim): ragged lengths, cross attention, odd head dims
@@ -50,7 +50,7 @@ def test_random_shapes(batch, seqlen_q, seqlen_k, group, nheads_k, head_dim, dty
 def test_forward_tensor_descriptors(monkeypatch, mode, dtype, causal):
     # the forward kernel reading K/V through tensor descriptors (the default on Hopper); head dim
     # 40 gives 16-byte aligned rows and 150 keys are enough rows, so K/V go through tensor descriptors
-    monkeypatch.setenv("FLASHTILE_FWD_TMA", mode)
+    set_switch(monkeypatch, "FLASHTILE_FWD_TMA", mode)
     q = torch.randn(2, 77, 4, 40, dtype=dtype)
     k = torch.randn(2, 150, 2, 40, dtype=dtype)
     v = torch.randn(2, 150, 2, 40, dtype=dtype)
@@ -61,7 +61,7 @@ def test_forward_tensor_descriptors(monkeypatch, mode, dtype, causal):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_backward_tensor_descriptors(monkeypatch, dtype, causal):
     # dK/dV reading Q/dO and dQ reading K/V through tensor descriptors, with GQA
-    monkeypatch.setenv("FLASHTILE_BWD_TMA", "1")
+    set_switch(monkeypatch, "FLASHTILE_BWD_TMA", "1")
     q = torch.randn(1, 130, 4, 40, dtype=dtype)
     k = torch.randn(1, 150, 2, 40, dtype=dtype)
     v = torch.randn(1, 150, 2, 40, dtype=dtype)
@@ -117,7 +117,8 @@ def test_forward_launch_names(monkeypatch, seqlen, causal, window, expected):
     from flashtile.api import launch, ops
 
     names = []
-    monkeypatch.setattr(launch, "_launch", lambda name, *args: names.append(name))
+    monkeypatch.setattr(launch, "_launch", lambda name, *args, **kwargs: names.append(name))
+    monkeypatch.setattr(launch, "_plan_key", lambda *args: None)  # nothing launched: nothing to plan
     # causal rows see seqlen / 2 keys on average: "_short" below 2k; full attention below 8k
     q = torch.randn(1, seqlen, 1, 16)
     left, right = (-1, 0) if causal else window

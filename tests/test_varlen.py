@@ -15,7 +15,7 @@ from flashtile import (
     scaled_dot_product_attention,
     unpad_input,
 )
-from helpers import check_attention
+from helpers import check_attention, set_switch
 
 
 def cu(lengths):
@@ -155,8 +155,8 @@ def test_varlen_tensor_descriptors(monkeypatch, mode):
     # descriptors over a packed batch: tiles that run past a sequence must not leak into it
     # (the backward kernels have in-kernel descriptors only)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("FLASHTILE_FWD_TMA", mode)
-    monkeypatch.setenv("FLASHTILE_BWD_TMA", "1" if mode == "1" else "0")
+    set_switch(monkeypatch, "FLASHTILE_FWD_TMA", mode)
+    set_switch(monkeypatch, "FLASHTILE_BWD_TMA", "1" if mode == "1" else "0")
     lens_q, lens_k = [40, 27, 65], [50, 90, 33]  # at least 128 rows in all: descriptors are used
     q = torch.randn(sum(lens_q), 4, 32, dtype=torch.float16)
     k, v = (torch.randn(sum(lens_k), 2, 32, dtype=torch.float16) for _ in range(2))

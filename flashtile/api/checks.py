@@ -5,6 +5,7 @@ Every message names the argument, what was given and what is accepted.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -22,6 +23,11 @@ def check_tensor(name: str, t) -> None:
         raise TypeError(f"flashtile: {name} must be a torch.Tensor, got {type(t).__name__}")
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)  # asked on every call: cached
+
+
 def check_device(t: torch.Tensor) -> None:
     device = t.device
     if device.type == "cpu":
@@ -30,7 +36,7 @@ def check_device(t: torch.Tensor) -> None:
         raise NotImplementedError(
             f"flashtile: tensors on device '{device}' are not supported; use CUDA/ROCm GPUs or the CPU")
     if torch.version.hip is None:
-        major, minor = torch.cuda.get_device_capability(device)
+        major, minor = _capability(device)
         if major < 8:
             raise NotImplementedError(
                 f"flashtile: GPU {torch.cuda.get_device_name(device)} has compute capability {major}.{minor}; "
@@ -133,8 +139,11 @@ def _check_cu(name: str, cu, total: int, max_seqlen, max_name: str, device) -> i
         raise ValueError(f"flashtile: {name} is on {cu.device}, the inputs on {device}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise ValueError(f"flashtile: {max_name} must be an int >= 0, got {max_seqlen!r}")
-    if not torch.compiler.is_compiling():
-        # values checked on the host (a small copy): wrong offsets would read out of bounds
+    capturing = cu.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not torch.compiler.is_compiling() and not capturing:
+        # values checked on the host (a small copy): wrong offsets would read out of bounds. Not
+        # while a CUDA graph is captured, which allows no copy to the host (nor would it see
+        # the values of later replays)
         values = cu.tolist()
         lengths = [b - a for a, b in zip(values, values[1:])]
         if values[0] != 0 or values[-1] != total or any(n < 0 for n in lengths):

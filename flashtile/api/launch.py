@@ -10,6 +10,7 @@ import functools
 import hashlib
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -50,8 +51,8 @@ def _sm_count(device_index: int) -> int:
 
 
 def sm_count(device: torch.device) -> int:
-    """Multiprocessors of ``device``; 1 under the interpreter and off CUDA."""
-    if device.type != "cuda" or interpreting():
+    """Multiprocessors of ``device``; 1 off CUDA."""
+    if device.type != "cuda":
         return 1
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
@@ -75,7 +76,7 @@ def tail_heads(num_blocks: int, num_bh: int, uneven: bool, device: torch.device)
     half the GPU."""
     if not uneven:
         return 0
-    sms = INTERPRETER_SMS if interpreting() else sm_count(device)
+    sms = sm_count(device) if device.type == "cuda" else INTERPRETER_SMS
     if num_blocks > sms // 2:
         return 0
     return min(num_bh, cdiv(LONGEST_FIRST_WAVES * sms, num_blocks))
@@ -121,14 +122,15 @@ forced_configs: dict[str, LaunchConfig] = {}
 
 
 def _launch(name: str, kernel, grid_fn, args, constexprs: dict, tensor: torch.Tensor, block_d: int,
-            seqlens: tuple[int, int] = (0, 0)):
+            seqlens: tuple[int, int] = (0, 0), dry: bool = False) -> "_Step":
     """Launch ``kernel`` with the first config of the table that compiles here,
     or with autotuning on (see :mod:`.autotune`) the fastest one for this
     (GPU, head dim, dtype, switches, bucket of ``seqlens`` = (seqlen_q, seqlen_k)).
     ``args`` is a tuple, or a function of the config giving one (for arguments
     that depend on the tile sizes, such as host-built tensor descriptors).
     Block-sparse launches (SPARSE) cap the tiles at the mask's block size, of
-    which they are then divisors (all are powers of two), and take no two-halves configs."""
+    which they are then divisors (all are powers of two), and take no two-halves configs.
+    Returns the :class:`_Step` it ran; ``dry``: the step it would run now, not run."""
     capability = _capability(tensor.device)
     tuning = capability is not None and autotune.enabled()
     # each call site builds ``constexprs`` in a fixed order: no need to sort it
@@ -146,12 +148,20 @@ def _launch(name: str, kernel, grid_fn, args, constexprs: dict, tensor: torch.Te
             c._replace(block_m=min(c.block_m, constexprs["SPARSE_BM"]), block_n=min(c.block_n, constexprs["SPARSE_BN"]))
             for c in candidates if not c.halves))
 
-    def run(cfg: LaunchConfig) -> None:
+    def kwargs(cfg: LaunchConfig) -> dict:
         sparse = sparse_constexprs(name, cfg, capability) if constexprs.get("SPARSE") else {}
         halves = dict(HALVES=True) if cfg.halves else {}  # a switch of the forward and dQ kernels
-        kernel[grid_fn(cfg)](*(args(cfg) if callable(args) else args), **constexprs, **sparse, **halves,
-                             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return dict(constexprs, **sparse, **halves, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def step(cfg: LaunchConfig, compiled=None) -> _Step:
+        return _Step(kernel, grid_fn(cfg), args(cfg) if callable(args) else args, cfg, kwargs(cfg), compiled)
+
+    def run(cfg: LaunchConfig):
+        return kernel[grid_fn(cfg)](*(args(cfg) if callable(args) else args), **kwargs(cfg))
+
+    if dry:  # the launch a plan replays (see _Plan.check): the config chosen before, not run
+        return step(candidates[0])
 
     if tuning and name not in forced_configs and key not in _chosen:
         disk_key = _autotune_key(name, kernel, block_d, tensor, capability, constexprs, key[-1])
@@ -163,13 +173,13 @@ def _launch(name: str, kernel, grid_fn, args, constexprs: dict, tensor: torch.Te
     error = None
     for cfg in candidates:
         try:
-            run(cfg)
+            compiled = run(cfg)
         except triton.runtime.errors.OutOfResources as exc:  # too large for this GPU: next one
             error = exc
             continue
         if name not in forced_configs:
             _chosen[key] = cfg
-        return
+        return step(cfg, compiled)
     raise RuntimeError(f"flashtile: no launch configuration of kernel '{name}' fits this GPU") from error
 
 
@@ -301,6 +311,12 @@ def _bsh(t: torch.Tensor, varlen: bool = False) -> tuple[int, int, int]:
     return 0 if varlen else batch, seq, head
 
 
+def _tile_lists(lists: tuple | None, q: torch.Tensor) -> tuple:
+    """The kernels' tile-list arguments: ``lists`` (from :func:`_sparse_args`), or
+    without block sparsity q for the unused pointers."""
+    return (q, q, q, 0, 0, 0, 0) if lists is None else lists
+
+
 def _sparse_args(full: torch.Tensor, part: torch.Tensor, patterns: torch.Tensor) -> tuple:
     """Kernel arguments of block-sparse tile lists ``(B, H, n_blocks, width)``: the
     lists, the patterns, the list-row strides of batch and head (0 where
@@ -310,8 +326,21 @@ def _sparse_args(full: torch.Tensor, part: torch.Tensor, patterns: torch.Tensor)
             full.shape[-1], part.shape[-1])
 
 
+def _option_tensors(q: torch.Tensor, opts: AttnOptions, cu_seqlens_q, cu_seqlens_k) -> tuple:
+    """The kernels' per-call pointer arguments besides the attention tensors:
+    (cu_seqlens_q, cu_seqlens_k, bias, alibi); unused ones get q."""
+    bias = opts.bias
+    if bias is None:
+        bias = q
+    elif bias.dtype == torch.bool:
+        bias = bias.view(torch.uint8)
+    return (q if cu_seqlens_q is None else cu_seqlens_q, q if cu_seqlens_k is None else cu_seqlens_k, bias,
+            q if opts.alibi is None else opts.alibi)
+
+
 class _Layout:
-    """Batch geometry, feature switches and the score arguments shared by the forward, dQ and dK/dV kernels.
+    """Batch geometry, feature switches and the score arguments shared by the forward, dQ and dK/dV kernels:
+    everything but the tensors themselves, so a launch plan (:class:`_Plan`) can keep it.
     ``sparse``: the :class:`~flashtile.api.block_mask.BlockMask` of block-sparse attention, or None."""
 
     def __init__(self, q, k, opts: AttnOptions, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -321,18 +350,13 @@ class _Layout:
         self.nheads, self.nheads_k = q.shape[2], k.shape[2]
         self.seqlen_q = max_seqlen_q if self.varlen else q.shape[1]
         self.seqlen_k = max_seqlen_k if self.varlen else k.shape[1]
-        # unused pointer arguments get any tensor
-        self.cu_q = cu_seqlens_q if self.varlen else q
-        self.cu_k = cu_seqlens_k if self.varlen else q
         bias = opts.bias
         if bias is None:
-            self.bias, self.bias_strides, bias_kind, bias_rows = q, (0, 0, 0, 0), BIAS_NONE.value, False
+            self.bias_strides, bias_kind, bias_rows = (0, 0, 0, 0), BIAS_NONE.value, False
         else:
-            self.bias = bias.view(torch.uint8) if bias.dtype == torch.bool else bias
             self.bias_strides = bias.stride()
             bias_kind = (BIAS_BOOL if bias.dtype == torch.bool else BIAS_ADD).value
             bias_rows = bias.stride(2) != 0 and bias.shape[2] > 1
-        self.alibi = q if opts.alibi is None else opts.alibi
         self.alibi_stride = 0 if opts.alibi is None else opts.alibi.stride(0)
         self.const = dict(
             HEAD_DIM=q.shape[-1], BLOCK_D=_block_d(q.shape[-1]),
@@ -343,14 +367,14 @@ class _Layout:
         )
         softcap = opts.softcap if opts.softcap > 0 else 1.0
         # argument groups, in the kernels' order: (max_seqlen_q, max_seqlen_k, diag_offset, window_left,
-        # window_right), (qk_scale, softcap_in, softcap_out), (dropout_p, dropout_scale, seed)
+        # window_right), (qk_scale, softcap_in, softcap_out), (dropout_p, dropout_scale); the seed is per call
         self.positions = (self.seqlen_q, self.seqlen_k, opts.diag, opts.window_left, opts.window_right)
         self.scores = (opts.softmax_scale * LOG2E, opts.softmax_scale / softcap, softcap * LOG2E)
-        self.dropout = (opts.dropout_p, 1.0 / (1.0 - opts.dropout_p), opts.seed)
+        self.dropout = (opts.dropout_p, 1.0 / (1.0 - opts.dropout_p))
         # forward only: the fixed softmax offset (log2 units) that replaces the running row max
         self.fixed_max = fixed_offset(opts, q.dtype)
-        # block-sparse tile lists: (forward and dQ kernels), (dK/dV kernel); unused pointers get q
-        self.sparse_fwd = self.sparse_bwd = (q, q, q, 0, 0, 0, 0)
+        # block-sparse tile lists: (forward and dQ kernels), (dK/dV kernel); None without (see _tile_lists)
+        self.sparse_fwd = self.sparse_bwd = None
         self.const["SPARSE"] = sparse is not None
         if sparse is not None:
             lists = sparse.kernel_lists()
@@ -360,6 +384,119 @@ class _Layout:
 
     def lse_strides(self, lse: torch.Tensor) -> tuple[int, int]:
         return 0 if self.varlen else lse.stride(0), lse.stride(1)
+
+
+# ---------------------------------------------------------------- launch plans
+# A call's host work (layout, switches, launch-table lookup, Triton's binding and
+# specialisation of some 60 arguments) depends only on the shapes, strides, dtypes and
+# 16-byte alignment of its tensors, its options and the environment. The first call of
+# each such signature records its launches as a plan; later calls rebuild only the
+# argument lists around their own tensors and call the compiled kernels' launchers
+# directly (docs/performance.md, host cost per call).
+
+class _Step(NamedTuple):
+    """One kernel launch as run: ``args`` the positional arguments, ``kwargs`` the
+    constexprs and launch options, ``compiled`` Triton's compiled kernel (None under
+    the interpreter or when not run)."""
+    kernel: object
+    grid: tuple
+    args: tuple | object
+    cfg: LaunchConfig
+    kwargs: dict
+    compiled: object
+
+
+# The FLASHTILE_* switches of the environment (experiments: FLASHTILE_FWD_TMA, _FWD_WS,
+# _BWD_TMA, _FP32_DOT, _AUTOTUNE) are read when a plan is made: after changing one in a
+# running process, clear_caches().
+_plans: dict[tuple, "_Plan"] = {}
+# tests set this: every plan hit also builds its launches the slow way and compares them
+check_plans = False
+
+
+def clear_caches() -> None:
+    """Forget the chosen launch configs and the launch plans."""
+    _chosen.clear()
+    _plans.clear()
+
+
+def _tensor_key(t: torch.Tensor | None):
+    return None if t is None else (t.dtype, t.shape, t.stride(), t.data_ptr() % 16)
+
+
+def _plan_key(kind: str, tensors: tuple, opts: AttnOptions, extra: tuple) -> tuple | None:
+    """Everything a call's launches depend on besides its tensors' data, or None for
+    calls that are not planned (block-sparse, launch configs forced by tools, seeds
+    beyond 32 bits). ``tensors``: the call's inputs; outputs it allocates itself have
+    the layout its inputs imply and the caching allocator's alignment."""
+    if forced_configs or opts.block_mask is not None or not -2**31 <= opts.seed < 2**31:
+        return None
+    q = tensors[0]
+    # Triton launches on the current device; fp32 dot products follow PyTorch's TF32 setting
+    device = torch.cuda.current_device() if q.is_cuda else None
+    tf32 = torch.backends.cuda.matmul.allow_tf32 if q.dtype == torch.float32 else None
+    return (kind, autotune._enabled, device, tf32, q.device, *map(_tensor_key, tensors), opts[:5],
+            _tensor_key(opts.alibi), _tensor_key(opts.bias), opts.dropout_p, opts[9:13], *extra)
+
+
+class _Plan:
+    """The launches of one call signature (see :func:`_plan_key`): ``steps`` as run by
+    the first call, ``builders`` giving each step's arguments from a call's values
+    (``builder(cfg, call)``)."""
+
+    def __init__(self, steps: list[_Step], builders: list):
+        self.launches = []
+        for step, build in zip(steps, builders):
+            tail = ()
+            if step.compiled is not None:
+                # the compiled launcher takes every parameter in signature order, constexprs included
+                params = step.kernel.params[len(step.args):]
+                tail = tuple(step.kwargs[p.name] if p.name in step.kwargs else p.default for p in params)
+            grid = tuple(step.grid) + (1,) * (3 - len(step.grid))
+            # without the first call's arguments: a plan keeps no tensor alive
+            self.launches.append((step._replace(args=None), build, grid, tail))
+        self.allocator = any(s.kwargs.get("KV_DESC") == 1 or s.kwargs.get("USE_DESC") for s in steps)
+
+    def run(self, call: tuple) -> None:
+        from triton import knobs
+        from triton.runtime import driver
+
+        stream = None
+        for step, build, grid, tail in self.launches:
+            args = build(step.cfg, call)
+            compiled = step.compiled
+            # launch hooks (profilers): Triton's own launch path calls them
+            if compiled is None or getattr(knobs.runtime.launch_enter_hook, "calls", knobs.runtime.launch_enter_hook):
+                step.kernel[step.grid](*args, **step.kwargs)
+                continue
+            if stream is None:
+                if self.allocator:  # in-kernel descriptors' scratch (see _descriptor_mode)
+                    triton.set_allocator(_scratch_allocator)
+                stream = driver.active.get_current_stream(driver.active.get_current_device())
+            compiled.run(*grid, stream, compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
+
+    def check(self, rebuilt: list[_Step], call: tuple) -> None:
+        """Raise unless ``rebuilt`` (the steps built the slow way for ``call``) launch
+        what this plan launches for it."""
+        assert len(rebuilt) == len(self.launches), "plan: number of launches"
+        for (step, build, _, _), new in zip(self.launches, rebuilt):
+            args, new_args = build(step.cfg, call), new.args
+            differ = [i for i, (a, b) in enumerate(zip(args, new_args))
+                      if not (a is b if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor)
+                              else type(a) is type(b) and a == b)]
+            same = (step.kernel is new.kernel and tuple(step.grid) == tuple(new.grid) and step.cfg == new.cfg
+                    and step.kwargs == new.kwargs and len(args) == len(new_args) and not differ)
+            assert same, (f"the plan of {step.kernel.__name__} differs from the launch built for this call "
+                          f"(arguments {differ}: {[args[i] for i in differ]} / {[new_args[i] for i in differ]})")
+
+
+def _planned(key: tuple | None, call: tuple) -> bool:
+    """Run the plan of ``key`` for ``call`` if there is one."""
+    plan = _plans.get(key) if key is not None else None
+    if plan is None:
+        return False
+    plan.run(call)
+    return True
 
 
 def attention_forward(q, k, v, opts: AttnOptions, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
@@ -373,26 +510,30 @@ def attention_forward(q, k, v, opts: AttnOptions, cu_seqlens_q=None, cu_seqlens_
     varlen = cu_seqlens_q is not None
     if varlen:
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-    lay = _Layout(q, k, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sparse)
     out = torch.empty_like(q)
-    lse = torch.empty((q.shape[0], lay.nheads, q.shape[1]), device=q.device, dtype=torch.float32)
+    lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), device=q.device, dtype=torch.float32)
+    call = (q, k, v, out, lse, *_option_tensors(q, opts, cu_seqlens_q, cu_seqlens_k), opts.seed)
+    key = None if sparse is not None else _plan_key(
+        "fwd", (q, k, v, cu_seqlens_q, cu_seqlens_k), opts, (max_seqlen_q, max_seqlen_k))
+    if not _planned(key, call) or check_plans:
+        steps, builders = _forward_steps(q, k, v, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                         sparse, call, dry=key in _plans)
+        if key in _plans:
+            _plans[key].check(steps, call)
+        elif key is not None:
+            _plans[key] = _Plan(steps, builders)
+    if varlen:
+        return out.squeeze(0), lse.squeeze(0)
+    return out, lse
+
+
+def _forward_steps(q, k, v, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sparse, call, dry):
+    """The forward launch, run (or with ``dry`` only built) for ``call``: ([step], [builder])."""
+    lay = _Layout(q, k, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sparse)
+    varlen = lay.varlen
     keys_per_row = _keys_per_row(lay, opts)
     const = lay.const | dict(FIXED_MAX=lay.fixed_max is not None) | _forward_features(q, k, v, keys_per_row)
     block_d = const["BLOCK_D"]
-
-    def args(cfg):
-        k_arg, v_arg = k, v
-        if const["KV_DESC"] == 2:
-            from triton.tools.tensor_descriptor import TensorDescriptor
-
-            block = [1, cfg.block_n, 1, block_d]
-            k_arg, v_arg = (TensorDescriptor(t, list(t.shape), list(t.stride()), block) for t in (k, v))
-        return (q, k_arg, v_arg, out, lse, lay.cu_q, lay.cu_k, lay.bias, lay.alibi,
-                *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(out, varlen), *lay.lse_strides(lse),
-                *lay.bias_strides, lay.alibi_stride, lay.nheads, lay.nheads // lay.nheads_k, *lay.positions,
-                *lay.scores, *lay.dropout, 0.0 if lay.fixed_max is None else lay.fixed_max, *lay.sparse_fwd,
-                tail_heads(cdiv(lay.seqlen_q, cfg.block_m), lay.batch * lay.nheads, causal, q.device))
-
     # launch-table names: "_tma" with descriptors, "_causal" for a causal mask alone, "_window"
     # with a left window bound, "_short" when the rows see fewer than SHORT_KEYS keys
     mask = "_window" if const["MASK_LEFT"] else "_causal" if const["MASK_RIGHT"] else ""
@@ -400,12 +541,26 @@ def attention_forward(q, k, v, opts: AttnOptions, cu_seqlens_q=None, cu_seqlens_
     name = ("fwd_tma" if const["KV_DESC"] else "fwd") + mask
     if keys_per_row < SHORT_KEYS.get(mask, 0):
         name += "_short"
-    _launch(name, attn_fwd_kernel,
-            lambda c: (cdiv(lay.seqlen_q, c.block_m) * lay.batch * lay.nheads,),
-            args, const, q, block_d, (lay.seqlen_q, lay.seqlen_k))
-    if varlen:
-        return out.squeeze(0), lse.squeeze(0)
-    return out, lse
+    out, lse = call[3], call[4]
+    before_seed = (*_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(out, varlen), *lay.lse_strides(lse),
+                   *lay.bias_strides, lay.alibi_stride, lay.nheads, lay.nheads // lay.nheads_k, *lay.positions,
+                   *lay.scores, *lay.dropout)
+    fixed_max = 0.0 if lay.fixed_max is None else lay.fixed_max
+    host_desc = const["KV_DESC"] == 2
+
+    def build(cfg, call):
+        q, k, v, out, lse, cu_q, cu_k, bias, alibi, seed = call
+        if host_desc:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            block = [1, cfg.block_n, 1, block_d]
+            k, v = (TensorDescriptor(t, list(t.shape), list(t.stride()), block) for t in (k, v))
+        return (q, k, v, out, lse, cu_q, cu_k, bias, alibi, *before_seed, seed, fixed_max,
+                *_tile_lists(lay.sparse_fwd, q), tail_heads(cdiv(lay.seqlen_q, cfg.block_m), lay.batch * lay.nheads, causal, q.device))
+
+    step = _launch(name, attn_fwd_kernel, lambda c: (cdiv(lay.seqlen_q, c.block_m) * lay.batch * lay.nheads,),
+                   lambda cfg: build(cfg, call), const, q, block_d, (lay.seqlen_q, lay.seqlen_k), dry=dry)
+    return [step], [build]
 
 
 def attention_backward(dout, q, k, v, out, lse, opts: AttnOptions, bias_grad: bool = False,
@@ -418,48 +573,77 @@ def attention_backward(dout, q, k, v, out, lse, opts: AttnOptions, bias_grad: bo
         dout = dout.contiguous()
     if varlen:
         q, k, v, out, dout, lse = (t.unsqueeze(0) for t in (q, k, v, out, dout, lse))
+    # rowsum(dO * O) per query row, in lse's layout: written by the dQ kernel, read by dK/dV
+    delta = torch.empty_like(lse)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dbias = None
+    if bias_grad:
+        batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
+        shape = (batch, q.shape[2], max_seqlen_q if varlen else q.shape[1], max_seqlen_k if varlen else k.shape[1])
+        dbias = torch.zeros(shape, device=q.device, dtype=torch.float32)
+    call = (q, k, v, dout, out, lse, delta, dq, dk, dv, q if dbias is None else dbias,
+            *_option_tensors(q, opts, cu_seqlens_q, cu_seqlens_k), opts.seed)
+    key = None if sparse is not None else _plan_key(
+        "bwd", (q, k, v, dout, out, lse, cu_seqlens_q, cu_seqlens_k), opts,
+        (max_seqlen_q, max_seqlen_k, bias_grad))
+    if not _planned(key, call) or check_plans:
+        steps, builders = _backward_steps(q, k, v, opts, bias_grad, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                          max_seqlen_k, sparse, call, dry=key in _plans)
+        if key in _plans:
+            _plans[key].check(steps, call)
+        elif key is not None:
+            _plans[key] = _Plan(steps, builders)
+    if varlen:
+        dq, dk, dv = dq.squeeze(0), dk.squeeze(0), dv.squeeze(0)
+    return dq, dk, dv, dbias
+
+
+def _backward_steps(q, k, v, opts, bias_grad, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sparse,
+                    call, dry):
+    """The dQ and dK/dV launches, run (or with ``dry`` only built) for ``call``: (steps, builders)."""
     lay = _Layout(q, k, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sparse)
+    varlen = lay.varlen
+    dout, out, lse, dq, dk, dv, dbias = call[3], call[4], call[5], call[7], call[8], call[9], call[10]
     # tensor descriptors (in the kernel) for Q/dO in dK/dV and K/V in dQ: FLASHTILE_BWD_TMA = 0 or 1
     min_keys = TMA_MIN_KEYS if q.shape[-1] <= 64 else TMA_MIN_KEYS_WIDE
     use_desc = _descriptor_mode("FLASHTILE_BWD_TMA", DEFAULT_BWD_TMA, _keys_per_row(lay, opts), min_keys,
                                 min(q.shape[1], k.shape[1]), q, k, v, dout) == 1
     const = lay.const | dict(USE_DESC=use_desc)
     block_d = const["BLOCK_D"]
-    head_dim = q.shape[-1]
     nheads, nheads_k = lay.nheads, lay.nheads_k
-
-    # rowsum(dO * O) per query row, in lse's layout: written by the dQ kernel, read by dK/dV
-    delta = torch.empty_like(lse)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dbias = None
-    if bias_grad:
-        dbias = torch.zeros((lay.batch, nheads, lay.seqlen_q, lay.seqlen_k), device=q.device, dtype=torch.float32)
-    dbias_arg = q if dbias is None else dbias
-    dbias_strides = (0, 0, 0, 0) if dbias is None else dbias.stride()
+    dbias_strides = dbias.stride() if bias_grad else (0, 0, 0, 0)
     scale = opts.softmax_scale
     common = (*lay.lse_strides(lse), *lay.bias_strides)
     causal = const["MASK_RIGHT"] and not const["MASK_LEFT"]
     # launch-table names: the kernel, "_tma" with descriptors, "_causal" for a causal mask alone
     suffix = ("_tma" if use_desc else "") + ("_causal" if causal else "")
-    args_dq = (q, k, v, dout, out, dq, lse, delta, lay.cu_q, lay.cu_k, lay.bias, lay.alibi,
-               *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(dout, varlen), *_bsh(out, varlen),
-               *_bsh(dq, varlen), *common, lay.alibi_stride, nheads, nheads // nheads_k, *lay.positions, scale,
-               *lay.scores, *lay.dropout, *lay.sparse_fwd)
-    _launch("dq" + suffix, attn_bwd_dq_kernel,
-            lambda c: (cdiv(lay.seqlen_q, c.block_m) * lay.batch * nheads,),
-            lambda c: (*args_dq, tail_heads(cdiv(lay.seqlen_q, c.block_m), lay.batch * nheads, causal, q.device)),
-            const, q, block_d, (lay.seqlen_q, lay.seqlen_k))
-    args_dkdv = (q, k, v, dout, dk, dv, lse, delta, lay.cu_q, lay.cu_k, lay.bias, dbias_arg, lay.alibi,
-                 *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(dout, varlen), *_bsh(dk, varlen),
-                 *_bsh(dv, varlen), *common, *dbias_strides, lay.alibi_stride,
-                 nheads_k, nheads // nheads_k, *lay.positions, scale, *lay.scores, *lay.dropout, *lay.sparse_bwd)
-    _launch("dkdv" + suffix, attn_bwd_dkdv_kernel,
-            lambda c: (cdiv(lay.seqlen_k, c.block_n) * lay.batch * nheads_k,),
-            lambda c: (*args_dkdv, tail_heads(cdiv(lay.seqlen_k, c.block_n), lay.batch * nheads_k, causal, q.device)),
-            const | dict(BIAS_GRAD=bias_grad), q, block_d, (lay.seqlen_q, lay.seqlen_k))
-    if varlen:
-        dq, dk, dv = dq.squeeze(0), dk.squeeze(0), dv.squeeze(0)
-    return dq, dk, dv, dbias
+    dq_scalars = (*_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(dout, varlen), *_bsh(out, varlen),
+                  *_bsh(dq, varlen), *common, lay.alibi_stride, nheads, nheads // nheads_k, *lay.positions, scale,
+                  *lay.scores, *lay.dropout)
+    dkdv_scalars = (*_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(dout, varlen), *_bsh(dk, varlen),
+                    *_bsh(dv, varlen), *common, *dbias_strides, lay.alibi_stride, nheads_k, nheads // nheads_k,
+                    *lay.positions, scale, *lay.scores, *lay.dropout)
+
+    def build_dq(cfg, call):
+        q, k, v, dout, out, lse, delta, dq, _, _, _, cu_q, cu_k, bias, alibi, seed = call
+        return (q, k, v, dout, out, dq, lse, delta, cu_q, cu_k, bias, alibi, *dq_scalars, seed,
+                *_tile_lists(lay.sparse_fwd, q),
+                tail_heads(cdiv(lay.seqlen_q, cfg.block_m), lay.batch * nheads, causal, q.device))
+
+    def build_dkdv(cfg, call):
+        q, k, v, dout, _, lse, delta, _, dk, dv, dbias, cu_q, cu_k, bias, alibi, seed = call
+        return (q, k, v, dout, dk, dv, lse, delta, cu_q, cu_k, bias, dbias, alibi, *dkdv_scalars, seed,
+                *_tile_lists(lay.sparse_bwd, q),
+                tail_heads(cdiv(lay.seqlen_k, cfg.block_n), lay.batch * nheads_k, causal, q.device))
+
+    seqlens = (lay.seqlen_q, lay.seqlen_k)
+    step_dq = _launch("dq" + suffix, attn_bwd_dq_kernel,
+                      lambda c: (cdiv(lay.seqlen_q, c.block_m) * lay.batch * nheads,), lambda cfg: build_dq(cfg, call), const, q, block_d, seqlens, dry=dry)
+    step_dkdv = _launch("dkdv" + suffix, attn_bwd_dkdv_kernel,
+                        lambda c: (cdiv(lay.seqlen_k, c.block_n) * lay.batch * nheads_k,),
+                        lambda cfg: build_dkdv(cfg, call), const | dict(BIAS_GRAD=bias_grad), q, block_d, seqlens,
+                        dry=dry)
+    return [step_dq, step_dkdv], [build_dq, build_dkdv]
 
 
 def default_scale(head_dim: int) -> float:

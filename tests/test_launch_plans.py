@@ -1,0 +1,96 @@
+"""Launch plans: a call whose shapes, strides, dtypes, alignment and options were
+seen before replays the launches of the first such call with its own tensors
+(flashtile/api/launch.py). Every test of the suite also checks each replay against
+the launch built the slow way (conftest: ``launch.check_plans``); these tests make
+sure replays happen, give correct results and keep nothing alive."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from flashtile import flash_attn_func, flash_attn_varlen_func
+from flashtile.api import launch
+from helpers import check_attention, count_plan_replays
+
+pytestmark = pytest.mark.usefixtures("interpreted")
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(launch, "_plans", {})
+    monkeypatch.setattr(launch, "_chosen", {})
+
+
+@pytest.mark.parametrize("options", [
+    dict(causal=True), dict(window_size=(9, 3), softcap=2.0), dict(alibi=True, causal=True)], ids=str)
+def test_second_call_replays_and_is_exact(monkeypatch, options):
+    runs = count_plan_replays(monkeypatch)
+    options = dict(options)
+    alibi = torch.rand(3) if options.pop("alibi", False) else None
+    for _ in range(2):  # fresh inputs each time; the second forward and backward replay plans
+        q = torch.randn(2, 45, 3, 32)
+        k, v = (torch.randn(2, 70, 1, 32) for _ in range(2))
+        check_attention(lambda q, k, v: flash_attn_func(q, k, v, alibi_slopes=alibi, **options), q, k, v,
+                        alibi_slopes=alibi, **options)
+    assert runs == [["attn_fwd_kernel"], ["attn_bwd_dq_kernel", "attn_bwd_dkdv_kernel"]]
+
+
+def test_dropout_replays_with_each_calls_seed(monkeypatch):
+    runs = count_plan_replays(monkeypatch)
+    q, k, v = (torch.randn(1, 40, 2, 16) for _ in range(3))
+    torch.manual_seed(5)
+    first = flash_attn_func(q, k, v, dropout_p=0.3)
+    second = flash_attn_func(q, k, v, dropout_p=0.3)  # replayed, another seed: another mask
+    torch.manual_seed(5)
+    again = flash_attn_func(q, k, v, dropout_p=0.3)  # replayed with the first call's seed
+    assert len(runs) == 2
+    assert not torch.equal(first, second)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+
+def test_varlen_replays_with_new_offsets(monkeypatch):
+    runs = count_plan_replays(monkeypatch)
+    from test_varlen import cu, packed_ref
+
+    for lens in ([20, 33, 7], [7, 40, 13]):  # same totals and max length: one plan, other offsets
+        q, k, v = (torch.randn(60, 2, 16) for _ in range(3))
+        check_attention(lambda q, k, v, lens=lens: flash_attn_varlen_func(q, k, v, cu(lens), cu(lens), 40, 40,
+                                                                          causal=True),
+                        q, k, v, ref_fn=packed_ref(lens, lens, causal=True))
+    assert len(runs) == 2
+
+
+def test_new_layout_or_alignment_takes_a_new_plan(monkeypatch):
+    runs = count_plan_replays(monkeypatch)
+    base = torch.randn(1, 50, 2, 40)
+    flash_attn_func(base[..., :32], base[..., :32], base[..., :32])
+    flash_attn_func(base[..., 1:33], base[..., 1:33], base[..., 1:33])  # 4 bytes further: not 16-byte aligned
+    flash_attn_func(base[..., :32].contiguous(), base[..., :32], base[..., :32])  # other q strides
+    flash_attn_func(base[..., :32], base[..., :32], base[..., :32], causal=True)
+    assert runs == [] and len(launch._plans) == 4
+    out = flash_attn_func(base[..., 1:33], base[..., 1:33], base[..., 1:33])
+    assert len(runs) == 1
+    check_attention(lambda q, k, v: flash_attn_func(q, k, v), *(base[..., 1:33] for _ in range(3)), backward=False)
+    assert out.shape == (1, 50, 2, 32)
+
+
+def test_plans_keep_no_tensor_alive():
+    q = torch.randn(1, 30, 2, 16, requires_grad=True)
+    flash_attn_func(q, q, q).sum().backward()
+    assert launch._plans
+    ref = weakref.ref(q)
+    del q
+    gc.collect()
+    assert ref() is None
+
+
+def test_forced_configs_are_not_planned(monkeypatch):
+    from flashtile.kernels.configs import LaunchConfig
+
+    monkeypatch.setattr(launch, "forced_configs", {"fwd_short": LaunchConfig(32, 32, 4, 1)})
+    q = torch.randn(1, 30, 2, 16)
+    flash_attn_func(q, q, q)
+    assert not launch._plans
