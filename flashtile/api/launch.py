@@ -492,13 +492,19 @@ class _Plan:
                           f"(arguments {differ}: {[args[i] for i in differ]} / {[new_args[i] for i in differ]})")
 
 
-def _planned(key: tuple | None, call: tuple) -> bool:
-    """Run the plan of ``key`` for ``call`` if there is one."""
+def _run_planned(key: tuple | None, call: tuple, make_steps) -> None:
+    """Replay the plan of ``key`` for ``call``, or run the launches that
+    ``make_steps(dry=False)`` builds and keep them as the plan of ``key`` (None: no plan).
+    With ``check_plans``, a replay is compared with ``make_steps(dry=True)``."""
     plan = _plans.get(key) if key is not None else None
-    if plan is None:
-        return False
-    plan.run(call)
-    return True
+    if plan is not None:
+        plan.run(call)
+        if check_plans:
+            plan.check(make_steps(dry=True)[0], call)
+        return
+    steps, builders = make_steps(dry=False)
+    if key is not None:
+        _plans[key] = _Plan(steps, builders)
 
 
 def attention_forward(q, k, v, opts: AttnOptions, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
@@ -517,13 +523,8 @@ def attention_forward(q, k, v, opts: AttnOptions, cu_seqlens_q=None, cu_seqlens_
     call = (q, k, v, out, lse, *_option_tensors(q, opts, cu_seqlens_q, cu_seqlens_k), opts.seed)
     key = None if sparse is not None else _plan_key(
         "fwd", (q, k, v, cu_seqlens_q, cu_seqlens_k), opts, (max_seqlen_q, max_seqlen_k))
-    if not _planned(key, call) or check_plans:
-        steps, builders = _forward_steps(q, k, v, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                         sparse, call, dry=key in _plans)
-        if key in _plans:
-            _plans[key].check(steps, call)
-        elif key is not None:
-            _plans[key] = _Plan(steps, builders)
+    _run_planned(key, call, lambda dry: _forward_steps(q, k, v, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                      max_seqlen_k, sparse, call, dry))
     if varlen:
         return out.squeeze(0), lse.squeeze(0)
     return out, lse
@@ -588,13 +589,8 @@ def attention_backward(dout, q, k, v, out, lse, opts: AttnOptions, bias_grad: bo
     key = None if sparse is not None else _plan_key(
         "bwd", (q, k, v, dout, out, lse, cu_seqlens_q, cu_seqlens_k), opts,
         (max_seqlen_q, max_seqlen_k, bias_grad))
-    if not _planned(key, call) or check_plans:
-        steps, builders = _backward_steps(q, k, v, opts, bias_grad, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                          max_seqlen_k, sparse, call, dry=key in _plans)
-        if key in _plans:
-            _plans[key].check(steps, call)
-        elif key is not None:
-            _plans[key] = _Plan(steps, builders)
+    _run_planned(key, call, lambda dry: _backward_steps(q, k, v, opts, bias_grad, cu_seqlens_q, cu_seqlens_k,
+                                                       max_seqlen_q, max_seqlen_k, sparse, call, dry))
     if varlen:
         dq, dk, dv = dq.squeeze(0), dk.squeeze(0), dv.squeeze(0)
     return dq, dk, dv, dbias
