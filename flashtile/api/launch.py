@@ -154,11 +154,11 @@ def _launch(name: str, kernel, grid_fn, args, constexprs: dict, tensor: torch.Te
         return dict(constexprs, **sparse, **halves, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    def step(cfg: LaunchConfig, compiled=None) -> _Step:
-        return _Step(kernel, grid_fn(cfg), args(cfg) if callable(args) else args, cfg, kwargs(cfg), compiled)
+    def step(cfg: LaunchConfig) -> _Step:
+        return _Step(kernel, grid_fn(cfg), args(cfg) if callable(args) else args, cfg, kwargs(cfg), None)
 
-    def run(cfg: LaunchConfig):
-        return kernel[grid_fn(cfg)](*(args(cfg) if callable(args) else args), **kwargs(cfg))
+    def run(s: _Step) -> _Step:
+        return s._replace(compiled=kernel[s.grid](*s.args, **s.kwargs))
 
     if dry:  # the launch a plan replays (see _Plan.check): the config chosen before, not run
         return step(candidates[0])
@@ -167,19 +167,19 @@ def _launch(name: str, kernel, grid_fn, args, constexprs: dict, tensor: torch.Te
         disk_key = _autotune_key(name, kernel, block_d, tensor, capability, constexprs, key[-1])
         tuned = autotune.lookup(disk_key)
         if tuned is None and not torch.cuda.is_current_stream_capturing():
-            tuned = autotune.tune(disk_key, autotune.search_space(candidates), run)
+            tuned = autotune.tune(disk_key, autotune.search_space(candidates), lambda cfg: run(step(cfg)))
         if tuned is not None:
             candidates = [tuned] + candidates
     error = None
     for cfg in candidates:
         try:
-            compiled = run(cfg)
+            launched = run(step(cfg))
         except triton.runtime.errors.OutOfResources as exc:  # too large for this GPU: next one
             error = exc
             continue
         if name not in forced_configs:
             _chosen[key] = cfg
-        return step(cfg, compiled)
+        return launched
     raise RuntimeError(f"flashtile: no launch configuration of kernel '{name}' fits this GPU") from error
 
 
