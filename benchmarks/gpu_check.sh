@@ -97,6 +97,17 @@ for step in "$@"; do
       done ;;
     tma-probe) python3 benchmarks/tma_probe.py 2>&1 | tee "$OUT/tma_probe.log" ;;
     host) python3 benchmarks/host_overhead.py --profile 2>&1 | tee "$OUT/host.log" ;;
+    ab-split)  # head dim 256: dK and dV in one launch (FLASHTILE_BWD_SPLIT=0) or two (=1), SDPA flash alongside
+      for split in 0 1; do
+        FLASHTILE_BWD_SPLIT=$split python3 -m flashtile bench --dtypes bf16 --head-dims 256 --seqlens 1024,2048,4096,16384 \
+          --modes bwd,fwd_bwd --providers flashtile,sdpa_flash --out "$OUT/split_$split" > "$OUT/split_$split.log" 2>&1
+        echo "split=$split"; python3 benchmarks/summarize.py --baseline sdpa_flash "$OUT/split_$split/bench.json" 2>&1 | tail -12
+      done ;;
+    tune-split)  # the two launches' tiles at head dim 256 (the whole backward timed)
+      for kernel in dv dk; do
+        python3 benchmarks/tune.py --kernels $kernel --head-dims 256 --causal 0 \
+          --configs 64x64x8x2,64x64x8x3,64x128x8x2,32x128x8x2,32x64x4x2,32x64x8x2 2>&1 | tee -a "$OUT/tune_split.log"
+      done ;;
     autotune) python3 -m pytest -q -m gpu tests/test_autotune.py 2>&1 | tail -3
               python3 benchmarks/autotune_gain.py 2>&1 | tee "$OUT/autotune.log" ;;
     tests-cpu-suite) python3 -m pytest -q -n 8 -x tests -k "not compile" 2>&1 | tail -5 ;;

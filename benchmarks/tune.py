@@ -24,13 +24,16 @@ CANDIDATES = {
     "dkdv": [LaunchConfig(m, n, w, s) for (m, n), w, s in itertools.product(((64, 64), (64, 128), (32, 128)), (4, 8), (2, 3, 4))],
     "dq": [LaunchConfig(m, n, w, s) for (m, n), w, s in itertools.product(((64, 64), (128, 64), (128, 32)), (4, 8), (2, 3, 4))],
 }
+# dV and dK in launches of their own (head dims where configs.split_dkdv says so, or FLASHTILE_BWD_SPLIT=1)
+CANDIDATES["dv"] = CANDIDATES["dk"] = CANDIDATES["dkdv"]
+KERNELS = ("fwd", "dkdv", "dv", "dk", "dq")
 # every launch-table name suffix a call can take (the backward's are among the forward's)
 VARIANTS = [name.removeprefix("fwd") for name in launch.FORWARD_NAMES]
 # 4-byte inputs: tiles of half the area
 _FP32_TILES = ((32, 32), (64, 32), (32, 64), (64, 64), (128, 32))
 CANDIDATES_FP32 = {
     kernel: [LaunchConfig(m, n, w, s) for (m, n), w, s in itertools.product(_FP32_TILES, (4, 8), (2, 3))]
-    for kernel in ("fwd", "dkdv", "dq")
+    for kernel in KERNELS
 }
 
 
@@ -39,7 +42,7 @@ def main():
     ap.add_argument("--head-dims", default="64,128,256")
     ap.add_argument("--seqlen", type=int, default=4096)
     ap.add_argument("--dtype", default="bf16")
-    ap.add_argument("--kernels", default="fwd,dkdv,dq")
+    ap.add_argument("--kernels", default="fwd,dkdv,dq", help="of fwd, dkdv, dv, dk, dq")
     ap.add_argument("--causal", default="0,1")
     ap.add_argument("--tiles", help="BLOCK_M x BLOCK_N tiles to try instead of the defaults, e.g. 64x64,32x128")
     ap.add_argument("--warps", default="4,8")
@@ -52,11 +55,11 @@ def main():
     if args.tiles:
         tiles = [tuple(map(int, t.split("x"))) for t in args.tiles.split(",")]
         grid = list(itertools.product(tiles, map(int, args.warps.split(",")), map(int, args.stages.split(","))))
-        candidates = {kernel: [LaunchConfig(m, n, w, st) for (m, n), w, st in grid] for kernel in ("fwd", "dkdv", "dq")}
+        candidates = {kernel: [LaunchConfig(m, n, w, st) for (m, n), w, st in grid] for kernel in KERNELS}
     if args.configs:
         explicit = [LaunchConfig(*map(int, c.rstrip("h").split("x")), halves=c.endswith("h"))
                     for c in args.configs.split(",")]
-        candidates = {kernel: explicit for kernel in ("fwd", "dkdv", "dq")}
+        candidates = {kernel: explicit for kernel in KERNELS}
     for d in map(int, args.head_dims.split(",")):
         for causal in (c == "1" for c in args.causal.split(",")):
             b, h, s = max(1, 16384 // args.seqlen), 2048 // d, args.seqlen

@@ -17,7 +17,7 @@ import triton
 
 from ..kernels.backward import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
 from ..kernels.common import BIAS_ADD, BIAS_BOOL, BIAS_NONE
-from ..kernels.configs import LaunchConfig, launch_configs, sparse_constexprs
+from ..kernels.configs import LaunchConfig, launch_configs, sparse_constexprs, split_dkdv
 from ..kernels.forward import attn_fwd_kernel
 from ..reference import AttnOptions
 from . import autotune
@@ -407,7 +407,7 @@ class _Step(NamedTuple):
 
 
 # The FLASHTILE_* switches of the environment (experiments: FLASHTILE_FWD_TMA, _FWD_WS,
-# _BWD_TMA, _FP32_DOT, _AUTOTUNE) are read when a plan is made: after changing one in a
+# _BWD_TMA, _BWD_SPLIT, _FP32_DOT, _AUTOTUNE) are read when a plan is made: after changing one in a
 # running process, clear_caches().
 _plans: dict[tuple, "_Plan"] = {}
 # tests set this: every plan hit also builds its launches the slow way and compares them
@@ -637,11 +637,18 @@ def _backward_steps(q, k, v, opts, bias_grad, cu_seqlens_q, cu_seqlens_k, max_se
     seqlens = (lay.seqlen_q, lay.seqlen_k)
     step_dq = _launch("dq" + suffix, attn_bwd_dq_kernel,
                       lambda c: (cdiv(lay.seqlen_q, c.block_m) * lay.batch * nheads,), lambda cfg: build_dq(cfg, call), const, q, block_d, seqlens, dry=dry)
-    step_dkdv = _launch("dkdv" + suffix, attn_bwd_dkdv_kernel,
-                        lambda c: (cdiv(lay.seqlen_k, c.block_n) * lay.batch * nheads_k,),
-                        lambda cfg: build_dkdv(cfg, call), const | dict(BIAS_GRAD=bias_grad), q, block_d, seqlens,
-                        dry=dry)
-    return [step_dq, step_dkdv], [build_dq, build_dkdv]
+    # dK and dV together, or (FLASHTILE_BWD_SPLIT = 1, by default where the launch table says so)
+    # in two launches, dV first: PART 1 (dV) does not need the dQ kernel's delta
+    split = _env_flag("FLASHTILE_BWD_SPLIT")
+    if split is None:
+        split = split_dkdv(block_d, q.element_size(), _capability(q.device))
+    parts = [("dv", 1), ("dk", 2)] if split else [("dkdv", 0)]
+    steps = [step_dq] + [
+        _launch(name + suffix, attn_bwd_dkdv_kernel, lambda c: (cdiv(lay.seqlen_k, c.block_n) * lay.batch * nheads_k,),
+                lambda cfg: build_dkdv(cfg, call), const | dict(BIAS_GRAD=bias_grad and part != 1, PART=part), q,
+                block_d, seqlens, dry=dry)
+        for name, part in parts]
+    return steps, [build_dq] + [build_dkdv] * len(parts)
 
 
 def default_scale(head_dim: int) -> float:

@@ -77,8 +77,9 @@ def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qs, st
                 BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, USE_DESC: tl.constexpr, tile_list=0, Patterns=0, col0=0,
                 SPARSE: tl.constexpr = False, SPARSE_BM: tl.constexpr = 1, SPARSE_BN: tl.constexpr = 1,
-                key_start=0, BLOCK_N: tl.constexpr = 16):
-    """Accumulate query tiles [start, end) into (dk, dv) for one key block.
+                key_start=0, BLOCK_N: tl.constexpr = 16, PART: tl.constexpr = 0):
+    """Accumulate query tiles [start, end) into (dk, dv) for one key block
+    (PART: 0 both, 1 dv only, 2 dk only; the other is returned as given).
     Tiles are held transposed: [BLOCK_N keys, BLOCK_M queries]. ``q_ptrs`` /
     ``do_ptrs`` are :func:`row_source` s. SPARSE: ``start``/``end`` count
     kernel tiles of the query-block list ``tile_list``; MASKED tiles are
@@ -102,7 +103,8 @@ def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qs, st
         q = load_rows(q_ptrs, start_m, stride_qs, rows_1d, seqlen_q, d_ok, USE_DESC)
         do = load_rows(do_ptrs, start_m, stride_dos, rows_1d, seqlen_q, d_ok, USE_DESC)
         lse = _load_lse_log2(lse_ptr, rows_1d, seqlen_q)
-        delta = tl.load(delta_ptr + rows_1d, mask=rows_1d < seqlen_q, other=0.0)
+        if PART != 1:
+            delta = tl.load(delta_ptr + rows_1d, mask=rows_1d < seqlen_q, other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
@@ -116,21 +118,25 @@ def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qs, st
                 allowed = allowed & pattern_mask(Patterns, pattern, rows, cols, row0, col0, key_start, SPARSE_BM,
                                                   SPARSE_BN, BLOCK_N)
             p_t = tl.where(allowed, p_t, 0.0)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if PART != 1:
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if DROPOUT:
             keep = dropout_keep(seed, bh, rows, cols, max_seqlen_q, max_seqlen_k, dropout_p)
-            dv = tl.dot(tl.where(keep, p_t * dropout_scale, 0.0).to(do.dtype), do, dv,
-                        input_precision=DOT_PRECISION)
-            dp_t = tl.where(keep, dp_t * dropout_scale, 0.0)
-        else:
+            if PART != 2:
+                dv = tl.dot(tl.where(keep, p_t * dropout_scale, 0.0).to(do.dtype), do, dv,
+                            input_precision=DOT_PRECISION)
+            if PART != 1:
+                dp_t = tl.where(keep, dp_t * dropout_scale, 0.0)
+        elif PART != 2:
             dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        if BIAS_GRAD:
-            tl.store(dbias_base + rows.to(tl.int64) * stride_dbm + cols * stride_dbn, ds_t,
-                     mask=(rows < seqlen_q) & (cols < seqlen_k))
-        if SOFTCAP:
-            ds_t = ds_t * (1.0 - t_t * t_t)
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        if PART != 1:
+            ds_t = p_t * (dp_t - delta[None, :])
+            if BIAS_GRAD:
+                tl.store(dbias_base + rows.to(tl.int64) * stride_dbm + cols * stride_dbn, ds_t,
+                         mask=(rows < seqlen_q) & (cols < seqlen_k))
+            if SOFTCAP:
+                ds_t = ds_t * (1.0 - t_t * t_t)
+            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -155,13 +161,17 @@ def attn_bwd_dkdv_kernel(
     BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr, BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
     IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_DESC: tl.constexpr = False,
     SPARSE: tl.constexpr = False, SPARSE_BM: tl.constexpr = 1, SPARSE_BN: tl.constexpr = 1,
+    PART: tl.constexpr = 0,
 ):
     """Grid: (cdiv(max_seqlen_k, BLOCK_N) * batch * nheads_k,), the last ``tail_bh``
     (batch, kv head) pairs issued longest first (``program_tile``). Lse and Delta share strides.
     DBias (fp32, unbroadcast (batch, nheads, seqlen_q, seqlen_k)) receives dS when BIAS_GRAD.
     SPARSE: the lists are those of the forward kernel transposed (per key
     block, the query blocks of its full and partial tiles), one row per
-    (batch, query head, key block)."""
+    (batch, query head, key block).
+    PART: 0 computes dK and dV; 1 dV alone, 2 dK alone (two launches with one
+    accumulator each: at head dim 256 the two 64 x 256 fp32 accumulators of
+    one launch leave too few registers). DK (PART 1) or DV (PART 2) is untouched."""
     pid_n, pid_bh = program_tile(max_seqlen_k, BLOCK_N, False, tail_bh)
     b = pid_bh // nheads_k
     hk = pid_bh % nheads_k
@@ -180,12 +190,17 @@ def attn_bwd_dkdv_kernel(
     k_off = b.to(tl.int64) * stride_kb + start_k.to(tl.int64) * stride_ks + hk * stride_kh
     v_off = b.to(tl.int64) * stride_vb + start_k.to(tl.int64) * stride_vs + hk * stride_vh
     k = tl.load(K + k_off + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_ok, other=0.0)
-    v = tl.load(V + v_off + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_ok, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # what a part does not compute stays a scalar placeholder (no registers)
+    v, dk, dv = 0.0, 0.0, 0.0
+    if PART != 1:
+        v = tl.load(V + v_off + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_ok, other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if PART != 2:
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
     if not SPARSE:
         lo, full_lo, full_hi, hi = query_ranges(start_n, seqlen_q, diag, window_left, window_right,
@@ -223,7 +238,7 @@ def attn_bwd_dkdv_kernel(
                                      dropout_scale, seed, HEAD_DIM, BLOCK_M, part == 0, MASK_LEFT, MASK_RIGHT,
                                      SOFTCAP, HAS_ALIBI, BIAS_KIND, BIAS_ROWS, BIAS_GRAD, DROPOUT, UPCAST,
                                      DOT_PRECISION, USE_DESC, tile_list + 1, Patterns, k_blk * SPARSE_BN,
-                                     SPARSE, SPARSE_BM, SPARSE_BN, start_n, BLOCK_N)
+                                     SPARSE, SPARSE_BM, SPARSE_BN, start_n, BLOCK_N, PART)
         else:
             for part in tl.static_range(3):
                 # partial rows before the band's full part, the full part, partial rows after it
@@ -240,13 +255,16 @@ def attn_bwd_dkdv_kernel(
                                          window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope,
                                          bh, max_seqlen_q, max_seqlen_k, dropout_p, dropout_scale, seed,
                                          HEAD_DIM, BLOCK_M, part != 1, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
-                                         BIAS_KIND, BIAS_ROWS, BIAS_GRAD, DROPOUT, UPCAST, DOT_PRECISION, USE_DESC)
+                                         BIAS_KIND, BIAS_ROWS, BIAS_GRAD, DROPOUT, UPCAST, DOT_PRECISION, USE_DESC,
+                                         BLOCK_N=BLOCK_N, PART=PART)
 
-    dk = dk * softmax_scale
-    tl.store(DK + b.to(tl.int64) * stride_dkb + start_k.to(tl.int64) * stride_dks + hk * stride_dkh
-             + offs_n[:, None] * stride_dks + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_ok)
-    tl.store(DV + b.to(tl.int64) * stride_dvb + start_k.to(tl.int64) * stride_dvs + hk * stride_dvh
-             + offs_n[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_ok)
+    if PART != 1:
+        dk = dk * softmax_scale
+        tl.store(DK + b.to(tl.int64) * stride_dkb + start_k.to(tl.int64) * stride_dks + hk * stride_dkh
+                 + offs_n[:, None] * stride_dks + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_ok)
+    if PART != 2:
+        tl.store(DV + b.to(tl.int64) * stride_dvb + start_k.to(tl.int64) * stride_dvs + hk * stride_dvh
+                 + offs_n[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
 @triton.jit

@@ -72,6 +72,14 @@ _SM90 = {
     "dkdv_tma_causal": {
         64: [LaunchConfig(128, 64, 4, 2), LaunchConfig(32, 128, 4, 4), LaunchConfig(32, 64, 4, 2)],
     },
+    # dK and dV in two launches of the dK/dV kernel (its PART switch), one accumulator each:
+    # the head dims listed here take them (docs/performance.md)
+    "dv": {
+        256: [LaunchConfig(64, 64, 8, 2), LaunchConfig(32, 64, 8, 2)],
+    },
+    "dk": {
+        256: [LaunchConfig(64, 64, 8, 2), LaunchConfig(32, 64, 8, 2)],
+    },
     "dq": {
         64: [LaunchConfig(128, 64, 8, 3), LaunchConfig(128, 64, 8, 2), LaunchConfig(64, 64, 4, 2)],
         128: [LaunchConfig(128, 64, 8, 3), LaunchConfig(64, 64, 4, 2), LaunchConfig(64, 32, 4, 2)],
@@ -125,13 +133,28 @@ def _halve_for_fp32(cfg: LaunchConfig) -> LaunchConfig:
     return LaunchConfig(max(16, cfg.block_m // 2), max(16, cfg.block_n // 2), cfg.num_warps, max(1, cfg.num_stages - 1))
 
 
+def _entry(table: dict, kernel: str, bucket: int) -> list[LaunchConfig] | None:
+    """The entry of ``kernel`` or, failing that, of its name without its last suffixes."""
+    while bucket not in table.get(kernel, {}):
+        if "_" not in kernel:
+            return None
+        kernel = kernel.rsplit("_", 1)[0]
+    return table[kernel][bucket]
+
+
+def split_dkdv(block_d: int, elem_size: int, capability: tuple[int, int] | None) -> bool:
+    """Whether the launch table runs dK and dV in two launches (2-byte inputs, Hopper)."""
+    return capability is not None and capability[0] == 9 and elem_size == 2 and _bucket(block_d) in _SM90["dk"]
+
+
 def launch_configs(kernel: str, block_d: int, elem_size: int, capability: tuple[int, int] | None) -> list[LaunchConfig]:
-    """Configs to try, best first, for ``kernel``: "fwd", "dkdv" or "dq", with the
+    """Configs to try, best first, for ``kernel``: "fwd", "dkdv", "dk", "dv" or "dq", with the
     suffix "_tma" when it reads through tensor descriptors, then "_causal" for
     a causal mask without a left window or "_window" with a left window bound
     (forward), then (forward) "_short" for rows of fewer keys than
     ``launch.SHORT_KEYS``. A variant without an entry for this head dim takes
-    the entry of the name without its last suffix.
+    the entry of the name without its last suffix; "dk" and "dv" (the dK/dV
+    kernel computing one of the two) without an entry take that of "dkdv".
 
     ``capability`` is the CUDA compute capability, or None under the interpreter.
     """
@@ -140,13 +163,15 @@ def launch_configs(kernel: str, block_d: int, elem_size: int, capability: tuple[
     base = kernel.split("_")[0]
     table = _SM90 if capability[0] == 9 else _GENERIC
     bucket = _bucket(block_d)
-    while bucket not in table.get(kernel, {}):
-        kernel = kernel.rsplit("_", 1)[0]
-    configs = list(table[kernel][bucket])
+    entry = _entry(table, kernel, bucket)
+    if entry is None:  # "dk" / "dv"
+        base = "dkdv"
+        entry = _entry(table, base + kernel.removeprefix(kernel.split("_")[0]), bucket)
+    configs = list(entry)
     if elem_size == 4:
         configs = [_halve_for_fp32(c) for c in configs]
         if capability[0] == 9:
-            configs = _SM90_FP32[base].get(bucket, []) + configs
+            configs = _SM90_FP32.get(base, _SM90_FP32["dkdv"]).get(bucket, []) + configs
     # last resort: the smallest tiles a dot accepts
     configs.append(LaunchConfig(16, 16, 4, 1))
     return configs
