@@ -104,10 +104,10 @@ for step in "$@"; do
         echo "split=$split"; python3 benchmarks/summarize.py --baseline sdpa_flash "$OUT/split_$split/bench.json" 2>&1 | tail -12
       done ;;
     tune-split)  # the two launches' tiles at head dim 256 (the whole backward timed)
-      for kernel in dv dk; do
-        python3 benchmarks/tune.py --kernels $kernel --head-dims 256 --causal 0 \
-          --configs 64x64x8x2,64x64x8x3,64x128x8x2,32x128x8x2,32x64x4x2,32x64x8x2 2>&1 | tee -a "$OUT/tune_split.log"
-      done ;;
+      python3 benchmarks/tune.py --kernels dv --head-dims 256 \
+        --configs 64x128x8x2,32x128x8x2,32x128x8x3,16x128x8x3,16x128x8x4 2>&1 | tee -a "$OUT/tune_split.log"
+      python3 benchmarks/tune.py --kernels dk --head-dims 256 \
+        --configs 32x128x8x2,32x128x8x3,16x128x8x3,16x128x8x4 2>&1 | tee -a "$OUT/tune_split.log" ;;
     autotune) python3 -m pytest -q -m gpu tests/test_autotune.py 2>&1 | tail -3
               python3 benchmarks/autotune_gain.py 2>&1 | tee "$OUT/autotune.log" ;;
     tests-cpu-suite) python3 -m pytest -q -n 8 -x tests -k "not compile" 2>&1 | tail -5 ;;

@@ -75,10 +75,10 @@ _SM90 = {
     # dK and dV in two launches of the dK/dV kernel (its PART switch), one accumulator each:
     # the head dims listed here take them (docs/performance.md)
     "dv": {
-        256: [LaunchConfig(64, 64, 8, 2), LaunchConfig(32, 64, 8, 2)],
+        256: [LaunchConfig(64, 128, 8, 2), LaunchConfig(32, 128, 8, 2), LaunchConfig(32, 64, 4, 2)],
     },
     "dk": {
-        256: [LaunchConfig(64, 64, 8, 2), LaunchConfig(32, 64, 8, 2)],
+        256: [LaunchConfig(32, 128, 8, 2), LaunchConfig(32, 64, 4, 2)],
     },
     "dq": {
         64: [LaunchConfig(128, 64, 8, 3), LaunchConfig(128, 64, 8, 2), LaunchConfig(64, 64, 4, 2)],
