@@ -58,7 +58,7 @@ for step in "$@"; do
     ab-schedule) python3 benchmarks/ab_schedule.py --out "$OUT/ab_schedule.json" 2>&1 | tee "$OUT/ab_schedule.log" ;;
     tests-forward)  # every GPU test that runs the forward kernel (dense, block-sparse, cosine-sim); the
                     # failures again one at a time (14 test processes can run out of GPU memory together)
-      python3 -m pytest -q -m gpu -n 14 --tb=line tests/test_gpu.py tests/test_block_sparse.py tests/test_cosine_sim.py \
+      python3 -m pytest -q -m gpu -n 12 --tb=line tests/test_gpu.py tests/test_block_sparse.py tests/test_cosine_sim.py \
         > "$OUT/forward_tests.log" 2>&1; tail -4 "$OUT/forward_tests.log"
       grep -q "failed" "$OUT/forward_tests.log" && python3 -m pytest -q -m gpu --lf --tb=short tests/test_gpu.py \
         tests/test_block_sparse.py tests/test_cosine_sim.py 2>&1 | tail -30 ;;

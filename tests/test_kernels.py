@@ -108,6 +108,14 @@ def test_launch_table_falls_back_to_the_base_kernel():
     assert configs.launch_configs("fwd_tma_causal_short", 128, 2, hopper)[0] == short
     assert configs.launch_configs("fwd_tma_causal_short", 64, 2, hopper)[0] == configs._SM90["fwd_tma"][64][0]
     assert configs.launch_configs("fwd_causal_short", 128, 2, hopper)[0] == configs._SM90["fwd_causal"][128][0]
+    # dK and dV apart: their own entries where the table splits, else the joint kernel's
+    assert configs.launch_configs("dk_tma_causal", 256, 2, hopper)[0] == configs._SM90["dk"][256][0]
+    assert configs.launch_configs("dv_tma", 128, 2, hopper)[0] == configs._SM90["dkdv"][128][0]
+    assert configs.launch_configs("dv_causal", 64, 2, (8, 0))[0] == configs._GENERIC["dkdv"][64][0]
+    assert configs.launch_configs("dk", 128, 4, hopper)[0] == configs._SM90_FP32["dkdv"][128][0]
+    assert configs.split_dkdv(256, 2, hopper) and configs.split_dkdv(192, 2, hopper)
+    assert not (configs.split_dkdv(128, 2, hopper) or configs.split_dkdv(256, 4, hopper)
+                or configs.split_dkdv(256, 2, (8, 0)) or configs.split_dkdv(256, 2, None))
 
 
 @pytest.mark.parametrize("seqlen, causal, window, expected", [
