@@ -73,8 +73,9 @@ _SM90 = {
         64: [LaunchConfig(128, 64, 4, 2), LaunchConfig(32, 128, 4, 4), LaunchConfig(32, 64, 4, 2)],
     },
     # dK and dV in two launches of the dK/dV kernel (its PART switch), one accumulator each:
-    # the head dims listed here take them. d256 on an H200: the backward 1.09-1.11x faster
-    # than with both in one launch (64 x 64 tiles), 1.2-1.3x with causal (docs/performance.md)
+    # the head dims listed here take them. d256 on an H200 (docs/performance.md): 128-key
+    # tiles, the backward 1.05-1.10x faster than one launch for both (1.03-1.24x causal),
+    # dK with 3 stages ~10% more at 4k; with 64-key tiles the two launches lose
     "dv": {
         256: [LaunchConfig(64, 128, 8, 2), LaunchConfig(32, 128, 8, 2), LaunchConfig(32, 64, 4, 2)],
     },
