@@ -125,6 +125,7 @@ def run_case(batch, cache_len, args, bandwidth) -> dict:
 def sweep(args, bandwidth) -> list[dict]:
     """Tiles and split counts of the kernel, for the launch table and the split heuristic."""
     from flashtile.api import decode as decode_api
+    from flashtile.api import launch
     from flashtile.kernels.configs import LaunchConfig
 
     default = decode_api.decode_config
@@ -134,6 +135,7 @@ def sweep(args, bandwidth) -> list[dict]:
         for block_n, warps, stages in ((128, 4, 3), (64, 4, 3)):
             decode_api.decode_config = lambda rows_, *a, bn=block_n, w=warps, st=stages, **kw: LaunchConfig(
                 min(128, max(16, 1 << (max(rows_, 1) - 1).bit_length())), bn, w, st)
+            launch.clear_caches()  # launch plans made with the previous tiles
             for splits in (0, 8, 16, 32):
                 if batch == 64 and splits > 8:
                     continue
@@ -152,10 +154,12 @@ def sweep(args, bandwidth) -> list[dict]:
         decode_api.decode_config = default
         combine = decode_api.attn_combine_kernel
         decode_api.attn_combine_kernel = _NoLaunch()
+        launch.clear_caches()
         fn = step.flashtile(0)
         fn()
         ms = time_ms(fn, args.eager) / step.copies
         decode_api.attn_combine_kernel = combine
+        launch.clear_caches()
         rows.append(dict(batch=batch, cache_len=cache_len, splits=0, without_combine=True, us=ms * 1e3,
                          bw_frac=step.kv_bytes / (ms * 1e-3) / bandwidth))
         print(f"sweep batch={batch} L={cache_len} default tiles, split kernel without the combine: "
@@ -175,6 +179,7 @@ class _NoLaunch:
 def sweep_paged(args, bandwidth) -> list[dict]:
     """Tiles and split counts for paged caches."""
     from flashtile.api import decode as decode_api
+    from flashtile.api import launch
     from flashtile.kernels.configs import LaunchConfig
 
     default = decode_api.decode_config
@@ -185,6 +190,7 @@ def sweep_paged(args, bandwidth) -> list[dict]:
             for block_n, warps, stages in ((64, 4, 3), (128, 4, 3), (64, 4, 5), (32, 4, 4)):
                 decode_api.decode_config = lambda rows_, *a, bn=block_n, w=warps, st=stages, **kw: LaunchConfig(
                     16, bn, w, st)
+                launch.clear_caches()
                 for splits in (16, 32, 64, 128):
                     fn = step.flashtile(splits)
                     fn()
@@ -198,6 +204,7 @@ def sweep_paged(args, bandwidth) -> list[dict]:
             del step
             torch.cuda.empty_cache()
     decode_api.decode_config = default
+    launch.clear_caches()
     return rows
 
 

@@ -103,3 +103,30 @@ def test_seeds_replay_only_within_their_specialisation_class(monkeypatch):
     opts = [launch._plan_key("fwd", (q,), launch.AttnOptions(0.25, dropout_p=0.1, seed=seed), ()) for seed in
             (1, 16, 17, 35)]
     assert opts[0] != opts[1] != opts[2] and opts[2] == opts[3]
+
+
+@pytest.mark.parametrize("page_size, num_splits, kernels", [
+    (None, 3, ["attn_decode_kernel", "attn_combine_kernel"]), (16, 2, ["attn_decode_kernel", "attn_combine_kernel"]),
+    (16, 0, ["attn_decode_kernel"])], ids=str)  # 0: the heuristic (one split for 96 keys here)
+def test_decoding_replays(monkeypatch, page_size, num_splits, kernels):
+    # the split and combine launches of a decoding step replay with the next step's tensors
+    from flashtile import flash_attn_with_kvcache
+
+    runs = count_plan_replays(monkeypatch)
+
+    def step(seed, lengths):
+        gen = torch.Generator().manual_seed(seed)
+        q = torch.randn(2, 1, 8, 32, generator=gen)
+        shape = (2, 96, 2, 32) if page_size is None else (12, page_size, 2, 32)
+        k_cache, v_cache = (torch.randn(shape, generator=gen) for _ in range(2))
+        table = None if page_size is None else torch.randperm(12, generator=gen).int().reshape(2, 6)
+        return flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor(lengths, dtype=torch.int32),
+                                       block_table=table, num_splits=num_splits, return_softmax_lse=True)
+
+    step(0, [50, 90])
+    replayed = step(1, [96, 7])  # other contents and lengths, same layout: replayed
+    assert runs == [kernels]
+    monkeypatch.setattr(launch, "_plans", {})
+    fresh = step(1, [96, 7])
+    for a, b in zip(replayed, fresh):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

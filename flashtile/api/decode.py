@@ -17,7 +17,8 @@ import triton
 from ..kernels.configs import decode_config
 from ..kernels.decode import attn_combine_kernel, attn_decode_kernel
 from ..reference import AttnOptions, attention_tiled_forward
-from .launch import LOG2E, _block_d, _capability, _dot_precision, cdiv, interpreting, next_power_of_2, sm_count
+from .launch import (LOG2E, _block_d, _capability, _dot_precision, _plan_key, _run_planned, _Step, cdiv, interpreting,
+                     next_power_of_2, plan_setups, sm_count)
 
 MAX_SPLITS = 128
 # a split should stream at least this many keys, or the combine costs more than it saves
@@ -40,31 +41,19 @@ def num_splits_heuristic(programs: int, capacity: int, paged: bool, device: torc
     return max(1, min(MAX_SPLITS, round(waves * sms / programs), capacity // MIN_KEYS_PER_SPLIT))
 
 
-def _launch_decode(grid, cfg, *args, **constexprs) -> None:
-    """Launch the split kernel with ``cfg``, dropping pipeline stages while the
-    compiler reports that they do not fit (shared memory) on this GPU."""
-    error = None
-    for stages in range(cfg.num_stages, 0, -1):
-        try:
-            attn_decode_kernel[grid](*args, **constexprs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                     num_warps=cfg.num_warps, num_stages=stages)
-            return
-        except triton.runtime.errors.OutOfResources as exc:
-            error = exc
-    raise RuntimeError("flashtile: the decoding kernel does not fit on this GPU") from error
+# (config, switches) -> the pipeline stages of the split kernel that fit this GPU
+_fitting_stages: dict[tuple, int] = {}
 
 
-def _decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi,
-                   seqlen_new, softmax_scale, window_left, window_right, softcap, num_splits):
+def _decode_setup(q, k_cache, block_table, num_splits):
+    """(launch config, number of splits, page lookup per row) of one call."""
     batch, seqlen_q, nheads, head_dim = q.shape
     nheads_k = k_cache.shape[2]
-    group = nheads // nheads_k
     paged = block_table is not None
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
-    block_d = _block_d(head_dim)
-    page_size = k_cache.shape[1] if paged else 0
-    cfg = decode_config(seqlen_q * group, block_d, q.element_size(), _capability(q.device), page_size)
-    m_blocks = cdiv(seqlen_q * group, cfg.block_m)
+    cfg = decode_config(seqlen_q * (nheads // nheads_k), _block_d(head_dim), q.element_size(), _capability(q.device),
+                        k_cache.shape[1] if paged else 0)
+    m_blocks = cdiv(seqlen_q * (nheads // nheads_k), cfg.block_m)
     if num_splits <= 0:
         num_splits = num_splits_heuristic(batch * nheads_k * m_blocks, capacity, paged, q.device)
     num_splits = max(1, min(num_splits, MAX_SPLITS, cdiv(capacity, cfg.block_n)))
@@ -75,44 +64,97 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_ta
         # and a page lookup per row pipelines better than one per tile (247 us vs 301 us)
         cfg = cfg._replace(num_stages=min(cfg.num_stages, 3))
         row_lookup = True
+    return cfg, num_splits, row_lookup
 
+
+def _decode_steps(call, cfg, num_splits, row_lookup, seqlen_new, softmax_scale, window_left, window_right, softcap,
+                  dry):
+    """The split kernel's launch and, with several splits, the combine kernel's, run
+    (or with ``dry`` only built) for ``call``: (steps, builders), as launch plans take them."""
+    q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi, out, lse, part_out, part_lse = call
+    batch, seqlen_q, nheads, head_dim = q.shape
+    nheads_k = k_cache.shape[2]
+    block_d = _block_d(head_dim)
+    paged = block_table is not None
+    # the partial results of split 0 (or the outputs, with one split) and the stride between splits
+    o_strides = part_out.stride()[-4:-1] + (0 if num_splits == 1 else part_out.stride(0),)
+    l_strides = part_lse.stride()[-3:-1] + (0 if num_splits == 1 else part_lse.stride(0),)
+    softcap_div = softcap if softcap > 0 else 1.0
+    scalars = (*q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *o_strides, *l_strides,
+               0 if block_table is None else block_table.stride(0),
+               0 if alibi is None or alibi.dim() == 1 else alibi.stride(0),
+               nheads_k, seqlen_q, seqlen_new, nheads // nheads_k, block_table.shape[1] if paged else 0,
+               window_left, window_right, softmax_scale * LOG2E, softmax_scale / softcap_div, softcap_div * LOG2E)
+    constexprs = dict(
+        HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=k_cache.shape[1] if paged else 0,
+        HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFTPAD=leftpad is not None, MASK_LEFT=window_left >= 0,
+        MASK_RIGHT=window_right >= 0, SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None,
+        UPCAST=interpreting() and q.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(q.dtype, q.device),
+        ROW_LOOKUP=row_lookup, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
+    grid = (batch * nheads_k, num_splits, cdiv(seqlen_q * (nheads // nheads_k), cfg.block_m))
+
+    def build_split(cfg, call):
+        q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi, _, _, po, pl = call
+        return (q, k_cache, v_cache, po, pl, cache_seqlens, q if cache_batch_idx is None else cache_batch_idx,
+                q if block_table is None else block_table, q if leftpad is None else leftpad,
+                q if alibi is None else alibi, *scalars)
+
+    # shared memory: fewer pipeline stages while the compiler says they do not fit
+    fit_key = (cfg, tuple(constexprs.items()))
+    steps = []
+    for stages in range(_fitting_stages.get(fit_key, cfg.num_stages), 0, -1):
+        step = _Step(attn_decode_kernel, grid, build_split(cfg, call), cfg, dict(constexprs, num_stages=stages), None)
+        if dry:
+            break
+        try:
+            step = step._replace(compiled=attn_decode_kernel[grid](*step.args, **step.kwargs))
+        except triton.runtime.errors.OutOfResources:
+            if stages == 1:
+                raise RuntimeError("flashtile: the decoding kernel does not fit on this GPU") from None
+            continue
+        _fitting_stages[fit_key] = stages
+        break
+    steps.append(step)
+    builders = [build_split]
+    if num_splits > 1:
+        combine_scalars = (*part_out.stride()[1:4], part_out.stride(0), *part_lse.stride()[1:3], part_lse.stride(0),
+                           *out.stride()[:3], *lse.stride()[:2], nheads, seqlen_q, num_splits)
+
+        def build_combine(cfg, call):
+            return (call[10], call[11], call[8], call[9], *combine_scalars)
+
+        kwargs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, next_power_of_2(num_splits)), num_warps=4)
+        step = _Step(attn_combine_kernel, (batch * seqlen_q * nheads,), build_combine(cfg, call), cfg, kwargs, None)
+        if not dry:
+            step = step._replace(compiled=attn_combine_kernel[step.grid](*step.args, **kwargs))
+        steps.append(step)
+        builders.append(build_combine)
+    return steps, builders
+
+
+def _decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi,
+                   seqlen_new, softmax_scale, window_left, window_right, softcap, num_splits):
+    # a call with the layout, options and split request of an earlier one replays its launches
+    key = _plan_key("decode", (q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi),
+                    AttnOptions(softmax_scale, 0, window_left, window_right, softcap),
+                    (seqlen_new, num_splits))
+    setup = plan_setups.get(key) if key is not None else None
+    if setup is None:
+        setup = _decode_setup(q, k_cache, block_table, num_splits)
+    cfg, splits, row_lookup = setup
     out = torch.empty_like(q)
-    lse = torch.empty((batch, nheads, seqlen_q), device=q.device, dtype=torch.float32)
-    if num_splits == 1:
+    lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), device=q.device, dtype=torch.float32)
+    if splits == 1:
         part_out, part_lse = out, lse
     else:
-        part_out = torch.empty((num_splits, *q.shape), device=q.device, dtype=torch.float32)
-        part_lse = torch.empty((num_splits, *lse.shape), device=q.device, dtype=torch.float32)
-    split_stride_o = 0 if num_splits == 1 else part_out.stride(0)
-    split_stride_l = 0 if num_splits == 1 else part_lse.stride(0)
-    po = part_out if num_splits == 1 else part_out[0]
-    pl = part_lse if num_splits == 1 else part_lse[0]
-    softcap_div = softcap if softcap > 0 else 1.0
-    _launch_decode((batch * nheads_k, num_splits, m_blocks), cfg,
-        q, k_cache, v_cache, po, pl, cache_seqlens,
-        q if cache_batch_idx is None else cache_batch_idx, q if block_table is None else block_table,
-        q if leftpad is None else leftpad, q if alibi is None else alibi,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        po.stride(0), po.stride(1), po.stride(2), split_stride_o,
-        pl.stride(0), pl.stride(1), split_stride_l,
-        0 if block_table is None else block_table.stride(0), 0 if alibi is None or alibi.dim() == 1 else alibi.stride(0),
-        nheads_k, seqlen_q, seqlen_new, group, block_table.shape[1] if paged else 0, window_left, window_right,
-        softmax_scale * LOG2E, softmax_scale / softcap_div, softcap_div * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=block_d,
-        PAGE_SIZE=page_size, HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFTPAD=leftpad is not None,
-        MASK_LEFT=window_left >= 0, MASK_RIGHT=window_right >= 0, SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None,
-        UPCAST=interpreting() and q.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(q.dtype, q.device),
-        ROW_LOOKUP=row_lookup)
-    if num_splits > 1:
-        attn_combine_kernel[(batch * seqlen_q * nheads,)](
-            part_out, part_lse, out, lse,
-            part_out.stride(1), part_out.stride(2), part_out.stride(3), part_out.stride(0),
-            part_lse.stride(1), part_lse.stride(2), part_lse.stride(0),
-            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-            nheads, seqlen_q, num_splits,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, next_power_of_2(num_splits)), num_warps=4)
+        part_out = torch.empty((splits, *q.shape), device=q.device, dtype=torch.float32)
+        part_lse = torch.empty((splits, *lse.shape), device=q.device, dtype=torch.float32)
+    call = (q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi, out, lse, part_out,
+            part_lse)
+    _run_planned(key, call, lambda dry: _decode_steps(call, cfg, splits, row_lookup, seqlen_new, softmax_scale,
+                                                      window_left, window_right, softcap, dry))
+    if key is not None:
+        plan_setups[key] = setup  # a replayed call skips the heuristics too
     return out, lse
 
 

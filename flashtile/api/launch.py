@@ -410,6 +410,9 @@ class _Step(NamedTuple):
 # _BWD_TMA, _BWD_SPLIT, _FP32_DOT, _AUTOTUNE) are read when a plan is made: after changing one in a
 # running process, clear_caches().
 _plans: dict[tuple, "_Plan"] = {}
+# plan key -> what a launcher derived from the call's layout before its launches (decoding:
+# tiles and split count), kept beside the plan so that a replayed call skips that too
+plan_setups: dict[tuple, tuple] = {}
 # tests set this: every plan hit also builds its launches the slow way and compares them
 check_plans = False
 
@@ -418,6 +421,7 @@ def clear_caches() -> None:
     """Forget the chosen launch configs and the launch plans."""
     _chosen.clear()
     _plans.clear()
+    plan_setups.clear()
 
 
 def _tensor_key(t: torch.Tensor | None):
