@@ -103,6 +103,12 @@ for step in "$@"; do
           --modes bwd,fwd_bwd --providers flashtile,sdpa_flash --out "$OUT/split_$split" > "$OUT/split_$split.log" 2>&1
         echo "split=$split"; python3 benchmarks/summarize.py --baseline sdpa_flash "$OUT/split_$split/bench.json" 2>&1 | tail -12
       done ;;
+    ab-decode-plans)  # decoding steps as eager calls (host time included): before the launch plans (bench_old/) and after
+      for side in old new; do
+        [ $side = old ] && pp=$PWD/bench_old || pp=$PWD
+        PYTHONPATH=$pp python3 benchmarks/decode.py --eager --cache-lens 8192,65536 --batch64-cache-len 4096 --page-sizes 16 \
+          --out "$OUT/decode_eager_$side" 2>&1 | tail -6 | sed "s/^/$side /"
+      done ;;
     tune-split)  # the two launches' tiles at head dim 256 (the whole backward timed)
       python3 benchmarks/tune.py --kernels dv --head-dims 256 \
         --configs 64x128x8x2,32x128x8x2,32x128x8x3,16x128x8x3,16x128x8x4 2>&1 | tee -a "$OUT/tune_split.log"

@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import flashtile
 from flashtile import KVCache, attention_ref, flash_attn_func, flash_attn_with_kvcache, merge_attention_states
@@ -358,3 +360,28 @@ def test_decode_gpu_options_mqa(options):
                 seqlen_new=3, dtype=torch.bfloat16, alibi=options.pop("alibi", None), batch_idx=True)
     out = case.run(**options)
     case.check(out, **options)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_index_statistics_kernel_matches_torch(monkeypatch, data):
+    # the one-launch statistics behind the value checks against the PyTorch reductions
+    # of the CPU path, on index tensors with bad entries (negative, too large) and
+    # block-table entries that no sequence uses (which must not count)
+    from flashtile.api import kvcache
+
+    batch = data.draw(st.integers(1, 5))
+    page_size = data.draw(st.sampled_from([0, 1, 16]))
+    max_pages = data.draw(st.integers(1, 9))
+    ints = st.integers(-3, 40)
+    seqlens = torch.tensor(data.draw(st.lists(ints, min_size=batch, max_size=batch)), dtype=torch.int32)
+    leftpad = data.draw(st.none() | st.just(torch.tensor(data.draw(st.lists(ints, min_size=batch, max_size=batch)),
+                                                          dtype=torch.int32)))
+    batch_idx = data.draw(st.none() | st.just(torch.randint(-2, 9, (batch,), dtype=torch.int32)))
+    table = None if not page_size else torch.randint(-5, 30, (batch, max_pages + 3), dtype=torch.int32)[:, :max_pages]
+    seqlen_new = data.draw(st.integers(0, 3))
+    args = (seqlens, seqlen_new, leftpad, batch_idx, table, page_size)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    expected = kvcache._index_stats(*args)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kvcache._index_stats(*args) == expected

@@ -109,7 +109,8 @@ def test_seeds_replay_only_within_their_specialisation_class(monkeypatch):
     (None, 3, ["attn_decode_kernel", "attn_combine_kernel"]), (16, 2, ["attn_decode_kernel", "attn_combine_kernel"]),
     (16, 0, ["attn_decode_kernel"])], ids=str)  # 0: the heuristic (one split for 96 keys here)
 def test_decoding_replays(monkeypatch, page_size, num_splits, kernels):
-    # the split and combine launches of a decoding step replay with the next step's tensors
+    # the launches of a decoding step (the index checks' statistics, the split kernel and the
+    # combine kernel) replay with the next step's tensors
     from flashtile import flash_attn_with_kvcache
 
     runs = count_plan_replays(monkeypatch)
@@ -125,7 +126,7 @@ def test_decoding_replays(monkeypatch, page_size, num_splits, kernels):
 
     step(0, [50, 90])
     replayed = step(1, [96, 7])  # other contents and lengths, same layout: replayed
-    assert runs == [kernels]
+    assert runs == [["index_stats_kernel"], kernels]  # the checks of the index tensors' contents too
     monkeypatch.setattr(launch, "_plans", {})
     fresh = step(1, [96, 7])
     for a, b in zip(replayed, fresh):

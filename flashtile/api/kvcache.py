@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.index_checks import STATS, index_stats_kernel
+from ..reference import AttnOptions
 from .checks import (
     SUPPORTED_DTYPES,
     check_alibi,
@@ -19,6 +21,7 @@ from .checks import (
 )
 from .decode import attn_decode, cache_rows
 from .flash_attn import _window
+from .launch import _plan_key, _run_planned, _Step, interpreting
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
@@ -148,39 +151,85 @@ def _check_cache_inputs(q, k_cache, v_cache, k, v, block_table, has_batch_idx: b
     check_device(q)
 
 
+def _index_stats_steps(call, seqlen_new: int, page_size: int, dry: bool):
+    """The statistics kernel's launch for ``call`` = (cache_seqlens, leftpad,
+    cache_batch_idx, block_table, stats), as launch plans take it."""
+    table = call[3]
+    max_pages = 0 if table is None else table.shape[1]
+    stride_tb = 0 if table is None else table.stride(0)
+
+    def build(cfg, call):
+        seqlens, leftpad, batch_idx, table, stats = call
+        return (seqlens, seqlens if leftpad is None else leftpad, seqlens if batch_idx is None else batch_idx,
+                seqlens if table is None else table, stats, seqlens.shape[0], seqlen_new, stride_tb, max_pages)
+
+    kwargs = dict(HAS_LEFTPAD=call[1] is not None, HAS_BATCH_IDX=call[2] is not None,
+                  PAGE_SIZE=0 if table is None else page_size, BLOCK_B=128, BLOCK_P=128, num_warps=4)
+    step = _Step(index_stats_kernel, (1,), build(None, call), None, kwargs, None)
+    if not dry:
+        step = step._replace(compiled=index_stats_kernel[step.grid](*step.args, **kwargs))
+    return [step], [build]
+
+
+def _index_stats(cache_seqlens, seqlen_new, leftpad, cache_batch_idx, block_table, page_size) -> dict[str, int]:
+    """The statistics ``STATS`` of kernels/index_checks.py: one launch (a launch plan's
+    replay after the first call of a layout) on a GPU and under the interpreter,
+    PyTorch reductions on the CPU; fetched to the host in one copy."""
+    if cache_seqlens.is_cuda or interpreting():
+        stats = torch.empty(len(STATS), dtype=torch.int64, device=cache_seqlens.device)
+        call = (cache_seqlens, leftpad, cache_batch_idx, block_table, stats)
+        key = _plan_key("index_stats", call[:4], AttnOptions(0.0), (seqlen_new, page_size))
+        _run_planned(key, call, lambda dry: _index_stats_steps(call, seqlen_new, page_size, dry))
+        return dict(zip(STATS, stats.tolist()))
+    seqlens = cache_seqlens.long()
+    lengths = seqlens + seqlen_new
+    zero = seqlens.new_zeros(1)
+
+    def low(t):
+        return torch.cat([zero] if t is None else [zero, t.flatten().long()]).min()
+
+    def high(t):
+        return torch.cat([zero] if t is None else [zero, t.flatten().long()]).max()
+
+    pages = None
+    if block_table is not None:
+        used = torch.arange(block_table.shape[1])[None, :] < (lengths[:, None] + page_size - 1) // page_size
+        pages = block_table[used]
+    over = None if leftpad is None else leftpad.long() - lengths
+    values = [low(seqlens), high(lengths), high(seqlens), low(leftpad), high(over), low(cache_batch_idx),
+              high(cache_batch_idx), low(pages), high(pages)]
+    return dict(zip(STATS, torch.stack(values).tolist()))
+
+
 def _check_values(cache_seqlens, seqlen_new, capacity, leftpad, cache_batch_idx, batch_cache, block_table,
-                  num_pages, page_size, rotary_last, seqlen_ro):
-    """Checks of the index tensors' contents, fetched to the host in one small copy.
+                  num_pages, page_size, rotary_offset, seqlen_ro):
+    """Checks of the index tensors' contents (``_index_stats``); ``rotary_offset``: the
+    last rotated position is ``max(cache_seqlens) + rotary_offset`` (None: no rotary).
     Skipped while tracing or capturing a CUDA graph (no host sync is possible there)."""
     if torch.compiler.is_compiling() or (cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
-    lengths = cache_seqlens.long() + seqlen_new
-    checks = [  # (statistic, is it wrong?, message)
-        (cache_seqlens.min(), lambda x: x < 0, "cache_seqlens must be >= 0, got {}"),
-        (lengths.max(), lambda x: x > capacity,
-         "cache_seqlens + seqlen_new reaches {}, more than the cache holds (%d keys per sequence)" % capacity),
+    s = _index_stats(cache_seqlens, seqlen_new, leftpad, cache_batch_idx, block_table, page_size)
+    checks = [  # (is it wrong?, message)
+        (s["seqlen_min"] < 0, f"cache_seqlens must be >= 0, got {s['seqlen_min']}"),
+        (s["length_max"] > capacity, f"cache_seqlens + seqlen_new reaches {s['length_max']}, more than the cache "
+                                     f"holds ({capacity} keys per sequence)"),
+        (s["leftpad_min"] < 0, f"cache_leftpad must be >= 0, got {s['leftpad_min']}"),
+        (s["leftpad_over_max"] > 0, f"cache_leftpad exceeds cache_seqlens + seqlen_new by {s['leftpad_over_max']} "
+                                    "for some sequence"),
+        (s["batch_idx_min"] < 0, f"cache_batch_idx must be >= 0, got {s['batch_idx_min']}"),
+        (s["batch_idx_max"] >= batch_cache and cache_batch_idx is not None,
+         f"cache_batch_idx must be < {batch_cache} (the cache's batch size), got {s['batch_idx_max']}"),
+        (s["page_min"] < 0, f"block_table names page {s['page_min']}"),
+        (s["page_max"] >= num_pages and block_table is not None,
+         f"block_table names page {s['page_max']}, the cache has {num_pages} pages"),
     ]
-    if leftpad is not None:
-        checks += [(leftpad.min(), lambda x: x < 0, "cache_leftpad must be >= 0, got {}"),
-                   ((leftpad.long() - lengths).max(), lambda x: x > 0,
-                    "cache_leftpad exceeds cache_seqlens + seqlen_new by {} for some sequence")]
-    if cache_batch_idx is not None:
-        checks += [(cache_batch_idx.min(), lambda x: x < 0, "cache_batch_idx must be >= 0, got {}"),
-                   (cache_batch_idx.max(), lambda x: x >= batch_cache,
-                    "cache_batch_idx must be < %d (the cache's batch size), got {}" % batch_cache)]
-    if block_table is not None and block_table.shape[1]:
-        used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < \
-            (lengths[:, None] + page_size - 1) // page_size
-        checks += [(torch.where(used, block_table, 0).min(), lambda x: x < 0, "block_table names page {}"),
-                   (torch.where(used, block_table, 0).max(), lambda x: x >= num_pages,
-                    "block_table names page {}, the cache has %d pages" % num_pages)]
-    if rotary_last is not None:
-        checks.append((rotary_last, lambda x: x >= seqlen_ro,
-                       "rotary embedding of position {} needed; rotary_cos/rotary_sin have %d positions" % seqlen_ro))
-    values = torch.stack([stat.long() for stat, _, _ in checks]).tolist()
-    for value, (_, wrong, message) in zip(values, checks):
-        if wrong(value):
-            raise ValueError("flashtile: " + message.format(value))
+    if rotary_offset is not None:
+        last = s["seqlen_max"] + rotary_offset
+        checks.append((last >= seqlen_ro, f"rotary embedding of position {last} needed; rotary_cos/rotary_sin "
+                                          f"have {seqlen_ro} positions"))
+    for wrong, message in checks:
+        if wrong:
+            raise ValueError("flashtile: " + message)
 
 
 def write_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -288,14 +337,14 @@ def flash_attn_with_kvcache(
     check_alibi(alibi_slopes, batch, nheads, q.device)
     scale = check_scale("softmax_scale", softmax_scale, head_dim)
     rotary = rotary_cos is not None or rotary_sin is not None
-    rotary_last = None
+    rotary_offset = None
     if rotary:
         if rotary_cos is None or rotary_sin is None:
             raise ValueError("flashtile: pass both rotary_cos and rotary_sin, or neither")
         _check_rotary(rotary_cos, rotary_sin, head_dim)
-        rotary_last = cache_seqlens.max() + max(seqlen_new, seqlen_q if window != (-1, -1) else 1) - 1
+        rotary_offset = max(seqlen_new, seqlen_q if window != (-1, -1) else 1) - 1
     _check_values(cache_seqlens, seqlen_new, capacity, leftpad, cache_batch_idx,
-                  batch_cache, block_table, k_cache.shape[0], k_cache.shape[1], rotary_last,
+                  batch_cache, block_table, k_cache.shape[0], k_cache.shape[1], rotary_offset,
                   rotary_cos.shape[0] if rotary else 0)
 
     if rotary:
