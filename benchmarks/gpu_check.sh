@@ -103,7 +103,7 @@ for step in "$@"; do
           --modes bwd,fwd_bwd --providers flashtile,sdpa_flash --out "$OUT/split_$split" > "$OUT/split_$split.log" 2>&1
         echo "split=$split"; python3 benchmarks/summarize.py --baseline sdpa_flash "$OUT/split_$split/bench.json" 2>&1 | tail -12
       done ;;
-    ab-decode-plans)  # decoding steps as eager calls (host time included): before the launch plans (bench_old/) and after
+    ab-decode-plans)  # decoding steps as eager calls (host time included): bench_old/ (an earlier commit) and the working tree
       for side in old new; do
         [ $side = old ] && pp=$PWD/bench_old || pp=$PWD
         PYTHONPATH=$pp python3 benchmarks/decode.py --eager --cache-lens 8192,65536 --batch64-cache-len 4096 --page-sizes 16 \
