@@ -62,12 +62,6 @@ for step in "$@"; do
         > "$OUT/forward_tests.log" 2>&1; tail -4 "$OUT/forward_tests.log"
       grep -q "failed" "$OUT/forward_tests.log" && python3 -m pytest -q -m gpu --lf --tb=short tests/test_gpu.py \
         tests/test_block_sparse.py tests/test_cosine_sim.py 2>&1 | tail -30 ;;
-    dq-halves)  # the dQ kernel's two halves: GPU tests, then timed against the table's dQ tiles
-      python3 -m pytest -q -m gpu -n 8 --tb=short tests/test_gpu.py -k dq_two_halves 2>&1 | tail -6
-      for s in 1024 4096 16384; do
-        python3 benchmarks/tune.py --kernels dq --head-dims 64,128 --seqlen $s \
-          --configs 128x64x8x3,128x64x4x3h,128x64x8x3h,256x64x8x3h,128x64x8x2h 2>&1 | tee -a "$OUT/dq_halves.log"
-      done ;;
     bench-graph)  # the 1k-2k cells eager and as CUDA-graph replays (GPU time alone), flashtile and SDPA flash
       python3 -m flashtile bench --dtypes bf16 --modes fwd,fwd_bwd --providers flashtile,sdpa_flash --seqlens 1024,2048 \
         --graph --out "$OUT/graph" > "$OUT/bench_graph.log" 2>&1

@@ -48,12 +48,12 @@ def _seed(request):
 @pytest.fixture(params=["triton", "triton_halves", "tiled"])
 def backend(request, monkeypatch):
     """CPU tensors run the Triton kernels under the interpreter (also with the
-    two-halves schedule forced on every forward and dQ launch), or the tiled
+    two-halves schedule forced on every forward launch), or the tiled
     path without it."""
     monkeypatch.setenv("TRITON_INTERPRET", "0" if request.param == "tiled" else "1")
     if request.param == "triton_halves":
         from flashtile.kernels.configs import LaunchConfig
-        from helpers import force_halves_config
+        from helpers import force_forward_config
 
-        force_halves_config(monkeypatch, LaunchConfig(32, 32, 4, 1, halves=True))
+        force_forward_config(monkeypatch, LaunchConfig(32, 32, 4, 1, halves=True))
     return request.param

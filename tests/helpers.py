@@ -73,13 +73,6 @@ def force_forward_config(monkeypatch, cfg) -> None:
     monkeypatch.setattr(launch, "forced_configs", {name: cfg for name in launch.FORWARD_NAMES})
 
 
-def force_halves_config(monkeypatch, cfg) -> None:
-    """Launch every forward and dQ kernel call with the two-halves LaunchConfig ``cfg``."""
-    from flashtile.api import launch
-
-    monkeypatch.setattr(launch, "forced_configs", {name: cfg for name in launch.FORWARD_NAMES + launch.DQ_NAMES})
-
-
 def count_plan_replays(monkeypatch) -> list:
     """Launch plans run from now on (flashtile/api/launch.py), each entry the names
     of the plan's kernels."""

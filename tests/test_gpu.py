@@ -168,25 +168,6 @@ def test_forward_two_halves_gpu(monkeypatch, config, feature, head_dim, seqlens)
     check_attention(lambda q, k, v: flash_attn_func(q, k, v, **kw), q, k, v, backward=False, **kw)
 
 
-@pytest.mark.parametrize("config", ["128x64x4x3", "128x64x8x3"])
-@pytest.mark.parametrize("feature", ["plain", "causal", "window", "softcap"])
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("seqlens", [(4096, 4096), (1000, 3001), (2048, 512)], ids=str)
-def test_dq_two_halves_gpu(monkeypatch, config, feature, head_dim, seqlens):
-    # the dQ kernel's query block as two halves (the forward's too), gradients checked
-    from flashtile.api import launch
-    from flashtile.kernels.configs import LaunchConfig
-
-    monkeypatch.setattr(launch, "forced_configs",
-                        {name: LaunchConfig(*map(int, config.split("x")), halves=True) for name in launch.DQ_NAMES})
-    kw = dict(plain={}, causal=dict(causal=True), window=dict(window_size=(700, 50)), softcap=dict(softcap=20.0))
-    kw = kw[feature]
-    q = torch.randn(2, seqlens[0], 4, head_dim, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(2, seqlens[1], 2, head_dim, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(2, seqlens[1], 2, head_dim, device="cuda", dtype=torch.bfloat16)
-    check_attention(lambda q, k, v: flash_attn_func(q, k, v, **kw), q, k, v, **kw)
-
-
 @pytest.mark.parametrize("case", ["dropout", "bias_grad", "causal_window"])
 @pytest.mark.parametrize("head_dim", [128, 256])
 def test_backward_in_two_launches_gpu(monkeypatch, case, head_dim):

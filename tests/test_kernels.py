@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from flashtile import flash_attn_func
 from flashtile.kernels.common import program_tile
-from helpers import check_attention, force_forward_config, force_halves_config, set_switch
+from helpers import check_attention, force_forward_config, set_switch
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # (seqlen_q, seqlen_k, headdim): ragged lengths, cross attention, odd head dims
@@ -169,22 +169,21 @@ HALVES_CASES = {
 
 @pytest.mark.parametrize("case", list(HALVES_CASES), ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("kernels", ["forward", "forward_dq"])
-def test_two_halves(monkeypatch, case, dtype, kernels):
-    # the query block as two halves (LaunchConfig.halves, the Hopper table's choice for the
-    # forward at head dim 128) in the forward, or in the forward and the dQ kernel with the
-    # gradients checked: ragged lengths so that the second half, or both, run past the rows
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward_backward"])
+def test_two_halves(monkeypatch, case, dtype, backward):
+    # the forward's query block as two halves (LaunchConfig.halves, the Hopper table's choice
+    # at head dims 64 and 128), alone or with the gradients from its output and LSE: ragged
+    # lengths so that the second half, or both, run past the rows
     from flashtile.kernels.configs import LaunchConfig
 
     kw = dict(HALVES_CASES[case])
-    force = force_forward_config if kernels == "forward" else force_halves_config
-    force(monkeypatch, LaunchConfig(64, 32, 4, 1, halves=True))
+    force_forward_config(monkeypatch, LaunchConfig(64, 32, 4, 1, halves=True))
     q = torch.randn(2, 77, 4, 40, dtype=dtype)
     k = torch.randn(2, 113, 2, 40, dtype=dtype)
     v = torch.randn(2, 113, 2, 40, dtype=dtype)
     if kw.pop("alibi", False):
         kw["alibi_slopes"] = torch.rand(4) * 0.3
-    check_attention(lambda q, k, v: flash_attn_func(q, k, v, **kw), q, k, v, backward=kernels != "forward", **kw)
+    check_attention(lambda q, k, v: flash_attn_func(q, k, v, **kw), q, k, v, backward=backward, **kw)
 
 
 @triton.jit

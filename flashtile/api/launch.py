@@ -150,7 +150,7 @@ def _launch(name: str, kernel, grid_fn, args, constexprs: dict, tensor: torch.Te
 
     def kwargs(cfg: LaunchConfig) -> dict:
         sparse = sparse_constexprs(name, cfg, capability) if constexprs.get("SPARSE") else {}
-        halves = dict(HALVES=True) if cfg.halves else {}  # a switch of the forward and dQ kernels
+        halves = dict(HALVES=True) if cfg.halves and name.startswith("fwd") else {}  # a forward kernel switch
         return dict(constexprs, **sparse, **halves, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -277,8 +277,6 @@ SHORT_KEYS = {"_causal": 2048, "": 8192}
 # every launch-table name the forward launcher can ask for (tools and tests force configs on all)
 FORWARD_NAMES = [f"fwd{tma}{mask}{short}" for tma in ("", "_tma") for mask in ("", "_causal", "_window")
                  for short in ("", "_short")]
-# the dQ kernel's launch-table names (its launches take LaunchConfig.halves as the forward's do)
-DQ_NAMES = [f"dq{tma}{mask}" for tma in ("", "_tma") for mask in ("", "_causal")]
 TMA_MIN_ROWS = 128
 DEFAULT_FWD_WS = False
 

@@ -301,8 +301,8 @@ def _dq_scores_grad(p, t, dp, rows, cols, delta, bh, max_seqlen_q, max_seqlen_k,
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, dq_b, q_b, do_b, lse_b, delta_b, k_ptrs, v_ptrs, stride_ks, stride_vs,
-              bias_base, stride_bm, stride_bn, offs_m, offs_m_b, offs_n, offs_d, start, end, seqlen_q, seqlen_k,
+def _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs,
+              bias_base, stride_bm, stride_bn, offs_m, offs_n, offs_d, start, end, seqlen_q, seqlen_k,
               diag, window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh, max_seqlen_q,
               max_seqlen_k, dropout_p, dropout_scale, seed,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -310,20 +310,11 @@ def _dq_tiles(dq, q, do, lse, delta, dq_b, q_b, do_b, lse_b, delta_b, k_ptrs, v_
               SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr,
               DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_DESC: tl.constexpr,
               tile_list=0, Patterns=0, row0=0,
-              SPARSE: tl.constexpr = False, SPARSE_BM: tl.constexpr = 1, SPARSE_BN: tl.constexpr = 1,
-              HALVES: tl.constexpr = False):
-    """Accumulate key tiles [start, end) into dq of the query rows ``offs_m`` and,
-    with HALVES, into dq_b of the rows ``offs_m_b`` (otherwise the ``_b``
-    arguments are unused and dq_b is returned as given); ``k_ptrs`` /
-    ``v_ptrs`` are :func:`row_source` s. SPARSE: as in the forward pass.
-
-    HALVES (as the forward's): the four products Q K^T and dO V^T of both
-    halves first, then each half's dS and dQ += dS K. Half a's dQ product is
-    an accumulation, which Triton leaves in flight on the tensor cores while
-    half b's dS is computed."""
+              SPARSE: tl.constexpr = False, SPARSE_BM: tl.constexpr = 1, SPARSE_BN: tl.constexpr = 1):
+    """Accumulate key tiles [start, end) into dq of the query rows ``offs_m``;
+    ``k_ptrs`` / ``v_ptrs`` are :func:`row_source` s. SPARSE: as in the forward pass."""
     d_ok = offs_d[None, :] < HEAD_DIM
     rows = offs_m[:, None]
-    rows_b = offs_m_b[:, None]
     SUB: tl.constexpr = SPARSE_BN // BLOCK_N
     if SPARSE:
         nxt_blk, nxt_pattern = sparse_entry(tile_list, start // SUB, start < end, MASKED)
@@ -343,28 +334,15 @@ def _dq_tiles(dq, q, do, lse, delta, dq_b, q_b, do_b, lse_b, delta_b, k_ptrs, v_
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if HALVES:
-            qk_b = tl.dot(q_b, tl.trans(k), input_precision=DOT_PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            dp_b = tl.dot(do_b, tl.trans(v), input_precision=DOT_PRECISION)
         p, t = _dq_probs(qk, rows, cols, lse, seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale,
                          softcap_in, softcap_out, alibi_slope, bias_base, stride_bm, stride_bn, Patterns, pattern,
                          row0, col0, start_n, BLOCK_N, MASKED, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI, BIAS_KIND,
                          BIAS_ROWS, SPARSE, SPARSE_BM, SPARSE_BN)
-        if not HALVES:
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = _dq_scores_grad(p, t, dp, rows, cols, delta, bh, max_seqlen_q, max_seqlen_k, dropout_p, dropout_scale,
                              seed, SOFTCAP, DROPOUT)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-        if HALVES:
-            p_b, t_b = _dq_probs(qk_b, rows_b, cols, lse_b, seqlen_q, seqlen_k, diag, window_left, window_right,
-                                 qk_scale, softcap_in, softcap_out, alibi_slope, bias_base, stride_bm, stride_bn,
-                                 Patterns, pattern, row0, col0, start_n, BLOCK_N, MASKED, MASK_LEFT, MASK_RIGHT,
-                                 SOFTCAP, HAS_ALIBI, BIAS_KIND, BIAS_ROWS, SPARSE, SPARSE_BM, SPARSE_BN)
-            ds_b = _dq_scores_grad(p_b, t_b, dp_b, rows_b, cols, delta_b, bh, max_seqlen_q, max_seqlen_k, dropout_p,
-                                   dropout_scale, seed, SOFTCAP, DROPOUT)
-            dq_b = tl.dot(ds_b.to(k.dtype), k, dq_b, input_precision=DOT_PRECISION)
-    return dq, dq_b
+    return dq
 
 
 @triton.jit
@@ -405,14 +383,12 @@ def attn_bwd_dq_kernel(
     BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr, DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_DESC: tl.constexpr = False,
     SPARSE: tl.constexpr = False, SPARSE_BM: tl.constexpr = 1, SPARSE_BN: tl.constexpr = 1,
-    HALVES: tl.constexpr = False,
 ):
     """Grid: (cdiv(max_seqlen_q, BLOCK_M) * batch * nheads,), the last ``tail_bh``
     (batch, head) pairs issued longest first (``program_tile``). With USE_DESC, K/V
     tiles are read through tensor descriptors (as the dK/dV kernel reads Q/dO).
     SPARSE: the forward kernel's tile lists. Writes Delta (fp32, Lse's layout)
-    of its rows, which the dK/dV kernel reads. HALVES: the BLOCK_M rows as two
-    halves whose dS and dQ products alternate (see ``_dq_tiles``)."""
+    of its rows, which the dK/dV kernel reads."""
     pid_m, pid_bh = program_tile(max_seqlen_q, BLOCK_M, MASK_RIGHT and not MASK_LEFT, tail_bh)
     b = pid_bh // nheads
     h = pid_bh % nheads
@@ -424,9 +400,7 @@ def attn_bwd_dq_kernel(
         if start_m >= seqlen_q:
             return
 
-    ROWS: tl.constexpr = BLOCK_M // 2 if HALVES else BLOCK_M  # rows of each half
-    offs_m = start_m + tl.arange(0, ROWS)
-    offs_m_b = offs_m + ROWS
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
 
@@ -436,13 +410,7 @@ def attn_bwd_dq_kernel(
     lse_off = b.to(tl.int64) * stride_lb + h * stride_lh + start_q
     q, do, lse, delta = _dq_rows(Q, DOut, Out, Lse, Delta, q_off, do_off, o_off, lse_off, offs_m, offs_d,
                                  stride_qs, stride_dos, stride_os, seqlen_q, HEAD_DIM, UPCAST)
-    dq = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-    if HALVES:
-        q_b, do_b, lse_b, delta_b = _dq_rows(Q, DOut, Out, Lse, Delta, q_off, do_off, o_off, lse_off, offs_m_b,
-                                             offs_d, stride_qs, stride_dos, stride_os, seqlen_q, HEAD_DIM, UPCAST)
-        dq_b = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-    else:
-        q_b, do_b, lse_b, delta_b, dq_b = 0.0, 0.0, 0.0, 0.0, 0.0
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     k_ptrs = row_source(K + b.to(tl.int64) * stride_kb + start_k.to(tl.int64) * stride_ks + hk * stride_kh,
                         offs_n, offs_d, stride_ks, seqlen_k, HEAD_DIM, BLOCK_N, BLOCK_D, USE_DESC)
@@ -463,14 +431,14 @@ def attn_bwd_dq_kernel(
                 tile_list = PartList + list_row * part_row
             else:
                 tile_list = FullList + list_row * full_row
-            dq, dq_b = _dq_tiles(dq, q, do, lse, delta, dq_b, q_b, do_b, lse_b, delta_b, k_ptrs, v_ptrs, stride_ks,
-                                 stride_vs, bias_base, stride_bm, stride_bn, offs_m, offs_m_b, offs_n, offs_d, 0,
-                                 tl.load(tile_list) * (SPARSE_BN // BLOCK_N), seqlen_q, seqlen_k, diag, window_left,
-                                 window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh, max_seqlen_q,
-                                 max_seqlen_k, dropout_p, dropout_scale, seed,
-                                 HEAD_DIM, BLOCK_N, part == 0, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
-                                 BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, USE_DESC,
-                                 tile_list + 1, Patterns, q_blk * SPARSE_BM, SPARSE, SPARSE_BM, SPARSE_BN, HALVES)
+            dq = _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks,
+                           stride_vs, bias_base, stride_bm, stride_bn, offs_m, offs_n, offs_d, 0,
+                           tl.load(tile_list) * (SPARSE_BN // BLOCK_N), seqlen_q, seqlen_k, diag, window_left,
+                           window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh, max_seqlen_q,
+                           max_seqlen_k, dropout_p, dropout_scale, seed,
+                           HEAD_DIM, BLOCK_N, part == 0, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
+                           BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, USE_DESC,
+                           tile_list + 1, Patterns, q_blk * SPARSE_BM, SPARSE, SPARSE_BM, SPARSE_BN)
     else:
         lo, full_lo, full_hi, hi = key_ranges(start_m, seqlen_k, diag, window_left, window_right,
                                               BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT)
@@ -482,18 +450,15 @@ def attn_bwd_dq_kernel(
             else:
                 start, end = full_hi, hi
             if (part != 0) or MASK_LEFT:
-                dq, dq_b = _dq_tiles(dq, q, do, lse, delta, dq_b, q_b, do_b, lse_b, delta_b, k_ptrs, v_ptrs,
-                                     stride_ks, stride_vs, bias_base, stride_bm, stride_bn, offs_m, offs_m_b, offs_n,
-                                     offs_d, start, end, seqlen_q, seqlen_k, diag, window_left, window_right,
-                                     qk_scale, softcap_in, softcap_out, alibi_slope, bh, max_seqlen_q, max_seqlen_k,
-                                     dropout_p, dropout_scale, seed,
-                                     HEAD_DIM, BLOCK_N, part != 1, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
-                                     BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, USE_DESC, HALVES=HALVES)
+                dq = _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs,
+                               stride_ks, stride_vs, bias_base, stride_bm, stride_bn, offs_m, offs_n,
+                               offs_d, start, end, seqlen_q, seqlen_k, diag, window_left, window_right,
+                               qk_scale, softcap_in, softcap_out, alibi_slope, bh, max_seqlen_q, max_seqlen_k,
+                               dropout_p, dropout_scale, seed,
+                               HEAD_DIM, BLOCK_N, part != 1, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
+                               BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, USE_DESC)
 
     dq_base = DQ + b.to(tl.int64) * stride_dqb + start_q.to(tl.int64) * stride_dqs + h * stride_dqh
     d_ok = offs_d[None, :] < HEAD_DIM
     tl.store(dq_base + offs_m[:, None] * stride_dqs + offs_d[None, :], (dq * softmax_scale).to(DQ.dtype.element_ty),
              mask=(offs_m[:, None] < seqlen_q) & d_ok)
-    if HALVES:
-        tl.store(dq_base + offs_m_b[:, None] * stride_dqs + offs_d[None, :],
-                 (dq_b * softmax_scale).to(DQ.dtype.element_ty), mask=(offs_m_b[:, None] < seqlen_q) & d_ok)

@@ -17,9 +17,9 @@ class LaunchConfig(NamedTuple):
     block_n: int
     num_warps: int
     num_stages: int
-    # forward and dQ kernels: the query block as two halves of block_m / 2 rows whose
-    # softmax (dS) and P V (dS K) products alternate, so that matmuls overlap the
-    # element-wise work (kernels/forward.py, kernels/backward.py)
+    # forward kernel: the query block as two halves of block_m / 2 rows whose
+    # softmax and P V products alternate, so that matmuls overlap the element-wise
+    # work (kernels/forward.py)
     halves: bool = False
 
 
