@@ -66,6 +66,30 @@ def _seq_bounds(CuSeqlensQ, CuSeqlensK, b, max_seqlen_q, max_seqlen_k, diag_offs
 
 
 @triton.jit
+def _tile_probs(qk, rows, cols, lse, seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap_in,
+                softcap_out, alibi_slope, bias_base, stride_bm, stride_bn, Patterns, pattern, row0, col0, start_n,
+                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
+                SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr,
+                SPARSE: tl.constexpr, SPARSE_BM: tl.constexpr, SPARSE_BN: tl.constexpr):
+    """P of one tile from its raw products ``qk`` (and the softcap's tanh, for its
+    derivative), in either layout: ``rows`` / ``cols`` (query / key indices) and the
+    base-2 ``lse`` of the rows broadcast to the tile (``[:, None]`` for a [queries,
+    keys] tile, ``[None, :]`` for the dK/dV kernel's transposed one). MASKED:
+    the mask of a partial tile; SPARSE: and of its block pattern, the program's
+    BLOCK_N keys starting at ``start_n``."""
+    s, t = tile_scores(qk, rows, cols, seqlen_q, seqlen_k, diag, qk_scale, softcap_in, softcap_out, alibi_slope,
+                       bias_base, stride_bm, stride_bn, SOFTCAP, HAS_ALIBI, BIAS_KIND, BIAS_ROWS)
+    p = tl.math.exp2(s - lse)
+    if MASKED:
+        allowed = tile_mask(rows, cols, seqlen_k, diag, window_left, window_right, MASK_LEFT, MASK_RIGHT)
+        if SPARSE:
+            allowed = allowed & pattern_mask(Patterns, pattern, rows, cols, row0, col0, start_n, SPARSE_BM,
+                                              SPARSE_BN, BLOCK_N)
+        p = tl.where(allowed, p, 0.0)
+    return p, t
+
+
+@triton.jit
 def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qs, stride_dos,
                 bias_base, stride_bm, stride_bn, dbias_base, stride_dbm, stride_dbn,
                 offs_m, offs_n, offs_d, start, end, seqlen_q, seqlen_k, diag, window_left, window_right,
@@ -96,7 +120,7 @@ def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qs, st
             start_m, row0, nxt_blk, nxt_pattern = sparse_step(tile_list, it, end, nxt_blk, SUB, SPARSE_BM, BLOCK_M,
                                                               MASKED)
         else:
-            start_m = it
+            start_m, row0, pattern = it, 0, 0
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows_1d = start_m + offs_m
         rows = rows_1d[None, :]
@@ -108,16 +132,11 @@ def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qs, st
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
-        s_t, t_t = tile_scores(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), rows, cols, seqlen_q,
-                               seqlen_k, diag, qk_scale, softcap_in, softcap_out, alibi_slope, bias_base,
-                               stride_bm, stride_bn, SOFTCAP, HAS_ALIBI, BIAS_KIND, BIAS_ROWS)
-        p_t = tl.math.exp2(s_t - lse[None, :])
-        if MASKED:
-            allowed = tile_mask(rows, cols, seqlen_k, diag, window_left, window_right, MASK_LEFT, MASK_RIGHT)
-            if SPARSE:
-                allowed = allowed & pattern_mask(Patterns, pattern, rows, cols, row0, col0, key_start, SPARSE_BM,
-                                                  SPARSE_BN, BLOCK_N)
-            p_t = tl.where(allowed, p_t, 0.0)
+        p_t, t_t = _tile_probs(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), rows, cols, lse[None, :],
+                               seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap_in,
+                               softcap_out, alibi_slope, bias_base, stride_bm, stride_bn, Patterns, pattern, row0,
+                               col0, key_start, BLOCK_N, MASKED, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
+                               BIAS_KIND, BIAS_ROWS, SPARSE, SPARSE_BM, SPARSE_BN)
         if PART != 1:
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if DROPOUT:
@@ -268,26 +287,6 @@ def attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_probs(qk, rows, cols, lse, seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap_in,
-              softcap_out, alibi_slope, bias_base, stride_bm, stride_bn, Patterns, pattern, row0, col0, start_n,
-              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
-              SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr,
-              SPARSE: tl.constexpr, SPARSE_BM: tl.constexpr, SPARSE_BN: tl.constexpr):
-    """P of the query ``rows`` against one key tile from the raw products ``qk``
-    (and the softcap's tanh, for its derivative)."""
-    s, t = tile_scores(qk, rows, cols, seqlen_q, seqlen_k, diag, qk_scale, softcap_in, softcap_out, alibi_slope,
-                       bias_base, stride_bm, stride_bn, SOFTCAP, HAS_ALIBI, BIAS_KIND, BIAS_ROWS)
-    p = tl.math.exp2(s - lse[:, None])
-    if MASKED:
-        allowed = tile_mask(rows, cols, seqlen_k, diag, window_left, window_right, MASK_LEFT, MASK_RIGHT)
-        if SPARSE:
-            allowed = allowed & pattern_mask(Patterns, pattern, rows, cols, row0, col0, start_n, SPARSE_BM,
-                                              SPARSE_BN, BLOCK_N)
-        p = tl.where(allowed, p, 0.0)
-    return p, t
-
-
-@triton.jit
 def _dq_scores_grad(p, t, dp, rows, cols, delta, bh, max_seqlen_q, max_seqlen_k, dropout_p, dropout_scale, seed,
                     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr):
     """dS from P and the raw products ``dp`` = dO V^T."""
@@ -334,10 +333,10 @@ def _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs,
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        p, t = _dq_probs(qk, rows, cols, lse, seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale,
-                         softcap_in, softcap_out, alibi_slope, bias_base, stride_bm, stride_bn, Patterns, pattern,
-                         row0, col0, start_n, BLOCK_N, MASKED, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI, BIAS_KIND,
-                         BIAS_ROWS, SPARSE, SPARSE_BM, SPARSE_BN)
+        p, t = _tile_probs(qk, rows, cols, lse[:, None], seqlen_q, seqlen_k, diag, window_left, window_right,
+                           qk_scale, softcap_in, softcap_out, alibi_slope, bias_base, stride_bm, stride_bn, Patterns,
+                           pattern, row0, col0, start_n, BLOCK_N, MASKED, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
+                           BIAS_KIND, BIAS_ROWS, SPARSE, SPARSE_BM, SPARSE_BN)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = _dq_scores_grad(p, t, dp, rows, cols, delta, bh, max_seqlen_q, max_seqlen_k, dropout_p, dropout_scale,
                              seed, SOFTCAP, DROPOUT)
