@@ -17,8 +17,8 @@ import triton
 from ..kernels.configs import decode_config
 from ..kernels.decode import attn_combine_kernel, attn_decode_kernel
 from ..reference import AttnOptions, attention_tiled_forward
-from .launch import (LOG2E, _block_d, _capability, _dot_precision, _plan_key, _run_planned, _Step, cdiv, interpreting,
-                     next_power_of_2, plan_setups, sm_count)
+from .launch import (LOG2E, _block_d, _capability, _dot_precision, _run_planned, _Step, cdiv, interpreting,
+                     layout_key, next_power_of_2, plan_setups, sm_count)
 
 MAX_SPLITS = 128
 # a split should stream at least this many keys, or the combine costs more than it saves
@@ -107,7 +107,7 @@ def _decode_steps(call, cfg, num_splits, row_lookup, seqlen_new, softmax_scale, 
         if dry:
             break
         try:
-            step = step._replace(compiled=attn_decode_kernel[grid](*step.args, **step.kwargs))
+            step = step.run()
         except triton.runtime.errors.OutOfResources:
             if stages == 1:
                 raise RuntimeError("flashtile: the decoding kernel does not fit on this GPU") from None
@@ -125,9 +125,7 @@ def _decode_steps(call, cfg, num_splits, row_lookup, seqlen_new, softmax_scale, 
 
         kwargs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, next_power_of_2(num_splits)), num_warps=4)
         step = _Step(attn_combine_kernel, (batch * seqlen_q * nheads,), build_combine(cfg, call), cfg, kwargs, None)
-        if not dry:
-            step = step._replace(compiled=attn_combine_kernel[step.grid](*step.args, **kwargs))
-        steps.append(step)
+        steps.append(step if dry else step.run())
         builders.append(build_combine)
     return steps, builders
 
@@ -135,10 +133,9 @@ def _decode_steps(call, cfg, num_splits, row_lookup, seqlen_new, softmax_scale, 
 def _decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi,
                    seqlen_new, softmax_scale, window_left, window_right, softcap, num_splits):
     # a call with the layout, options and split request of an earlier one replays its launches
-    key = _plan_key("decode", (q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi),
-                    AttnOptions(softmax_scale, 0, window_left, window_right, softcap),
-                    (seqlen_new, num_splits))
-    setup = plan_setups.get(key) if key is not None else None
+    key = layout_key("decode", (q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi),
+                     (seqlen_new, softmax_scale, window_left, window_right, softcap, num_splits))
+    setup = plan_setups.get(key)
     if setup is None:
         setup = _decode_setup(q, k_cache, block_table, num_splits)
     cfg, splits, row_lookup = setup
@@ -153,8 +150,7 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_ta
             part_lse)
     _run_planned(key, call, lambda dry: _decode_steps(call, cfg, splits, row_lookup, seqlen_new, softmax_scale,
                                                       window_left, window_right, softcap, dry))
-    if key is not None:
-        plan_setups[key] = setup  # a replayed call skips the heuristics too
+    plan_setups[key] = setup  # a replayed call skips the heuristics too
     return out, lse
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from ..kernels.index_checks import STATS, index_stats_kernel
-from ..reference import AttnOptions
 from .checks import (
     SUPPORTED_DTYPES,
     check_alibi,
@@ -21,7 +20,7 @@ from .checks import (
 )
 from .decode import attn_decode, cache_rows
 from .flash_attn import _window
-from .launch import _plan_key, _run_planned, _Step, interpreting
+from .launch import _run_planned, _Step, interpreting, layout_key
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
@@ -166,9 +165,7 @@ def _index_stats_steps(call, seqlen_new: int, page_size: int, dry: bool):
     kwargs = dict(HAS_LEFTPAD=call[1] is not None, HAS_BATCH_IDX=call[2] is not None,
                   PAGE_SIZE=0 if table is None else page_size, BLOCK_B=128, BLOCK_P=128, num_warps=4)
     step = _Step(index_stats_kernel, (1,), build(None, call), None, kwargs, None)
-    if not dry:
-        step = step._replace(compiled=index_stats_kernel[step.grid](*step.args, **kwargs))
-    return [step], [build]
+    return [step if dry else step.run()], [build]
 
 
 def _index_stats(cache_seqlens, seqlen_new, leftpad, cache_batch_idx, block_table, page_size) -> dict[str, int]:
@@ -178,7 +175,7 @@ def _index_stats(cache_seqlens, seqlen_new, leftpad, cache_batch_idx, block_tabl
     if cache_seqlens.is_cuda or interpreting():
         stats = torch.empty(len(STATS), dtype=torch.int64, device=cache_seqlens.device)
         call = (cache_seqlens, leftpad, cache_batch_idx, block_table, stats)
-        key = _plan_key("index_stats", call[:4], AttnOptions(0.0), (seqlen_new, page_size))
+        key = layout_key("index_stats", call[:4], (seqlen_new, page_size))
         _run_planned(key, call, lambda dry: _index_stats_steps(call, seqlen_new, page_size, dry))
         return dict(zip(STATS, stats.tolist()))
     seqlens = cache_seqlens.long()

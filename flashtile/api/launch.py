@@ -157,9 +157,6 @@ def _launch(name: str, kernel, grid_fn, args, constexprs: dict, tensor: torch.Te
     def step(cfg: LaunchConfig) -> _Step:
         return _Step(kernel, grid_fn(cfg), args(cfg) if callable(args) else args, cfg, kwargs(cfg), None)
 
-    def run(s: _Step) -> _Step:
-        return s._replace(compiled=kernel[s.grid](*s.args, **s.kwargs))
-
     if dry:  # the launch a plan replays (see _Plan.check): the config chosen before, not run
         return step(candidates[0])
 
@@ -167,13 +164,13 @@ def _launch(name: str, kernel, grid_fn, args, constexprs: dict, tensor: torch.Te
         disk_key = _autotune_key(name, kernel, block_d, tensor, capability, constexprs, key[-1])
         tuned = autotune.lookup(disk_key)
         if tuned is None and not torch.cuda.is_current_stream_capturing():
-            tuned = autotune.tune(disk_key, autotune.search_space(candidates), lambda cfg: run(step(cfg)))
+            tuned = autotune.tune(disk_key, autotune.search_space(candidates), lambda cfg: step(cfg).run())
         if tuned is not None:
             candidates = [tuned] + candidates
     error = None
     for cfg in candidates:
         try:
-            launched = run(step(cfg))
+            launched = step(cfg).run()
         except triton.runtime.errors.OutOfResources as exc:  # too large for this GPU: next one
             error = exc
             continue
@@ -403,6 +400,10 @@ class _Step(NamedTuple):
     kwargs: dict
     compiled: object
 
+    def run(self) -> "_Step":
+        """Launch this step through Triton's launch path; the step with its compiled kernel."""
+        return self._replace(compiled=self.kernel[self.grid](*self.args, **self.kwargs))
+
 
 # The FLASHTILE_* switches of the environment (experiments: FLASHTILE_FWD_TMA, _FWD_WS,
 # _BWD_TMA, _BWD_SPLIT, _FP32_DOT, _AUTOTUNE) are read when a plan is made: after changing one in a
@@ -426,25 +427,32 @@ def _tensor_key(t: torch.Tensor | None):
     return None if t is None else (t.dtype, t.shape, t.stride(), t.data_ptr() % 16)
 
 
+def layout_key(kind: str, tensors: tuple, extra: tuple) -> tuple:
+    """The plan key of a call of ``kind``: everything its launches depend on besides
+    its tensors' data, given its scalars ``extra``. ``tensors``: the call's inputs;
+    outputs it allocates itself have the layout its inputs imply and the caching
+    allocator's alignment."""
+    first = tensors[0]
+    # Triton launches on the current device; fp32 dot products follow PyTorch's TF32 setting
+    device = torch.cuda.current_device() if first.is_cuda else None
+    tf32 = torch.backends.cuda.matmul.allow_tf32 if first.dtype == torch.float32 else None
+    return (kind, autotune._enabled, device, tf32, first.device, *map(_tensor_key, tensors), *extra)
+
+
 def _plan_key(kind: str, tensors: tuple, opts: AttnOptions, extra: tuple) -> tuple | None:
-    """Everything a call's launches depend on besides its tensors' data, or None for
+    """:func:`layout_key` of an attention call with options ``opts``, or None for
     calls that are not planned (block-sparse, launch configs forced by tools, seeds
-    beyond 32 bits). ``tensors``: the call's inputs; outputs it allocates itself have
-    the layout its inputs imply and the caching allocator's alignment."""
+    beyond 32 bits)."""
     if forced_configs or opts.block_mask is not None or not -2**31 <= opts.seed < 2**31:
         return None
-    q = tensors[0]
-    # Triton launches on the current device; fp32 dot products follow PyTorch's TF32 setting
-    device = torch.cuda.current_device() if q.is_cuda else None
-    tf32 = torch.backends.cuda.matmul.allow_tf32 if q.dtype == torch.float32 else None
     # Triton specialises integer arguments equal to 1 or divisible by 16: the seed's class
     seed = (opts.seed == 1, opts.seed % 16 == 0)
-    return (kind, autotune._enabled, device, tf32, q.device, *map(_tensor_key, tensors), opts[:5],
-            _tensor_key(opts.alibi), _tensor_key(opts.bias), opts.dropout_p, seed, opts[9:13], *extra)
+    return layout_key(kind, tensors, (opts[:5], _tensor_key(opts.alibi), _tensor_key(opts.bias), opts.dropout_p,
+                                      seed, opts[9:13], *extra))
 
 
 class _Plan:
-    """The launches of one call signature (see :func:`_plan_key`): ``steps`` as run by
+    """The launches of one call signature (see :func:`layout_key`): ``steps`` as run by
     the first call, ``builders`` giving each step's arguments from a call's values
     (``builder(cfg, call)``)."""
 
