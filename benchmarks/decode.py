@@ -122,22 +122,31 @@ def run_case(batch, cache_len, args, bandwidth) -> dict:
     return row
 
 
-def sweep(args, bandwidth) -> list[dict]:
-    """Tiles and split counts of the kernel, for the launch table and the split heuristic."""
+def sweep(args, bandwidth, page_size=None) -> list[dict]:
+    """Tiles (``--tiles`` BLOCK_NxWARPSxSTAGES) and split counts of the kernel, for
+    the launch table and the split heuristic, on a contiguous cache (``page_size``
+    None) or a paged one. Also times the split kernel alone (partial results not
+    merged: what the combine costs) with the default tiles."""
     from flashtile.api import decode as decode_api
     from flashtile.api import launch
     from flashtile.kernels.configs import LaunchConfig
 
     default = decode_api.decode_config
+    tiles = [tuple(int(x) for x in t.split("x")) for t in args.tiles.split(",")]
+    splits_list = [int(x) for x in args.splits.split(",")]
+    cases = [(1, int(n)) for n in args.sweep_lens.split(",")]
+    if page_size is None:
+        cases.append((64, args.batch64_cache_len))
     rows = []
-    for batch, cache_len in ((1, 8192), (1, 32768), (1, 131072), (64, 4096)):
-        step = Step(batch, cache_len, args.nheads, args.nheads_k, args.head_dim, args.seqlen_q, None)
-        for block_n, warps, stages in ((128, 4, 3), (64, 4, 3)):
+    for batch, cache_len in cases:
+        step = Step(batch, cache_len, args.nheads, args.nheads_k, args.head_dim, args.seqlen_q, page_size)
+        for block_n, warps, stages in tiles:
             decode_api.decode_config = lambda rows_, *a, bn=block_n, w=warps, st=stages, **kw: LaunchConfig(
                 min(128, max(16, 1 << (max(rows_, 1) - 1).bit_length())), bn, w, st)
             launch.clear_caches()  # launch plans made with the previous tiles
-            for splits in (0, 8, 16, 32):
-                if batch == 64 and splits > 8:
+            decode_api._fitting_stages.clear()
+            for splits in splits_list:
+                if batch == 64 and splits not in (0, 1):
                     continue
                 try:
                     fn = step.flashtile(splits)
@@ -146,12 +155,14 @@ def sweep(args, bandwidth) -> list[dict]:
                 except Exception as exc:  # a config that does not fit
                     print(batch, cache_len, block_n, warps, stages, splits, "failed:", str(exc).splitlines()[0][:80])
                     continue
-                rows.append(dict(batch=batch, cache_len=cache_len, block_n=block_n, warps=warps, stages=stages,
-                                 splits=splits, us=ms * 1e3, bw_frac=step.kv_bytes / (ms * 1e-3) / bandwidth))
-                print(f"sweep batch={batch} L={cache_len} BLOCK_N={block_n} warps={warps} stages={stages} "
-                      f"splits={splits}: {ms * 1e3:.1f} us, {100 * rows[-1]['bw_frac']:.1f}% bw", flush=True)
-        # the split kernel alone (partial results not merged): what the combine kernel costs
+                rows.append(dict(page_size=page_size, batch=batch, cache_len=cache_len, block_n=block_n, warps=warps,
+                                 stages=stages, splits=splits, us=ms * 1e3,
+                                 bw_frac=step.kv_bytes / (ms * 1e-3) / bandwidth))
+                print(f"sweep page={page_size} batch={batch} L={cache_len} BLOCK_N={block_n} warps={warps} "
+                      f"stages={stages} splits={splits}: {ms * 1e3:.1f} us, {100 * rows[-1]['bw_frac']:.1f}% bw",
+                      flush=True)
         decode_api.decode_config = default
+        decode_api._fitting_stages.clear()
         combine = decode_api.attn_combine_kernel
         decode_api.attn_combine_kernel = _NoLaunch()
         launch.clear_caches()
@@ -160,10 +171,10 @@ def sweep(args, bandwidth) -> list[dict]:
         ms = time_ms(fn, args.eager) / step.copies
         decode_api.attn_combine_kernel = combine
         launch.clear_caches()
-        rows.append(dict(batch=batch, cache_len=cache_len, splits=0, without_combine=True, us=ms * 1e3,
-                         bw_frac=step.kv_bytes / (ms * 1e-3) / bandwidth))
-        print(f"sweep batch={batch} L={cache_len} default tiles, split kernel without the combine: "
-              f"{ms * 1e3:.1f} us, {100 * rows[-1]['bw_frac']:.1f}% bw", flush=True)
+        rows.append(dict(page_size=page_size, batch=batch, cache_len=cache_len, splits=0, without_combine=True,
+                         us=ms * 1e3, bw_frac=step.kv_bytes / (ms * 1e-3) / bandwidth))
+        print(f"sweep page={page_size} batch={batch} L={cache_len} default tiles, split kernel without the "
+              f"combine: {ms * 1e3:.1f} us, {100 * rows[-1]['bw_frac']:.1f}% bw", flush=True)
         del step
         torch.cuda.empty_cache()
     return rows
@@ -174,38 +185,6 @@ class _NoLaunch:
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: None
-
-
-def sweep_paged(args, bandwidth) -> list[dict]:
-    """Tiles and split counts for paged caches."""
-    from flashtile.api import decode as decode_api
-    from flashtile.api import launch
-    from flashtile.kernels.configs import LaunchConfig
-
-    default = decode_api.decode_config
-    rows = []
-    for page_size in (16, 256):
-        for cache_len in (8192, 32768, 131072):
-            step = Step(1, cache_len, args.nheads, args.nheads_k, args.head_dim, args.seqlen_q, page_size)
-            for block_n, warps, stages in ((64, 4, 3), (128, 4, 3), (64, 4, 5), (32, 4, 4)):
-                decode_api.decode_config = lambda rows_, *a, bn=block_n, w=warps, st=stages, **kw: LaunchConfig(
-                    16, bn, w, st)
-                launch.clear_caches()
-                for splits in (16, 32, 64, 128):
-                    fn = step.flashtile(splits)
-                    fn()
-                    ms = time_ms(fn, args.eager) / step.copies
-                    rows.append(dict(page_size=page_size, cache_len=cache_len, block_n=block_n, warps=warps,
-                                     stages=stages, splits=splits, us=ms * 1e3,
-                                     bw_frac=step.kv_bytes / (ms * 1e-3) / bandwidth))
-                    print(f"paged sweep page={page_size} L={cache_len} BLOCK_N={block_n} warps={warps} "
-                          f"stages={stages} splits={splits}: {ms * 1e3:.1f} us, {100 * rows[-1]['bw_frac']:.1f}% bw",
-                          flush=True)
-            del step
-            torch.cuda.empty_cache()
-    decode_api.decode_config = default
-    launch.clear_caches()
-    return rows
 
 
 def print_rows(rows, providers):
@@ -256,7 +235,12 @@ def main():
     parser.add_argument("--eager", action="store_true", help="time plain launches instead of CUDA graph replays")
     parser.add_argument("--out", default="bench_results/decode")
     parser.add_argument("--sweep", action="store_true", help="also sweep tiles and split counts")
-    parser.add_argument("--sweep-paged", action="store_true", help="sweep tiles and split counts of paged caches")
+    parser.add_argument("--sweep-paged", action="store_true",
+                        help="sweep tiles and split counts of paged caches (the page sizes of --page-sizes)")
+    parser.add_argument("--sweep-lens", default="8192,32768,131072", help="cache lengths of the sweeps (batch 1)")
+    parser.add_argument("--tiles", default="128x4x3,64x4x3,64x4x5", help="BLOCK_NxWARPSxSTAGES of the sweeps")
+    parser.add_argument("--splits", default="0,16,32", help="split counts of the sweeps (0: the heuristic)")
+    parser.add_argument("--skip-table", action="store_true", help="only the sweeps")
     args = parser.parse_args()
     args.page_sizes = [int(p) for p in args.page_sizes.split(",") if p]
     if not torch.cuda.is_available():
@@ -264,19 +248,21 @@ def main():
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")
     cases = [(1, int(n)) for n in args.cache_lens.split(",")] + [(64, args.batch64_cache_len)]
-    rows = [run_case(b, n, args, bandwidth) for b, n in cases]
+    rows = [] if args.skip_table else [run_case(b, n, args, bandwidth) for b, n in cases]
     providers = ["flashtile", "flashtile_no_split"] + [f"flashtile_paged{p}" for p in args.page_sizes] + \
         ["sdpa_flash", "sdpa_cudnn"]
-    print_rows(rows, providers)
+    if rows:
+        print_rows(rows, providers)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, copy_bandwidth=bandwidth,
                 timing="eager" if args.eager else "cuda graph replay")
     sweep_rows = sweep(args, bandwidth) if args.sweep else []
-    paged_rows = sweep_paged(args, bandwidth) if args.sweep_paged else []
+    paged_rows = [r for p in args.page_sizes for r in sweep(args, bandwidth, p)] if args.sweep_paged else []
     (out / "decode.json").write_text(json.dumps(dict(meta=meta, rows=rows, sweep=sweep_rows, sweep_paged=paged_rows),
                                                 indent=1))
-    save_plot(rows, providers, out / "decode.png",
+    if rows:
+        save_plot(rows, providers, out / "decode.png",
               f"decoding, batch 1, {args.nheads}/{args.nheads_k} heads, d={args.head_dim}, bf16 ({meta['gpu']})")
 
 

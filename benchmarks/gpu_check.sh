@@ -11,9 +11,11 @@ for step in "$@"; do
   case $step in
     decode-tests) python3 -m pytest -q -m gpu -n 8 --tb=line tests/test_kvcache.py 2>&1 | tail -40 | tee "$OUT/decode_tests.log" ;;
     decode-bench) python3 benchmarks/decode.py --page-sizes 16,64,256 --out "$OUT/decode" 2>&1 | tee "$OUT/decode_bench.log" ;;
-    decode-sweep) python3 benchmarks/decode.py --sweep --cache-lens 65536 --out "$OUT/decode_sweep" 2>&1 \
+    decode-sweep) python3 benchmarks/decode.py --sweep --skip-table --sweep-lens 8192,16384,65536 \
+                    --tiles 128x4x3,128x8x3,128x8x4,64x8x5 --splits 0,16,32 --out "$OUT/decode_sweep" 2>&1 \
                     | tee "$OUT/decode_sweep.log" ;;
-    decode-sweep-paged) python3 benchmarks/decode.py --sweep-paged --cache-lens 65536 --page-sizes 16 \
+    decode-sweep-paged) python3 benchmarks/decode.py --sweep-paged --skip-table --page-sizes 16,64 \
+                    --sweep-lens 8192,16384,65536 --tiles 64x4x5,64x4x7,128x4x7,128x8x7 --splits 16,32 \
                     --out "$OUT/decode_sweep_paged" 2>&1 | tee "$OUT/decode_sweep_paged.log" ;;
     cosine-tests) python3 -m pytest -q -m gpu -n 8 --tb=line tests/test_cosine_sim.py 2>&1 | tail -30 \
                     | tee "$OUT/cosine_tests.log" ;;
@@ -36,6 +38,12 @@ for step in "$@"; do
     tune-fp32) python3 benchmarks/tune.py --dtype fp32 --causal 0 --head-dims 64,128 2>&1 | tee "$OUT/tune_fp32.log" ;;
     tests-fp32) python3 -m pytest -q -m gpu -n 8 --tb=line tests/test_gpu.py tests/test_cosine_sim.py -k "float32 or fp32" \
                   2>&1 | tail -30 | tee "$OUT/fp32_tests.log" ;;
+    tune-1k-small)  # 1k forward: tiles small enough for two programs a multiprocessor
+      small=64x32x4x2,64x32x4x3,64x16x4x2,64x64x4x2,32x64x4x2,128x32x8x2,128x32x8x3,128x64x8x2,64x64x4x3
+      python3 benchmarks/tune.py --kernels fwd --seqlen 1024 --causal 1 --head-dims 256,128,64 --configs $small 2>&1 \
+        | tee "$OUT/tune_1k_small_causal.log"
+      python3 benchmarks/tune.py --kernels fwd --seqlen 1024 --causal 0 --head-dims 256,64 --configs $small 2>&1 \
+        | tee "$OUT/tune_1k_small_full.log" ;;
     tune-fwd256) python3 benchmarks/tune.py --kernels fwd --causal 0 --head-dims 256 2>&1 | tee "$OUT/tune_fwd256.log" ;;
     tune-bwd) python3 benchmarks/tune.py --kernels dkdv,dq --causal 0 --head-dims 64,128 2>&1 | tee "$OUT/tune_bwd.log" ;;
     features) python3 benchmarks/features.py --out "$OUT/features.json" 2>&1 | tee "$OUT/features.log" ;;

@@ -343,6 +343,19 @@ def test_decode_gpu(dtype, page_size, seqlen_q, num_splits, head_dim):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("page_size", [None, 16], ids=lambda p: "contiguous" if p is None else f"page{p}")
+@pytest.mark.parametrize("seqlen_q,num_splits", [(1, 0), (1, 37), (9, 5)])
+def test_decode_gpu_ragged_splits(page_size, seqlen_q, num_splits):
+    # one long and one short sequence: most splits of the short one see no key; repeated
+    # calls replay the launch plan
+    case = Case(batch=2, seqlen_q=seqlen_q, nheads=32, nheads_k=8, head_dim=128, capacity=20000,
+                page_size=page_size, dtype=torch.bfloat16, lengths=[19000, 777])
+    for _ in range(3):
+        out, lse = case.run(causal=True, num_splits=num_splits, return_softmax_lse=True)
+        case.check(out, lse, causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [None, 16], ids=lambda p: "contiguous" if p is None else f"page{p}")
 @pytest.mark.parametrize("seqlen_q,num_splits", [(1, 0), (7, 1)])
 def test_decode_gpu_fp32(page_size, seqlen_q, num_splits):
     # fp32 dot products run as three TF32 products on tensor-core GPUs: still within the accuracy rule
