@@ -17,6 +17,13 @@ for step in "$@"; do
     decode-sweep-paged) python3 benchmarks/decode.py --sweep-paged --skip-table --page-sizes 16,64 \
                     --sweep-lens 8192,16384,65536 --tiles 64x4x5,64x4x7,128x4x7,128x8x7 --splits 16,32 \
                     --out "$OUT/decode_sweep_paged" 2>&1 | tee "$OUT/decode_sweep_paged.log" ;;
+    decode-sweep-programs)  # several programs a multiprocessor: smaller tiles, more splits
+                    python3 benchmarks/decode.py --sweep --skip-table --sweep-lens 8192,16384 \
+                    --tiles 128x4x3,64x4x3,64x4x4 --splits 16,32,40,48 --out "$OUT/decode_sweep_programs" 2>&1 \
+                    | tee "$OUT/decode_sweep_programs.log"
+                    python3 benchmarks/decode.py --sweep-paged --skip-table --page-sizes 16 --sweep-lens 8192,16384 \
+                    --tiles 64x4x5,64x4x4,64x4x3 --splits 32,40,48 --out "$OUT/decode_sweep_programs_paged" 2>&1 \
+                    | tee "$OUT/decode_sweep_programs_paged.log" ;;
     cosine-tests) python3 -m pytest -q -m gpu -n 8 --tb=line tests/test_cosine_sim.py 2>&1 | tail -30 \
                     | tee "$OUT/cosine_tests.log" ;;
     cosine-bench) python3 benchmarks/cosine_sim.py --out "$OUT/cosine_sim.json" 2>&1 | tee "$OUT/cosine_bench.log" ;;
