@@ -24,6 +24,16 @@ for step in "$@"; do
                     python3 benchmarks/decode.py --sweep-paged --skip-table --page-sizes 16 --sweep-lens 8192,16384 \
                     --tiles 64x4x5,64x4x4,64x4x3 --splits 32,40,48 --out "$OUT/decode_sweep_programs_paged" 2>&1 \
                     | tee "$OUT/decode_sweep_programs_paged.log" ;;
+    ab-page-ahead)  # paged decoding: bench_old/ (page ids loaded with the tile) against the working tree
+      for side in old new; do
+        [ $side = old ] && pp=$PWD/bench_old || pp=$PWD
+        PYTHONPATH=$pp python3 benchmarks/decode.py --cache-lens 8192,16384,65536 --batch64-cache-len 4096 \
+          --page-sizes 16,64 --out "$OUT/decode_page_ahead_$side" 2>&1 | tail -14 | sed "s/^/$side /"
+      done
+      python3 benchmarks/decode.py --sweep-paged --skip-table --page-sizes 16 --sweep-lens 8192,16384,65536 \
+        --tiles 64x4x5,64x4x7,128x4x5,128x4x7 --splits 16,32 --out "$OUT/decode_page_ahead_sweep" 2>&1 \
+        | tee "$OUT/decode_page_ahead_sweep.log" ;;
+    persistent-probe) python3 benchmarks/persistent_probe.py 2>&1 | tee "$OUT/persistent_probe.log" ;;
     cosine-tests) python3 -m pytest -q -m gpu -n 8 --tb=line tests/test_cosine_sim.py 2>&1 | tail -30 \
                     | tee "$OUT/cosine_tests.log" ;;
     cosine-bench) python3 benchmarks/cosine_sim.py --out "$OUT/cosine_sim.json" 2>&1 | tee "$OUT/cosine_bench.log" ;;
