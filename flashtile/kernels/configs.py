@@ -9,6 +9,7 @@ not fit (shared memory or registers) on the GPU at hand.
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 
@@ -21,6 +22,15 @@ class LaunchConfig(NamedTuple):
     # softmax and P V products alternate, so that matmuls overlap the element-wise
     # work (kernels/forward.py)
     halves: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> "LaunchConfig":
+        """``BLOCK_MxBLOCK_NxWARPSxSTAGES``, then ``h`` for two halves: e.g. ``256x64x8x3h``."""
+        match = re.fullmatch(r"(\d+)x(\d+)x(\d+)x(\d+)(h?)", text)
+        if match is None:
+            raise ValueError(f"launch config {text!r} is not BLOCK_MxBLOCK_NxWARPSxSTAGES[h]")
+        m, n, w, st, halves = match.groups()
+        return cls(int(m), int(n), int(w), int(st), halves=bool(halves))
 
 
 # Hopper (sm90), 2-byte inputs. Measured on an H100 (see docs/performance.md).
