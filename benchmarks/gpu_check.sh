@@ -34,6 +34,8 @@ for step in "$@"; do
         --tiles 64x4x5,64x4x7,128x4x5,128x4x7 --splits 16,32 --out "$OUT/decode_page_ahead_sweep" 2>&1 \
         | tee "$OUT/decode_page_ahead_sweep.log" ;;
     persistent-probe) python3 benchmarks/persistent_probe.py 2>&1 | tee "$OUT/persistent_probe.log" ;;
+    fwd-gap-probe) python3 benchmarks/fwd_gap_probe.py 2>&1 | tee "$OUT/fwd_gap_probe.log" ;;
+    table-vs-forced) python3 benchmarks/table_vs_forced.py 2>&1 | tee "$OUT/table_vs_forced.log" ;;
     cosine-tests) python3 -m pytest -q -m gpu -n 8 --tb=line tests/test_cosine_sim.py 2>&1 | tail -30 \
                     | tee "$OUT/cosine_tests.log" ;;
     cosine-bench) python3 benchmarks/cosine_sim.py --out "$OUT/cosine_sim.json" 2>&1 | tee "$OUT/cosine_bench.log" ;;
