@@ -23,21 +23,7 @@ import triton.language as tl
 from triton.testing import do_bench
 
 from flashtile.api import launch
-
-
-@triton.jit
-def _softmax_pv(s, acc, l_i, m_i, v, qk_scale, cols, seqlen, MASKED: tl.constexpr):
-    s = s * qk_scale
-    if MASKED:
-        s = tl.where(cols[None, :] < seqlen, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new) if MASKED else m_new
-    p = tl.math.exp2(s - m_sub[:, None])
-    alpha = tl.math.exp2(m_i - m_sub)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, l_i, m_new
+from overlap_probe import _softmax_pv, init_halves, probe_inputs  # (benchmarks/ is the script's folder)
 
 
 @triton.jit
@@ -49,8 +35,11 @@ def _keys(acc_a, l_a, m_a, acc_b, l_b, m_b, q_a, q_b, k_desc, v_desc, row0, col,
         cols = start_n + tl.arange(0, BLOCK_N)
         s_a = tl.dot(q_a, tl.trans(k))
         s_b = tl.dot(q_b, tl.trans(k))
-        acc_a, l_a, m_a = _softmax_pv(s_a, acc_a, l_a, m_a, v, qk_scale, cols, seqlen, MASKED)
-        acc_b, l_b, m_b = _softmax_pv(s_b, acc_b, l_b, m_b, v, qk_scale, cols, seqlen, MASKED)
+        if MASKED:  # keys past the end (every row has seen the full tiles before: no row stays at -inf)
+            s_a = tl.where(cols[None, :] < seqlen, s_a, float("-inf"))
+            s_b = tl.where(cols[None, :] < seqlen, s_b, float("-inf"))
+        acc_a, l_a, m_a = _softmax_pv(s_a, acc_a, l_a, m_a, v, qk_scale)
+        acc_b, l_b, m_b = _softmax_pv(s_b, acc_b, l_b, m_b, v, qk_scale)
     return acc_a, l_a, m_a, acc_b, l_b, m_b
 
 
@@ -106,12 +95,7 @@ def probe_fwd_gap(Q, K, V, Out, Lse, total_rows, seqlen, nheads, qk_scale,
     col = h * HEAD_DIM
     q_a = _rows_in(Q, row, col, width, seqlen, local, HALF, HEAD_DIM, MASKED_IO)
     q_b = _rows_in(Q, row + HALF, col, width, seqlen, local + HALF, HALF, HEAD_DIM, MASKED_IO)
-    m_a = tl.full([HALF], float("-inf"), dtype=tl.float32)
-    m_b = tl.full([HALF], float("-inf"), dtype=tl.float32)
-    l_a = tl.zeros([HALF], dtype=tl.float32)
-    l_b = tl.zeros([HALF], dtype=tl.float32)
-    acc_a = tl.zeros([HALF, HEAD_DIM], dtype=tl.float32)
-    acc_b = tl.zeros([HALF, HEAD_DIM], dtype=tl.float32)
+    acc_a, l_a, m_a, acc_b, l_b, m_b = init_halves(HALF, HEAD_DIM)
     full_end = seqlen // BLOCK_N * BLOCK_N if TAIL_LOOP else seqlen
     acc_a, l_a, m_a, acc_b, l_b, m_b = _keys(acc_a, l_a, m_a, acc_b, l_b, m_b, q_a, q_b, k_desc, v_desc, kv_row0,
                                              kv_col, 0, full_end, seqlen, qk_scale, BLOCK_N, False)
@@ -152,12 +136,8 @@ def main():
     tiles = {64: (128, 128, 4, 3), 128: (256, 64, 8, 3)}  # the table's two-halves tiles
     for d in map(int, args.head_dims.split(",")):
         for s in map(int, args.seqlens.split(",")):
-            b, h = max(1, 16384 // s), 2048 // d
-            q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-            ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
-            ref = ref.transpose(1, 2)
-            out, lse = torch.empty_like(q), torch.empty(b * h * s, device="cuda")
-            flops = 4 * b * h * s * s * d
+            q, k, v, ref, flops = probe_inputs(d, s)
+            out, lse = torch.empty_like(q), torch.empty(q.shape[0] * q.shape[2] * s, device="cuda")
             runs = dict(flashtile=lambda: flashtile.flash_attn_func(q, k, v))
             runs.update({name: (lambda sw=sw: probe(q, k, v, out, lse, tiles[d], sw)) for name, sw in VARIANTS.items()})
             best, errors = {}, {}

@@ -38,6 +38,15 @@ def _softmax_pv(s, acc, l_i, m_i, v, qk_scale):
 
 
 @triton.jit
+def init_halves(HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """(acc, l, m) of two halves of HALF query rows before any key."""
+    m = tl.full([HALF], float("-inf"), dtype=tl.float32)
+    zero_l = tl.zeros([HALF], dtype=tl.float32)
+    zero_acc = tl.zeros([HALF, HEAD_DIM], dtype=tl.float32)
+    return zero_acc, zero_l, m, zero_acc, zero_l, m
+
+
+@triton.jit
 def _descriptors(Q, K, V, Out, seqlen, stride_s, nheads, HEAD_DIM: tl.constexpr, Q_ROWS: tl.constexpr,
                  BLOCK_N: tl.constexpr):
     """Tensor descriptors of this program's (batch, head): Q and Out in tiles of
@@ -59,12 +68,7 @@ def probe_fwd_halves(Q, K, V, Out, seqlen, stride_s, nheads, qk_scale,
     q_desc, k_desc, v_desc, o_desc = _descriptors(Q, K, V, Out, seqlen, stride_s, nheads, HEAD_DIM, HALF, BLOCK_N)
     q_a = q_desc.load([pid_m * BLOCK_M, 0])
     q_b = q_desc.load([pid_m * BLOCK_M + HALF, 0])
-    m_a = tl.full([HALF], float("-inf"), dtype=tl.float32)
-    m_b = tl.full([HALF], float("-inf"), dtype=tl.float32)
-    l_a = tl.zeros([HALF], dtype=tl.float32)
-    l_b = tl.zeros([HALF], dtype=tl.float32)
-    acc_a = tl.zeros([HALF, HEAD_DIM], dtype=tl.float32)
-    acc_b = tl.zeros([HALF, HEAD_DIM], dtype=tl.float32)
+    acc_a, l_a, m_a, acc_b, l_b, m_b = init_halves(HALF, HEAD_DIM)
     for start in tl.range(0, seqlen, BLOCK_N):
         k = k_desc.load([start, 0])
         v = v_desc.load([start, 0])
@@ -100,6 +104,15 @@ def probe_fwd(Q, K, V, Out, seqlen, stride_s, nheads, qk_scale,
     o_desc.store([pid_m * BLOCK_M, 0], acc.to(Out.dtype.element_ty))
 
 
+def probe_inputs(d, s):
+    """The probes' case: bf16 (batch, s, heads, d) q, k, v of 16k tokens and hidden size 2048,
+    SDPA's output for them, and the FLOPs of full attention."""
+    b, h = max(1, 16384 // s), 2048 // d
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+    return q, k, v, ref.transpose(1, 2), 4 * b * h * s * s * d
+
+
 def probe(q, k, v, block_m, block_n, warps, stages, maxnreg, ahead):
     b, s, h, d = q.shape
     out = torch.empty_like(q)
@@ -130,11 +143,7 @@ def main():
     configs = [c if len(c) == 5 else c + (0,) for c in configs]
     for d in map(int, args.head_dims.split(",")):
         for s in map(int, args.seqlens.split(",")):
-            b, h = max(1, 16384 // s), 2048 // d
-            q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-            ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
-            ref = ref.transpose(1, 2)
-            flops = 4 * b * h * s * s * d
+            q, k, v, ref, flops = probe_inputs(d, s)
             import flashtile
 
             ms = do_bench(lambda: flashtile.flash_attn_func(q, k, v), warmup=10, rep=50, return_mode="median")

@@ -26,18 +26,7 @@ import triton.language as tl
 from triton.testing import do_bench
 
 from flashtile.api import launch
-
-
-@triton.jit
-def _softmax_pv(s, acc, l_i, m_i, v, qk_scale):
-    s = s * qk_scale
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.math.exp2(s - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, l_i, m_new
+from overlap_probe import _softmax_pv, probe_inputs  # (benchmarks/ is the script's folder)
 
 
 @triton.jit
@@ -124,11 +113,7 @@ def main():
 
     for d in map(int, args.head_dims.split(",")):
         for s in map(int, args.seqlens.split(",")):
-            b, h = max(1, 16384 // s), 2048 // d
-            q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-            ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
-            ref = ref.transpose(1, 2)
-            flops = 4 * b * h * s * s * d
+            q, k, v, ref, flops = probe_inputs(d, s)
             ms = do_bench(lambda: flashtile.flash_attn_func(q, k, v), warmup=10, rep=50, return_mode="median")
             print(f"d{d} s{s} flashtile {flops / ms * 1e-9:.0f} TFLOP/s", flush=True)
             for tile in configs.get(d, []):
