@@ -78,8 +78,8 @@ def main():
                 best = {}  # config (or "table") -> (ms, note), the best of the rounds
                 for _ in range(args.rounds):
                     for cfg in candidates[kernel] + ["table"]:
-                        too_large = cfg != "table" and d * cfg.block_m * cfg.block_n * dtype.itemsize > 2 * 256 * 64 * 64
-                        if too_large and kernel != "fwd" and not (args.tiles or args.configs):
+                        tile_bytes = 0 if cfg == "table" else d * cfg.block_m * cfg.block_n * dtype.itemsize
+                        if tile_bytes > 2 * 256 * 64 * 64 and kernel != "fwd" and not (args.tiles or args.configs):
                             continue
                         launch.forced_configs.clear()
                         for variant in VARIANTS if cfg != "table" else ():
