@@ -33,6 +33,20 @@ for step in "$@"; do
       python3 benchmarks/decode.py --sweep-paged --skip-table --page-sizes 16 --sweep-lens 8192,16384,65536 \
         --tiles 64x4x5,64x4x7,128x4x5,128x4x7 --splits 16,32 --out "$OUT/decode_page_ahead_sweep" 2>&1 \
         | tee "$OUT/decode_page_ahead_sweep.log" ;;
+    decode-floor) python3 benchmarks/decode_floor.py --cache-lens 8192,16384 --out "$OUT/decode_floor" 2>&1 \
+                    | tee "$OUT/decode_floor.log" ;;
+    ab-page-ids)  # paged decoding: bench_old/ (a page id per row) against the working tree (per page)
+      for side in old new; do
+        [ $side = old ] && pp=$PWD/bench_old || pp=$PWD
+        PYTHONPATH=$pp python3 benchmarks/decode.py --cache-lens 8192,16384,65536 --batch64-cache-len 4096 \
+          --page-sizes 16,64 --out "$OUT/decode_page_ids_$side" 2>&1 | tail -14 | sed "s/^/$side /"
+      done ;;
+    sweep-page-ids) python3 benchmarks/decode.py --sweep-paged --skip-table --page-sizes 16 --sweep-lens 8192,16384 \
+        --tiles 64x4x5,128x4x5,128x4x3,64x4x7 --splits 16,32 --out "$OUT/decode_page_ids_sweep" 2>&1 \
+        | tee "$OUT/decode_page_ids_sweep.log" ;;
+    sweep-paged-waves) python3 benchmarks/decode.py --sweep-paged --skip-table --page-sizes 16,64,256 \
+        --sweep-lens 8192,16384,65536,131072 --tiles 64x4x5,64x4x7,128x4x5 --splits 16,32 \
+        --out "$OUT/decode_paged_waves" 2>&1 | tee "$OUT/decode_paged_waves.log" ;;
     persistent-probe) python3 benchmarks/persistent_probe.py 2>&1 | tee "$OUT/persistent_probe.log" ;;
     fwd-gap-probe) python3 benchmarks/fwd_gap_probe.py 2>&1 | tee "$OUT/fwd_gap_probe.log" ;;
     table-vs-forced) python3 benchmarks/table_vs_forced.py 2>&1 | tee "$OUT/table_vs_forced.log" ;;

@@ -25,20 +25,20 @@ MAX_SPLITS = 128
 MIN_KEYS_PER_SPLIT = 256
 
 
-def num_splits_heuristic(programs: int, capacity: int, paged: bool, device: torch.device) -> int:
-    """Splits of the key range so that about one program per multiprocessor runs
-    (two for a paged cache), ``programs`` being batch * kv heads * query blocks
-    without splits; each split streams at least MIN_KEYS_PER_SPLIT keys of a
-    cache that holds up to ``capacity`` keys. Measured on an H200: more
-    splits add tails and combine work, fewer leave multiprocessors idle; a
-    paged cache's page lookups need the second wave to hide their latency."""
+def num_splits_heuristic(programs: int, capacity: int, device: torch.device) -> int:
+    """Splits of the key range so that about one program per multiprocessor runs,
+    ``programs`` being batch * kv heads * query blocks without splits; each split
+    streams at least MIN_KEYS_PER_SPLIT keys of a cache that holds up to
+    ``capacity`` keys. Measured on an H200: more splits add tails and combine
+    work, fewer leave multiprocessors idle; paged caches too, since their page
+    ids are loaded a page at a time (a second wave helped when they were
+    loaded a row at a time, docs/performance.md)."""
     if device.type != "cuda" or interpreting():
         return 1 if capacity <= MIN_KEYS_PER_SPLIT else 2
     sms = sm_count(device)
     if programs >= 0.8 * sms:
         return 1
-    waves = 2 if paged else 1
-    return max(1, min(MAX_SPLITS, round(waves * sms / programs), capacity // MIN_KEYS_PER_SPLIT))
+    return max(1, min(MAX_SPLITS, round(sms / programs), capacity // MIN_KEYS_PER_SPLIT))
 
 
 # (config, switches) -> the pipeline stages of the split kernel that fit this GPU
@@ -55,14 +55,15 @@ def _decode_setup(q, k_cache, block_table, num_splits):
                         k_cache.shape[1] if paged else 0)
     m_blocks = cdiv(seqlen_q * (nheads // nheads_k), cfg.block_m)
     if num_splits <= 0:
-        num_splits = num_splits_heuristic(batch * nheads_k * m_blocks, capacity, paged, q.device)
+        num_splits = num_splits_heuristic(batch * nheads_k * m_blocks, capacity, q.device)
     num_splits = max(1, min(num_splits, MAX_SPLITS, cdiv(capacity, cfg.block_n)))
     row_lookup = False
     if paged and num_splits == 1:
         # enough programs without splits (large batches): the 5 stages that hide the page
-        # lookups of a few programs cost occupancy here (batch 64 at 4k: 313 us vs 248 us),
-        # and a page lookup per row pipelines better than one per tile (247 us vs 301 us)
-        cfg = cfg._replace(num_stages=min(cfg.num_stages, 3))
+        # lookups of a few programs cost occupancy here (batch 64 at 4k, 64-key tiles: 313 us
+        # vs 248 us), and a page lookup per row pipelines better than one per tile or page
+        # (247 us vs 301 us)
+        cfg = cfg._replace(block_n=min(cfg.block_n, 64), num_stages=min(cfg.num_stages, 3))
         row_lookup = True
     return cfg, num_splits, row_lookup
 

@@ -212,9 +212,8 @@ def decode_config(rows: int, block_d: int, elem_size: int, capability: tuple[int
     wide = block_d <= 128 and elem_size <= 2
     if capability[0] == 9 and block_m <= 64:
         # measured on an H200 (docs/performance.md): 128-key tiles, 3 stages for a contiguous
-        # cache; a paged one (a page lookup before each tile's loads) wants more loads in
-        # flight: 64-key tiles, 5 stages
-        if page_size:
-            return LaunchConfig(block_m, 64 if wide else 32, num_warps, 5)
-        return LaunchConfig(block_m, 128 if wide else 32, num_warps, 3)
+        # cache; a paged one (a page lookup before each tile's loads, which takes half of the
+        # stages) wants more loads in flight: 5 stages. Launches without splits change this
+        # for paged caches (api/decode.py)
+        return LaunchConfig(block_m, 128 if wide else 32, num_warps, 5 if page_size else 3)
     return LaunchConfig(block_m, 64 if wide else 32, num_warps, 2)

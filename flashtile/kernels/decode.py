@@ -17,7 +17,8 @@ optional ``cache_batch_idx`` row per sequence), or paged ``(num_pages,
 page_size, nheads_k, d)`` with ``block_table[b, j // page_size]`` naming the
 page that holds key ``j`` of sequence ``b``; any page size works: pages
 that hold whole key tiles are looked up once per tile, smaller pages once
-per row. The page size is a compile-time constant.
+per page of the tile (a vector of page ids) where the page size is a power
+of two, else once per row. The page size is a compile-time constant.
 """
 
 import triton
@@ -125,8 +126,17 @@ def attn_decode_kernel(
             page = tl.load(table + start_n // PAGE_SIZE).to(tl.int64)
             k_rows = page * stride_kb + (start_n % PAGE_SIZE + offs_n) * stride_ks
             v_rows = page * stride_vb + (start_n % PAGE_SIZE + offs_n) * stride_vs
+        elif PAGE_SIZE > 0 and BLOCK_N % PAGE_SIZE == 0 and (PAGE_SIZE & (PAGE_SIZE - 1)) == 0 and not ROW_LOOKUP:
+            # pages smaller than a tile: one id per page, broadcast over the page's rows
+            pg = start_n // PAGE_SIZE + tl.arange(0, BLOCK_N // PAGE_SIZE)
+            page = tl.load(table + pg, mask=(pg * PAGE_SIZE < seqlen_k) & (pg < max_pages), other=0).to(tl.int64)
+            # pages x rows of a page: row p * PAGE_SIZE + r is page p's row r
+            page_of_row = tl.sum(tl.where(offs_n[:, None] // PAGE_SIZE == tl.arange(0, BLOCK_N // PAGE_SIZE)[None, :],
+                                          page[None, :], 0), 1)
+            k_rows = page_of_row * stride_kb + (offs_n % PAGE_SIZE) * stride_ks
+            v_rows = page_of_row * stride_vb + (offs_n % PAGE_SIZE) * stride_vs
         elif PAGE_SIZE > 0:
-            # pages smaller than a tile (or not dividing it): look up the page of every row
+            # pages not dividing a tile, or ROW_LOOKUP: look up the page of every row
             page = tl.load(table + cols // PAGE_SIZE, mask=col_ok & (cols // PAGE_SIZE < max_pages), other=0)
             k_rows = page.to(tl.int64) * stride_kb + (cols % PAGE_SIZE) * stride_ks
             v_rows = page.to(tl.int64) * stride_vb + (cols % PAGE_SIZE) * stride_vs
