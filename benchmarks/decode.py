@@ -180,6 +180,34 @@ def sweep(args, bandwidth, page_size=None) -> list[dict]:
     return rows
 
 
+def combine_sweep(args, bandwidth) -> list[dict]:
+    """The step at batch 1 with each ``--combine-warps`` count of the combine kernel
+    (contiguous cache and the pages of ``--page-sizes``)."""
+    from flashtile.api import decode as decode_api
+    from flashtile.api import launch
+
+    default = decode_api.COMBINE_WARPS
+    rows = []
+    for cache_len in [int(n) for n in args.sweep_lens.split(",")]:
+        for page_size in [None] + args.page_sizes:
+            step = Step(1, cache_len, args.nheads, args.nheads_k, args.head_dim, args.seqlen_q, page_size)
+            for warps in [int(w) for w in args.combine_warps.split(",")]:
+                decode_api.COMBINE_WARPS = warps
+                launch.clear_caches()
+                fn = step.flashtile(0)
+                fn()
+                ms = time_ms(fn, args.eager) / step.copies
+                rows.append(dict(page_size=page_size, batch=1, cache_len=cache_len, combine_warps=warps, us=ms * 1e3,
+                                 bw_frac=step.kv_bytes / (ms * 1e-3) / bandwidth))
+                print(f"combine page={page_size} L={cache_len} warps={warps}: {ms * 1e3:.1f} us, "
+                      f"{100 * rows[-1]['bw_frac']:.1f}% bw", flush=True)
+            del step
+            torch.cuda.empty_cache()
+    decode_api.COMBINE_WARPS = default
+    launch.clear_caches()
+    return rows
+
+
 class _NoLaunch:
     """Stands in for a kernel: ``kernel[grid](...)`` does nothing."""
 
@@ -241,6 +269,8 @@ def main():
     parser.add_argument("--tiles", default="128x4x3,64x4x3,64x4x5", help="BLOCK_NxWARPSxSTAGES of the sweeps")
     parser.add_argument("--splits", default="0,16,32", help="split counts of the sweeps (0: the heuristic)")
     parser.add_argument("--skip-table", action="store_true", help="only the sweeps")
+    parser.add_argument("--combine-warps", default="", help="also time the step with these warps of the combine "
+                        "kernel (e.g. 1,2,4), at the cache lengths of --sweep-lens")
     args = parser.parse_args()
     args.page_sizes = [int(p) for p in args.page_sizes.split(",") if p]
     if not torch.cuda.is_available():
@@ -259,8 +289,9 @@ def main():
                 timing="eager" if args.eager else "cuda graph replay")
     sweep_rows = sweep(args, bandwidth) if args.sweep else []
     paged_rows = [r for p in args.page_sizes for r in sweep(args, bandwidth, p)] if args.sweep_paged else []
-    (out / "decode.json").write_text(json.dumps(dict(meta=meta, rows=rows, sweep=sweep_rows, sweep_paged=paged_rows),
-                                                indent=1))
+    combine_rows = combine_sweep(args, bandwidth) if args.combine_warps else []
+    (out / "decode.json").write_text(json.dumps(dict(meta=meta, rows=rows, sweep=sweep_rows, sweep_paged=paged_rows,
+                                                     combine=combine_rows), indent=1))
     if rows:
         save_plot(rows, providers, out / "decode.png",
               f"decoding, batch 1, {args.nheads}/{args.nheads_k} heads, d={args.head_dim}, bf16 ({meta['gpu']})")

@@ -47,6 +47,14 @@ for step in "$@"; do
     sweep-paged-waves) python3 benchmarks/decode.py --sweep-paged --skip-table --page-sizes 16,64,256 \
         --sweep-lens 8192,16384,65536,131072 --tiles 64x4x5,64x4x7,128x4x5 --splits 16,32 \
         --out "$OUT/decode_paged_waves" 2>&1 | tee "$OUT/decode_paged_waves.log" ;;
+    ab-combine)  # the combine kernel: bench_old/ against the working tree (its loads first), then its warps
+      for side in old new; do
+        [ $side = old ] && pp=$PWD/bench_old || pp=$PWD
+        PYTHONPATH=$pp python3 benchmarks/decode.py --cache-lens 8192,16384,65536 --page-sizes 16 \
+          --out "$OUT/decode_combine_$side" 2>&1 | tail -9 | sed "s/^/$side /"
+      done
+      python3 benchmarks/decode.py --skip-table --combine-warps 1,2,4,8 --sweep-lens 8192,16384,65536 \
+        --page-sizes 16 --out "$OUT/decode_combine_warps" 2>&1 | tee "$OUT/decode_combine_warps.log" ;;
     persistent-probe) python3 benchmarks/persistent_probe.py 2>&1 | tee "$OUT/persistent_probe.log" ;;
     fwd-gap-probe) python3 benchmarks/fwd_gap_probe.py 2>&1 | tee "$OUT/fwd_gap_probe.log" ;;
     table-vs-forced) python3 benchmarks/table_vs_forced.py 2>&1 | tee "$OUT/table_vs_forced.log" ;;

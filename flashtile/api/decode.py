@@ -23,6 +23,8 @@ from .launch import (LOG2E, _block_d, _capability, _dot_precision, _run_planned,
 MAX_SPLITS = 128
 # a split should stream at least this many keys, or the combine costs more than it saves
 MIN_KEYS_PER_SPLIT = 256
+# warps of a combine program (one output row: splits x head dim values)
+COMBINE_WARPS = 4
 
 
 def num_splits_heuristic(programs: int, capacity: int, device: torch.device) -> int:
@@ -124,7 +126,7 @@ def _decode_steps(call, cfg, num_splits, row_lookup, seqlen_new, softmax_scale, 
         def build_combine(cfg, call):
             return (call[10], call[11], call[8], call[9], *combine_scalars)
 
-        kwargs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, next_power_of_2(num_splits)), num_warps=4)
+        kwargs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, next_power_of_2(num_splits)), num_warps=COMBINE_WARPS)
         step = _Step(attn_combine_kernel, (batch * seqlen_q * nheads,), build_combine(cfg, call), cfg, kwargs, None)
         steps.append(step if dry else step.run())
         builders.append(build_combine)
