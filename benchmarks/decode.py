@@ -163,13 +163,14 @@ def sweep(args, bandwidth, page_size=None) -> list[dict]:
                       flush=True)
         decode_api.decode_config = default
         decode_api._fitting_stages.clear()
+        # the split kernel alone: its merge off and the combine kernel not launched
         combine = decode_api.attn_combine_kernel
-        decode_api.attn_combine_kernel = _NoLaunch()
+        decode_api.attn_combine_kernel, decode_api.MERGE_IN_KERNEL = _NoLaunch(), False
         launch.clear_caches()
         fn = step.flashtile(0)
         fn()
         ms = time_ms(fn, args.eager) / step.copies
-        decode_api.attn_combine_kernel = combine
+        decode_api.attn_combine_kernel, decode_api.MERGE_IN_KERNEL = combine, True
         launch.clear_caches()
         rows.append(dict(page_size=page_size, batch=batch, cache_len=cache_len, splits=0, without_combine=True,
                          us=ms * 1e3, bw_frac=step.kv_bytes / (ms * 1e-3) / bandwidth))
@@ -180,30 +181,39 @@ def sweep(args, bandwidth, page_size=None) -> list[dict]:
     return rows
 
 
-def combine_sweep(args, bandwidth) -> list[dict]:
-    """The step at batch 1 with each ``--combine-warps`` count of the combine kernel
-    (contiguous cache and the pages of ``--page-sizes``)."""
+def setting_sweep(args, bandwidth, setting: str, values: list) -> list[dict]:
+    """The step at batch 1 with each value of ``flashtile.api.decode.<setting>`` (e.g.
+    COMBINE_WARPS, MERGE_IN_KERNEL), for the contiguous cache and the pages of
+    ``--page-sizes``, at the ``--splits`` counts, the values alternated over two rounds
+    on the same cache copies."""
     from flashtile.api import decode as decode_api
     from flashtile.api import launch
 
-    default = decode_api.COMBINE_WARPS
+    default = getattr(decode_api, setting)
     rows = []
     for cache_len in [int(n) for n in args.sweep_lens.split(",")]:
         for page_size in [None] + args.page_sizes:
             step = Step(1, cache_len, args.nheads, args.nheads_k, args.head_dim, args.seqlen_q, page_size)
-            for warps in [int(w) for w in args.combine_warps.split(",")]:
-                decode_api.COMBINE_WARPS = warps
-                launch.clear_caches()
-                fn = step.flashtile(0)
-                fn()
-                ms = time_ms(fn, args.eager) / step.copies
-                rows.append(dict(page_size=page_size, batch=1, cache_len=cache_len, combine_warps=warps, us=ms * 1e3,
+            times = {}
+            for _ in range(2):
+                for splits in [int(n) for n in args.splits.split(",")]:
+                    for value in values:
+                        setattr(decode_api, setting, value)
+                        launch.clear_caches()
+                        fn = step.flashtile(splits)
+                        fn()
+                        times.setdefault((splits, value), []).append(time_ms(fn, args.eager) / step.copies)
+            for (splits, value), ms_list in times.items():
+                ms = min(ms_list)
+                rows.append(dict(page_size=page_size, batch=1, cache_len=cache_len, splits=splits,
+                                 **{setting.lower(): value}, us=ms * 1e3, us_rounds=[t * 1e3 for t in ms_list],
                                  bw_frac=step.kv_bytes / (ms * 1e-3) / bandwidth))
-                print(f"combine page={page_size} L={cache_len} warps={warps}: {ms * 1e3:.1f} us, "
-                      f"{100 * rows[-1]['bw_frac']:.1f}% bw", flush=True)
+                print(f"{setting}={value} page={page_size} L={cache_len} splits={splits}: {ms * 1e3:.1f} us "
+                      f"(rounds {', '.join(f'{t * 1e3:.1f}' for t in ms_list)}), {100 * rows[-1]['bw_frac']:.1f}% bw",
+                      flush=True)
             del step
             torch.cuda.empty_cache()
-    decode_api.COMBINE_WARPS = default
+    setattr(decode_api, setting, default)
     launch.clear_caches()
     return rows
 
@@ -270,7 +280,9 @@ def main():
     parser.add_argument("--splits", default="0,16,32", help="split counts of the sweeps (0: the heuristic)")
     parser.add_argument("--skip-table", action="store_true", help="only the sweeps")
     parser.add_argument("--combine-warps", default="", help="also time the step with these warps of the combine "
-                        "kernel (e.g. 1,2,4), at the cache lengths of --sweep-lens")
+                        "kernel (e.g. 1,2,4), at the cache lengths of --sweep-lens and the --splits counts")
+    parser.add_argument("--merge-ab", action="store_true", help="also time the step with the splits merged by the "
+                        "split kernel and by the combine kernel, at --sweep-lens and the --splits counts")
     args = parser.parse_args()
     args.page_sizes = [int(p) for p in args.page_sizes.split(",") if p]
     if not torch.cuda.is_available():
@@ -289,9 +301,11 @@ def main():
                 timing="eager" if args.eager else "cuda graph replay")
     sweep_rows = sweep(args, bandwidth) if args.sweep else []
     paged_rows = [r for p in args.page_sizes for r in sweep(args, bandwidth, p)] if args.sweep_paged else []
-    combine_rows = combine_sweep(args, bandwidth) if args.combine_warps else []
+    combine_rows = setting_sweep(args, bandwidth, "COMBINE_WARPS", [int(w) for w in args.combine_warps.split(",")]) \
+        if args.combine_warps else []
+    merge_rows = setting_sweep(args, bandwidth, "MERGE_IN_KERNEL", [True, False]) if args.merge_ab else []
     (out / "decode.json").write_text(json.dumps(dict(meta=meta, rows=rows, sweep=sweep_rows, sweep_paged=paged_rows,
-                                                     combine=combine_rows), indent=1))
+                                                     combine=combine_rows, merge=merge_rows), indent=1))
     if rows:
         save_plot(rows, providers, out / "decode.png",
               f"decoding, batch 1, {args.nheads}/{args.nheads_k} heads, d={args.head_dim}, bf16 ({meta['gpu']})")

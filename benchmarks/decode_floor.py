@@ -13,7 +13,8 @@ Rows (us per step and % of the large-copy bandwidth):
   splits) that streams its split's K/V tiles through the two products of
   the split kernel (so Triton pipelines the loads the same way) without
   the softmax, the LSE or a combine: the floor of any one-launch design
-  with this grid; ``stream paged``: the same with 16-row pages looked up
+  with this grid; ``length from memory``: the same with the length loaded
+  by each program (as the split kernel must) before its first K/V loads; ``stream paged``: the same with 16-row pages looked up
   per row (as the split kernel does) or per page (a vector of the tile's
   page ids, each broadcast over its rows);
 - ``flashtile``: the step itself, and the split kernel without the combine.
@@ -33,15 +34,19 @@ from decode import L2_BYTES, Step, _NoLaunch, copy_bandwidth, time_ms  # (benchm
 
 
 @triton.jit
-def stream_kernel(Q, K, V, Out, Table, stride_kb, stride_ks, stride_kh, seqlen, tiles_per_split,
+def stream_kernel(Q, K, V, Out, Table, Seqlen, stride_kb, stride_ks, stride_kh, seqlen, tiles_per_split,
                   PAGE_SIZE: tl.constexpr, PER_PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, LOAD_LENGTH: tl.constexpr = False):
     hk = tl.program_id(0)
     split = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     q = tl.load(Q + offs_m[:, None] * BLOCK_D + offs_d[None, :])
+    if LOAD_LENGTH:
+        # as the split kernel does: the length from memory, and the split's share from it
+        seqlen = tl.load(Seqlen)
+        tiles_per_split = tl.cdiv(tl.cdiv(seqlen, BLOCK_N), tl.num_programs(1))
     start = split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, seqlen)
     k_base = K + hk * stride_kh
@@ -69,19 +74,22 @@ def stream_kernel(Q, K, V, Out, Table, stride_kb, stride_ks, stride_kh, seqlen, 
              + offs_d[None, :], acc)
 
 
-def stream_fn(step: Step, page_size: int, per_page: bool, splits: int, block_n: int, warps: int, stages: int):
+def stream_fn(step: Step, page_size: int, per_page: bool, splits: int, block_n: int, warps: int, stages: int,
+              load_length: bool = False):
     cache_len = step.cache_len
     nheads_k, d = step.caches[0][0].shape[-2:]
+    # one length per cache copy, as each copy's step would have
+    lengths = [torch.full((1,), cache_len, device="cuda", dtype=torch.int32) for _ in step.caches]
     q = torch.randn(16, d, device="cuda", dtype=torch.bfloat16) * 0.01
     out = torch.empty(nheads_k * splits * 16 * d, device="cuda", dtype=torch.float32)
     tiles_per_split = triton.cdiv(triton.cdiv(cache_len, block_n), splits)
 
     def fn():
-        for (k, v), table in zip(step.caches, step.tables):
+        for (k, v), table, length in zip(step.caches, step.tables, lengths):
             stream_kernel[(nheads_k, splits)](
-                q, k, v, out, table if table is not None else k, k.stride(0), k.stride(1), k.stride(2),
+                q, k, v, out, table if table is not None else k, length, k.stride(0), k.stride(1), k.stride(2),
                 cache_len, tiles_per_split, PAGE_SIZE=page_size, PER_PAGE=per_page, BLOCK_M=16,
-                BLOCK_N=block_n, BLOCK_D=d, num_warps=warps, num_stages=stages)
+                BLOCK_N=block_n, BLOCK_D=d, LOAD_LENGTH=load_length, num_warps=warps, num_stages=stages)
     return fn
 
 
@@ -126,6 +134,8 @@ def main():
                                           (64, 64, 4, 3), (132, 64, 4, 3)):
                     record(cache_len, f"stream {splits} splits {bn}x{w}x{st}",
                            stream_fn(step, 0, False, splits, bn, w, st), copies, kv)
+                record(cache_len, "stream 16 splits 128x4x3, length from memory",
+                       stream_fn(step, 0, False, 16, 128, 4, 3, load_length=True), copies, kv)
             else:
                 for per_page in (False, True):
                     for splits, bn, w, st in ((32, 64, 4, 5), (16, 128, 4, 5), (32, 128, 4, 3)):
@@ -133,11 +143,12 @@ def main():
                                f"{bn}x{w}x{st}", stream_fn(step, 16, per_page, splits, bn, w, st), copies, kv)
             name = "flashtile" if page_size is None else "flashtile paged16"
             record(cache_len, name, step.flashtile(0), copies, kv)
+            # the split kernel alone: its merge off and the combine kernel not launched
             combine = decode_api.attn_combine_kernel
-            decode_api.attn_combine_kernel = _NoLaunch()
+            decode_api.attn_combine_kernel, decode_api.MERGE_IN_KERNEL = _NoLaunch(), False
             launch.clear_caches()
             record(cache_len, name + " split kernel alone", step.flashtile(0), copies, kv)
-            decode_api.attn_combine_kernel = combine
+            decode_api.attn_combine_kernel, decode_api.MERGE_IN_KERNEL = combine, True
             launch.clear_caches()
             del step
             torch.cuda.empty_cache()

@@ -53,8 +53,11 @@ for step in "$@"; do
         PYTHONPATH=$pp python3 benchmarks/decode.py --cache-lens 8192,16384,65536 --page-sizes 16 \
           --out "$OUT/decode_combine_$side" 2>&1 | tail -9 | sed "s/^/$side /"
       done
-      python3 benchmarks/decode.py --skip-table --combine-warps 1,2,4,8 --sweep-lens 8192,16384,65536 \
+      python3 benchmarks/decode.py --skip-table --combine-warps 1,2,4,8 --sweep-lens 8192,16384,65536 --splits 0 \
         --page-sizes 16 --out "$OUT/decode_combine_warps" 2>&1 | tee "$OUT/decode_combine_warps.log" ;;
+    ab-merge)  # the splits merged by the split kernel's last program or by the combine kernel, alternated
+      python3 benchmarks/decode.py --skip-table --merge-ab --sweep-lens 8192,16384,32768,65536,131072 --splits 0 \
+        --page-sizes 16,64,256 --out "$OUT/decode_merge_ab" 2>&1 | tee "$OUT/decode_merge_ab.log" ;;
     persistent-probe) python3 benchmarks/persistent_probe.py 2>&1 | tee "$OUT/persistent_probe.log" ;;
     fwd-gap-probe) python3 benchmarks/fwd_gap_probe.py 2>&1 | tee "$OUT/fwd_gap_probe.log" ;;
     table-vs-forced) python3 benchmarks/table_vs_forced.py 2>&1 | tee "$OUT/table_vs_forced.log" ;;

@@ -208,6 +208,23 @@ def test_rows_that_see_no_key():
     case.check(out, lse, causal=True)
 
 
+@pytest.mark.parametrize("num_splits", [4, 8, 16], ids=["rows_at_once", "row_by_row", "combine_kernel"])
+def test_split_merges(num_splits, monkeypatch):
+    """The split kernel's last program of a block merges the splits, several rows at once
+    or (more splits) one at a time; past MERGE_MAX_VALUES the combine kernel does. The
+    merge counters are left zero for the next call (here a replay of the launch plan)."""
+    from flashtile.api import decode, launch
+    monkeypatch.setattr(decode, "MERGE_MAX_VALUES", 8 * 64)  # lowered so that few splits reach each case
+    launch.clear_caches()
+    case = Case(batch=2, seqlen_q=3, nheads=4, nheads_k=2, head_dim=64, capacity=16 * 32, page_size=16,
+                lengths=[16 * 32 - 5, 100])
+    for _ in range(2):
+        out, lse = case.run(causal=True, num_splits=num_splits, return_softmax_lse=True)
+        case.check(out, lse, causal=True)
+    assert all(int(c.count_nonzero()) == 0 for c in decode._counters.values())
+    launch.clear_caches()
+
+
 def test_merging_two_parts_of_the_cache():
     """Attention over keys [0, m) merged with attention over [m, n) (leftpad = m) is attention over [0, n)."""
     case = Case(batch=2, seqlen_q=4, nheads=4, nheads_k=2, capacity=150, page_size=16, lengths=[150, 97])
@@ -343,15 +360,42 @@ def test_decode_gpu(dtype, page_size, seqlen_q, num_splits, head_dim):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("page_size", [None, 16], ids=lambda p: "contiguous" if p is None else f"page{p}")
-@pytest.mark.parametrize("seqlen_q,num_splits", [(1, 0), (1, 37), (9, 5)])
+@pytest.mark.parametrize("seqlen_q,num_splits", [(1, 0), (1, 37), (9, 5), (1, 100)])
 def test_decode_gpu_ragged_splits(page_size, seqlen_q, num_splits):
     # one long and one short sequence: most splits of the short one see no key; repeated
-    # calls replay the launch plan
+    # calls replay the launch plan. 100 splits: merged by the combine kernel
     case = Case(batch=2, seqlen_q=seqlen_q, nheads=32, nheads_k=8, head_dim=128, capacity=20000,
                 page_size=page_size, dtype=torch.bfloat16, lengths=[19000, 777])
     for _ in range(3):
         out, lse = case.run(causal=True, num_splits=num_splits, return_softmax_lse=True)
         case.check(out, lse, causal=True)
+
+
+@pytest.mark.gpu
+def test_decode_gpu_graphs_and_streams():
+    """Split decoding replayed from a CUDA graph, and run on two streams at once (each
+    stream has its own merge counters)."""
+    cases = [Case(batch=1, seqlen_q=1, nheads=32, nheads_k=8, head_dim=128, capacity=16384, dtype=torch.bfloat16,
+                  lengths=[16000 - 1000 * i]) for i in range(2)]
+    for case in cases:
+        case.run(num_splits=16)  # compile and plan outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_out = cases[0].run(num_splits=16)
+    for _ in range(3):
+        graph_out.zero_()
+        graph.replay()
+        cases[0].check(graph_out)
+    streams = [torch.cuda.Stream() for _ in cases]
+    outs = [None] * len(cases)
+    torch.cuda.synchronize()
+    for _ in range(20):
+        for i, (case, stream) in enumerate(zip(cases, streams)):
+            with torch.cuda.stream(stream):
+                outs[i] = case.run(num_splits=16)
+    torch.cuda.synchronize()
+    for case, out in zip(cases, outs):
+        case.check(out)
 
 
 @pytest.mark.gpu

@@ -105,14 +105,18 @@ def test_seeds_replay_only_within_their_specialisation_class(monkeypatch):
     assert opts[0] != opts[1] != opts[2] and opts[2] == opts[3]
 
 
-@pytest.mark.parametrize("page_size, num_splits, kernels", [
-    (None, 3, ["attn_decode_kernel", "attn_combine_kernel"]), (16, 2, ["attn_decode_kernel", "attn_combine_kernel"]),
-    (16, 0, ["attn_decode_kernel"])], ids=str)  # 0: the heuristic (one split for 96 keys here)
-def test_decoding_replays(monkeypatch, page_size, num_splits, kernels):
-    # the launches of a decoding step (the index checks' statistics, the split kernel and the
-    # combine kernel) replay with the next step's tensors
+@pytest.mark.parametrize("page_size, num_splits, merge_in_kernel, kernels", [
+    (None, 3, True, ["attn_decode_kernel"]), (16, 2, False, ["attn_decode_kernel", "attn_combine_kernel"]),
+    (16, 0, True, ["attn_decode_kernel"])], ids=str)  # 0: the heuristic (one split for 96 keys here)
+def test_decoding_replays(monkeypatch, page_size, num_splits, merge_in_kernel, kernels):
+    # the launches of a decoding step (the index checks' statistics, the split kernel and,
+    # where it does not merge the splits itself, the combine kernel) replay with the next
+    # step's tensors
     from flashtile import flash_attn_with_kvcache
+    from flashtile.api import decode
 
+    monkeypatch.setattr(decode, "MERGE_IN_KERNEL", merge_in_kernel)
+    launch.clear_caches()
     runs = count_plan_replays(monkeypatch)
 
     def step(seed, lengths):
@@ -131,3 +135,4 @@ def test_decoding_replays(monkeypatch, page_size, num_splits, kernels):
     fresh = step(1, [96, 7])
     for a, b in zip(replayed, fresh):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    launch.clear_caches()

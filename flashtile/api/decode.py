@@ -1,5 +1,5 @@
 """Attention of a few query tokens against a key/value cache: the split-KV
-kernels' launcher, the split heuristic, the tiled CPU path and the
+kernels' launcher (and the counters of their merges), the split heuristic, the tiled CPU path and the
 ``flashtile::attn_decode`` custom op (``torch.compile`` traces through it).
 
 The cache is either contiguous ``(batch_cache, seqlen_cache, nheads_k, d)``
@@ -25,6 +25,39 @@ MAX_SPLITS = 128
 MIN_KEYS_PER_SPLIT = 256
 # warps of a combine program (one output row: splits x head dim values)
 COMBINE_WARPS = 4
+# The split kernel's last program of a (batch, kv head, query block) merges the splits
+# (H200: 0.4-0.9 us a step faster than the combine kernel, docs/performance.md) where the
+# splits x head dim fp32 values of a row fit its registers; else the combine kernel does.
+MERGE_IN_KERNEL = True
+MERGE_MAX_VALUES = 8192
+
+
+def merge_layout(num_splits: int, block_d: int, block_m: int) -> tuple[int, int] | None:
+    """(BLOCK_S, MERGE_ROWS) of the split kernel's own merge of ``num_splits`` parts, or
+    None where the combine kernel merges them."""
+    block_s = max(2, next_power_of_2(num_splits))
+    if not MERGE_IN_KERNEL or num_splits == 1 or block_s * block_d > MERGE_MAX_VALUES:
+        return None
+    return block_s, max(1, min(block_m, MERGE_MAX_VALUES // (block_s * block_d)))
+
+
+# (device, stream) -> the zero int32 counters of the split kernels' merges on that stream:
+# launches on one stream run one after another and each leaves its counters zero
+_counters: dict[tuple, torch.Tensor] = {}
+# counters replaced by larger ones, kept for the CUDA graphs that captured them
+_retired_counters: list[torch.Tensor] = []
+
+
+def merge_counters(device: torch.device, count: int) -> torch.Tensor:
+    """At least ``count`` zero int32 counters for merges on ``device``'s current stream."""
+    stream = triton.runtime.driver.active.get_current_stream(device.index) if device.type == "cuda" else 0
+    key = (device, stream)
+    counters = _counters.get(key)
+    if counters is None or counters.numel() < count:
+        if counters is not None:
+            _retired_counters.append(counters)
+        counters = _counters[key] = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+    return counters
 
 
 def num_splits_heuristic(programs: int, capacity: int, device: torch.device) -> int:
@@ -48,7 +81,7 @@ _fitting_stages: dict[tuple, int] = {}
 
 
 def _decode_setup(q, k_cache, block_table, num_splits):
-    """(launch config, number of splits, page lookup per row) of one call."""
+    """(launch config, number of splits, page lookup per row, merge layout or None) of one call."""
     batch, seqlen_q, nheads, head_dim = q.shape
     nheads_k = k_cache.shape[2]
     paged = block_table is not None
@@ -67,14 +100,16 @@ def _decode_setup(q, k_cache, block_table, num_splits):
         # (247 us vs 301 us)
         cfg = cfg._replace(block_n=min(cfg.block_n, 64), num_stages=min(cfg.num_stages, 3))
         row_lookup = True
-    return cfg, num_splits, row_lookup
+    return cfg, num_splits, row_lookup, merge_layout(num_splits, _block_d(head_dim), cfg.block_m)
 
 
-def _decode_steps(call, cfg, num_splits, row_lookup, seqlen_new, softmax_scale, window_left, window_right, softcap,
-                  dry):
-    """The split kernel's launch and, with several splits, the combine kernel's, run
-    (or with ``dry`` only built) for ``call``: (steps, builders), as launch plans take them."""
-    q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi, out, lse, part_out, part_lse = call
+def _decode_steps(call, cfg, num_splits, row_lookup, merge, seqlen_new, softmax_scale, window_left, window_right,
+                  softcap, dry):
+    """The split kernel's launch and, with several splits not merged by it (``merge``:
+    its merge layout, or None), the combine kernel's, run (or with ``dry`` only built)
+    for ``call``: (steps, builders), as launch plans take them."""
+    (q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi, out, lse, part_out, part_lse,
+     _) = call
     batch, seqlen_q, nheads, head_dim = q.shape
     nheads_k = k_cache.shape[2]
     block_d = _block_d(head_dim)
@@ -85,7 +120,7 @@ def _decode_steps(call, cfg, num_splits, row_lookup, seqlen_new, softmax_scale, 
     softcap_div = softcap if softcap > 0 else 1.0
     scalars = (*q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *o_strides, *l_strides,
                0 if block_table is None else block_table.stride(0),
-               0 if alibi is None or alibi.dim() == 1 else alibi.stride(0),
+               0 if alibi is None or alibi.dim() == 1 else alibi.stride(0), *out.stride()[:3], *lse.stride()[:2],
                nheads_k, seqlen_q, seqlen_new, nheads // nheads_k, block_table.shape[1] if paged else 0,
                window_left, window_right, softmax_scale * LOG2E, softmax_scale / softcap_div, softcap_div * LOG2E)
     constexprs = dict(
@@ -94,13 +129,15 @@ def _decode_steps(call, cfg, num_splits, row_lookup, seqlen_new, softmax_scale, 
         MASK_RIGHT=window_right >= 0, SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None,
         UPCAST=interpreting() and q.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(q.dtype, q.device),
         ROW_LOOKUP=row_lookup, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
+    if merge is not None:
+        constexprs.update(MERGE=True, BLOCK_S=merge[0], MERGE_ROWS=merge[1])
     grid = (batch * nheads_k, num_splits, cdiv(seqlen_q * (nheads // nheads_k), cfg.block_m))
 
     def build_split(cfg, call):
-        q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi, _, _, po, pl = call
+        q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi, o, l, po, pl, counters = call
         return (q, k_cache, v_cache, po, pl, cache_seqlens, q if cache_batch_idx is None else cache_batch_idx,
                 q if block_table is None else block_table, q if leftpad is None else leftpad,
-                q if alibi is None else alibi, *scalars)
+                q if alibi is None else alibi, o, l, cache_seqlens if counters is None else counters, *scalars)
 
     # shared memory: fewer pipeline stages while the compiler says they do not fit
     fit_key = (cfg, tuple(constexprs.items()))
@@ -119,7 +156,7 @@ def _decode_steps(call, cfg, num_splits, row_lookup, seqlen_new, softmax_scale, 
         break
     steps.append(step)
     builders = [build_split]
-    if num_splits > 1:
+    if num_splits > 1 and merge is None:
         combine_scalars = (*part_out.stride()[1:4], part_out.stride(0), *part_lse.stride()[1:3], part_lse.stride(0),
                            *out.stride()[:3], *lse.stride()[:2], nheads, seqlen_q, num_splits)
 
@@ -141,7 +178,7 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_ta
     setup = plan_setups.get(key)
     if setup is None:
         setup = _decode_setup(q, k_cache, block_table, num_splits)
-    cfg, splits, row_lookup = setup
+    cfg, splits, row_lookup, merge = setup
     out = torch.empty_like(q)
     lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), device=q.device, dtype=torch.float32)
     if splits == 1:
@@ -149,10 +186,15 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_ta
     else:
         part_out = torch.empty((splits, *q.shape), device=q.device, dtype=torch.float32)
         part_lse = torch.empty((splits, *lse.shape), device=q.device, dtype=torch.float32)
+    counters = None
+    if merge is not None:
+        batch, seqlen_q, nheads, _ = q.shape
+        nheads_k = k_cache.shape[2]
+        counters = merge_counters(q.device, batch * nheads_k * cdiv(seqlen_q * (nheads // nheads_k), cfg.block_m))
     call = (q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi, out, lse, part_out,
-            part_lse)
-    _run_planned(key, call, lambda dry: _decode_steps(call, cfg, splits, row_lookup, seqlen_new, softmax_scale,
-                                                      window_left, window_right, softcap, dry))
+            part_lse, counters)
+    _run_planned(key, call, lambda dry: _decode_steps(call, cfg, splits, row_lookup, merge, seqlen_new,
+                                                      softmax_scale, window_left, window_right, softcap, dry))
     plan_setups[key] = setup  # a replayed call skips the heuristics too
     return out, lse
 

@@ -4,8 +4,10 @@ kernel that merges the splits.
 Decoding has a handful of query tokens per sequence, so one program per
 (batch, head, query block) leaves most of the GPU idle. Here the key range
 of each sequence is cut into ``num_splits`` parts; a program attends one
-part for one (batch, kv head) and writes its partial output and LSE; the
-combine kernel merges the parts by their log-sum-exp.
+part for one (batch, kv head) and writes its partial output and LSE, and
+the parts are merged by their log-sum-exp: by the last program of the
+(batch, kv head, query block) to finish (MERGE: a counter per block, the
+parts still in L2, one launch a step) or by the combine kernel.
 
 The rows of a program are (query token, query head of the GQA group) pairs,
 ``row = token * group_size + head_in_group``, so the query heads that share
@@ -31,19 +33,20 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 @triton.jit
 def attn_decode_kernel(
-    Q, K, V, Out, Lse, CacheSeqlens, CacheBatchIdx, BlockTable, Leftpad, Alibi,
+    Q, K, V, Out, Lse, CacheSeqlens, CacheBatchIdx, BlockTable, Leftpad, Alibi, MergedOut, MergedLse, Counters,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh, stride_osplit,
     stride_lb, stride_lh, stride_lsplit,
-    stride_tb, stride_ab,
+    stride_tb, stride_ab, stride_mb, stride_ms, stride_mh, stride_mlb, stride_mlh,
     nheads_k, seqlen_q, seqlen_new, group_size, max_pages, window_left, window_right,
     qk_scale, softcap_in, softcap_out,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_LOOKUP: tl.constexpr = False,
+    MERGE: tl.constexpr = False, BLOCK_S: tl.constexpr = 1, MERGE_ROWS: tl.constexpr = 1,
 ):
     """Grid: (batch * nheads_k, num_splits, cdiv(seqlen_q * group_size, BLOCK_M)).
 
@@ -56,7 +59,11 @@ def attn_decode_kernel(
     bottom-right. Out / Lse: with one split, the output (q's layout
     and dtype) and the natural-log LSE (batch, nheads, seqlen_q); with
     several, fp32 partial results of each split at ``split * stride_osplit``
-    / ``split * stride_lsplit``, merged by :func:`attn_combine_kernel`.
+    / ``split * stride_lsplit``, merged by :func:`attn_combine_kernel`, or with
+    MERGE by the last program of the block into MergedOut / MergedLse
+    (laid out as Out / Lse with one split): ``Counters`` holds a zero int32
+    per (batch * nheads_k, query block), left zero for the next launch.
+    BLOCK_S: a power of two >= num_splits; MERGE_ROWS: rows merged at once.
     """
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -175,6 +182,57 @@ def attn_decode_kernel(
     lse_ptrs = Lse + split.to(tl.int64) * stride_lsplit + b.to(tl.int64) * stride_lb + head * stride_lh + tok
     tl.store(lse_ptrs, lse, mask=row_ok)
 
+    if MERGE:
+        # the last program of the block to count merges every split's part, all read at once
+        # (reading them one after another, each an L2 round trip, measured slower than the
+        # combine kernel). The barrier puts every thread's stores before the count, which
+        # releases them and acquires the other programs' (acq_rel at GPU scope).
+        tl.debug_barrier()
+        counter = Counters + pid_bh * tl.num_programs(2) + pid_m
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+            tl.store(counter, 0)  # for the next launch (CUDA graph replays reuse the counters)
+            tl.debug_barrier()
+            n_rows = tl.minimum(seqlen_q * group_size - pid_m * BLOCK_M, BLOCK_M)
+            # MERGE_ROWS rows at a time (their splits x D values fill the registers): not pipelined
+            for r0 in tl.range(0, n_rows, MERGE_ROWS, num_stages=1):
+                offs_mr = r0 + tl.arange(0, MERGE_ROWS)
+                m_ok = offs_mr < n_rows
+                m_tok = (pid_m * BLOCK_M + offs_mr) // group_size
+                m_head = hk * group_size + (pid_m * BLOCK_M + offs_mr) % group_size
+                part_rows = b.to(tl.int64) * stride_ob + m_tok * stride_os + m_head * stride_oh
+                lse_rows = b.to(tl.int64) * stride_lb + m_head * stride_lh + m_tok
+                merged, merged_lse = merge_parts(Out + part_rows[:, None] + offs_d[None, :], Lse + lse_rows,
+                                                 stride_osplit, stride_lsplit, num_splits, m_ok, d_ok, BLOCK_S)
+                merged_rows = b.to(tl.int64) * stride_mb + m_tok * stride_ms + m_head * stride_mh
+                tl.store(MergedOut + merged_rows[:, None] + offs_d[None, :], merged.to(MergedOut.dtype.element_ty),
+                         mask=m_ok[:, None] & d_ok)
+                tl.store(MergedLse + b.to(tl.int64) * stride_mlb + m_head * stride_mlh + m_tok, merged_lse, mask=m_ok)
+
+
+@triton.jit
+def merge_parts(part_ptrs, lse_ptrs, stride_part_split, stride_lse_split, num_splits, row_ok, d_ok,
+                BLOCK_S: tl.constexpr):
+    """The ``num_splits`` partial results of some rows merged: split ``s``'s fp32 outputs
+    at ``part_ptrs + s * stride_part_split`` (rows x D) and its natural-log LSEs at
+    ``lse_ptrs + s * stride_lse_split`` (rows). Returns (rows x D, rows)
+    ``sum_s exp(lse_s - lse) * part_s`` and ``lse = log sum_s exp(lse_s)``; a row no split
+    saw gives zeros and LSE -inf. All splits are read at once, as (rows, splits, D), the
+    splits in each thread's registers so that their sums need no exchange between
+    threads (BLOCK_S >= num_splits)."""
+    split_offs = tl.arange(0, BLOCK_S).to(tl.int64)
+    ok = row_ok[:, None] & (split_offs < num_splits)[None, :]
+    lse_parts = tl.load(lse_ptrs[:, None] + split_offs[None, :] * stride_lse_split, mask=ok, other=float("-inf"),
+                        cache_modifier=".cg")
+    parts = tl.load(part_ptrs[:, None, :] + (split_offs * stride_part_split)[None, :, None],
+                    mask=ok[:, :, None] & d_ok[:, None, :], other=0.0, cache_modifier=".cg")
+    top = tl.max(lse_parts, 1)
+    top = tl.where(top == float("-inf"), 0.0, top)  # a row no split saw: keep exp finite
+    w = tl.exp(lse_parts - top[:, None])
+    total = tl.sum(w, 1)
+    seen = total > 0.0
+    merged = tl.sum(parts * w[:, :, None], 1) / tl.where(seen, total, 1.0)[:, None]
+    return merged, tl.where(seen, top + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
+
 
 @triton.jit
 def attn_combine_kernel(
@@ -195,22 +253,13 @@ def attn_combine_kernel(
     h = pid % nheads
     t = (pid // nheads) % seqlen_q
     b = pid // (nheads * seqlen_q)
-    offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_ok = offs_s < num_splits
-    lse_s = tl.load(LsePartial + b.to(tl.int64) * stride_plb + h * stride_plh + t + offs_s * stride_plsplit,
-                    mask=s_ok, other=float("-inf"))
-    top = tl.max(lse_s, 0)
-    top = tl.where(top == float("-inf"), 0.0, top)
-    w = tl.exp(lse_s - top)
-    total = tl.sum(w, 0)
-    seen = total > 0.0
-    w = w / tl.where(seen, total, 1.0)
-    parts = tl.load(OutPartial + b.to(tl.int64) * stride_pb + t * stride_ps + h * stride_ph
-                    + offs_s[:, None].to(tl.int64) * stride_psplit + offs_d[None, :],
-                    mask=s_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    out = tl.sum(parts * w[:, None], 0)
-    tl.store(Out + b.to(tl.int64) * stride_ob + t * stride_os + h * stride_oh + offs_d, out.to(Out.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)
-    tl.store(Lse + b.to(tl.int64) * stride_lb + h * stride_lh + t,
-             tl.where(seen, top + tl.log(tl.where(seen, total, 1.0)), float("-inf")))
+    # one row, as a block of one
+    rows = b.to(tl.int64) * stride_pb + t * stride_ps + h * stride_ph + tl.zeros([1], tl.int64)
+    lse_row = b.to(tl.int64) * stride_plb + h * stride_plh + t + tl.zeros([1], tl.int64)
+    d_ok = offs_d[None, :] < HEAD_DIM
+    out, lse = merge_parts(OutPartial + rows[:, None] + offs_d[None, :], LsePartial + lse_row, stride_psplit,
+                           stride_plsplit, num_splits, tl.full([1], True, tl.int1), d_ok, BLOCK_S)
+    tl.store(Out + b.to(tl.int64) * stride_ob + t * stride_os + h * stride_oh + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=d_ok)
+    tl.store(Lse + b.to(tl.int64) * stride_lb + h * stride_lh + t + tl.zeros([1], tl.int64), lse)
