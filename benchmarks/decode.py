@@ -283,7 +283,12 @@ def main():
                         "kernel (e.g. 1,2,4), at the cache lengths of --sweep-lens and the --splits counts")
     parser.add_argument("--merge-ab", action="store_true", help="also time the step with the splits merged by the "
                         "split kernel and by the combine kernel, at --sweep-lens and the --splits counts")
+    parser.add_argument("--merge-max-values", type=int, default=0, help="MERGE_MAX_VALUES of flashtile.api.decode "
+                        "(the split kernel merges where splits x head dim values of a row fit; 0: as committed)")
     args = parser.parse_args()
+    if args.merge_max_values:
+        from flashtile.api import decode as decode_api
+        decode_api.MERGE_MAX_VALUES = args.merge_max_values
     args.page_sizes = [int(p) for p in args.page_sizes.split(",") if p]
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/decode.py needs a CUDA GPU (the tests cover the CPU paths)")

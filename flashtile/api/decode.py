@@ -26,37 +26,80 @@ MIN_KEYS_PER_SPLIT = 256
 # warps of a combine program (one output row: splits x head dim values)
 COMBINE_WARPS = 4
 # The split kernel's last program of a (batch, kv head, query block) merges the splits
-# (H200: 0.4-0.9 us a step faster than the combine kernel, docs/performance.md) where the
-# splits x head dim fp32 values of a row fit its registers; else the combine kernel does.
+# where it reads all of them for all the block's rows at once (MERGE_ROWS rows x splits x
+# head dim fp32 values within MERGE_MAX_VALUES); else the combine kernel does. H200
+# (docs/performance.md): 0.4-0.9 us a step faster with 4 rows, 2-4 us slower when the
+# merge took the rows of a block in 2-7 rounds.
 MERGE_IN_KERNEL = True
 MERGE_MAX_VALUES = 8192
 
 
-def merge_layout(num_splits: int, block_d: int, block_m: int) -> tuple[int, int] | None:
-    """(BLOCK_S, MERGE_ROWS) of the split kernel's own merge of ``num_splits`` parts, or
-    None where the combine kernel merges them."""
+def merge_layout(num_splits: int, block_d: int, block_m: int, rows: int) -> tuple[int, int] | None:
+    """(BLOCK_S, MERGE_ROWS) of the split kernel's own merge of ``num_splits`` parts of
+    ``rows = seqlen_q * group_size`` rows, or None where the combine kernel merges them."""
     block_s = max(2, next_power_of_2(num_splits))
-    if not MERGE_IN_KERNEL or num_splits == 1 or block_s * block_d > MERGE_MAX_VALUES:
+    merge_rows = min(block_m, MERGE_MAX_VALUES // (block_s * block_d))
+    if not MERGE_IN_KERNEL or num_splits == 1 or merge_rows < min(block_m, rows):
         return None
-    return block_s, max(1, min(block_m, MERGE_MAX_VALUES // (block_s * block_d)))
+    return block_s, merge_rows
 
 
-# (device, stream) -> the zero int32 counters of the split kernels' merges on that stream:
-# launches on one stream run one after another and each leaves its counters zero
-_counters: dict[tuple, torch.Tensor] = {}
-# counters replaced by larger ones, kept for the CUDA graphs that captured them
-_retired_counters: list[torch.Tensor] = []
+# The merges' counters: int32 zeros, one per (batch, kv head, query block) of a launch,
+# which its merging programs leave zero again. They are slices of a reserve that no CUDA
+# graph pool manages (a graph pool hands the memory of tensors it does not know about to
+# others), allocated outside graph capture: eager calls take one slice per stream (calls
+# on a stream run one after another), each captured launch its own for good. Where no
+# slice can be had (during a capture before any eager call, or where the allocator put the
+# reserve in a graph pool) the combine kernel merges instead.
+COUNTER_RESERVE = 1 << 16
+_reserves: dict[torch.device, list] = {}  # device -> [reserve, first free counter]
+_stream_counters: dict[tuple, torch.Tensor] = {}  # (device, stream) -> the eager calls' slice
 
 
-def merge_counters(device: torch.device, count: int) -> torch.Tensor:
-    """At least ``count`` zero int32 counters for merges on ``device``'s current stream."""
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _in_default_pool(t: torch.Tensor) -> bool:
+    """True when ``t`` lies in the CUDA caching allocator's default pool (not a graph's)."""
+    if t.device.type != "cuda":
+        return True
+    ptr = t.data_ptr()
+    for segment in torch.cuda.memory_snapshot():
+        if segment["address"] <= ptr < segment["address"] + segment["total_size"]:
+            return tuple(segment.get("segment_pool_id", (-1, -1))) == (0, 0)
+    return False
+
+
+def _counter_slice(device: torch.device, count: int) -> torch.Tensor | None:
+    """``count`` zero counters that no other launch uses, or None."""
+    entry = _reserves.get(device)
+    if entry is None or entry[1] + count > entry[0].numel():
+        if _capturing(device):
+            return None
+        reserve = torch.zeros(max(COUNTER_RESERVE, count), dtype=torch.int32, device=device)
+        if not _in_default_pool(reserve):
+            return None
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()  # zero before other streams use it
+        entry = _reserves[device] = [reserve, 0]  # slices given out keep the old reserve alive
+    start = entry[1]
+    entry[1] += count
+    return entry[0][start:start + count]
+
+
+def merge_counters(device: torch.device, count: int) -> torch.Tensor | None:
+    """``count`` zero int32 counters for a launch that merges its splits on ``device``'s
+    current stream, or None (then the combine kernel merges)."""
+    if _capturing(device):
+        return _counter_slice(device, count)
     stream = triton.runtime.driver.active.get_current_stream(device.index) if device.type == "cuda" else 0
-    key = (device, stream)
-    counters = _counters.get(key)
+    counters = _stream_counters.get((device, stream))
     if counters is None or counters.numel() < count:
-        if counters is not None:
-            _retired_counters.append(counters)
-        counters = _counters[key] = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+        counters = _counter_slice(device, count)
+        if counters is None:
+            return None
+        _stream_counters[(device, stream)] = counters
     return counters
 
 
@@ -100,7 +143,8 @@ def _decode_setup(q, k_cache, block_table, num_splits):
         # (247 us vs 301 us)
         cfg = cfg._replace(block_n=min(cfg.block_n, 64), num_stages=min(cfg.num_stages, 3))
         row_lookup = True
-    return cfg, num_splits, row_lookup, merge_layout(num_splits, _block_d(head_dim), cfg.block_m)
+    return cfg, num_splits, row_lookup, merge_layout(num_splits, _block_d(head_dim), cfg.block_m,
+                                                     seqlen_q * (nheads // nheads_k))
 
 
 def _decode_steps(call, cfg, num_splits, row_lookup, merge, seqlen_new, softmax_scale, window_left, window_right,
@@ -178,7 +222,16 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_ta
     setup = plan_setups.get(key)
     if setup is None:
         setup = _decode_setup(q, k_cache, block_table, num_splits)
+    plan_setups[key] = setup  # a replayed call skips the heuristics too
     cfg, splits, row_lookup, merge = setup
+    counters = None
+    if merge is not None:
+        batch, seqlen_q, nheads, _ = q.shape
+        nheads_k = k_cache.shape[2]
+        counters = merge_counters(q.device, batch * nheads_k * cdiv(seqlen_q * (nheads // nheads_k), cfg.block_m))
+        if counters is None:
+            merge = None
+    key = key + (merge is not None,)  # the plans with and without the merge differ
     out = torch.empty_like(q)
     lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), device=q.device, dtype=torch.float32)
     if splits == 1:
@@ -186,16 +239,10 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_ta
     else:
         part_out = torch.empty((splits, *q.shape), device=q.device, dtype=torch.float32)
         part_lse = torch.empty((splits, *lse.shape), device=q.device, dtype=torch.float32)
-    counters = None
-    if merge is not None:
-        batch, seqlen_q, nheads, _ = q.shape
-        nheads_k = k_cache.shape[2]
-        counters = merge_counters(q.device, batch * nheads_k * cdiv(seqlen_q * (nheads // nheads_k), cfg.block_m))
     call = (q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi, out, lse, part_out,
             part_lse, counters)
     _run_planned(key, call, lambda dry: _decode_steps(call, cfg, splits, row_lookup, merge, seqlen_new,
                                                       softmax_scale, window_left, window_right, softcap, dry))
-    plan_setups[key] = setup  # a replayed call skips the heuristics too
     return out, lse
 
 

@@ -193,7 +193,8 @@ def attn_decode_kernel(
             tl.store(counter, 0)  # for the next launch (CUDA graph replays reuse the counters)
             tl.debug_barrier()
             n_rows = tl.minimum(seqlen_q * group_size - pid_m * BLOCK_M, BLOCK_M)
-            # MERGE_ROWS rows at a time (their splits x D values fill the registers): not pipelined
+            # MERGE_ROWS rows at a time, not pipelined (the launcher merges here only where one
+            # round covers the block's rows: more rounds measured slower than the combine kernel)
             for r0 in tl.range(0, n_rows, MERGE_ROWS, num_stages=1):
                 offs_mr = r0 + tl.arange(0, MERGE_ROWS)
                 m_ok = offs_mr < n_rows
