@@ -14,9 +14,10 @@ Rows (us per step and % of the large-copy bandwidth):
   the split kernel (so Triton pipelines the loads the same way) without
   the softmax, the LSE or a combine: the floor of any one-launch design
   with this grid; ``length from memory``: the same with the length loaded
-  by each program (as the split kernel must) before its first K/V loads; ``stream paged``: the same with 16-row pages looked up
-  per row (as the split kernel does) or per page (a vector of the tile's
-  page ids, each broadcast over its rows);
+  by each program (as the split kernel must) before its first K/V loads;
+  ``stream paged``: the same with 16-row pages looked up per row (as the
+  split kernel did) or per page (a vector of the tile's page ids, each
+  broadcast over its rows);
 - ``flashtile``: the step itself, and the split kernel without the combine.
 """
 

@@ -1,6 +1,7 @@
 """Attention of a few query tokens against a key/value cache: the split-KV
-kernels' launcher (and the counters of their merges), the split heuristic, the tiled CPU path and the
-``flashtile::attn_decode`` custom op (``torch.compile`` traces through it).
+kernels' launcher (and the counters of their merges), the split heuristic,
+the tiled CPU path and the ``flashtile::attn_decode`` custom op
+(``torch.compile`` traces through it).
 
 The cache is either contiguous ``(batch_cache, seqlen_cache, nheads_k, d)``
 or paged ``(num_pages, page_size, nheads_k, d)`` with an int32
