@@ -28,7 +28,7 @@ import json
 import torch
 
 import flashtile
-from flashtile.bench import median_ms
+from flashtile.cli.bench import median_ms
 
 
 def measure(fn, inputs, backward: bool, cuda: bool):
@@ -67,7 +67,7 @@ def run_one(seqlen: int, dtype: torch.dtype, args, device: str) -> dict:
     providers = {
         "kernel": (lambda: flashtile.flash_cosine_sim_attention(q, k, v, mask=mask, scale=scale, causal=causal),
                    (q, k, v)),
-        "baseline": (lambda: flashtile.plain_cosine_sim_attention(q, k, v, mask=mask, scale=scale, causal=causal),
+        "baseline": (lambda: flashtile.testing.plain_cosine_sim_attention(q, k, v, mask=mask, scale=scale, causal=causal),
                      (q, k, v)),
         "kernel_prenorm": (lambda: flashtile.flash_cosine_sim_attention(qn, kn, v, mask=mask, scale=scale,
                                                                         causal=causal, l2norm_qk=False),

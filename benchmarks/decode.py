@@ -127,9 +127,9 @@ def sweep(args, bandwidth, page_size=None) -> list[dict]:
     the launch table and the split heuristic, on a contiguous cache (``page_size``
     None) or a paged one. Also times the split kernel alone (partial results not
     merged: what the combine costs) with the default tiles."""
-    from flashtile.api import decode as decode_api
-    from flashtile.api import launch
-    from flashtile.kernels.configs import LaunchConfig
+    from flashtile.backends.triton.launch import decode as decode_api
+    from flashtile.backends.triton.launch import plans as launch_plans
+    from flashtile.backends.triton.launch.table import LaunchConfig
 
     default = decode_api.decode_config
     tiles = [tuple(int(x) for x in t.split("x")) for t in args.tiles.split(",")]
@@ -143,8 +143,7 @@ def sweep(args, bandwidth, page_size=None) -> list[dict]:
         for block_n, warps, stages in tiles:
             decode_api.decode_config = lambda rows_, *a, bn=block_n, w=warps, st=stages, **kw: LaunchConfig(
                 min(128, max(16, 1 << (max(rows_, 1) - 1).bit_length())), bn, w, st)
-            launch.clear_caches()  # launch plans made with the previous tiles
-            decode_api._fitting_stages.clear()
+            launch_plans.clear_caches()  # launch plans made with the previous tiles
             for splits in splits_list:
                 if batch == 64 and splits not in (0, 1):
                     continue
@@ -162,16 +161,15 @@ def sweep(args, bandwidth, page_size=None) -> list[dict]:
                       f"stages={stages} splits={splits}: {ms * 1e3:.1f} us, {100 * rows[-1]['bw_frac']:.1f}% bw",
                       flush=True)
         decode_api.decode_config = default
-        decode_api._fitting_stages.clear()
         # the split kernel alone: its merge off and the combine kernel not launched
         combine = decode_api.attn_combine_kernel
         decode_api.attn_combine_kernel, decode_api.MERGE_IN_KERNEL = _NoLaunch(), False
-        launch.clear_caches()
+        launch_plans.clear_caches()
         fn = step.flashtile(0)
         fn()
         ms = time_ms(fn, args.eager) / step.copies
         decode_api.attn_combine_kernel, decode_api.MERGE_IN_KERNEL = combine, True
-        launch.clear_caches()
+        launch_plans.clear_caches()
         rows.append(dict(page_size=page_size, batch=batch, cache_len=cache_len, splits=0, without_combine=True,
                          us=ms * 1e3, bw_frac=step.kv_bytes / (ms * 1e-3) / bandwidth))
         print(f"sweep page={page_size} batch={batch} L={cache_len} default tiles, split kernel without the "
@@ -182,12 +180,12 @@ def sweep(args, bandwidth, page_size=None) -> list[dict]:
 
 
 def setting_sweep(args, bandwidth, setting: str, values: list) -> list[dict]:
-    """The step at batch 1 with each value of ``flashtile.api.decode.<setting>`` (e.g.
+    """The step at batch 1 with each value of ``flashtile.backends.triton.launch.decode.<setting>`` (e.g.
     COMBINE_WARPS, MERGE_IN_KERNEL), for the contiguous cache and the pages of
     ``--page-sizes``, at the ``--splits`` counts, the values alternated over two rounds
     on the same cache copies."""
-    from flashtile.api import decode as decode_api
-    from flashtile.api import launch
+    from flashtile.backends.triton.launch import decode as decode_api
+    from flashtile.backends.triton.launch import plans as launch_plans
 
     default = getattr(decode_api, setting)
     rows = []
@@ -199,7 +197,7 @@ def setting_sweep(args, bandwidth, setting: str, values: list) -> list[dict]:
                 for splits in [int(n) for n in args.splits.split(",")]:
                     for value in values:
                         setattr(decode_api, setting, value)
-                        launch.clear_caches()
+                        launch_plans.clear_caches()
                         fn = step.flashtile(splits)
                         fn()
                         times.setdefault((splits, value), []).append(time_ms(fn, args.eager) / step.copies)
@@ -214,7 +212,7 @@ def setting_sweep(args, bandwidth, setting: str, values: list) -> list[dict]:
             del step
             torch.cuda.empty_cache()
     setattr(decode_api, setting, default)
-    launch.clear_caches()
+    launch_plans.clear_caches()
     return rows
 
 
@@ -283,11 +281,11 @@ def main():
                         "kernel (e.g. 1,2,4), at the cache lengths of --sweep-lens and the --splits counts")
     parser.add_argument("--merge-ab", action="store_true", help="also time the step with the splits merged by the "
                         "split kernel and by the combine kernel, at --sweep-lens and the --splits counts")
-    parser.add_argument("--merge-max-values", type=int, default=0, help="MERGE_MAX_VALUES of flashtile.api.decode "
+    parser.add_argument("--merge-max-values", type=int, default=0, help="MERGE_MAX_VALUES of flashtile.backends.triton.launch.decode "
                         "(the split kernel merges where splits x head dim values of a row fit; 0: as committed)")
     args = parser.parse_args()
     if args.merge_max_values:
-        from flashtile.api import decode as decode_api
+        from flashtile.backends.triton.launch import decode as decode_api
         decode_api.MERGE_MAX_VALUES = args.merge_max_values
     args.page_sizes = [int(p) for p in args.page_sizes.split(",") if p]
     if not torch.cuda.is_available():

@@ -20,7 +20,7 @@ import time
 import torch
 
 import flashtile
-from flashtile.bench import graph_ms
+from flashtile.cli.bench import graph_ms
 
 
 def enqueue_us(fn, calls: int = 200) -> float:
@@ -81,114 +81,6 @@ def cases(b: int, s: int, h: int, d: int, causal: bool):
             "sdpa_flash fwd": sdpa_fwd, "sdpa_flash fwd+bwd": sdpa_fwd_bwd}
 
 
-def launch_detail() -> None:
-    """Host time of each layer of one forward and one backward call (tiny inputs)."""
-    from flashtile.api import launch, ops
-
-    q, k, v = (torch.randn(1, 128, 2, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    opts = ops.attn_options(q, k, None, None, None, 128**-0.5, 0, -1, 0, 0.0, 0.0, False)
-    out, lse = launch.attention_forward(q, k, v, opts)
-    dout = torch.randn_like(out)
-    launches = []
-    real_launch = launch._launch
-
-    def recording_launch(name, kernel, grid_fn, args, constexprs, tensor, block_d, seqlens=(0, 0), dry=False):
-        launches.append((name, kernel, grid_fn, args, constexprs, tensor, block_d))
-        return real_launch(name, kernel, grid_fn, args, constexprs, tensor, block_d, seqlens, dry)
-
-    launch._launch = recording_launch
-    launch.clear_caches()  # the calls below build their launches (no plan to replay)
-    launch.attention_forward(q, k, v, opts)
-    launch.attention_backward(dout, q, k, v, out, lse, opts)
-    launch._launch = real_launch
-    def without_plans(fn):
-        def call():
-            launch._plans.clear()
-            fn()
-        return call
-
-    rows = {
-        "attention_forward (launch layer, plan replayed)": lambda: launch.attention_forward(q, k, v, opts),
-        "attention_backward (launch layer, plan replayed)":
-            lambda: launch.attention_backward(dout, q, k, v, out, lse, opts),
-        "attention_forward (launch layer, no plan)": without_plans(lambda: launch.attention_forward(q, k, v, opts)),
-        "attention_backward (launch layer, no plan)":
-            without_plans(lambda: launch.attention_backward(dout, q, k, v, out, lse, opts)),
-        "torch.cuda.get_device_capability": lambda: torch.cuda.get_device_capability(q.device),
-        "torch.empty_like": lambda: torch.empty_like(q),
-    }
-    for name, kernel, grid_fn, args, constexprs, tensor, block_d in launches:
-        cfg = launch._chosen[next(key for key in launch._chosen if key[0] == name)]
-        grid, call_args = grid_fn(cfg), args(cfg) if callable(args) else args
-        kwargs = dict(constexprs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-                      num_stages=cfg.num_stages)
-        rows[f"_launch('{name}')"] = (lambda n=name, kn=kernel, g=grid_fn, a=args, c=constexprs, t=tensor, b=block_d:
-                                      launch._launch(n, kn, g, a, c, t, b))
-        rows[f"  triton launch alone ({len(call_args)} args, {len(kwargs)} keywords)"] = (
-            lambda kn=kernel, g=grid, a=call_args, kw=kwargs: kn[g](*a, **kw))
-    print("\nhost time per call of each layer (tiny inputs):")
-    for name, fn in rows.items():
-        print(f"  {name:58s} {per_call_us(fn, calls=1000):7.1f} us  (enqueue alone {enqueue_us(fn):7.1f} us)")
-
-
-def triton_layers(b: int = 1, s: int = 128, h: int = 2, d: int = 128) -> None:
-    """Host time of each step inside one Triton launch of the forward kernel (a
-    standard-grid shape, causal): binding and specialising the arguments, the cache
-    key, the checks, and the compiled kernel's own launcher called directly."""
-    from triton import knobs
-    from triton.runtime import driver
-    from triton.runtime.jit import compute_cache_key
-
-    from flashtile.api import launch, ops
-
-    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    opts = ops.attn_options(q, k, None, None, None, d**-0.5, 0, -1, 0, 0.0, 0.0, False)
-    recorded = []
-    real_launch = launch._launch
-
-    def recording_launch(name, kernel, grid_fn, args, constexprs, tensor, block_d, seqlens=(0, 0), dry=False):
-        recorded.append((name, kernel, grid_fn, args, constexprs))
-        return real_launch(name, kernel, grid_fn, args, constexprs, tensor, block_d, seqlens, dry)
-
-    launch._launch = recording_launch
-    launch.clear_caches()
-    launch.attention_forward(q, k, v, opts)
-    launch._launch = real_launch
-    name, kernel, grid_fn, args, constexprs = recorded[0]
-    cfg = launch._chosen[next(key for key in launch._chosen if key[0] == name)]
-    grid, call_args = grid_fn(cfg), args(cfg) if callable(args) else args
-    kwargs = dict(constexprs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-                  num_stages=cfg.num_stages)
-    compiled = kernel[grid](*call_args, **kwargs)
-    device = driver.active.get_current_device()
-    kernel_cache, key_cache, _, _, binder = kernel.device_caches[device]
-    full_kwargs = dict(kwargs, debug=False, instrumentation_mode=knobs.compilation.instrumentation_mode)
-    bound, spec, options = binder(*call_args, **full_kwargs)
-    values = tuple(bound.values())
-    stream = driver.active.get_current_stream(device)
-
-    def globals_check():
-        for (gname, _), (val, globals_dict) in kernel.used_global_vals.items():
-            if globals_dict.get(gname) != val:
-                raise RuntimeError(gname)
-
-    rows = {
-        f"kernel[grid](...) ('{name}', {len(call_args)} args, {len(kwargs)} keywords)":
-            lambda: kernel[grid](*call_args, **kwargs),
-        "  binder (bind + specialise)": lambda: binder(*call_args, **full_kwargs),
-        "  compute_cache_key": lambda: compute_cache_key(key_cache, spec, options),
-        "  kernel_cache.get": lambda: kernel_cache.get(compute_cache_key(key_cache, spec, options)),
-        f"  used-globals check ({len(kernel.used_global_vals)} globals)": globals_check,
-        "  current device + stream": lambda: driver.active.get_current_stream(driver.active.get_current_device()),
-        "  compiled.run (the launcher alone)": lambda: compiled.run(
-            grid[0], 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *values),
-        "launch layer args(cfg)": lambda: args(cfg) if callable(args) else args,
-    }
-    print(f"\nhost time per step of one forward launch (b{b}, s{s}, h{h}, d{d}, causal, bf16):")
-    for row, fn in rows.items():
-        print(f"  {row:58s} {per_call_us(fn, calls=1000):7.1f} us  (enqueue alone {enqueue_us(fn):7.1f} us)")
-
-
 def grid_cases() -> None:
     """The standard grid's 1k cases: eager calls against CUDA-graph replays (GPU alone)."""
     from triton.testing import do_bench
@@ -217,8 +109,6 @@ def main():
     print("host time per call, tiny inputs (b1, s128, h2, d128, causal, bf16):")
     for name, fn in fns.items():
         print(f"  {name:26s} {per_call_us(fn):7.1f} us  (enqueue alone {enqueue_us(fn):7.1f} us)")
-    launch_detail()
-    triton_layers()
     if args.grid:
         grid_cases()
     if args.profile:

@@ -29,7 +29,7 @@ import json
 import torch
 
 import flashtile
-from flashtile.bench import median_ms
+from flashtile.cli.bench import median_ms
 from flashtile import BlockMask, block_sparse_attn_func, flash_attn_func
 
 

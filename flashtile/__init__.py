@@ -20,39 +20,44 @@ row max): :func:`flash_cosine_sim_attention`.
 GPU tensors run the Triton kernels; CPU tensors run a tiled PyTorch
 implementation of the same algorithm (or the Triton kernels under Triton's
 interpreter, ``TRITON_INTERPRET=1``).
+
+The package is layered; each folder is one layer, and a feature is found by
+following one path down:
+
+* ``interface/``: the public functions, their argument checks and layouts;
+* ``ops/``: ``torch.library`` custom ops with autograd; each picks a backend;
+* ``masks/``: :class:`BlockMask` and its builders;
+* ``backends/``: the Triton kernels and their launchers, and the tiled PyTorch path;
+* ``testing/``: the materialised oracle (``flashtile.testing.attention_ref``);
+  the library never imports it.
 """
 
-from .api import (
-    BlockMask,
-    KVCache,
-    and_masks,
-    apply_rotary_emb,
-    bigbird_block_mask,
-    block_sparse_attention,
-    block_sparse_attn_func,
-    create_block_mask,
-    document_block_mask,
-    document_ids_from_lengths,
-    fixed_block_mask,
+from .backends.triton.launch.autotune import set_autotune
+from .interface.block_sparse import block_sparse_attention, block_sparse_attn_func
+from .interface.cosine_sim import flash_cosine_sim_attention, l2norm_tensors
+from .interface.flash_attn import (
     flash_attn_func,
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
     flash_attn_varlen_func,
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
-    flash_attn_with_kvcache,
-    flash_cosine_sim_attention,
-    l2norm_tensors,
-    local_global_block_mask,
-    merge_attention_states,
-    or_masks,
-    pad_input,
-    scaled_dot_product_attention,
-    set_autotune,
-    strided_block_mask,
-    unpad_input,
 )
-from .reference import attention_ref, plain_cosine_sim_attention
+from .interface.kvcache import KVCache, apply_rotary_emb, flash_attn_with_kvcache
+from .interface.merge import merge_attention_states
+from .interface.padding import pad_input, unpad_input
+from .interface.sdpa import scaled_dot_product_attention
+from .masks.block_mask import BlockMask, create_block_mask
+from .masks.patterns import (
+    and_masks,
+    bigbird_block_mask,
+    document_block_mask,
+    document_ids_from_lengths,
+    fixed_block_mask,
+    local_global_block_mask,
+    or_masks,
+    strided_block_mask,
+)
 
 __version__ = "0.1.0"
 
@@ -61,7 +66,6 @@ __all__ = [
     "KVCache",
     "and_masks",
     "apply_rotary_emb",
-    "attention_ref",
     "bigbird_block_mask",
     "block_sparse_attention",
     "block_sparse_attn_func",
@@ -82,7 +86,6 @@ __all__ = [
     "merge_attention_states",
     "or_masks",
     "pad_input",
-    "plain_cosine_sim_attention",
     "scaled_dot_product_attention",
     "set_autotune",
     "strided_block_mask",

@@ -34,9 +34,10 @@ def pytest_collection_modifyitems(config, items):
 def _check_launch_plans():
     # every call that replays a launch plan also builds its launches the slow way and
     # compares them: a plan key that misses something fails the test that calls it
-    from flashtile.api import launch
+    from flashtile import options
+    from flashtile.backends.triton.launch import attention as launch_attention, choose as launch_choose, device as launch_device, plans as launch_plans
 
-    launch.check_plans = True
+    launch_plans.check_plans = True
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +53,7 @@ def backend(request, monkeypatch):
     path without it."""
     monkeypatch.setenv("TRITON_INTERPRET", "0" if request.param == "tiled" else "1")
     if request.param == "triton_halves":
-        from flashtile.kernels.configs import LaunchConfig
+        from flashtile.backends.triton.launch.table import LaunchConfig
         from helpers import force_forward_config
 
         force_forward_config(monkeypatch, LaunchConfig(32, 32, 4, 1, halves=True))

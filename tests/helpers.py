@@ -4,7 +4,7 @@ input dtype, plus a rounding floor of the output dtype."""
 
 import torch
 
-from flashtile import attention_ref
+from flashtile.testing import attention_ref
 
 
 def rounding_floor(ref: torch.Tensor, dtype: torch.dtype, magnitude: float = 0.0) -> float:
@@ -68,31 +68,34 @@ def check_attention(fn, q, k, v, *, backward=True, fwd_factor=2.0, bwd_factor=3.
 def force_forward_config(monkeypatch, cfg) -> None:
     """Launch every forward kernel call with the LaunchConfig ``cfg``, whatever
     launch-table name it takes (e.g. to force the two-halves schedule)."""
-    from flashtile.api import launch
+    from flashtile import options
+    from flashtile.backends.triton.launch import attention as launch_attention, choose as launch_choose, device as launch_device, plans as launch_plans
 
-    monkeypatch.setattr(launch, "forced_configs", {name: cfg for name in launch.FORWARD_NAMES})
+    monkeypatch.setattr(launch_choose, "forced_configs", {name: cfg for name in launch_attention.FORWARD_NAMES})
 
 
 def count_plan_replays(monkeypatch) -> list:
-    """Launch plans run from now on (flashtile/api/launch.py), each entry the names
+    """Launch plans run from now on (flashtile/backends/triton/launch/plans.py), each entry the names
     of the plan's kernels."""
-    from flashtile.api import launch
+    from flashtile import options
+    from flashtile.backends.triton.launch import attention as launch_attention, choose as launch_choose, device as launch_device, plans as launch_plans
 
     runs = []
-    real_run = launch._Plan.run
+    real_run = launch_plans.LaunchPlan.run
 
     def counting_run(self, call):
         runs.append([step.kernel.__name__ for step, *_ in self.launches])
         real_run(self, call)
 
-    monkeypatch.setattr(launch._Plan, "run", counting_run)
+    monkeypatch.setattr(launch_plans.LaunchPlan, "run", counting_run)
     return runs
 
 
 def set_switch(monkeypatch, name: str, value: str) -> None:
     """Set the environment switch ``name`` (FLASHTILE_FWD_TMA, ...) for this test; launch
     plans, which read the switches when made, start afresh and are restored afterwards."""
-    from flashtile.api import launch
+    from flashtile import options
+    from flashtile.backends.triton.launch import attention as launch_attention, choose as launch_choose, device as launch_device, plans as launch_plans
 
     monkeypatch.setenv(name, value)
-    monkeypatch.setattr(launch, "_plans", {})
+    monkeypatch.setattr(launch_plans, "_plans", {})

@@ -84,7 +84,7 @@ def test_bottom_right_rows_without_keys_are_zero():
 def test_lse_matches_reference():
     q, k, v = torch.randn(2, 70, 4, 64), torch.randn(2, 90, 2, 64), torch.randn(2, 90, 2, 64)
     out, lse, s_dmask = flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
-    _, lse_ref = flashtile.attention_ref(q, k, v, causal=True, return_lse=True, compute_dtype=torch.float64)
+    _, lse_ref = flashtile.testing.attention_ref(q, k, v, causal=True, return_lse=True, compute_dtype=torch.float64)
     assert s_dmask is None and lse.dtype == torch.float32 and lse.shape == (2, 4, 70)
     torch.testing.assert_close(lse, lse_ref.float(), atol=1e-5, rtol=1e-5)
 

@@ -7,8 +7,10 @@ import torch
 import triton
 
 import flashtile
-from flashtile.api import autotune, launch
-from flashtile.kernels.configs import LaunchConfig
+from flashtile.backends.triton.launch import autotune
+from flashtile import options
+from flashtile.backends.triton.launch import attention as launch_attention, choose as launch_choose, device as launch_device, plans as launch_plans
+from flashtile.backends.triton.launch.table import LaunchConfig
 from helpers import check_attention
 
 
@@ -19,8 +21,8 @@ def cache_file(tmp_path, monkeypatch):
     monkeypatch.setattr(autotune, "_enabled", None)
     monkeypatch.setattr(autotune, "_cache_file", path)
     monkeypatch.setattr(autotune, "_entries", {})
-    monkeypatch.setattr(launch, "_chosen", {})
-    monkeypatch.setattr(launch, "_plans", {})
+    monkeypatch.setattr(launch_choose, "_chosen", {})
+    monkeypatch.setattr(launch_plans, "_plans", {})
     return path
 
 
@@ -103,7 +105,7 @@ def test_switches_and_defaults(cache_file, monkeypatch):
 def test_autotune_is_a_no_op_without_a_gpu(cache_file):
     # under the interpreter (and on the CPU path) there is nothing to tune: results as usual
     flashtile.set_autotune(True, cache_file)
-    device = "cuda" if torch.cuda.is_available() and not launch.interpreting() else "cpu"
+    device = "cuda" if torch.cuda.is_available() and not launch_device.interpreting() else "cpu"
     if device == "cuda":
         pytest.skip("covered by the GPU test")
     q, k, v = (torch.randn(1, 77, 2, 32) for _ in range(3))
@@ -125,7 +127,7 @@ def test_autotuned_launches_are_correct_and_cached_gpu(cache_file, monkeypatch):
     assert names == ["dkdv_causal", "dq_causal", "fwd_causal_short"], entries
     assert all(key.endswith("/512x512") for key in entries)
     # another sequence-length bucket tunes again; the same bucket reuses the choice
-    launch.clear_caches()
+    launch_plans.clear_caches()
     autotune._entries.clear()
     q2 = torch.randn(2, 1500, 4, 64, device="cuda", dtype=torch.bfloat16)
     flashtile.flash_attn_func(q2, q2, q2, causal=True)

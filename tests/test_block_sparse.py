@@ -10,8 +10,8 @@ import torch
 
 import flashtile
 from flashtile import BlockMask, block_sparse_attention, block_sparse_attn_func, create_block_mask
-from flashtile.api.block_mask import EMPTY, FULL
-from flashtile.reference import dropout_keep_mask
+from flashtile.masks.block_mask import EMPTY, FULL
+from flashtile.testing import dropout_keep_mask
 from helpers import check_attention
 
 
@@ -93,7 +93,7 @@ def test_patterns_deduplicated_and_lists_consistent():
 
 @pytest.mark.parametrize("cols", [16, 32, 64, 128])
 def test_pattern_bits(cols):
-    from flashtile.api.block_mask import pack_bits
+    from flashtile.masks.block_mask import pack_bits
 
     patterns = torch.rand(3, 16, cols) < 0.5
     words = pack_bits(patterns)
@@ -105,7 +105,7 @@ def test_pattern_bits(cols):
 
 def test_predicate_memory_is_chunked(monkeypatch):
     # the predicate never sees the whole score matrix at once
-    import flashtile.api.block_mask as bm
+    import flashtile.masks.block_mask as bm
 
     monkeypatch.setattr(bm, "_CHUNK_ELEMENTS", 64 * 1024)
     seen = []

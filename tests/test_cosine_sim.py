@@ -9,10 +9,13 @@ import pytest
 import torch
 
 import flashtile
-from flashtile import flash_attn_func, flash_cosine_sim_attention, l2norm_tensors, plain_cosine_sim_attention
-from flashtile.api import launch
-from flashtile.api.ops import attention
-from flashtile.reference import AttnOptions, attention_tiled_forward
+from flashtile import flash_attn_func, flash_cosine_sim_attention, l2norm_tensors
+from flashtile.testing import plain_cosine_sim_attention
+from flashtile import options
+from flashtile.backends.triton.launch import attention as launch_attention, choose as launch_choose, device as launch_device, plans as launch_plans
+from flashtile.ops.attention import attention
+from flashtile.backends.torch_tiled import attention_tiled_forward
+from flashtile.options import AttnOptions
 from helpers import check_attention, max_err, rounding_floor
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -140,11 +143,11 @@ def test_high_scale_no_overflow(dtype, scale, inputs):
 def test_fixed_offset_choice():
     # bf16/fp32 always take the fixed offset; fp16 while its range holds [-bound, bound]
     opts = AttnOptions(16.0, fixed_max=16.0)
-    assert launch.fixed_offset(opts, torch.bfloat16) is not None
-    assert launch.fixed_offset(opts, torch.float32) is not None
-    assert launch.fixed_offset(opts, torch.float16) is None
-    assert launch.fixed_offset(opts._replace(fixed_max=10.0), torch.float16) is not None
-    assert launch.fixed_offset(opts._replace(fixed_max=None), torch.bfloat16) is None
+    assert launch_attention.fixed_offset(opts, torch.bfloat16) is not None
+    assert launch_attention.fixed_offset(opts, torch.float32) is not None
+    assert launch_attention.fixed_offset(opts, torch.float16) is None
+    assert launch_attention.fixed_offset(opts._replace(fixed_max=10.0), torch.float16) is not None
+    assert launch_attention.fixed_offset(opts._replace(fixed_max=None), torch.bfloat16) is None
 
 
 def test_positive_bias_raises_the_bound():
@@ -164,10 +167,10 @@ def test_fixed_max_kernel_equals_softmax_attention(dtype, causal):
     v = torch.randn(2, 113, 2, 48, dtype=dtype)
     scale, diag = 10.0, 113 - 77
     window = (-1, 0 if causal else -1)
-    assert launch.fixed_offset(AttnOptions(scale, fixed_max=scale), dtype) is not None
+    assert launch_attention.fixed_offset(AttnOptions(scale, fixed_max=scale), dtype) is not None
     out_fixed, lse_fixed = attention(q, k, v, scale, diag, window=window, fixed_max=scale)
     out_soft, lse_soft = attention(q, k, v, scale, diag, window=window)
-    ref, lse_ref = flashtile.attention_ref(q, k, v, softmax_scale=scale, causal=causal, return_lse=True,
+    ref, lse_ref = flashtile.testing.attention_ref(q, k, v, softmax_scale=scale, causal=causal, return_lse=True,
                                            compute_dtype=torch.float64)
     torch.testing.assert_close(lse_fixed, lse_ref.float(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse_soft, lse_ref.float(), atol=1e-5, rtol=1e-5)
@@ -197,7 +200,7 @@ def test_fixed_max_has_no_running_max():
 def test_tiled_cpu_path(monkeypatch, causal):
     # without the interpreter CPU tensors take the tiled PyTorch path (fixed offset too)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert not launch.interpreting()
+    assert not launch_device.interpreting()
     q, k, v = torch.randn(2, 3, 150, 40), torch.randn(2, 300, 40), torch.randn(2, 300, 40)
     bias = torch.randn(3, 150, 300)
     check_cosine(q, k, v, mask=key_padding(2, 300), bias=bias, causal=causal, groups=2)

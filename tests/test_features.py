@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import flashtile
-from flashtile import attention_ref, flash_attn_func, scaled_dot_product_attention
+from flashtile import flash_attn_func, scaled_dot_product_attention
+from flashtile.testing import attention_ref
 from helpers import check_attention, max_err, rounding_floor
 
 
@@ -161,7 +162,7 @@ def test_dropout_generator_matches_triton():
     import triton
     import triton.language as tl
 
-    from flashtile.reference import _philox_uniform
+    from flashtile.backends.dropout import _philox_uniform
 
     @triton.jit
     def rand_kernel(Out, Offsets, seed, N: tl.constexpr):

@@ -6,7 +6,8 @@ Run with ``FLASHTILE_TEST_GPU=1 pytest -m gpu`` on a machine with a GPU.
 import pytest
 import torch
 
-from flashtile import attention_ref, flash_attn_func, scaled_dot_product_attention
+from flashtile import flash_attn_func, scaled_dot_product_attention
+from flashtile.testing import attention_ref
 from helpers import check_attention, count_plan_replays, force_forward_config
 
 pytestmark = pytest.mark.gpu
@@ -129,7 +130,8 @@ def test_dropout_gpu(causal):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_varlen_gpu(causal, head_dim):
-    from flashtile import attention_ref, flash_attn_varlen_func
+    from flashtile import flash_attn_varlen_func
+    from flashtile.testing import attention_ref
 
     lens = [1, 700, 0, 2049, 128, 333]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
@@ -157,7 +159,7 @@ def test_unaligned_strides_take_the_pointer_path_gpu():
 @pytest.mark.parametrize("seqlens", [(4096, 4096), (1000, 3001), (2048, 512)], ids=str)
 def test_forward_two_halves_gpu(monkeypatch, config, feature, head_dim, seqlens):
     # the forward's query block as two halves, whatever launch-table entry the call takes
-    from flashtile.kernels.configs import LaunchConfig
+    from flashtile.backends.triton.launch.table import LaunchConfig
 
     force_forward_config(monkeypatch, LaunchConfig(*map(int, config.split("x")), halves=True))
     kw = dict(plain={}, causal=dict(causal=True), window=dict(window_size=(700, 50)), softcap=dict(softcap=20.0))
@@ -205,17 +207,18 @@ def test_backward_in_two_launches_gpu(monkeypatch, case, head_dim):
 def test_causal_longest_first_grid_gpu(head_dim):
     """Enough (batch, head) pairs that the causal grids have both sections: heads
     issued one after another, then the last waves block by block (program_tile)."""
-    from flashtile.api import launch
+    from flashtile import options
+    from flashtile.backends.triton.launch import attention as launch_attention, choose as launch_choose, device as launch_device, plans as launch_plans
 
     q, k, v = (torch.randn(4, 1536, 24, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    assert 0 < launch.tail_heads(1536 // 128, 4 * 24, True, q.device) < 4 * 24
-    assert 0 < launch.tail_heads(1536 // 64, 4 * 24, True, q.device) < 4 * 24
+    assert 0 < launch_device.tail_heads(1536 // 128, 4 * 24, True, q.device) < 4 * 24
+    assert 0 < launch_device.tail_heads(1536 // 64, 4 * 24, True, q.device) < 4 * 24
     check_attention(lambda q, k, v: flash_attn_func(q, k, v, causal=True), q, k, v, causal=True)
 
 
 def test_bench_graph_timing_gpu():
     """``flashtile bench --graph``: every mode also timed as CUDA-graph replays."""
-    from flashtile.bench import Case, _gpu_measure
+    from flashtile.cli.bench import Case, _gpu_measure
 
     case = Case("bf16", 64, True, 1024, 2, 4)
     for provider in ("flashtile", "sdpa_flash"):

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flashtile import flash_attn_func
-from flashtile.kernels.common import program_tile
+from flashtile.backends.triton.kernels.tiles import program_tile
 from helpers import check_attention, force_forward_config, set_switch
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -74,32 +74,34 @@ def test_backward_tensor_descriptors(monkeypatch, dtype, causal):
 
 
 def test_descriptors_only_where_they_apply(monkeypatch):
-    from flashtile.api import launch
+    from flashtile import options
+    from flashtile.backends.triton.launch import attention as launch_attention, choose as launch_choose, device as launch_device, plans as launch_plans
 
     monkeypatch.setenv("FLASHTILE_FWD_TMA", "1")
     aligned = torch.randn(1, 200, 2, 64, dtype=torch.float16)
-    assert launch._descriptor_mode("FLASHTILE_FWD_TMA", 1, 200, 2048, 200, aligned) == 1
-    assert launch._descriptor_mode("FLASHTILE_FWD_TMA", 1, 200, 2048, 1, aligned) == 0     # too few rows
+    assert launch_attention._descriptor_mode("FLASHTILE_FWD_TMA", 1, 200, 2048, 200, aligned) == 1
+    assert launch_attention._descriptor_mode("FLASHTILE_FWD_TMA", 1, 200, 2048, 1, aligned) == 0     # too few rows
     odd = torch.randn(1, 200, 2, 59, dtype=torch.float16)                                   # 118-byte rows
-    assert launch._descriptor_mode("FLASHTILE_FWD_TMA", 1, 200, 2048, 200, odd) == 0
+    assert launch_attention._descriptor_mode("FLASHTILE_FWD_TMA", 1, 200, 2048, 200, odd) == 0
     monkeypatch.delenv("FLASHTILE_FWD_TMA")
-    assert launch._descriptor_mode("FLASHTILE_FWD_TMA", 1, 4096, 2048, 4096, aligned) == 0  # not a Hopper GPU
+    assert launch_attention._descriptor_mode("FLASHTILE_FWD_TMA", 1, 4096, 2048, 4096, aligned) == 0  # not a Hopper GPU
 
 
 def test_forward_descriptors_by_row_length_on_hopper(monkeypatch):
     """Without the override, Hopper's forward reads K/V through descriptors from
     1k keys per row."""
-    from flashtile.api import launch
+    from flashtile import options
+    from flashtile.backends.triton.launch import attention as launch_attention, choose as launch_choose, device as launch_device, plans as launch_plans
 
     monkeypatch.delenv("FLASHTILE_FWD_TMA", raising=False)
-    monkeypatch.setattr(launch, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(launch_device, "ASSUMED_CAPABILITY", (9, 0))
     for head_dim, keys, expected in [(128, 1024, 1), (128, 1023, 0), (256, 1024, 1), (64, 1024, 1), (64, 1023, 0)]:
         q = torch.randn(1, 256, 2, head_dim, dtype=torch.bfloat16)
-        assert launch._forward_features(q, q, q, keys)["KV_DESC"] == expected, (head_dim, keys)
+        assert launch_attention._forward_features(q, q, q, keys)["KV_DESC"] == expected, (head_dim, keys)
 
 
 def test_launch_table_falls_back_to_the_base_kernel():
-    from flashtile.kernels import configs
+    from flashtile.backends.triton.launch import table as configs
 
     hopper = (9, 0)
     # a variant with an entry for this head dim takes it; one without, its base kernel's
@@ -127,41 +129,44 @@ def test_launch_table_falls_back_to_the_base_kernel():
     (256, True, (-1, -1), "fwd_causal_short"), (256, False, (-1, -1), "fwd_short"),
     (256, False, (16, 0), "fwd_window"), (4200, True, (-1, -1), "fwd_causal"), (8192, False, (-1, -1), "fwd")])
 def test_forward_launch_names(monkeypatch, seqlen, causal, window, expected):
-    from flashtile.api import launch, ops
+    from flashtile.ops import attention as ops
+    from flashtile import options
+    from flashtile.backends.triton.launch import attention as launch_attention, choose as launch_choose, device as launch_device, plans as launch_plans
 
     names = []
-    monkeypatch.setattr(launch, "_launch", lambda name, *args, **kwargs: names.append(name))
-    monkeypatch.setattr(launch, "_plan_key", lambda *args: None)  # nothing launched: nothing to plan
+    monkeypatch.setattr(launch_attention, "launch_kernel", lambda name, *args, **kwargs: names.append(name))
+    monkeypatch.setattr(launch_attention, "plan_key", lambda *args: None)  # nothing launched: nothing to plan
     # causal rows see seqlen / 2 keys on average: "_short" below 2k; full attention below 8k
     q = torch.randn(1, seqlen, 1, 16)
     left, right = (-1, 0) if causal else window
     opts = ops.attn_options(q, q, None, None, None, 0.25, 0, left, right, 0.0, 0.0, False)
-    launch.attention_forward(q, q, q, opts)
+    launch_attention.attention_forward(q, q, q, opts)
     assert names == [expected]
 
 
 def test_fp32_dot_precision(monkeypatch):
-    from flashtile.api import launch
+    from flashtile import options
+    from flashtile.backends.triton.launch import attention as launch_attention, choose as launch_choose, device as launch_device, plans as launch_plans
 
     monkeypatch.delenv("FLASHTILE_FP32_DOT", raising=False)
     cpu = torch.device("cpu")
-    assert launch._dot_precision(torch.bfloat16, cpu) == "ieee"
-    assert launch._dot_precision(torch.float32, cpu) == "ieee"  # no tensor cores here
+    assert launch_device.dot_precision(torch.bfloat16, cpu) == "ieee"
+    assert launch_device.dot_precision(torch.float32, cpu) == "ieee"  # no tensor cores here
     # on a tensor-core GPU: three TF32 products, or TF32 when PyTorch allows it
-    monkeypatch.setattr(launch, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(launch_device, "ASSUMED_CAPABILITY", (9, 0))
     allow_tf32 = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = False
-        assert launch._dot_precision(torch.float32, cpu) == "tf32x3"
+        assert launch_device.dot_precision(torch.float32, cpu) == "tf32x3"
         torch.backends.cuda.matmul.allow_tf32 = True
-        assert launch._dot_precision(torch.float32, cpu) == "tf32"
+        assert launch_device.dot_precision(torch.float32, cpu) == "tf32"
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     monkeypatch.setenv("FLASHTILE_FP32_DOT", "ieee")
-    assert launch._dot_precision(torch.float32, cpu) == "ieee"
+    assert launch_device.dot_precision(torch.float32, cpu) == "ieee"
     monkeypatch.setenv("FLASHTILE_FP32_DOT", "fast")
     with pytest.raises(ValueError, match="FLASHTILE_FP32_DOT"):
-        launch._dot_precision(torch.float32, cpu)
+        launch_device.dot_precision(torch.float32, cpu)
 
 
 HALVES_CASES = {
@@ -179,7 +184,7 @@ def test_two_halves(monkeypatch, case, dtype, backward):
     # the forward's query block as two halves (LaunchConfig.halves, the Hopper table's choice
     # at head dims 64 and 128), alone or with the gradients from its output and LSE: ragged
     # lengths so that the second half, or both, run past the rows
-    from flashtile.kernels.configs import LaunchConfig
+    from flashtile.backends.triton.launch.table import LaunchConfig
 
     kw = dict(HALVES_CASES[case])
     force_forward_config(monkeypatch, LaunchConfig(64, 32, 4, 1, halves=True))

@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flashtile
-from flashtile import KVCache, attention_ref, flash_attn_func, flash_attn_with_kvcache, merge_attention_states
+from flashtile import KVCache, flash_attn_func, flash_attn_with_kvcache, merge_attention_states
+from flashtile.testing import attention_ref
 from helpers import max_err, rounding_floor
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -114,7 +115,7 @@ class Case:
                 # test_apply_rotary_emb_matches_complex_rotation; here the attention sees the
                 # same rounded inputs as the kernel
                 steps = int(self.cache_seqlens[b]) + torch.arange(seqlen_q, device=q.device) * int(local)
-                q = flashtile.api.kvcache._rotate(q, self.cos, self.sin, steps[None, :], self.rotary == "interleaved")
+                q = flashtile.interface.kvcache._rotate(q, self.cos, self.sin, steps[None, :], self.rotary == "interleaved")
             alibi = None
             if self.alibi is not None:
                 alibi = self.alibi[b] if self.alibi.dim() == 2 else self.alibi
@@ -128,7 +129,7 @@ class Case:
 
     def stored(self, cache, b):
         """What the cache holds for sequence b, (length, nheads_k, d)."""
-        return flashtile.api.decode.cache_rows(cache, b, self.lengths[b], self.batch_idx, self.block_table)
+        return flashtile.ops.decode.cache_rows(cache, b, self.lengths[b], self.batch_idx, self.block_table)
 
     def check_cache(self):
         """The cache holds the old keys and the appended ones (rotated in fp64, up to one
@@ -213,16 +214,18 @@ def test_split_merges(num_splits, monkeypatch):
     """The split kernel's last program of a block merges the splits of its rows; past
     MERGE_MAX_VALUES the combine kernel does. The merge counters are left zero for the
     next call (here a replay of the launch plan)."""
-    from flashtile.api import decode, launch
+    from flashtile.backends.triton.launch import decode
+    from flashtile import options
+    from flashtile.backends.triton.launch import attention as launch_attention, choose as launch_choose, device as launch_device, plans as launch_plans
     monkeypatch.setattr(decode, "MERGE_MAX_VALUES", 8 * 8 * 64)  # lowered so that few splits reach each case
-    launch.clear_caches()
+    launch_plans.clear_caches()
     case = Case(batch=2, seqlen_q=3, nheads=4, nheads_k=2, head_dim=64, capacity=16 * 32, page_size=16,
                 lengths=[16 * 32 - 5, 100])
     for _ in range(2):
         out, lse = case.run(causal=True, num_splits=num_splits, return_softmax_lse=True)
         case.check(out, lse, causal=True)
     assert all(int(reserve.count_nonzero()) == 0 for reserve, _ in decode._reserves.values())
-    launch.clear_caches()
+    launch_plans.clear_caches()
 
 
 def test_merging_two_parts_of_the_cache():
@@ -442,7 +445,7 @@ def test_index_statistics_kernel_matches_torch(monkeypatch, data):
     # the one-launch statistics behind the value checks against the PyTorch reductions
     # of the CPU path, on index tensors with bad entries (negative, too large) and
     # block-table entries that no sequence uses (which must not count)
-    from flashtile.api import kvcache
+    from flashtile.backends.triton.launch import index_stats as kvcache
 
     batch = data.draw(st.integers(1, 5))
     page_size = data.draw(st.sampled_from([0, 1, 16]))
@@ -456,6 +459,6 @@ def test_index_statistics_kernel_matches_torch(monkeypatch, data):
     seqlen_new = data.draw(st.integers(0, 3))
     args = (seqlens, seqlen_new, leftpad, batch_idx, table, page_size)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    expected = kvcache._index_stats(*args)
+    expected = kvcache.index_stats(*args)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert kvcache._index_stats(*args) == expected
+    assert kvcache.index_stats(*args) == expected

@@ -1,7 +1,7 @@
 """Launch plans: a call whose shapes, strides, dtypes, alignment and options were
 seen before replays the launches of the first such call with its own tensors
-(flashtile/api/launch.py). Every test of the suite also checks each replay against
-the launch built the slow way (conftest: ``launch.check_plans``); these tests make
+(flashtile/api/launch_attention.py). Every test of the suite also checks each replay against
+the launch built the slow way (conftest: ``launch_plans.check_plans``); these tests make
 sure replays happen, give correct results and keep nothing alive."""
 
 import gc
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from flashtile import flash_attn_func, flash_attn_varlen_func
-from flashtile.api import launch
+from flashtile import options
+from flashtile.backends.triton.launch import attention as launch_attention, choose as launch_choose, device as launch_device, plans as launch_plans
 from helpers import check_attention, count_plan_replays
 
 pytestmark = pytest.mark.usefixtures("interpreted")
@@ -20,8 +21,8 @@ pytestmark = pytest.mark.usefixtures("interpreted")
 @pytest.fixture
 def interpreted(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(launch, "_plans", {})
-    monkeypatch.setattr(launch, "_chosen", {})
+    monkeypatch.setattr(launch_plans, "_plans", {})
+    monkeypatch.setattr(launch_choose, "_chosen", {})
 
 
 @pytest.mark.parametrize("options", [
@@ -70,7 +71,7 @@ def test_new_layout_or_alignment_takes_a_new_plan(monkeypatch):
     flash_attn_func(base[..., 1:33], base[..., 1:33], base[..., 1:33])  # 4 bytes further: not 16-byte aligned
     flash_attn_func(base[..., :32].contiguous(), base[..., :32], base[..., :32])  # other q strides
     flash_attn_func(base[..., :32], base[..., :32], base[..., :32], causal=True)
-    assert runs == [] and len(launch._plans) == 4
+    assert runs == [] and len(launch_plans._plans) == 4
     out = flash_attn_func(base[..., 1:33], base[..., 1:33], base[..., 1:33])
     assert len(runs) == 1
     check_attention(lambda q, k, v: flash_attn_func(q, k, v), *(base[..., 1:33] for _ in range(3)), backward=False)
@@ -80,7 +81,7 @@ def test_new_layout_or_alignment_takes_a_new_plan(monkeypatch):
 def test_plans_keep_no_tensor_alive():
     q = torch.randn(1, 30, 2, 16, requires_grad=True)
     flash_attn_func(q, q, q).sum().backward()
-    assert launch._plans
+    assert launch_plans._plans
     ref = weakref.ref(q)
     del q
     gc.collect()
@@ -88,19 +89,19 @@ def test_plans_keep_no_tensor_alive():
 
 
 def test_forced_configs_are_not_planned(monkeypatch):
-    from flashtile.kernels.configs import LaunchConfig
+    from flashtile.backends.triton.launch.table import LaunchConfig
 
-    monkeypatch.setattr(launch, "forced_configs", {"fwd_short": LaunchConfig(32, 32, 4, 1)})
+    monkeypatch.setattr(launch_choose, "forced_configs", {"fwd_short": LaunchConfig(32, 32, 4, 1)})
     q = torch.randn(1, 30, 2, 16)
     flash_attn_func(q, q, q)
-    assert not launch._plans
+    assert not launch_plans._plans
 
 
 def test_seeds_replay_only_within_their_specialisation_class(monkeypatch):
     # Triton compiles an integer argument equal to 1 into the kernel and assumes one divisible
     # by 16 stays so: a plan made with such a seed must not replay another
     q = torch.randn(1, 30, 2, 16)
-    opts = [launch._plan_key("fwd", (q,), launch.AttnOptions(0.25, dropout_p=0.1, seed=seed), ()) for seed in
+    opts = [launch_plans.plan_key("fwd", (q,), options.AttnOptions(0.25, dropout_p=0.1, seed=seed), ()) for seed in
             (1, 16, 17, 35)]
     assert opts[0] != opts[1] != opts[2] and opts[2] == opts[3]
 
@@ -113,10 +114,10 @@ def test_decoding_replays(monkeypatch, page_size, num_splits, merge_in_kernel, k
     # where it does not merge the splits itself, the combine kernel) replay with the next
     # step's tensors
     from flashtile import flash_attn_with_kvcache
-    from flashtile.api import decode
+    from flashtile.backends.triton.launch import decode
 
     monkeypatch.setattr(decode, "MERGE_IN_KERNEL", merge_in_kernel)
-    launch.clear_caches()
+    launch_plans.clear_caches()
     runs = count_plan_replays(monkeypatch)
 
     def step(seed, lengths):
@@ -131,8 +132,8 @@ def test_decoding_replays(monkeypatch, page_size, num_splits, merge_in_kernel, k
     step(0, [50, 90])
     replayed = step(1, [96, 7])  # other contents and lengths, same layout: replayed
     assert runs == [["index_stats_kernel"], kernels]  # the checks of the index tensors' contents too
-    monkeypatch.setattr(launch, "_plans", {})
+    monkeypatch.setattr(launch_plans, "_plans", {})
     fresh = step(1, [96, 7])
     for a, b in zip(replayed, fresh):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    launch.clear_caches()
+    launch_plans.clear_caches()

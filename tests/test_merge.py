@@ -6,7 +6,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flashtile import attention_ref, flash_attn_varlen_func, merge_attention_states
+from flashtile import flash_attn_varlen_func, merge_attention_states
+from flashtile.testing import attention_ref
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""The ready-made block-sparse patterns (flashtile.api.sparse_patterns).
+"""The ready-made block-sparse patterns (flashtile.masks.patterns).
 
 Every mask is checked element by element against the pattern's rule written
 out independently here (plain Python over (i, j), or block layouts built by
@@ -14,8 +14,8 @@ import torch
 
 import flashtile
 from flashtile import create_block_mask
-from flashtile.api.block_mask import EMPTY, FULL
-from flashtile.api.sparse_patterns import (
+from flashtile.masks.block_mask import EMPTY, FULL
+from flashtile.masks.patterns import (
     and_masks,
     bigbird_block_mask,
     document_block_mask,
@@ -99,7 +99,7 @@ def attention_matches(mask, batch=1, heads=2, head_dim=16):
     k = torch.randn(batch, mask.seqlen_k, heads, head_dim)
     v = torch.randn(batch, mask.seqlen_k, heads, head_dim)
     out = flashtile.block_sparse_attn_func(q, k, v, mask)
-    ref = flashtile.attention_ref(q, k, v, attn_bias=mask.to_dense())
+    ref = flashtile.testing.attention_ref(q, k, v, attn_bias=mask.to_dense())
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
@@ -304,7 +304,7 @@ def test_mask_mods_with_create_block_mask():
 
 def test_chunked_evaluation(monkeypatch):
     # the patterns go through create_block_mask's chunks; small chunks give the same mask
-    import flashtile.api.block_mask as bm
+    import flashtile.masks.block_mask as bm
 
     seqlen, block = 256, 16
     whole = local_global_block_mask(seqlen, 7, [3, 200], block_size=block)

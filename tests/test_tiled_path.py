@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import flashtile
-from flashtile.reference import AttnOptions, attention_tiled_backward, attention_tiled_forward
+from flashtile.backends.torch_tiled import attention_tiled_backward, attention_tiled_forward
+from flashtile.options import AttnOptions
 from helpers import check_attention
 
 

@@ -5,16 +5,8 @@ import pytest
 import torch
 
 import flashtile
-from flashtile import (
-    attention_ref,
-    flash_attn_func,
-    flash_attn_varlen_func,
-    flash_attn_varlen_kvpacked_func,
-    flash_attn_varlen_qkvpacked_func,
-    pad_input,
-    scaled_dot_product_attention,
-    unpad_input,
-)
+from flashtile import flash_attn_func, flash_attn_varlen_func, flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func, pad_input, scaled_dot_product_attention, unpad_input
+from flashtile.testing import attention_ref
 from helpers import check_attention, set_switch
 
 

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Everything a GPU run checks and measures, in one call on a GPU machine: the GPU
+# tests, then the benchmarks, results under $OUT (default /tmp/out).
+#   bash benchmarks/tools/gpu_check.sh tests bench decode sparse
+set -u
+export PYTHONUNBUFFERED=1 FLASHTILE_TEST_GPU=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+for step in "$@"; do
+  case $step in
+    tests)  # every GPU test (the CPU tests of the same features run too where they take a GPU tensor)
+      python3 -m pytest -q -m gpu -n 8 --tb=line tests > "$OUT/gpu_tests.log" 2>&1; tail -30 "$OUT/gpu_tests.log" ;;
+    bench)  # the standard grid against SDPA's flash and cuDNN backends
+      python3 -m flashtile bench --providers flashtile,sdpa_flash,sdpa_cudnn --out "$OUT/main" > "$OUT/bench_main.log" 2>&1
+      python3 benchmarks/tools/summarize.py --baseline sdpa_flash "$OUT/main/bench.json" ;;
+    bench-graph)  # short cells eager and as CUDA-graph replays (the GPU's time without the host's)
+      python3 -m flashtile bench --dtypes bf16 --modes fwd,fwd_bwd --providers flashtile,sdpa_flash --seqlens 1024,2048 \
+        --graph --out "$OUT/graph" > "$OUT/bench_graph.log" 2>&1
+      python3 benchmarks/tools/summarize.py --graph "$OUT/graph/bench.json" ;;
+    flex) python3 -m flashtile bench --dtypes bf16 --seqlens 1024,4096,16384 --providers flashtile,flex \
+            --out "$OUT/flex" > "$OUT/bench_flex.log" 2>&1
+          python3 benchmarks/tools/summarize.py --baseline flex "$OUT/flex/bench.json" ;;
+    features) python3 benchmarks/features.py --out "$OUT/features.json" 2>&1 | tee "$OUT/features.log" ;;
+    decode) python3 benchmarks/decode.py --page-sizes 16,64,256 --out "$OUT/decode" 2>&1 | tee "$OUT/decode.log" ;;
+    sparse) python3 benchmarks/sparse_density.py --long 65536,131072 --out "$OUT/block_sparse" 2>&1 \
+              | tee "$OUT/block_sparse.log" ;;
+    cosine) python3 benchmarks/cosine_sim.py --out "$OUT/cosine_sim.json" 2>&1 | tee "$OUT/cosine_sim.log"
+            python3 benchmarks/cosine_sim.py --causal --out "$OUT/cosine_sim_causal.json" 2>&1 \
+              | tee "$OUT/cosine_sim_causal.log" ;;
+    cosine-train) python3 examples/train_cosine_sim.py --steps 300 --seqlen 8192 --batch 4 --val-every 100 \
+                    --generate 256 --out "$OUT/train_cosine_sim" 2>&1 | tee "$OUT/cosine_train.log" ;;
+    host) python3 benchmarks/host_overhead.py --grid 2>&1 | tee "$OUT/host.log" ;;
+    tune) python3 benchmarks/tools/tune.py 2>&1 | tee "$OUT/tune.log" ;;
+    *) echo "unknown step: $step (tests bench bench-graph flex features decode sparse cosine cosine-train host tune)"
+       exit 2 ;;
+  esac
+done

@@ -1,0 +1,425 @@
+"""Decoding against a key/value cache: ``flash_attn_with_kvcache`` (flash_attn's
+signature and semantics), rotary embeddings, and a small ``KVCache`` helper
+that owns a contiguous or paged cache.
+
+Inference only: nothing here records gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..backends.triton.launch.index_stats import index_stats
+from ..ops.decode import attn_decode, cache_rows
+from .checks import (
+    SUPPORTED_DTYPES,
+    check_alibi,
+    check_device,
+    check_scale,
+    check_softcap,
+    check_tensor,
+)
+from .flash_attn import _window
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+            interleaved: bool) -> torch.Tensor:
+    """Rotate the first ``2 * cos.shape[1]`` dims of ``x`` ``(batch, seqlen, nheads, d)``
+    by the angles of ``positions`` ``(batch, seqlen)`` (in fp32, or x's dtype if wider)."""
+    half = cos.shape[1]
+    compute = torch.promote_types(x.dtype, torch.float32)
+    c = cos[positions][:, :, None, :].to(compute)
+    s = sin[positions][:, :, None, :].to(compute)
+    xr = x[..., :2 * half].to(compute)
+    if interleaved:  # pairs (0, 1), (2, 3), ... (GPT-J)
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        rotated = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
+    else:  # halves (GPT-NeoX)
+        x1, x2 = xr[..., :half], xr[..., half:]
+        rotated = torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
+    return torch.cat([rotated.to(x.dtype), x[..., 2 * half:]], dim=-1)
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False,
+                     seqlen_offsets: int | torch.Tensor = 0) -> torch.Tensor:
+    """Rotary position embedding, as ``flash_attn.layers.rotary.apply_rotary_emb``.
+
+    Args:
+        x: ``(batch, seqlen, nheads, headdim)``.
+        cos, sin: ``(seqlen_ro, rotary_dim / 2)``; dims past ``rotary_dim`` of
+            ``x`` are left as they are.
+        interleaved: rotate pairs of neighbouring dims (GPT-J) instead of the
+            two halves of the rotary dims (GPT-NeoX).
+        seqlen_offsets: token ``t`` of sequence ``b`` is at position
+            ``seqlen_offsets[b] + t`` (an int applies to every sequence).
+
+    Returns:
+        A new tensor like ``x``.
+    """
+    for name, t in (("x", x), ("cos", cos), ("sin", sin)):
+        check_tensor(name, t)
+    _check_rotary(cos, sin, x.shape[-1])
+    positions = torch.arange(x.shape[1], device=x.device)[None, :]
+    if isinstance(seqlen_offsets, torch.Tensor):
+        positions = positions + seqlen_offsets.long().reshape(-1, 1)
+    else:
+        positions = positions + int(seqlen_offsets)
+    positions = positions.expand(x.shape[0], x.shape[1])
+    if not torch.compiler.is_compiling() and positions.numel() and int(positions.max()) >= cos.shape[0]:
+        raise ValueError(f"flashtile: rotary_cos/rotary_sin have {cos.shape[0]} positions, "
+                         f"position {int(positions.max())} is needed")
+    return _rotate(x, cos, sin, positions, interleaved)
+
+
+def _check_rotary(cos, sin, head_dim: int) -> None:
+    if cos.dim() != 2 or cos.shape != sin.shape:
+        raise ValueError(f"flashtile: rotary_cos and rotary_sin must both be (seqlen_ro, rotary_dim / 2), got "
+                         f"{tuple(cos.shape)} and {tuple(sin.shape)}")
+    if not (cos.is_floating_point() and sin.is_floating_point()):
+        raise TypeError(f"flashtile: rotary_cos/rotary_sin must be floating point, got {cos.dtype}, {sin.dtype}")
+    if not 0 < 2 * cos.shape[1] <= head_dim:
+        raise ValueError(f"flashtile: rotary_dim = 2 * rotary_cos.shape[1] = {2 * cos.shape[1]} must be in "
+                         f"[2, headdim = {head_dim}]")
+
+
+def _int32_vector(name: str, t, batch: int, device) -> torch.Tensor:
+    check_tensor(name, t)
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"flashtile: {name} must be int32, got {t.dtype}")
+    if tuple(t.shape) != (batch,):
+        raise ValueError(f"flashtile: {name} must have shape ({batch},) (one entry per sequence), "
+                         f"got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"flashtile: {name} is on {t.device}, the inputs on {device}")
+    return t.to(torch.int32).contiguous()
+
+
+def _check_cache_inputs(q, k_cache, v_cache, k, v, block_table, has_batch_idx: bool):
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(name, t)
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"flashtile: {name} has dtype {t.dtype}; supported are float16, bfloat16 and float32")
+        if t.dim() != 4:
+            raise ValueError(f"flashtile: {name} must be 4-D, got shape {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"flashtile: {name} is on {t.device}, q on {q.device}")
+    if not q.dtype == k_cache.dtype == v_cache.dtype:
+        raise TypeError(f"flashtile: q, k_cache, v_cache must share one dtype, got {q.dtype}, {k_cache.dtype}, "
+                        f"{v_cache.dtype}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"flashtile: k_cache and v_cache must have one shape, got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    batch, _, nheads, head_dim = q.shape
+    nheads_k = k_cache.shape[2]
+    if nheads_k == 0 or nheads % nheads_k:
+        raise ValueError(f"flashtile: the number of query heads ({nheads}) must be a multiple of the number of "
+                         f"key/value heads of the cache ({nheads_k})")
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"flashtile: q and k_cache must have the same head dim, got {head_dim} and "
+                         f"{k_cache.shape[3]}")
+    if not 1 <= head_dim <= 256:
+        raise ValueError(f"flashtile: head dim must be between 1 and 256, got {head_dim}")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("flashtile: k_cache and v_cache must be contiguous in their last dimension "
+                         "(they are written in place)")
+    if block_table is not None:
+        check_tensor("block_table", block_table)
+        if block_table.dtype != torch.int32:
+            raise TypeError(f"flashtile: block_table must be int32, got {block_table.dtype}")
+        if block_table.dim() != 2 or (block_table.shape[0] != batch and not has_batch_idx):
+            raise ValueError(f"flashtile: block_table must be (batch = {batch}, max_pages), got "
+                             f"{tuple(block_table.shape)}")
+        if block_table.device != q.device:
+            raise ValueError(f"flashtile: block_table is on {block_table.device}, q on {q.device}")
+    elif k_cache.shape[0] < batch and not has_batch_idx:
+        raise ValueError(f"flashtile: k_cache holds {k_cache.shape[0]} sequences, q has {batch}; pass "
+                         "cache_batch_idx or a larger cache")
+    if (k is None) != (v is None):
+        raise ValueError("flashtile: pass both k and v (new keys and values) or neither")
+    if k is not None:
+        for name, t in (("k", k), ("v", v)):
+            check_tensor(name, t)
+            if t.dtype != q.dtype or t.device != q.device:
+                raise TypeError(f"flashtile: {name} must have q's dtype and device, got {t.dtype} on {t.device}")
+            if t.dim() != 4 or t.shape[0] != batch or t.shape[2:] != k_cache.shape[2:]:
+                raise ValueError(f"flashtile: {name} must be (batch = {batch}, seqlen_new, nheads_k = {nheads_k}, "
+                                 f"headdim = {head_dim}), got {tuple(t.shape)}")
+        if k.shape[1] != v.shape[1]:
+            raise ValueError(f"flashtile: k and v must have the same seqlen_new, got {k.shape[1]} and {v.shape[1]}")
+    check_device(q)
+
+
+
+
+def _check_values(cache_seqlens, seqlen_new, capacity, leftpad, cache_batch_idx, batch_cache, block_table,
+                  num_pages, page_size, rotary_offset, seqlen_ro):
+    """Checks of the index tensors' contents (``index_stats``); ``rotary_offset``: the
+    last rotated position is ``max(cache_seqlens) + rotary_offset`` (None: no rotary).
+    Skipped while tracing or capturing a CUDA graph (no host sync is possible there)."""
+    if torch.compiler.is_compiling() or (cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    s = index_stats(cache_seqlens, seqlen_new, leftpad, cache_batch_idx, block_table, page_size)
+    checks = [  # (is it wrong?, message)
+        (s["seqlen_min"] < 0, f"cache_seqlens must be >= 0, got {s['seqlen_min']}"),
+        (s["length_max"] > capacity, f"cache_seqlens + seqlen_new reaches {s['length_max']}, more than the cache "
+                                     f"holds ({capacity} keys per sequence)"),
+        (s["leftpad_min"] < 0, f"cache_leftpad must be >= 0, got {s['leftpad_min']}"),
+        (s["leftpad_over_max"] > 0, f"cache_leftpad exceeds cache_seqlens + seqlen_new by {s['leftpad_over_max']} "
+                                    "for some sequence"),
+        (s["batch_idx_min"] < 0, f"cache_batch_idx must be >= 0, got {s['batch_idx_min']}"),
+        (s["batch_idx_max"] >= batch_cache and cache_batch_idx is not None,
+         f"cache_batch_idx must be < {batch_cache} (the cache's batch size), got {s['batch_idx_max']}"),
+        (s["page_min"] < 0, f"block_table names page {s['page_min']}"),
+        (s["page_max"] >= num_pages and block_table is not None,
+         f"block_table names page {s['page_max']}, the cache has {num_pages} pages"),
+    ]
+    if rotary_offset is not None:
+        last = s["seqlen_max"] + rotary_offset
+        checks.append((last >= seqlen_ro, f"rotary embedding of position {last} needed; rotary_cos/rotary_sin "
+                                          f"have {seqlen_ro} positions"))
+    for wrong, message in checks:
+        if wrong:
+            raise ValueError("flashtile: " + message)
+
+
+def write_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                cache_seqlens: torch.Tensor, cache_batch_idx: torch.Tensor | None,
+                block_table: torch.Tensor | None) -> None:
+    """Write ``k``, ``v`` ``(batch, seqlen_new, nheads_k, d)`` into the caches in place,
+    token ``t`` of sequence ``b`` at position ``cache_seqlens[b] + t``."""
+    positions = cache_seqlens.long()[:, None] + torch.arange(k.shape[1], device=k.device)[None, :]
+    if block_table is None:
+        rows = torch.arange(k.shape[0], device=k.device) if cache_batch_idx is None else cache_batch_idx.long()
+        index = (rows[:, None].expand_as(positions), positions)
+    else:
+        page_size = k_cache.shape[1]
+        index = (block_table.long().gather(1, positions // page_size), positions % page_size)
+    k_cache[index] = k
+    v_cache[index] = v
+
+
+@torch.no_grad()
+def flash_attn_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    rotary_cos: torch.Tensor | None = None,
+    rotary_sin: torch.Tensor | None = None,
+    cache_seqlens: int | torch.Tensor | None = None,
+    cache_batch_idx: torch.Tensor | None = None,
+    cache_leftpad: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    rotary_interleaved: bool = True,
+    alibi_slopes: torch.Tensor | None = None,
+    num_splits: int = 0,
+    return_softmax_lse: bool = False,
+):
+    """Attention of new query tokens against a key/value cache, as
+    ``flash_attn.flash_attn_with_kvcache`` (decoding, speculative decoding,
+    chunked prefill). Inference only: no gradient.
+
+    The key range of each sequence is split across programs (Flash-Decoding)
+    and the parts merged by their log-sum-exp, so a batch of one still
+    fills the GPU; the query heads of a GQA group are processed together, so
+    the cache is read once per kv head.
+
+    Args:
+        q: ``(batch, seqlen_q, nheads, headdim)``, fp16, bf16 or fp32.
+        k_cache, v_cache: contiguous ``(batch_cache, seqlen_cache, nheads_k,
+            headdim)``, or paged ``(num_pages, page_size, nheads_k, headdim)``
+            with ``block_table``; any page size. Last dim contiguous.
+        k, v: optional new keys/values ``(batch, seqlen_new, nheads_k,
+            headdim)``, written into the caches in place at positions
+            ``cache_seqlens[b] + t`` (after the rotary embedding, for k), and
+            attended to.
+        rotary_cos, rotary_sin: optional ``(seqlen_ro, rotary_dim / 2)``:
+            rotary embedding applied to q and the new k at their positions
+            (``cache_seqlens[b] + t``; with neither causal nor a window, all
+            query tokens at position ``cache_seqlens[b]``, as flash_attn).
+        cache_seqlens: int or int32 ``(batch,)``: keys already in the cache
+            per sequence; None means the whole cache.
+        cache_batch_idx: int32 ``(batch,)``: the cache row (or block_table row)
+            of each sequence; default ``arange(batch)``.
+        cache_leftpad: int32 ``(batch,)``: keys before this index are ignored.
+        block_table: int32 ``(batch, max_pages)``: page ``block_table[b, j //
+            page_size]`` holds key ``j`` of sequence ``b``.
+        softmax_scale: defaults to ``1 / sqrt(headdim)``.
+        causal, window_size, softcap, alibi_slopes: as :func:`flash_attn_func`,
+            aligned to the bottom-right corner of each sequence's keys.
+        rotary_interleaved: rotate pairs of neighbouring dims (True, GPT-J) or
+            the two halves of the rotary dims (False, GPT-NeoX).
+        num_splits: splits of the key range; 0 chooses from batch, heads,
+            cache length and the number of multiprocessors.
+        return_softmax_lse: also return the LSE ``(batch, nheads, seqlen_q)`` fp32.
+
+    Returns:
+        ``out`` ``(batch, seqlen_q, nheads, headdim)``, or ``(out, softmax_lse)``.
+    """
+    _check_cache_inputs(q, k_cache, v_cache, k, v, block_table, cache_batch_idx is not None)
+    batch, seqlen_q, nheads, head_dim = q.shape
+    seqlen_new = 0 if k is None else k.shape[1]
+    paged = block_table is not None
+    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+    if cache_seqlens is None:
+        if k is not None:
+            raise ValueError("flashtile: cache_seqlens is needed to append k and v to the cache")
+        cache_seqlens = capacity
+    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
+    cache_seqlens = _int32_vector("cache_seqlens", cache_seqlens, batch, q.device)
+    if cache_batch_idx is not None:
+        cache_batch_idx = _int32_vector("cache_batch_idx", cache_batch_idx, batch, q.device)
+    batch_cache = block_table.shape[0] if paged else k_cache.shape[0]
+    if paged and cache_batch_idx is not None:
+        # each sequence reads the block_table row it names (clamped: checked below, or not at all in a graph)
+        block_table = block_table[cache_batch_idx.long().clamp(0, batch_cache - 1)]
+    leftpad = None if cache_leftpad is None else _int32_vector("cache_leftpad", cache_leftpad, batch, q.device)
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"flashtile: num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
+    window = _window(window_size, bool(causal))
+    check_softcap(softcap)
+    check_alibi(alibi_slopes, batch, nheads, q.device)
+    scale = check_scale("softmax_scale", softmax_scale, head_dim)
+    rotary = rotary_cos is not None or rotary_sin is not None
+    rotary_offset = None
+    if rotary:
+        if rotary_cos is None or rotary_sin is None:
+            raise ValueError("flashtile: pass both rotary_cos and rotary_sin, or neither")
+        _check_rotary(rotary_cos, rotary_sin, head_dim)
+        rotary_offset = max(seqlen_new, seqlen_q if window != (-1, -1) else 1) - 1
+    _check_values(cache_seqlens, seqlen_new, capacity, leftpad, cache_batch_idx,
+                  batch_cache, block_table, k_cache.shape[0], k_cache.shape[1], rotary_offset,
+                  rotary_cos.shape[0] if rotary else 0)
+
+    if rotary:
+        steps = torch.arange(seqlen_q, device=q.device)[None, :]
+        if window == (-1, -1):  # not causal, no window: every query token at the first new position
+            steps = steps * 0
+        q = _rotate(q, rotary_cos, rotary_sin, cache_seqlens.long()[:, None] + steps, rotary_interleaved)
+        if k is not None:
+            positions = cache_seqlens.long()[:, None] + torch.arange(seqlen_new, device=q.device)[None, :]
+            k = _rotate(k, rotary_cos, rotary_sin, positions, rotary_interleaved)
+    if k is not None:
+        write_cache(k_cache, v_cache, k, v, cache_seqlens, None if paged else cache_batch_idx, block_table)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    out, lse = attn_decode(q, k_cache, v_cache, cache_seqlens, None if paged else cache_batch_idx, block_table,
+                           leftpad, alibi_slopes, seqlen_new, scale, window[0], window[1], float(softcap),
+                           num_splits)
+    return (out, lse) if return_softmax_lse else out
+
+
+class KVCache:
+    """The key/value cache of one attention layer for batched decoding,
+    contiguous or paged, with its lengths kept on the host and the device.
+
+    Contiguous: ``k_cache``/``v_cache`` are ``(batch, max_seqlen, nheads_k,
+    headdim)``. Paged (``page_size`` given): ``(num_pages, page_size,
+    nheads_k, headdim)`` and an int32 ``block_table`` ``(batch,
+    cdiv(max_seqlen, page_size))``; pages are taken from a free list as
+    sequences grow and given back by :meth:`reset`.
+
+    Example::
+
+        cache = KVCache(batch=4, max_seqlen=8192, nheads_k=8, head_dim=128, page_size=16, device="cuda")
+        out = cache.attend(q, k_new, v_new, causal=True)   # prefill or one decoding step
+    """
+
+    def __init__(self, batch: int, max_seqlen: int, nheads_k: int, head_dim: int, *, page_size: int | None = None,
+                 num_pages: int | None = None, dtype: torch.dtype = torch.bfloat16,
+                 device: torch.device | str | None = None):
+        for name, value in (("batch", batch), ("max_seqlen", max_seqlen), ("nheads_k", nheads_k),
+                            ("head_dim", head_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"flashtile: KVCache {name} must be a positive int, got {value!r}")
+        if dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"flashtile: KVCache dtype must be float16, bfloat16 or float32, got {dtype}")
+        self.batch, self.max_seqlen = batch, max_seqlen
+        self.page_size = page_size
+        self.lengths = [0] * batch
+        self.cache_seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
+        if page_size is None:
+            shape = (batch, max_seqlen, nheads_k, head_dim)
+            self.block_table = None
+        else:
+            if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+                raise ValueError(f"flashtile: KVCache page_size must be a positive int, got {page_size!r}")
+            pages_per_seq = -(-max_seqlen // page_size)
+            num_pages = batch * pages_per_seq if num_pages is None else num_pages
+            shape = (num_pages, page_size, nheads_k, head_dim)
+            self.block_table = torch.zeros(batch, pages_per_seq, dtype=torch.int32, device=device)
+            self._pages: list[list[int]] = [[] for _ in range(batch)]
+            self._free = list(range(num_pages - 1, -1, -1))
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+
+    def _reserve(self, new_tokens: int) -> None:
+        """Grow every sequence by ``new_tokens``: check the room, take pages."""
+        if max(self.lengths) + new_tokens > self.max_seqlen:
+            raise ValueError(f"flashtile: KVCache holds {self.max_seqlen} tokens per sequence; appending "
+                             f"{new_tokens} to {max(self.lengths)} does not fit")
+        if self.page_size is None:
+            return
+        changed = False
+        for b, length in enumerate(self.lengths):
+            needed = -(-(length + new_tokens) // self.page_size)
+            while len(self._pages[b]) < needed:
+                if not self._free:
+                    raise RuntimeError("flashtile: KVCache is out of pages; free sequences with reset(b)")
+                self._pages[b].append(self._free.pop())
+                changed = True
+        if changed:
+            width = self.block_table.shape[1]
+            rows = [pages + [0] * (width - len(pages)) for pages in self._pages]
+            self.block_table.copy_(torch.tensor(rows, dtype=torch.int32))
+
+    def _advance(self, new_tokens: int) -> None:
+        self.lengths = [n + new_tokens for n in self.lengths]
+        self.cache_seqlens += new_tokens
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store ``k``, ``v`` ``(batch, seqlen_new, nheads_k, headdim)`` after each sequence's tokens."""
+        if k.dim() != 4 or k.shape != v.shape or k.shape[0] != self.batch or k.shape[2:] != self.k_cache.shape[2:]:
+            raise ValueError(f"flashtile: k and v must both be (batch = {self.batch}, seqlen_new, "
+                             f"{', '.join(map(str, self.k_cache.shape[2:]))}), got {tuple(k.shape)}, {tuple(v.shape)}")
+        self._reserve(k.shape[1])
+        with torch.no_grad():
+            write_cache(self.k_cache, self.v_cache, k.to(self.k_cache.dtype), v.to(self.v_cache.dtype),
+                        self.cache_seqlens, None, self.block_table)
+        self._advance(k.shape[1])
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None, **kwargs):
+        """:func:`flash_attn_with_kvcache` on this cache: append ``k``, ``v`` (if given) and
+        attend ``q`` ``(batch, seqlen_q, nheads, headdim)`` to every stored token.
+        ``kwargs`` are the other arguments of :func:`flash_attn_with_kvcache`."""
+        new_tokens = 0 if k is None else k.shape[1]
+        self._reserve(new_tokens)
+        result = flash_attn_with_kvcache(q, self.k_cache, self.v_cache, k, v, cache_seqlens=self.cache_seqlens,
+                                         block_table=self.block_table, **kwargs)
+        self._advance(new_tokens)
+        return result
+
+    def gather(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the stored keys and values, ``(batch, max(lengths), nheads_k, headdim)``,
+        zero past each sequence's length."""
+        longest = max(self.lengths)
+        keys = self.k_cache.new_zeros(self.batch, longest, *self.k_cache.shape[2:])
+        values = torch.zeros_like(keys)
+        for b, length in enumerate(self.lengths):
+            keys[b, :length] = cache_rows(self.k_cache, b, length, None, self.block_table)
+            values[b, :length] = cache_rows(self.v_cache, b, length, None, self.block_table)
+        return keys, values
+
+    def reset(self, b: int | None = None) -> None:
+        """Empty sequence ``b`` (every sequence if None) and give its pages back."""
+        for i in range(self.batch) if b is None else [b]:
+            self.lengths[i] = 0
+            self.cache_seqlens[i] = 0
+            if self.page_size is not None:
+                self._free.extend(reversed(self._pages[i]))
+                self._pages[i] = []

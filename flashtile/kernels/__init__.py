@@ -1,1 +1,0 @@
-"""Triton kernels: forward, backward, shared score/mask logic, launch configurations."""

@@ -1,0 +1,229 @@
+"""The attention operators, registered with ``torch.library``.
+
+``flashtile::attn_fwd`` and ``flashtile::attn_bwd`` are custom ops with fake
+(meta) implementations, so ``torch.compile(fullgraph=True)`` traces through
+them, and autograd is attached with ``register_autograd``. Each op picks its
+backend by device: the Triton kernels for GPU tensors (and for CPU tensors
+when Triton's interpreter is on), the tiled PyTorch path for CPU tensors.
+
+Dense inputs are in flash_attn layout ``(batch, seqlen, nheads, headdim)``;
+variable-length inputs are packed ``(total, nheads, headdim)`` with int32
+``cu_seqlens_q/k``. Both have a contiguous last dimension.
+
+Optional inputs: ``bias`` a float (added) or bool (False = masked) tensor
+broadcastable to ``(batch, nheads, seqlen_q, seqlen_k)`` (4-D); ``alibi`` fp32
+slopes ``(nheads,)`` or ``(batch, nheads)``; ``seed`` a 0-d int64 CPU tensor
+for dropout. Positions: query ``i`` is aligned with key ``i + diag`` and sees
+keys ``[i + diag - window_left, i + diag + window_right]`` (-1 = unbounded);
+varlen sequences are aligned bottom-right, each its own ``diag``.
+``fixed_max`` (forward only): an upper bound of ``q.k * softmax_scale`` for
+l2-normalised q and k (cosine-similarity attention); the forward pass then
+uses a fixed softmax offset (that bound, plus the largest value of an
+additive ``bias``) instead of a running row max.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..backends.torch_tiled import attention_tiled_backward, attention_tiled_forward
+from ..backends.triton.launch import attention as launch
+from ..backends.triton.launch.device import interpreting
+from ..options import AttnOptions
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda or interpreting()
+
+
+def _score_bound(fixed_max: float | None, bias: torch.Tensor | None) -> float | None:
+    """The fixed softmax offset: ``fixed_max`` plus the largest additive bias (read
+    once, without its broadcast dimensions); None (running max) if not finite."""
+    if fixed_max is None:
+        return None
+    if bias is not None and bias.is_floating_point() and bias.numel():
+        stored = bias[tuple(slice(0, 1) if st == 0 else slice(None) for st in bias.stride())]
+        fixed_max = fixed_max + max(0.0, float(stored.detach().amax()))
+    return fixed_max if abs(fixed_max) < float("inf") else None
+
+
+def attn_options(q, k, bias, alibi, seed, softmax_scale, diag, window_left, window_right, softcap, dropout_p,
+             varlen: bool, fixed_max: float | None = None) -> AttnOptions:
+    batch, nheads = (1, q.shape[1]) if varlen else (q.shape[0], q.shape[2])
+    fixed_max = _score_bound(fixed_max, bias)
+    if bias is not None:
+        bias = bias.expand(batch, nheads, q.shape[1], k.shape[1])
+    if alibi is not None:
+        alibi = alibi.float()
+        alibi = alibi.expand(batch, nheads) if alibi.dim() == 1 else alibi
+    return AttnOptions(softmax_scale, diag, window_left, window_right, softcap, alibi, bias, dropout_p,
+                       0 if seed is None else int(seed), fixed_max=fixed_max)
+
+
+def seq_options(opts: AttnOptions, i: int, seqlen_q: int, seqlen_k: int, max_seqlen_q: int, max_seqlen_k: int):
+    """Options of sequence ``i`` of a varlen batch for the tiled path."""
+    alibi = None if opts.alibi is None else opts.alibi[i:i + 1] if opts.alibi.shape[0] > 1 else opts.alibi
+    return opts._replace(diag=seqlen_k - seqlen_q, alibi=alibi, dropout_batch_base=i,
+                         dropout_rows=max_seqlen_q, dropout_cols=max_seqlen_k)
+
+
+def varlen_slices(cu_q, cu_k):
+    """(index, query rows, key rows) of each sequence with queries and keys
+    (the others produce zeros, which the callers' buffers start with)."""
+    cu_q, cu_k = cu_q.tolist(), cu_k.tolist()
+    for i in range(len(cu_q) - 1):
+        if cu_q[i + 1] > cu_q[i] and cu_k[i + 1] > cu_k[i]:
+            yield i, slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+
+
+def _attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
+             cu_seqlens_k: torch.Tensor | None, bias: torch.Tensor | None, alibi: torch.Tensor | None,
+             seed: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, diag: int,
+             window_left: int, window_right: int, softcap: float,
+             dropout_p: float, fixed_max: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    varlen = cu_seqlens_q is not None
+    opts = attn_options(q, k, bias, alibi, seed, softmax_scale, diag, window_left, window_right, softcap, dropout_p,
+                    varlen, fixed_max)
+    lse_shape = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+    if q.numel() == 0 or k.shape[-3] == 0:
+        # nothing to attend: zeros and LSE -inf (also covers empty batches)
+        return torch.zeros_like(q), torch.full(lse_shape, float("-inf"), device=q.device, dtype=torch.float32)
+    if _use_triton(q):
+        return launch.attention_forward(q, k, v, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if not varlen:
+        return attention_tiled_forward(q, k, v, opts)
+    out = torch.zeros_like(q)
+    lse = torch.full(lse_shape, float("-inf"), device=q.device, dtype=torch.float32)
+    for i, sq, sk in varlen_slices(cu_seqlens_q, cu_seqlens_k):
+        o, lse_i = attention_tiled_forward(q[None, sq], k[None, sk], v[None, sk],
+                                           seq_options(opts, i, sq.stop - sq.start, sk.stop - sk.start,
+                                                        max_seqlen_q, max_seqlen_k))
+        out[sq], lse[:, sq] = o[0], lse_i[0]
+    return out, lse
+
+
+attn_fwd = torch.library.custom_op("flashtile::attn_fwd", mutates_args=())(_attn_fwd)
+
+
+@attn_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, bias, alibi, seed, max_seqlen_q, max_seqlen_k, softmax_scale, diag,
+      window_left, window_right, softcap, dropout_p, fixed_max=None):
+    lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else (q.shape[0], q.shape[2], q.shape[1])
+    return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+def _reduce_bias_grad(dbias: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Sum the (batch, nheads, seqlen_q, seqlen_k) gradient over bias's broadcast dims."""
+    dims = [i for i in range(4) if bias.shape[i] == 1 and dbias.shape[i] != 1]
+    return (dbias.sum(dims, keepdim=True) if dims else dbias).to(bias.dtype)
+
+
+def _attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+             lse: torch.Tensor, cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
+             bias: torch.Tensor | None, alibi: torch.Tensor | None, seed: torch.Tensor | None,
+             max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, diag: int, window_left: int,
+             window_right: int, softcap: float, dropout_p: float,
+             bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dq, dk, dv, dbias); dbias has bias's shape and dtype, or is empty unless ``bias_grad``."""
+    varlen = cu_seqlens_q is not None
+    bias_grad = bias_grad and bias is not None
+    no_bias_grad = q.new_empty(0)
+    if q.numel() == 0 or k.numel() == 0:
+        dbias = torch.zeros_like(bias) if bias_grad else no_bias_grad
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
+    opts = attn_options(q, k, bias, alibi, seed, softmax_scale, diag, window_left, window_right, softcap, dropout_p,
+                    varlen)
+    if _use_triton(q):
+        dq, dk, dv, dbias = launch.attention_backward(dout, q, k, v, out, lse, opts, bias_grad, cu_seqlens_q,
+                                                      cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    elif not varlen:
+        dq, dk, dv, dbias = attention_tiled_backward(dout, q, k, v, out, lse, opts, bias_grad)
+    else:
+        dq, dk, dv, dbias = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None
+        for i, sq, sk in varlen_slices(cu_seqlens_q, cu_seqlens_k):
+            grads = attention_tiled_backward(dout[None, sq], q[None, sq], k[None, sk], v[None, sk], out[None, sq],
+                                             lse[None, :, sq], seq_options(opts, i, sq.stop - sq.start,
+                                                                            sk.stop - sk.start, max_seqlen_q,
+                                                                            max_seqlen_k))
+            dq[sq], dk[sk], dv[sk] = grads[0][0], grads[1][0], grads[2][0]
+    return dq, dk, dv, _reduce_bias_grad(dbias, bias) if bias_grad else no_bias_grad
+
+
+attn_bwd = torch.library.custom_op("flashtile::attn_bwd", mutates_args=())(_attn_bwd)
+
+
+@attn_bwd.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, bias, alibi, seed, max_seqlen_q, max_seqlen_k,
+      softmax_scale, diag, window_left, window_right, softcap, dropout_p, bias_grad):
+    dbias = torch.empty_like(bias) if bias_grad and bias is not None else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+
+
+_BIAS = 5  # position of bias among them
+_SCALARS = slice(8, 16)  # those attn_bwd takes too (max_seqlen_q .. dropout_p)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, bias, alibi, seed = inputs[:8]
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, bias, alibi, seed)
+    ctx.scalars = tuple(inputs[_SCALARS])
+    ctx.n_inputs = len(inputs)
+    ctx.mark_non_differentiable(lse)
+    # the LSE takes no gradient: no zeros made for it (one launch less per backward)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dout, dlse, bwd=attn_bwd):
+    q, k, v, out, lse, cu_q, cu_k, bias, alibi, seed = ctx.saved_tensors
+    if dout is None:  # the output took no part in the loss
+        dout = torch.zeros_like(out)
+    bias_grad = bias is not None and ctx.needs_input_grad[_BIAS]
+    dq, dk, dv, dbias = bwd(dout, q, k, v, out, lse, cu_q, cu_k, bias, alibi, seed, *ctx.scalars, bias_grad)
+    grads = [dq, dk, dv] + [None] * (ctx.n_inputs - 3)
+    grads[_BIAS] = dbias if bias_grad else None
+    return tuple(grads)
+
+
+attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The same forward and backward as the registered ops, without the op
+    dispatch (tens of microseconds per call, which short sequences notice).
+    Used outside ``torch.compile``; traced graphs use the ops."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _attn_fwd(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return _backward(ctx, dout, dlse, bwd=_attn_bwd)
+
+
+def dropout_seed(dropout_p: float) -> torch.Tensor | None:
+    """Seed of the dropout generator, drawn from torch's default generator (so
+    reproducible under ``torch.manual_seed``), or None without dropout."""
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if dropout_p > 0 else None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, diag: int, *,
+              window: tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi: torch.Tensor | None = None,
+              bias: torch.Tensor | None = None, dropout_p: float = 0.0, seed: torch.Tensor | None = None,
+              cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
+              max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+              fixed_max: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable attention on checked inputs. Returns (out, lse).
+
+    ``window = (left, right)``, -1 unbounded (causal is ``right = 0``).
+    ``fixed_max``: a bound of the scores without bias (cosine-similarity
+    attention, see the module docstring), or None for the running row max.
+    """
+    # the kernels need a contiguous head dim; other strides are read as they are
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    fwd = attn_fwd if torch.compiler.is_compiling() else _EagerAttention.apply
+    return fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, bias, alibi, seed, max_seqlen_q, max_seqlen_k,
+               softmax_scale, diag, window[0], window[1], softcap, dropout_p, fixed_max)

@@ -1,0 +1,64 @@
+"""What shapes the scores besides q, k and v: :class:`AttnOptions`, shared by the
+ops, the Triton launchers and the tiled PyTorch path, and the conventions of
+the two public APIs (causal alignment, default scale)."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+
+def causal_offset_for(seqlen_q: int, seqlen_k: int, align: str) -> int:
+    """Query ``i`` is aligned with key ``i + offset`` (causal: sees keys ``j <= i + offset``).
+
+    ``align="bottom_right"`` is flash_attn's convention, ``"top_left"`` PyTorch SDPA's.
+    """
+    if align == "bottom_right":
+        return seqlen_k - seqlen_q
+    if align == "top_left":
+        return 0
+    raise ValueError(f"causal_align must be 'bottom_right' or 'top_left', got {align!r}")
+
+
+
+def default_scale(head_dim: int) -> float:
+    """``1 / sqrt(head_dim)``, the softmax scale when none is given."""
+    return 1.0 / math.sqrt(head_dim)
+
+
+class AttnOptions(NamedTuple):
+    """Everything besides q, k, v that shapes the scores; shared by the kernels'
+    launcher and the tiled path.
+
+    ``diag``: query ``i`` is aligned with key ``i + diag``; it sees keys
+    ``i + diag - window_left <= j <= i + diag + window_right`` (-1 = unbounded;
+    causal is ``window_right = 0``). ``alibi``: fp32 ``(batch, nheads)``.
+    ``bias``: float (added) or bool (False = masked) view of shape ``(batch,
+    nheads, seqlen_q, seqlen_k)`` (stride 0 where broadcast). Dropout element
+    ``(b, h, i, j)`` draws at index ``((b + dropout_batch_base) * nheads + h) *
+    dropout_rows + i) * dropout_cols + j`` (rows/cols 0 = seqlen_q/seqlen_k).
+    ``fixed_max``: an upper bound of every score (natural units, scale and
+    bias included), or None. When given, the forward pass uses it as the
+    softmax offset instead of a running row max (cosine-similarity
+    attention); the results are the same up to rounding.
+    ``block_mask``: a :class:`flashtile.BlockMask` (block-sparse
+    attention), or None: the tiled path then takes the mask's tiles, skips
+    the empty ones and masks the partial ones.
+    """
+    softmax_scale: float
+    diag: int = 0
+    window_left: int = -1
+    window_right: int = -1
+    softcap: float = 0.0
+    alibi: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    dropout_p: float = 0.0
+    seed: int = 0
+    dropout_batch_base: int = 0
+    dropout_rows: int = 0
+    dropout_cols: int = 0
+    fixed_max: float | None = None
+    block_mask: object | None = None
+
