@@ -28,6 +28,7 @@ import json
 import torch
 
 import flashtile
+import flashtile.testing
 from flashtile.cli.bench import median_ms
 
 
@@ -67,8 +68,8 @@ def run_one(seqlen: int, dtype: torch.dtype, args, device: str) -> dict:
     providers = {
         "kernel": (lambda: flashtile.flash_cosine_sim_attention(q, k, v, mask=mask, scale=scale, causal=causal),
                    (q, k, v)),
-        "baseline": (lambda: flashtile.testing.plain_cosine_sim_attention(q, k, v, mask=mask, scale=scale, causal=causal),
-                     (q, k, v)),
+        "baseline": (lambda: flashtile.testing.plain_cosine_sim_attention(q, k, v, mask=mask, scale=scale,
+                                                                          causal=causal), (q, k, v)),
         "kernel_prenorm": (lambda: flashtile.flash_cosine_sim_attention(qn, kn, v, mask=mask, scale=scale,
                                                                         causal=causal, l2norm_qk=False),
                            (qn, kn, v)),

@@ -66,7 +66,7 @@ class Step:
                 shape = (pages, page_size, nheads_k, head_dim)
                 # pages of a sequence scattered over the pool, as after a while of serving
                 table = torch.randperm(pages, device=dev).int().reshape(batch, -1)
-            self.caches.append((torch.randn(shape, device=dev, dtype=dtype), torch.randn(shape, device=dev, dtype=dtype)))
+            self.caches.append(tuple(torch.randn(shape, device=dev, dtype=dtype) for _ in range(2)))
             self.tables.append(table)
 
     def flashtile(self, num_splits=0):
@@ -281,7 +281,8 @@ def main():
                         "kernel (e.g. 1,2,4), at the cache lengths of --sweep-lens and the --splits counts")
     parser.add_argument("--merge-ab", action="store_true", help="also time the step with the splits merged by the "
                         "split kernel and by the combine kernel, at --sweep-lens and the --splits counts")
-    parser.add_argument("--merge-max-values", type=int, default=0, help="MERGE_MAX_VALUES of flashtile.backends.triton.launch.decode "
+    parser.add_argument("--merge-max-values", type=int, default=0, help="MERGE_MAX_VALUES of "
+                        "flashtile.backends.triton.launch.decode "
                         "(the split kernel merges where splits x head dim values of a row fit; 0: as committed)")
     args = parser.parse_args()
     if args.merge_max_values:

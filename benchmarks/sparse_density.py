@@ -29,8 +29,8 @@ import json
 import torch
 
 import flashtile
-from flashtile.cli.bench import median_ms
 from flashtile import BlockMask, block_sparse_attn_func, flash_attn_func
+from flashtile.cli.bench import median_ms
 
 
 def fwd_and_fwd_bwd(fn, inputs, cuda: bool) -> tuple[float | str, float | str]:

@@ -3,19 +3,19 @@
 Two APIs over the same kernels:
 
 * flash_attn 2.x compatible, layout ``(batch, seqlen, nheads, headdim)``:
-  :func:`flash_attn_func`, :func:`flash_attn_qkvpacked_func`,
-  :func:`flash_attn_kvpacked_func`.
+  ``flash_attn_func``, ``flash_attn_qkvpacked_func``,
+  ``flash_attn_kvpacked_func``.
 * PyTorch SDPA compatible, layout ``(batch, nheads, seqlen, headdim)``:
-  :func:`scaled_dot_product_attention`.
+  ``scaled_dot_product_attention``.
 
 Block-sparse attention (cost proportional to the non-empty tiles of a
-:class:`BlockMask`): :func:`block_sparse_attn_func`,
-:func:`block_sparse_attention`, :func:`create_block_mask`, and ready-made
-patterns (:func:`local_global_block_mask`, :func:`strided_block_mask`,
-:func:`fixed_block_mask`, :func:`bigbird_block_mask`, :func:`document_block_mask`).
+``BlockMask``): ``block_sparse_attn_func``,
+``block_sparse_attention``, ``create_block_mask``, and ready-made
+patterns (``local_global_block_mask``, ``strided_block_mask``,
+``fixed_block_mask``, ``bigbird_block_mask``, ``document_block_mask``).
 
 Cosine-similarity attention (l2-normalised q and k, fixed scale, no running
-row max): :func:`flash_cosine_sim_attention`.
+row max): ``flash_cosine_sim_attention``.
 
 GPU tensors run the Triton kernels; CPU tensors run a tiled PyTorch
 implementation of the same algorithm (or the Triton kernels under Triton's
@@ -26,7 +26,7 @@ following one path down:
 
 * ``interface/``: the public functions, their argument checks and layouts;
 * ``ops/``: ``torch.library`` custom ops with autograd; each picks a backend;
-* ``masks/``: :class:`BlockMask` and its builders;
+* ``masks/``: ``BlockMask`` and its builders;
 * ``backends/``: the Triton kernels and their launchers, and the tiled PyTorch path;
 * ``testing/``: the materialised oracle (``flashtile.testing.attention_ref``);
   the library never imports it.

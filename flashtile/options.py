@@ -1,4 +1,4 @@
-"""What shapes the scores besides q, k and v: :class:`AttnOptions`, shared by the
+"""What shapes the scores besides q, k and v: ``AttnOptions``, shared by the
 ops, the Triton launchers and the tiled PyTorch path, and the conventions of
 the two public APIs (causal alignment, default scale)."""
 
@@ -32,8 +32,8 @@ class AttnOptions(NamedTuple):
     """Everything besides q, k, v that shapes the scores; shared by the kernels'
     launcher and the tiled path.
 
-    ``diag``: query ``i`` is aligned with key ``i + diag``; it sees keys
-    ``i + diag - window_left <= j <= i + diag + window_right`` (-1 = unbounded;
+    ``diag_offset``: query ``i`` is aligned with key ``i + diag_offset``; it sees keys
+    ``i + diag_offset - window_left <= j <= i + diag_offset + window_right`` (-1 = unbounded;
     causal is ``window_right = 0``). ``alibi``: fp32 ``(batch, nheads)``.
     ``bias``: float (added) or bool (False = masked) view of shape ``(batch,
     nheads, seqlen_q, seqlen_k)`` (stride 0 where broadcast). Dropout element
@@ -43,12 +43,12 @@ class AttnOptions(NamedTuple):
     bias included), or None. When given, the forward pass uses it as the
     softmax offset instead of a running row max (cosine-similarity
     attention); the results are the same up to rounding.
-    ``block_mask``: a :class:`flashtile.BlockMask` (block-sparse
+    ``block_mask``: a ``flashtile.BlockMask`` (block-sparse
     attention), or None: the tiled path then takes the mask's tiles, skips
     the empty ones and masks the partial ones.
     """
     softmax_scale: float
-    diag: int = 0
+    diag_offset: int = 0
     window_left: int = -1
     window_right: int = -1
     softcap: float = 0.0

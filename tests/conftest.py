@@ -34,8 +34,7 @@ def pytest_collection_modifyitems(config, items):
 def _check_launch_plans():
     # every call that replays a launch plan also builds its launches the slow way and
     # compares them: a plan key that misses something fails the test that calls it
-    from flashtile import options
-    from flashtile.backends.triton.launch import attention as launch_attention, choose as launch_choose, device as launch_device, plans as launch_plans
+    from flashtile.backends.triton.launch import plans as launch_plans
 
     launch_plans.check_plans = True
 
@@ -53,8 +52,9 @@ def backend(request, monkeypatch):
     path without it."""
     monkeypatch.setenv("TRITON_INTERPRET", "0" if request.param == "tiled" else "1")
     if request.param == "triton_halves":
-        from flashtile.backends.triton.launch.table import LaunchConfig
         from helpers import force_forward_config
+
+        from flashtile.backends.triton.launch.table import LaunchConfig
 
         force_forward_config(monkeypatch, LaunchConfig(32, 32, 4, 1, halves=True))
     return request.param

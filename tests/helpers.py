@@ -2,6 +2,8 @@
 most ``factor`` times the error of PyTorch computing the same thing in the
 input dtype, plus a rounding floor of the output dtype."""
 
+import math
+
 import torch
 
 from flashtile.testing import attention_ref
@@ -18,8 +20,10 @@ def rounding_floor(ref: torch.Tensor, dtype: torch.dtype, magnitude: float = 0.0
     relative 1e-5 of ref's largest value or of ``magnitude``."""
     if not ref.numel():
         return 1e-5
-    r = ref.to(dtype)
-    floor = max(2 * (r + 0.3 - 0.3 - r).abs().max().item(), 1e-5, torch.finfo(dtype).eps * magnitude)
+    largest = ref.abs().max().item()
+    # the rounding step (ulp) of dtype at the largest value: eps scaled to its binade
+    step = torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(largest)) if largest > 0 else 0.0
+    floor = max(2 * step, 1e-5, torch.finfo(dtype).eps * magnitude)
     if dtype == torch.float32:
         floor = max(floor, 1e-5 * max(1.0, ref.abs().max().item(), magnitude))
     return floor
@@ -68,8 +72,8 @@ def check_attention(fn, q, k, v, *, backward=True, fwd_factor=2.0, bwd_factor=3.
 def force_forward_config(monkeypatch, cfg) -> None:
     """Launch every forward kernel call with the LaunchConfig ``cfg``, whatever
     launch-table name it takes (e.g. to force the two-halves schedule)."""
-    from flashtile import options
-    from flashtile.backends.triton.launch import attention as launch_attention, choose as launch_choose, device as launch_device, plans as launch_plans
+    from flashtile.backends.triton.launch import attention as launch_attention
+    from flashtile.backends.triton.launch import choose as launch_choose
 
     monkeypatch.setattr(launch_choose, "forced_configs", {name: cfg for name in launch_attention.FORWARD_NAMES})
 
@@ -77,8 +81,7 @@ def force_forward_config(monkeypatch, cfg) -> None:
 def count_plan_replays(monkeypatch) -> list:
     """Launch plans run from now on (flashtile/backends/triton/launch/plans.py), each entry the names
     of the plan's kernels."""
-    from flashtile import options
-    from flashtile.backends.triton.launch import attention as launch_attention, choose as launch_choose, device as launch_device, plans as launch_plans
+    from flashtile.backends.triton.launch import plans as launch_plans
 
     runs = []
     real_run = launch_plans.LaunchPlan.run
@@ -94,8 +97,7 @@ def count_plan_replays(monkeypatch) -> list:
 def set_switch(monkeypatch, name: str, value: str) -> None:
     """Set the environment switch ``name`` (FLASHTILE_FWD_TMA, ...) for this test; launch
     plans, which read the switches when made, start afresh and are restored afterwards."""
-    from flashtile import options
-    from flashtile.backends.triton.launch import attention as launch_attention, choose as launch_choose, device as launch_device, plans as launch_plans
+    from flashtile.backends.triton.launch import plans as launch_plans
 
     monkeypatch.setenv(name, value)
     monkeypatch.setattr(launch_plans, "_plans", {})

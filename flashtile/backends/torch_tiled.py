@@ -33,8 +33,8 @@ def _grouped_f32(t: torch.Tensor, nheads_k: int, transposed: bool = False) -> to
 
 def _key_span(m0: int, m1: int, seqlen_k: int, opts: AttnOptions) -> tuple[int, int]:
     """Keys [lo, hi) seen by any of the query rows [m0, m1)."""
-    hi = max(0, min(seqlen_k, m1 + opts.diag + opts.window_right)) if opts.window_right >= 0 else seqlen_k
-    lo = min(max(0, m0 + opts.diag - opts.window_left), hi) if opts.window_left >= 0 else 0
+    hi = max(0, min(seqlen_k, m1 + opts.diag_offset + opts.window_right)) if opts.window_right >= 0 else seqlen_k
+    lo = min(max(0, m0 + opts.diag_offset - opts.window_left), hi) if opts.window_left >= 0 else 0
     return lo, hi
 
 
@@ -55,16 +55,16 @@ class _Tile:
             s = self.tanh * opts.softcap
         if opts.alibi is not None:
             slopes = opts.alibi.float().reshape(batch, nheads_k, group, 1, 1)
-            s = s - slopes * (self.rows + opts.diag - self.cols).abs()
+            s = s - slopes * (self.rows + opts.diag_offset - self.cols).abs()
         if opts.bias is not None:
             bias = opts.bias.reshape(batch, nheads_k, group, *opts.bias.shape[2:])[..., m0:m1, n0:n1]
             s = s.masked_fill(~bias, float("-inf")) if bias.dtype == torch.bool else s + bias.float()
         # window bounds, where they cut the tile (the tiles wholly inside need no mask)
-        if opts.window_right >= 0 and n1 - 1 > m0 + opts.diag + opts.window_right:
-            right_ok = self.cols <= self.rows + opts.diag + opts.window_right
+        if opts.window_right >= 0 and n1 - 1 > m0 + opts.diag_offset + opts.window_right:
+            right_ok = self.cols <= self.rows + opts.diag_offset + opts.window_right
             allowed = right_ok if allowed is None else allowed & right_ok
-        if opts.window_left >= 0 and n0 < m1 - 1 + opts.diag - opts.window_left:
-            left_ok = self.cols >= self.rows + opts.diag - opts.window_left
+        if opts.window_left >= 0 and n0 < m1 - 1 + opts.diag_offset - opts.window_left:
+            left_ok = self.cols >= self.rows + opts.diag_offset - opts.window_left
             allowed = left_ok if allowed is None else allowed & left_ok
         if allowed is not None:
             s = s.masked_fill(~allowed, float("-inf"))
@@ -205,7 +205,8 @@ def attention_tiled_backward(dout, q, k, v, out, lse, opts: AttnOptions, bias_gr
             dk[..., n0:n1, :] += (ds.transpose(-1, -2) @ qb).sum(2, keepdim=True)
 
     def back(t, like):
-        return t.reshape(batch, -1, t.shape[-2], head_dim).transpose(1, 2).to(like.dtype)
+        # in the input's own strides, as the ops' fake implementations promise (torch.empty_like)
+        return torch.empty_like(like).copy_(t.reshape(batch, -1, t.shape[-2], head_dim).transpose(1, 2))
 
     if dbias is not None:
         dbias = dbias.reshape(batch, nheads, seqlen_q, seqlen_k)

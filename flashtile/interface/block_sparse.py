@@ -1,4 +1,4 @@
-"""Block-sparse attention: attention restricted by a :class:`~flashtile.BlockMask`.
+"""Block-sparse attention: attention restricted by a ``BlockMask``.
 
 Tiles the mask marks empty are never loaded nor computed, so time grows with
 the number of non-empty tiles. The kernels tile at the mask's block size or a
@@ -62,10 +62,11 @@ def block_sparse_attn_func(
 
     Args:
         q: ``(batch, seqlen_q, nheads, headdim)``, fp16, bf16 or fp32; headdim 1 to 256.
-        k, v: ``(batch, seqlen_k, nheads_k, headdim)``; ``nheads % nheads_k == 0`` (GQA/MQA).
-        block_mask: a :class:`BlockMask` for ``(seqlen_q, seqlen_k)`` with batch
+        k: ``(batch, seqlen_k, nheads_k, headdim)``; ``nheads % nheads_k == 0`` (GQA/MQA).
+        v: ``(batch, seqlen_k, nheads_k, headdim)``, like ``k``.
+        block_mask: a ``BlockMask`` for ``(seqlen_q, seqlen_k)`` with batch
             1 or ``batch`` and heads 1 or ``nheads`` (query heads), on q's device.
-        dropout_p: dropout on the attention weights (as :func:`flash_attn_func`).
+        dropout_p: dropout on the attention weights (as ``flash_attn_func``).
         softmax_scale: defaults to ``1 / sqrt(headdim)``.
         causal: also apply the causal mask aligned bottom-right (query ``i``
             sees keys ``j <= i + seqlen_k - seqlen_q``); the combined mask is
@@ -76,7 +77,8 @@ def block_sparse_attn_func(
         return_softmax_lse: also return the LSE ``(batch, nheads, seqlen_q)`` fp32.
 
     Returns:
-        ``out`` like q (rows that see no key are 0), or ``(out, lse)``.
+        (torch.Tensor | tuple): ``out`` like q (rows that see no key are 0), or
+            ``(out, lse)`` if ``return_softmax_lse``.
     """
     check_qkv(q, k, v, _LAYOUT)
     _check_mask(block_mask, q, k)
@@ -102,7 +104,7 @@ def block_sparse_attention(
 ) -> torch.Tensor:
     """Block-sparse attention in SDPA layout ``(batch, nheads, seqlen, headdim)``.
 
-    The same as :func:`block_sparse_attn_func` with PyTorch SDPA's argument
+    The same as ``block_sparse_attn_func`` with PyTorch SDPA's argument
     names; ``is_causal`` is aligned to the top-left corner as in PyTorch
     (query ``i`` sees keys ``j <= i``). Returns ``(batch, nheads, seqlen_q, headdim)``.
     """

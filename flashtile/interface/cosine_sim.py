@@ -6,7 +6,7 @@ score is at most ``scale * groups``, so the forward kernel uses that fixed
 bound as its softmax offset instead of tracking a running row max (no row
 max, no rescaling of the partial output per key tile); the LSE it saves is the
 exact one, so the backward pass is the ordinary one. Everything runs on the
-kernels of :mod:`flashtile.ops.attention`: single-head keys/values are GQA with one
+kernels of ``flashtile.ops.attention``: single-head keys/values are GQA with one
 kv head, the key-padding mask is a boolean bias read as one vector per tile,
 ``attn_bias`` an additive bias with its gradient, all through strides (no
 copies besides the normalised q and k).
@@ -97,9 +97,10 @@ def flash_cosine_sim_attention(
         q: ``(b, h, i, d)``; or ``(b*h, i, d)`` with batch and heads merged (then
             k and v are 3-D too, one key/value sequence per row of q, and
             ``attn_bias`` is ``(b*h, i, j)``). fp16, bf16 or fp32; ``d`` 1..256.
-        k, v: ``(b, h_k, j, d)`` with ``h % h_k == 0`` (``h_k = h`` usually), or
+        k: ``(b, h_k, j, d)`` with ``h % h_k == 0`` (``h_k = h`` usually), or
             ``(b, j, d)``: a single key/value head shared by all query heads.
             ``j`` may differ from ``i`` (cross attention).
+        v: shaped like ``k``.
         mask: bool ``(b, j)``, True = attend (key padding).
         attn_bias: float ``(h, i, j)``, or ``(b, i, j)`` with
             ``attn_bias_batch_dim=True``, added to the scores; gets its

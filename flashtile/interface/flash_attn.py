@@ -68,9 +68,10 @@ def flash_attn_func(
 
     Args:
         q: ``(batch, seqlen_q, nheads, headdim)``, fp16, bf16 or fp32.
-        k, v: ``(batch, seqlen_k, nheads_k, headdim)``, same dtype and device;
+        k: ``(batch, seqlen_k, nheads_k, headdim)``, same dtype and device;
             ``nheads % nheads_k == 0`` (MQA/GQA: query head ``i`` uses kv head
             ``i // (nheads // nheads_k)``). headdim from 1 to 256.
+        v: ``(batch, seqlen_k, nheads_k, headdim)``, like ``k``.
         dropout_p: dropout probability on the attention weights (0 in eval).
             The mask comes from a counter-based generator seeded from torch's
             default generator, so it is reproducible under ``torch.manual_seed``
@@ -92,8 +93,8 @@ def flash_attn_func(
             dropped entries negated (materialised: for testing).
 
     Returns:
-        ``out`` ``(batch, seqlen_q, nheads, headdim)`` in q's dtype, or
-        ``(out, softmax_lse, S_dmask)`` if ``return_attn_probs``.
+        (torch.Tensor | tuple): ``out`` ``(batch, seqlen_q, nheads, headdim)`` in
+            q's dtype, or ``(out, softmax_lse, S_dmask)`` if ``return_attn_probs``.
     """
     check_qkv(q, k, v, _LAYOUT)
     check_dropout("dropout_p", dropout_p)
@@ -124,7 +125,7 @@ def flash_attn_qkvpacked_func(
     deterministic: bool = False,
     return_attn_probs: bool = False,
 ):
-    """:func:`flash_attn_func` on a packed ``qkv`` of shape ``(batch, seqlen, 3, nheads, headdim)``.
+    """``flash_attn_func`` on a packed ``qkv`` of shape ``(batch, seqlen, 3, nheads, headdim)``.
 
     q, k and v are read in place through strides (no copies).
     """
@@ -147,7 +148,7 @@ def flash_attn_kvpacked_func(
     deterministic: bool = False,
     return_attn_probs: bool = False,
 ):
-    """:func:`flash_attn_func` with ``kv`` packed as ``(batch, seqlen_k, 2, nheads_k, headdim)``."""
+    """``flash_attn_func`` with ``kv`` packed as ``(batch, seqlen_k, 2, nheads_k, headdim)``."""
     check_tensor("kv", kv)
     if kv.dim() != 5 or kv.shape[2] != 2:
         raise ValueError(f"flashtile: kv must be (batch, seqlen_k, 2, nheads_k, headdim), got shape {tuple(kv.shape)}")
@@ -176,19 +177,26 @@ def flash_attn_varlen_func(
     """Attention over a batch of sequences of different lengths, packed without padding,
     as ``flash_attn.flash_attn_varlen_func``.
 
+    The arguments not listed below are those of ``flash_attn_func``, applied
+    per sequence (causal and ALiBi are aligned to each sequence's bottom-right
+    corner).
+
     Args:
         q: ``(total_q, nheads, headdim)``: the queries of every sequence, one
             after another; sequence ``b`` is rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``.
-        k, v: ``(total_k, nheads_k, headdim)``, indexed by ``cu_seqlens_k``.
-        cu_seqlens_q, cu_seqlens_k: int32 ``(batch + 1,)``, non-decreasing,
-            starting at 0 and ending at total; zero-length sequences allowed.
-        max_seqlen_q, max_seqlen_k: the longest sequence (upper bounds suffice).
-        Other arguments as :func:`flash_attn_func`, applied per sequence
-        (causal and ALiBi are aligned to each sequence's bottom-right corner).
+        k: ``(total_k, nheads_k, headdim)``, indexed by ``cu_seqlens_k``.
+        v: ``(total_k, nheads_k, headdim)``, like ``k``.
+        cu_seqlens_q: int32 ``(batch + 1,)``, non-decreasing, starting at 0 and
+            ending at ``total_q``; zero-length sequences allowed.
+        cu_seqlens_k: int32 ``(batch + 1,)``, the same for the keys (ending at ``total_k``).
+        max_seqlen_q: the longest query sequence (an upper bound suffices).
+        max_seqlen_k: the longest key sequence (an upper bound suffices).
+        block_table: paged keys/values; not supported yet (raises ``NotImplementedError``).
 
     Returns:
-        ``out`` ``(total_q, nheads, headdim)``, or ``(out, softmax_lse, S_dmask)``
-        with ``softmax_lse`` ``(nheads, total_q)`` fp32 if ``return_attn_probs``.
+        (torch.Tensor | tuple): ``out`` ``(total_q, nheads, headdim)``, or
+            ``(out, softmax_lse, S_dmask)`` with ``softmax_lse`` ``(nheads, total_q)``
+            fp32 if ``return_attn_probs``.
     """
     if block_table is not None:
         raise not_yet("paged KV (block_table) in flash_attn_varlen_func")
@@ -226,7 +234,7 @@ def flash_attn_varlen_qkvpacked_func(
     deterministic: bool = False,
     return_attn_probs: bool = False,
 ):
-    """:func:`flash_attn_varlen_func` on a packed ``qkv`` of shape ``(total, 3, nheads, headdim)``."""
+    """``flash_attn_varlen_func`` on a packed ``qkv`` of shape ``(total, 3, nheads, headdim)``."""
     check_tensor("qkv", qkv)
     if qkv.dim() != 4 or qkv.shape[1] != 3:
         raise ValueError(f"flashtile: qkv must be (total, 3, nheads, headdim), got shape {tuple(qkv.shape)}")
@@ -251,7 +259,7 @@ def flash_attn_varlen_kvpacked_func(
     deterministic: bool = False,
     return_attn_probs: bool = False,
 ):
-    """:func:`flash_attn_varlen_func` with ``kv`` packed as ``(total_k, 2, nheads_k, headdim)``."""
+    """``flash_attn_varlen_func`` with ``kv`` packed as ``(total_k, 2, nheads_k, headdim)``."""
     check_tensor("kv", kv)
     if kv.dim() != 4 or kv.shape[1] != 2:
         raise ValueError(f"flashtile: kv must be (total_k, 2, nheads_k, headdim), got shape {tuple(kv.shape)}")

@@ -46,15 +46,16 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inte
 
     Args:
         x: ``(batch, seqlen, nheads, headdim)``.
-        cos, sin: ``(seqlen_ro, rotary_dim / 2)``; dims past ``rotary_dim`` of
+        cos: ``(seqlen_ro, rotary_dim / 2)``; dims past ``rotary_dim`` of
             ``x`` are left as they are.
+        sin: ``(seqlen_ro, rotary_dim / 2)``, like ``cos``.
         interleaved: rotate pairs of neighbouring dims (GPT-J) instead of the
             two halves of the rotary dims (GPT-NeoX).
         seqlen_offsets: token ``t`` of sequence ``b`` is at position
             ``seqlen_offsets[b] + t`` (an int applies to every sequence).
 
     Returns:
-        A new tensor like ``x``.
+        (torch.Tensor): a new tensor like ``x``.
     """
     for name, t in (("x", x), ("cos", cos), ("sin", sin)):
         check_tensor(name, t)
@@ -231,17 +232,21 @@ def flash_attn_with_kvcache(
 
     Args:
         q: ``(batch, seqlen_q, nheads, headdim)``, fp16, bf16 or fp32.
-        k_cache, v_cache: contiguous ``(batch_cache, seqlen_cache, nheads_k,
+        k_cache: contiguous ``(batch_cache, seqlen_cache, nheads_k,
             headdim)``, or paged ``(num_pages, page_size, nheads_k, headdim)``
             with ``block_table``; any page size. Last dim contiguous.
-        k, v: optional new keys/values ``(batch, seqlen_new, nheads_k,
-            headdim)``, written into the caches in place at positions
-            ``cache_seqlens[b] + t`` (after the rotary embedding, for k), and
+        v_cache: shaped like ``k_cache``.
+        k: optional new keys ``(batch, seqlen_new, nheads_k, headdim)``,
+            written into ``k_cache`` in place at positions
+            ``cache_seqlens[b] + t`` (after the rotary embedding), and
             attended to.
-        rotary_cos, rotary_sin: optional ``(seqlen_ro, rotary_dim / 2)``:
-            rotary embedding applied to q and the new k at their positions
+        v: optional new values, shaped like ``k``, written into ``v_cache``
+            in the same way.
+        rotary_cos: optional ``(seqlen_ro, rotary_dim / 2)``: rotary
+            embedding applied to q and the new k at their positions
             (``cache_seqlens[b] + t``; with neither causal nor a window, all
             query tokens at position ``cache_seqlens[b]``, as flash_attn).
+        rotary_sin: ``(seqlen_ro, rotary_dim / 2)``, given with ``rotary_cos``.
         cache_seqlens: int or int32 ``(batch,)``: keys already in the cache
             per sequence; None means the whole cache.
         cache_batch_idx: int32 ``(batch,)``: the cache row (or block_table row)
@@ -250,8 +255,11 @@ def flash_attn_with_kvcache(
         block_table: int32 ``(batch, max_pages)``: page ``block_table[b, j //
             page_size]`` holds key ``j`` of sequence ``b``.
         softmax_scale: defaults to ``1 / sqrt(headdim)``.
-        causal, window_size, softcap, alibi_slopes: as :func:`flash_attn_func`,
-            aligned to the bottom-right corner of each sequence's keys.
+        causal: as ``flash_attn_func``, aligned to the bottom-right
+            corner of each sequence's keys.
+        window_size: as ``flash_attn_func``, aligned like ``causal``.
+        softcap: as ``flash_attn_func``.
+        alibi_slopes: as ``flash_attn_func``, aligned like ``causal``.
         rotary_interleaved: rotate pairs of neighbouring dims (True, GPT-J) or
             the two halves of the rotary dims (False, GPT-NeoX).
         num_splits: splits of the key range; 0 chooses from batch, heads,
@@ -259,7 +267,8 @@ def flash_attn_with_kvcache(
         return_softmax_lse: also return the LSE ``(batch, nheads, seqlen_q)`` fp32.
 
     Returns:
-        ``out`` ``(batch, seqlen_q, nheads, headdim)``, or ``(out, softmax_lse)``.
+        (torch.Tensor | tuple): ``out`` ``(batch, seqlen_q, nheads, headdim)``, or
+            ``(out, softmax_lse)`` if ``return_softmax_lse``.
     """
     _check_cache_inputs(q, k_cache, v_cache, k, v, block_table, cache_batch_idx is not None)
     batch, seqlen_q, nheads, head_dim = q.shape
@@ -322,7 +331,7 @@ class KVCache:
     headdim)``. Paged (``page_size`` given): ``(num_pages, page_size,
     nheads_k, headdim)`` and an int32 ``block_table`` ``(batch,
     cdiv(max_seqlen, page_size))``; pages are taken from a free list as
-    sequences grow and given back by :meth:`reset`.
+    sequences grow and given back by ``reset``.
 
     Example::
 
@@ -394,9 +403,9 @@ class KVCache:
         self._advance(k.shape[1])
 
     def attend(self, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None, **kwargs):
-        """:func:`flash_attn_with_kvcache` on this cache: append ``k``, ``v`` (if given) and
+        """``flash_attn_with_kvcache`` on this cache: append ``k``, ``v`` (if given) and
         attend ``q`` ``(batch, seqlen_q, nheads, headdim)`` to every stored token.
-        ``kwargs`` are the other arguments of :func:`flash_attn_with_kvcache`."""
+        ``kwargs`` are the other arguments of ``flash_attn_with_kvcache``."""
         new_tokens = 0 if k is None else k.shape[1]
         self._reserve(new_tokens)
         result = flash_attn_with_kvcache(q, self.k_cache, self.v_cache, k, v, cache_seqlens=self.cache_seqlens,

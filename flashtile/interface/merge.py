@@ -24,18 +24,22 @@ def merge_attention_states(*states):
     Call as ``merge_attention_states(out_a, lse_a, out_b, lse_b)`` or
     ``merge_attention_states([(out_a, lse_a), (out_b, lse_b), ...])``.
 
+    Each part is a pair ``(out_i, lse_i)``: ``out_i`` ``(batch, seqlen_q,
+    nheads, headdim)`` (flash_attn layout) or ``(total_q, nheads, headdim)``
+    (varlen), the attention of the queries over one part of the keys, all
+    parts alike in shape; ``lse_i`` its natural-log LSE, fp32, ``(batch,
+    nheads, seqlen_q)`` or ``(nheads, total_q)``, as ``return_attn_probs=True``
+    gives, ``-inf`` where a row saw no key of that part.
+
     Args:
-        out_i: ``(batch, seqlen_q, nheads, headdim)`` (flash_attn layout) or
-            ``(total_q, nheads, headdim)`` (varlen), the attention of the
-            queries over one part of the keys; all parts alike in shape.
-        lse_i: its natural-log LSE, fp32, ``(batch, nheads, seqlen_q)`` or
-            ``(nheads, total_q)``, as ``return_attn_probs=True`` gives; ``-inf``
-            where a row saw no key of that part.
+        *states (torch.Tensor | list): ``out_a, lse_a, out_b, lse_b, ...``, or one
+            list of ``(out_i, lse_i)`` pairs.
 
     Returns:
-        ``(out, lse)``: the attention over the union of the parts, ``out`` in
-        the dtype of ``out_a``, ``lse`` fp32. Rows that saw no key in any part
-        give zeros and ``-inf``.
+        out (torch.Tensor): the attention over the union of the parts, in the
+            dtype of ``out_a``; zeros in rows that saw no key in any part.
+        lse (torch.Tensor): its LSE, fp32, shaped like ``lse_a``; ``-inf`` in
+            rows that saw no key in any part.
     """
     if len(states) == 1 and isinstance(states[0], (list, tuple)):
         pairs = [tuple(p) for p in states[0]]

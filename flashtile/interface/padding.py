@@ -15,10 +15,12 @@ def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor):
         attention_mask: bool or 0/1 ``(batch, seqlen)``, True/1 for real tokens.
 
     Returns:
-        ``(packed, indices, cu_seqlens, max_seqlen, seqused)``: ``packed``
-        ``(total, ...)``; ``indices`` int64 ``(total,)`` positions in the
-        flattened ``batch * seqlen``; ``cu_seqlens`` int32 ``(batch + 1,)``;
-        ``max_seqlen`` int; ``seqused`` int32 ``(batch,)`` tokens per sequence.
+        packed (torch.Tensor): ``(total, ...)``, the kept tokens one sequence after another.
+        indices (torch.Tensor): int64 ``(total,)``, their positions in the
+            flattened ``batch * seqlen``.
+        cu_seqlens (torch.Tensor): int32 ``(batch + 1,)``, the sequences' offsets.
+        max_seqlen (int): the longest sequence.
+        seqused (torch.Tensor): int32 ``(batch,)``, tokens per sequence.
     """
     if attention_mask.shape != hidden_states.shape[:2]:
         raise ValueError(f"flashtile: attention_mask must have shape (batch, seqlen) = "
@@ -33,7 +35,7 @@ def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor):
 
 
 def pad_input(hidden_states: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
-    """Inverse of :func:`unpad_input`: ``(total, ...)`` back to ``(batch, seqlen, ...)``, zeros at padding."""
+    """Inverse of ``unpad_input``: ``(total, ...)`` back to ``(batch, seqlen, ...)``, zeros at padding."""
     out = hidden_states.new_zeros(batch * seqlen, *hidden_states.shape[1:])
     out = out.index_copy(0, indices, hidden_states)
     return out.reshape(batch, seqlen, *hidden_states.shape[1:])

@@ -27,8 +27,9 @@ def scaled_dot_product_attention(
     Args:
         query: ``(batch, nheads, seqlen_q, headdim)`` (or 3-D without the batch
             dimension), fp16, bf16 or fp32.
-        key, value: ``(batch, nheads_k, seqlen_k, headdim)``. ``nheads_k`` must
+        key: ``(batch, nheads_k, seqlen_k, headdim)``. ``nheads_k`` must
             equal ``nheads`` unless ``enable_gqa=True`` (then it divides it).
+        value: ``(batch, nheads_k, seqlen_k, headdim)``, like ``key``.
         attn_mask: bool (True = attend) or float (added to the scores), any
             shape that broadcasts to ``(batch, nheads, seqlen_q, seqlen_k)``;
             read through strides, never expanded in memory (a key-padding

@@ -1,2 +1,2 @@
-"""Block masks for block-sparse attention: :class:`~flashtile.BlockMask`, its
+"""Block masks for block-sparse attention: ``BlockMask``, its
 builders, and ready-made patterns."""

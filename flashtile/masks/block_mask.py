@@ -1,6 +1,6 @@
 """Block masks for block-sparse attention.
 
-A :class:`BlockMask` cuts the ``(seqlen_q, seqlen_k)`` score matrix into tiles
+A ``BlockMask`` cuts the ``(seqlen_q, seqlen_k)`` score matrix into tiles
 of ``block_size = (block_q, block_k)`` and records, per (batch, query head)
 (either may be broadcast: size 1), the kind of every tile:
 
@@ -17,15 +17,15 @@ of ``block_size = (block_q, block_k)`` and records, per (batch, query head)
 Storage: ``tiles`` int32 ``(B, H, n_q_blocks, n_k_blocks)`` (``EMPTY = -2``,
 ``FULL = -1``, else the index of the tile's pattern in ``patterns``, bool
 ``(n_patterns, block_q, block_k)``). The kernels take lists derived from it
-(:meth:`BlockMask.kernel_lists`): per query block, the key blocks of its full
+(``BlockMask.kernel_lists``): per query block, the key blocks of its full
 tiles and of its partial tiles with their pattern ids; per key block the
 same over query blocks (the transpose, for the dK/dV kernel).
 
-Build one from a boolean block layout (:meth:`BlockMask.from_layout`), from
+Build one from a boolean block layout (``BlockMask.from_layout``), from
 a vectorised predicate ``mask_mod(b, h, q_idx, kv_idx)`` evaluated per tile
-(:func:`create_block_mask`, as FlexAttention's), or from the ready-made
-patterns in :mod:`flashtile.masks.patterns`; combine masks with ``&``
-and ``|``; :meth:`BlockMask.causal` is the causal mask itself.
+(``create_block_mask``, as FlexAttention's), or from the ready-made
+patterns in ``flashtile.masks.patterns``; combine masks with ``&``
+and ``|``; ``BlockMask.causal`` is the causal mask itself.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def pack_bits(patterns: torch.Tensor) -> torch.Tensor:
 
 
 def _lists(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full and partial tile lists along the last dim of ``tiles`` (see :class:`KernelLists`)."""
+    """Full and partial tile lists along the last dim of ``tiles`` (see ``KernelLists``)."""
     lead = tiles.shape[:-1]
     full = tiles == FULL
     part = tiles >= 0
@@ -198,9 +198,11 @@ class BlockMask:
         Args:
             layout: bool ``(n_q_blocks, n_k_blocks)``, ``(H, nq, nk)`` or
                 ``(B, H, nq, nk)`` (B and H may be 1, broadcast).
-            block_size: ``block_q = block_k``, or a pair; powers of two >= 16.
-            seqlen_q, seqlen_k: default to the layout's extent; tiles past the
-                end of the keys are cut (partial).
+            block_size (int | tuple[int, int]): ``block_q = block_k``, or a pair;
+                powers of two >= 16.
+            seqlen_q: defaults to the layout's extent (``n_q_blocks * block_q``).
+            seqlen_k: defaults to the layout's extent; tiles past the end of
+                the keys are cut (partial).
         """
         if not isinstance(layout, torch.Tensor) or layout.dtype != torch.bool or not 2 <= layout.dim() <= 4:
             raise ValueError("flashtile: layout must be a bool tensor (n_q_blocks, n_k_blocks), (H, nq, nk) or "
@@ -360,7 +362,7 @@ class BlockMask:
 
 def create_block_mask(mask_mod: Callable, B: int | None, H: int | None, seqlen_q: int, seqlen_k: int,
                       block_size=128, device=None) -> BlockMask:
-    """A :class:`BlockMask` from a predicate, as FlexAttention's ``create_block_mask``.
+    """A ``BlockMask`` from a predicate, as FlexAttention's ``create_block_mask``.
 
     ``mask_mod(b, h, q_idx, kv_idx)`` gets int64 index tensors that broadcast
     to ``(B, H, rows, cols)`` (``b`` ``(B, 1, 1, 1)``, ``h`` ``(1, H, 1, 1)``,
@@ -371,11 +373,16 @@ def create_block_mask(mask_mod: Callable, B: int | None, H: int | None, seqlen_q
     seqlen_q / seqlen_k.
 
     Args:
-        B, H: batch size and number of query heads the predicate depends on;
-            None (or 1) when it does not (the mask is broadcast).
-        seqlen_q, seqlen_k: sequence lengths.
-        block_size: ``block_q = block_k``, or a pair; powers of two >= 16.
-        device: where to evaluate and keep the mask.
+        mask_mod: the predicate ``mask_mod(b, h, q_idx, kv_idx)``.
+        B: batch size the predicate depends on; None (or 1) when it does not
+            (the mask is broadcast over the batch).
+        H: number of query heads the predicate depends on; None (or 1) when
+            it does not (the mask is broadcast over the heads).
+        seqlen_q: number of queries.
+        seqlen_k: number of keys.
+        block_size (int | tuple[int, int]): ``block_q = block_k``, or a pair;
+            powers of two >= 16.
+        device (torch.device | str | None): where to evaluate and keep the mask.
     """
     if not callable(mask_mod):
         raise TypeError(f"flashtile: mask_mod must be callable, got {type(mask_mod).__name__}")

@@ -1,21 +1,21 @@
 """Ready-made block-sparse attention patterns.
 
-Each builder returns a :class:`~flashtile.BlockMask` for
-:func:`flashtile.block_sparse_attn_func`:
+Each builder returns a ``BlockMask`` for
+``flashtile.block_sparse_attn_func``:
 
-* :func:`local_global_block_mask`: Longformer's sliding window plus global tokens.
-* :func:`strided_block_mask` and :func:`fixed_block_mask`: the Sparse
+* ``local_global_block_mask``: Longformer's sliding window plus global tokens.
+* ``strided_block_mask`` and ``fixed_block_mask``: the Sparse
   Transformer's strided and fixed patterns (Child et al., 2019).
-* :func:`bigbird_block_mask`: BigBird's random, sliding-window and global blocks.
-* :func:`document_block_mask`: packed sequences, attention within each document
-  (:func:`document_ids_from_lengths` turns document lengths into ids).
+* ``bigbird_block_mask``: BigBird's random, sliding-window and global blocks.
+* ``document_block_mask``: packed sequences, attention within each document
+  (``document_ids_from_lengths`` turns document lengths into ids).
 
 The element-level patterns are predicates ``mask_mod(b, h, q_idx, kv_idx)``
-(:func:`local_global_mask_mod`, :func:`strided_mask_mod`,
-:func:`fixed_mask_mod`, :func:`document_mask_mod`) evaluated by
-:func:`~flashtile.create_block_mask` a chunk of query blocks at a
+(``local_global_mask_mod``, ``strided_mask_mod``,
+``fixed_mask_mod``, ``document_mask_mod``) evaluated by
+``create_block_mask`` a chunk of query blocks at a
 time, so memory stays bounded; they are exported so they can be combined
-(:func:`and_masks`, :func:`or_masks`) and passed to ``create_block_mask``
+(``and_masks``, ``or_masks``) and passed to ``create_block_mask``
 directly. BigBird is defined per block and is built from a block layout.
 
 Every builder takes ``block_size`` (a power of two >= 16, or a pair ``(block_q,
@@ -175,8 +175,9 @@ def local_global_mask_mod(window: int, global_tokens=0) -> MaskMod:
     Args:
         window: keys seen on each side of the query, an int >= 0 (``2 window + 1``
             keys in all away from the ends).
-        global_tokens: an int ``g`` (tokens ``0 .. g - 1`` are global), a sequence or
-            integer tensor of token positions, or a bool tensor ``(seqlen,)``.
+        global_tokens (int | Sequence[int] | torch.Tensor): an int ``g`` (tokens
+            ``0 .. g - 1`` are global), a sequence or integer tensor of token
+            positions, or a bool tensor ``(seqlen,)``.
     """
     window = _int_arg("window", window, 0)
     count, positions = _global_positions(global_tokens, None)
@@ -237,7 +238,7 @@ def document_mask_mod(document_ids: torch.Tensor, document_ids_k: torch.Tensor |
         document_ids_k: the same for the keys, ``(seqlen_k,)`` or ``(batch | 1,
             seqlen_k)``; defaults to ``document_ids`` (self-attention).
 
-    With 2-D ids give ``B=batch`` to :func:`create_block_mask`. The predicate
+    With 2-D ids give ``B=batch`` to ``create_block_mask``. The predicate
     indexes the ids with ``q_idx`` / ``kv_idx``, so they must lie in the
     sequences (``create_block_mask`` clamps them).
     """
@@ -292,13 +293,14 @@ def local_global_block_mask(seqlen: int, window: int, global_tokens=0, *, block_
     mask for ``seqlen_q = seqlen_k = seqlen``.
 
     Query ``i`` sees key ``j`` iff ``|i - j| <= window`` or ``i`` or ``j`` is a
-    global token (:func:`local_global_mask_mod`); with ``causal=True`` also ``j <= i``.
+    global token (``local_global_mask_mod``); with ``causal=True`` also ``j <= i``.
 
     Args:
         seqlen: the sequence length (queries and keys).
         window: keys seen on each side, an int >= 0.
-        global_tokens: an int ``g`` (the first ``g`` tokens are global), a sequence or
-            integer tensor of positions in ``[0, seqlen)``, or a bool tensor ``(seqlen,)``.
+        global_tokens (int | Sequence[int] | torch.Tensor): an int ``g`` (the first
+            ``g`` tokens are global), a sequence or integer tensor of positions in
+            ``[0, seqlen)``, or a bool tensor ``(seqlen,)``.
     """
     seqlen = _int_arg("seqlen", seqlen, 0)
     causal, device = _check_causal(causal), _device(device)
@@ -313,7 +315,7 @@ def strided_block_mask(seqlen: int, stride: int, *, block_size=128, device=None,
     for ``seqlen_q = seqlen_k = seqlen``.
 
     Query ``i`` sees key ``j`` iff ``|i - j| < stride`` or ``(i - j) % stride == 0``
-    (:func:`strided_mask_mod`); with ``causal=True`` also ``j <= i``, which is the
+    (``strided_mask_mod``); with ``causal=True`` also ``j <= i``, which is the
     paper's autoregressive form (the last ``stride`` tokens plus every
     ``stride``-th one before them).
     """
@@ -329,7 +331,7 @@ def fixed_block_mask(seqlen: int, block_len: int, num_summary: int = 1, *, block
     ``seqlen_q = seqlen_k = seqlen``.
 
     With ``l = block_len`` and ``c = num_summary``, query ``i`` sees key ``j`` iff
-    ``j // l == i // l`` or ``j % l >= l - c`` (:func:`fixed_mask_mod`); with
+    ``j // l == i // l`` or ``j % l >= l - c`` (``fixed_mask_mod``); with
     ``causal=True`` also ``j <= i`` (the paper's autoregressive form).
     ``block_len`` (the paper's ``l``, a count of tokens) is unrelated to
     ``block_size``, the mask's tile size.
@@ -401,7 +403,7 @@ def document_block_mask(document_ids: torch.Tensor, document_ids_k: torch.Tensor
     """Attention within documents of packed sequences.
 
     Query ``i`` sees key ``j`` iff ``document_ids[i] == document_ids_k[j]`` (per
-    batch row for 2-D ids; :func:`document_mask_mod`); with ``causal=True`` also
+    batch row for 2-D ids; ``document_mask_mod``); with ``causal=True`` also
     ``j <= i + seqlen_k - seqlen_q`` (bottom-right), which for ``seqlen_q ==
     seqlen_k`` and contiguous documents is causal attention within each document.
 
@@ -409,7 +411,7 @@ def document_block_mask(document_ids: torch.Tensor, document_ids_k: torch.Tensor
         document_ids: integer ``(seqlen_q,)`` or ``(batch, seqlen_q)``.
         document_ids_k: integer ``(seqlen_k,)`` or ``(batch | 1, seqlen_k)``; defaults
             to ``document_ids``.
-        device: defaults to the ids' device.
+        device (torch.device | str | None): defaults to the ids' device.
 
     Returns:
         A ``(1, 1, ...)`` mask for 1-D ids, ``(batch, 1, ...)`` for 2-D ones.
@@ -428,13 +430,14 @@ def document_ids_from_lengths(lengths, device=None) -> torch.Tensor:
     """Document ids of packed sequences from the documents' lengths.
 
     Args:
-        lengths: ints >= 0, ``(n_docs,)`` or ``(batch, n_docs)`` (a tensor or nested
-            sequences); every batch row must have the same total (pad with zeros).
-        device: defaults to ``lengths``' device.
+        lengths (torch.Tensor | Sequence): ints >= 0, ``(n_docs,)`` or ``(batch,
+            n_docs)`` (a tensor or nested sequences); every batch row must have
+            the same total (pad with zeros).
+        device (torch.device | str | None): defaults to ``lengths``' device.
 
     Returns:
-        int64 ``(total,)`` or ``(batch, total)``: document ``d`` (its index in the row)
-        repeated ``lengths[..., d]`` times, e.g. ``[2, 3] -> [0, 0, 1, 1, 1]``.
+        int64 ``(total,)`` or ``(batch, total)``: document ``d`` (its index in the
+            row) repeated ``lengths[..., d]`` times, e.g. ``[2, 3] -> [0, 0, 1, 1, 1]``.
     """
     t = _int_tensor("lengths", lengths)
     device = t.device if device is None else _device(device)

@@ -63,7 +63,7 @@ def attn_options(q, k, bias, alibi, seed, softmax_scale, diag, window_left, wind
 def seq_options(opts: AttnOptions, i: int, seqlen_q: int, seqlen_k: int, max_seqlen_q: int, max_seqlen_k: int):
     """Options of sequence ``i`` of a varlen batch for the tiled path."""
     alibi = None if opts.alibi is None else opts.alibi[i:i + 1] if opts.alibi.shape[0] > 1 else opts.alibi
-    return opts._replace(diag=seqlen_k - seqlen_q, alibi=alibi, dropout_batch_base=i,
+    return opts._replace(diag_offset=seqlen_k - seqlen_q, alibi=alibi, dropout_batch_base=i,
                          dropout_rows=max_seqlen_q, dropout_cols=max_seqlen_k)
 
 

@@ -12,7 +12,7 @@ from ..backends.triton.launch.l2norm import l2norm_launch
 
 
 class _L2Norm(torch.autograd.Function):
-    """:func:`l2norm_grouped` in one Triton launch each way (fp32 inside)."""
+    """``l2norm_grouped`` in one Triton launch each way (fp32 inside)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, groups: int) -> torch.Tensor:

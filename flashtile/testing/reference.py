@@ -2,9 +2,9 @@
 obviously right. Tests and benchmarks compare the kernels against it; nothing
 in the library imports it.
 
-* :func:`attention_ref`: the flash_attn layout ``(batch, seqlen, nheads, headdim)``
+* ``attention_ref``: the flash_attn layout ``(batch, seqlen, nheads, headdim)``
   with every option of the kernels.
-* :func:`plain_cosine_sim_attention`: cosine-similarity attention (layout
+* ``plain_cosine_sim_attention``: cosine-similarity attention (layout
   ``(batch, nheads, seqlen, headdim)``, the arguments of the
   flash-cosine-sim-attention library).
 """
@@ -41,7 +41,8 @@ def attention_ref(
 
     Args:
         q: ``(batch, seqlen_q, nheads, headdim)``.
-        k, v: ``(batch, seqlen_k, nheads_k, headdim)``, ``nheads % nheads_k == 0``.
+        k: ``(batch, seqlen_k, nheads_k, headdim)``, ``nheads % nheads_k == 0``.
+        v: ``(batch, seqlen_k, nheads_k, headdim)``, like ``k``.
         softmax_scale: defaults to ``1 / sqrt(headdim)``.
         causal: mask keys after the query, aligned as ``causal_align`` says.
         window_size: ``(left, right)``, -1 for unbounded: query ``i`` sees keys
@@ -51,8 +52,10 @@ def attention_ref(
             ``-slope * |i + o - j|`` after the softcap.
         attn_bias: float (added) or bool (False = masked), broadcastable to
             ``(batch, nheads, seqlen_q, seqlen_k)``.
-        dropout_p, dropout_mask: bool keep-mask ``(batch, nheads, seqlen_q,
-            seqlen_k)``; kept probabilities are scaled by ``1 / (1 - dropout_p)``.
+        dropout_p: the dropout probability: kept probabilities are scaled by
+            ``1 / (1 - dropout_p)``; used only with ``dropout_mask``.
+        dropout_mask: bool keep-mask ``(batch, nheads, seqlen_q, seqlen_k)``
+            (True = kept), e.g. from ``flashtile.testing.dropout_keep_mask``.
         upcast: compute in fp32 (or ``compute_dtype`` if given, e.g. fp64) and
             return the input dtype; with ``upcast=False`` every step runs in the
             input dtype, which is how the accuracy rule measures PyTorch's own error.
@@ -109,15 +112,19 @@ def plain_cosine_sim_attention(q, k, v, mask=None, attn_bias=None, scale=8, grou
                                attn_bias_batch_dim=False, *, compute_dtype: torch.dtype | None = None):
     """Cosine-similarity attention, materialised: ``softmax(scale * l2norm(q) l2norm(k)^T
     + attn_bias) v``. Same arguments as
-    :func:`flashtile.flash_cosine_sim_attention`; quadratic memory.
+    ``flashtile.flash_cosine_sim_attention``; quadratic memory.
 
     Args:
-        q: ``(b, h, i, d)``, or ``(b*h, i, d)`` with batch and heads merged (then
-            k, v are 3-D too and attn_bias is ``(b*h, i, j)``).
-        k, v: ``(b, h, j, d)``, or ``(b, j, d)``: one key/value head for all query heads.
-        mask: bool ``(b, j)``, True = keep.
-        attn_bias: float ``(h, i, j)``, or ``(b, i, j)`` with ``attn_bias_batch_dim``.
-        causal: query ``i`` sees keys ``j <= i + seqlen_k - seqlen_q`` (bottom-right).
+        q (torch.Tensor): ``(b, h, i, d)``, or ``(b*h, i, d)`` with batch and heads
+            merged (then k, v are 3-D too and attn_bias is ``(b*h, i, j)``).
+        k (torch.Tensor): ``(b, h, j, d)``, or ``(b, j, d)``: one key/value head
+            for all query heads.
+        v (torch.Tensor): shaped like ``k``.
+        mask (torch.Tensor | None): bool ``(b, j)``, True = keep.
+        attn_bias (torch.Tensor | None): float ``(h, i, j)``, or ``(b, i, j)`` with
+            ``attn_bias_batch_dim``.
+        causal (bool): query ``i`` sees keys ``j <= i + seqlen_k - seqlen_q``
+            (bottom-right).
         compute_dtype: compute in this dtype (e.g. fp64 for tests) and return q's
             dtype; default: every step in q's dtype.
 

@@ -105,7 +105,7 @@ def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qs, st
     """Accumulate query tiles [start, end) into (dk, dv) for one key block
     (PART: 0 both, 1 dv only, 2 dk only; the other is returned as given).
     Tiles are held transposed: [BLOCK_N keys, BLOCK_M queries]. ``q_ptrs`` /
-    ``do_ptrs`` are :func:`row_source` s. SPARSE: ``start``/``end`` count
+    ``do_ptrs`` are ``row_source`` s. SPARSE: ``start``/``end`` count
     kernel tiles of the query-block list ``tile_list``; MASKED tiles are
     partial tiles, masked by their pattern (this key block's mask block
     starts at key ``col0``, the program's BLOCK_N keys at ``key_start``)."""
@@ -311,7 +311,7 @@ def _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs,
               tile_list=0, Patterns=0, row0=0,
               SPARSE: tl.constexpr = False, SPARSE_BM: tl.constexpr = 1, SPARSE_BN: tl.constexpr = 1):
     """Accumulate key tiles [start, end) into dq of the query rows ``offs_m``;
-    ``k_ptrs`` / ``v_ptrs`` are :func:`row_source` s. SPARSE: as in the forward pass."""
+    ``k_ptrs`` / ``v_ptrs`` are ``row_source`` s. SPARSE: as in the forward pass."""
     d_ok = offs_d[None, :] < HEAD_DIM
     rows = offs_m[:, None]
     SUB: tl.constexpr = SPARSE_BN // BLOCK_N

@@ -59,7 +59,7 @@ def attn_decode_kernel(
     bottom-right. Out / Lse: with one split, the output (q's layout
     and dtype) and the natural-log LSE (batch, nheads, seqlen_q); with
     several, fp32 partial results of each split at ``split * stride_osplit``
-    / ``split * stride_lsplit``, merged by :func:`attn_combine_kernel`, or with
+    / ``split * stride_lsplit``, merged by ``attn_combine_kernel``, or with
     MERGE by the last program of the block into MergedOut / MergedLse
     (laid out as Out / Lse with one split): ``Counters`` holds a zero int32
     per (batch * nheads_k, query block), left zero for the next launch.

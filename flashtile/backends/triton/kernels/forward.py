@@ -16,7 +16,7 @@ l2-normalised q and k every score is bounded by a constant known on the
 host, so ``m`` is that constant instead of a running row max: no row max,
 no rescaling of the partial output per tile).
 
-A launch switch, HALVES, makes the program's query block two halves that
+A launch switch, TWO_HALVES, makes the program's query block two halves that
 share each K/V tile: both halves' scores first, then half a's softmax and
 P V product, then half b's. Triton keeps a P V product (an accumulation) in
 flight on the tensor cores, so half a's matmul runs under half b's softmax:
@@ -95,9 +95,9 @@ def _fwd_tiles(acc, l_i, m_i, q, acc_b, l_b, m_b, q_b, k_src, v_src, stride_ks, 
                KV_DESC: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, desc_b=0, desc_row=0, desc_h=0,
                FIXED_MAX: tl.constexpr = False, tile_list=0, Patterns=0, row0=0,
                SPARSE: tl.constexpr = False, SPARSE_BM: tl.constexpr = 1, SPARSE_BN: tl.constexpr = 1,
-               SPARSE_STAGES: tl.constexpr = 0, HALVES: tl.constexpr = False):
+               SPARSE_STAGES: tl.constexpr = 0, TWO_HALVES: tl.constexpr = False):
     """Accumulate key tiles [start, end) into (acc, l_i, m_i) of the query rows
-    ``offs_m`` and, with HALVES, into (acc_b, l_b, m_b) of the rows ``offs_m_b``
+    ``offs_m`` and, with TWO_HALVES, into (acc_b, l_b, m_b) of the rows ``offs_m_b``
     (``q_b``); otherwise the ``_b`` arguments are unused and returned as given.
 
     ``k_src``/``v_src`` are pointer blocks at key row 0 (KV_DESC = 0), 2-D
@@ -108,7 +108,7 @@ def _fwd_tiles(acc, l_i, m_i, q, acc_b, l_b, m_b, q_b, k_src, v_src, stride_ks, 
     the positional mask (bounds, causal, window). With FIXED_MAX, ``m_i`` is a
     constant bound of the scores (log2 units) and stays as it is.
 
-    HALVES: both halves' scores are computed first, then each half's softmax
+    TWO_HALVES: both halves' scores are computed first, then each half's softmax
     and P V product. The first half's P V product accumulates into a
     loop-carried tile, which Triton leaves in flight on the tensor cores
     while the second half's softmax runs (FlashAttention-3's overlap of
@@ -154,7 +154,7 @@ def _fwd_tiles(acc, l_i, m_i, q, acc_b, l_b, m_b, q_b, k_src, v_src, stride_ks, 
             v = v.to(tl.float32)
         cols = kv_rows[None, :]
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if HALVES:
+        if TWO_HALVES:
             qk_b = tl.dot(q_b, tl.trans(k), input_precision=DOT_PRECISION)
         acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, v, rows, cols, seqlen_q, seqlen_k, diag, window_left,
                                     window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bias_base,
@@ -162,7 +162,7 @@ def _fwd_tiles(acc, l_i, m_i, q, acc_b, l_b, m_b, q_b, k_src, v_src, stride_ks, 
                                     Patterns, pattern, row0, col0, start_n, BLOCK_N, MASKED, MASK_LEFT,
                                     MASK_RIGHT, SOFTCAP, HAS_ALIBI, BIAS_KIND, BIAS_ROWS, DROPOUT, DOT_PRECISION,
                                     FIXED_MAX, SPARSE, SPARSE_BM, SPARSE_BN)
-        if HALVES:
+        if TWO_HALVES:
             acc_b, l_b, m_b = _softmax_pv(acc_b, l_b, m_b, qk_b, v, rows_b, cols, seqlen_q, seqlen_k, diag,
                                           window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope,
                                           bias_base, stride_bm, stride_bn, bh, max_seqlen_q, max_seqlen_k,
@@ -227,7 +227,7 @@ def attn_fwd_kernel(
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_DESC: tl.constexpr = 0, WARP_SPECIALIZE: tl.constexpr = False, FIXED_MAX: tl.constexpr = False,
     SPARSE: tl.constexpr = False, SPARSE_BM: tl.constexpr = 1, SPARSE_BN: tl.constexpr = 1,
-    SPARSE_STAGES: tl.constexpr = 0, HALVES: tl.constexpr = False,
+    SPARSE_STAGES: tl.constexpr = 0, TWO_HALVES: tl.constexpr = False,
 ):
     """Grid: (cdiv(max_seqlen_q, BLOCK_M) * batch * nheads,), the last ``tail_bh``
     (batch, head) pairs issued longest first (see ``program_tile``).
@@ -254,7 +254,7 @@ def attn_fwd_kernel(
     count, then (key block, pattern id) pairs; patterns are bit-packed in
     Patterns, see ``pattern_mask``).
 
-    HALVES: the BLOCK_M rows are two halves whose softmax and P V products
+    TWO_HALVES: the BLOCK_M rows are two halves whose softmax and P V products
     alternate, so that matmuls overlap the softmax (see ``_fwd_tiles``).
     """
     pid_m, pid_bh = program_tile(max_seqlen_q, BLOCK_M, MASK_RIGHT and not MASK_LEFT, tail_bh)
@@ -277,7 +277,7 @@ def attn_fwd_kernel(
         seqlen_k = max_seqlen_k
         diag = diag_offset
 
-    ROWS: tl.constexpr = BLOCK_M // 2 if HALVES else BLOCK_M  # rows of each half
+    ROWS: tl.constexpr = BLOCK_M // 2 if TWO_HALVES else BLOCK_M  # rows of each half
     offs_m = start_m + tl.arange(0, ROWS)
     offs_m_b = offs_m + ROWS
     offs_n = tl.arange(0, BLOCK_N)
@@ -308,7 +308,7 @@ def attn_fwd_kernel(
 
     q = _load_rows_q(q_base, offs_m, offs_d, stride_qs, seqlen_q, HEAD_DIM, UPCAST)
     acc, l_i, m_i = _init_rows(fixed_max, ROWS, BLOCK_D, FIXED_MAX)
-    if HALVES:
+    if TWO_HALVES:
         q_b = _load_rows_q(q_base, offs_m_b, offs_d, stride_qs, seqlen_q, HEAD_DIM, UPCAST)
         acc_b, l_b, m_b = _init_rows(fixed_max, ROWS, BLOCK_D, FIXED_MAX)
     else:
@@ -334,7 +334,7 @@ def attn_fwd_kernel(
                                        HAS_ALIBI, BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, KV_DESC,
                                        WARP_SPECIALIZE and part == 1, desc_b, start_k, hk, FIXED_MAX,
                                        tile_list + 1, Patterns, q_blk * SPARSE_BM, SPARSE, SPARSE_BM, SPARSE_BN,
-                                       SPARSE_STAGES, HALVES)
+                                       SPARSE_STAGES, TWO_HALVES)
     else:
         lo, full_lo, full_hi, hi = key_ranges(start_m, seqlen_k, diag, window_left, window_right,
                                               BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT)
@@ -356,11 +356,11 @@ def attn_fwd_kernel(
                                            seed, HEAD_DIM, BLOCK_D, BLOCK_N, part != 1, MASK_LEFT, MASK_RIGHT,
                                            SOFTCAP, HAS_ALIBI, BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION,
                                            KV_DESC, WARP_SPECIALIZE and part == 1, desc_b, start_k, hk, FIXED_MAX,
-                                           HALVES=HALVES)
+                                           TWO_HALVES=TWO_HALVES)
 
     o_base = Out + b.to(tl.int64) * stride_ob + start_q.to(tl.int64) * stride_os + h * stride_oh
     lse_base = Lse + b.to(tl.int64) * stride_lb + h * stride_lh + start_q
     _store_rows(acc, l_i, m_i, o_base, lse_base, offs_m, offs_d, stride_os, seqlen_q, dropout_scale, HEAD_DIM, DROPOUT)
-    if HALVES:
+    if TWO_HALVES:
         _store_rows(acc_b, l_b, m_b, o_base, lse_base, offs_m_b, offs_d, stride_os, seqlen_q, dropout_scale,
                     HEAD_DIM, DROPOUT)

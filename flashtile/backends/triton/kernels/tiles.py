@@ -68,7 +68,7 @@ def row_source(base, offs_rows, offs_d, stride, seqlen, HEAD_DIM: tl.constexpr, 
                BLOCK_D: tl.constexpr, USE_DESC: tl.constexpr):
     """Where tiles of rows of the ``[seqlen, HEAD_DIM]`` matrix at ``base`` are read
     from: a tensor descriptor (bulk copies, zero fill past the bounds) or a
-    block of pointers at row 0 (``offs_rows = arange(BLOCK_ROWS)``). See :func:`load_rows`."""
+    block of pointers at row 0 (``offs_rows = arange(BLOCK_ROWS)``). See ``load_rows``."""
     if USE_DESC:
         return tl.make_tensor_descriptor(base, shape=[seqlen, HEAD_DIM], strides=[stride, 1],
                                          block_shape=[BLOCK_ROWS, BLOCK_D])
@@ -78,7 +78,7 @@ def row_source(base, offs_rows, offs_d, stride, seqlen, HEAD_DIM: tl.constexpr, 
 
 @triton.jit
 def load_rows(src, start, stride, rows, seqlen, d_ok, USE_DESC: tl.constexpr):
-    """The tile of rows ``start + arange(BLOCK_ROWS)`` (= ``rows``) from a :func:`row_source`."""
+    """The tile of rows ``start + arange(BLOCK_ROWS)`` (= ``rows``) from a ``row_source``."""
     if USE_DESC:
         return src.load([start, 0])
     else:
@@ -190,7 +190,7 @@ def tile_scores(qk, rows, cols, seqlen_q, seqlen_k, diag, qk_scale, softcap_in, 
 def dropout_keep(seed, bh, rows, cols, rows_per_head, cols_per_row, dropout_p):
     """Keep-mask of dropout for elements (bh, rows, cols): Philox (Triton's
     ``tl.rand``) on the element's linear index, so the backward pass and
-    :func:`flashtile.testing.dropout_keep_mask` regenerate the same mask."""
+    ``flashtile.testing.dropout_keep_mask`` regenerate the same mask."""
     offsets = (bh.to(tl.int64) * rows_per_head + rows) * cols_per_row + cols
     return tl.rand(seed, offsets) >= dropout_p
 

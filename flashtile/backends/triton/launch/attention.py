@@ -60,7 +60,7 @@ def _descriptor_mode(env_name: str, default: int, keys_per_row: int, min_keys: i
 
 
 def _forward_features(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys_per_row: int) -> dict:
-    """KV_DESC (see :func:`_descriptor_mode`, FLASHTILE_FWD_TMA) and WARP_SPECIALIZE
+    """KV_DESC (see ``_descriptor_mode``, FLASHTILE_FWD_TMA) and WARP_SPECIALIZE
     (FLASHTILE_FWD_WS = 0 or 1) for the forward kernel."""
     capability = capability_of(q.device)
     hopper = capability is not None and capability[0] >= 9
@@ -69,23 +69,23 @@ def _forward_features(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys_pe
     kv_desc = _descriptor_mode("FLASHTILE_FWD_TMA", DEFAULT_FWD_TMA, keys_per_row, FWD_TMA_MIN_KEYS, k.shape[-3],
                                k, v)
     if q.element_size() > 2 and "FLASHTILE_FWD_TMA" not in os.environ:
-        # fp32 through descriptors measured 32x slower than through pointer loads on an H200
-        # (27 ms at 2k keys against 0.84 ms at 1k, docs/performance.md)
+        # 4-byte tiles through descriptors ran far slower than pointer loads on Hopper
+        # (docs/experiments/2026-11-22-cosine-sim-block-sparse.md)
         kv_desc = 0
     return dict(KV_DESC=kv_desc, WARP_SPECIALIZE=bool(warp_spec))
 
 
-# measured on an H100 (docs/performance.md): in-kernel descriptors pay from about 2k keys
-# per row (forward +5-16%, backward up to +17%), warp specialisation does not; host-built
-# descriptors are not better overall. The backward's thresholds:
+# Tensor descriptors (bulk copies) free the registers that pointer loads hold, which pays
+# once a row streams enough keys to hide the descriptors' setup; below, pointer loads are
+# as fast. In-kernel descriptors, not host-built ones. Thresholds measured per head dim
+# (docs/experiments/2026-11-22-h100-kernels.md, 2026-11-23-h200-host-tiles.md). The backward's:
 DEFAULT_FWD_TMA = 1
 DEFAULT_BWD_TMA = 1
 TMA_MIN_KEYS = 2048
-# at head dims above 64 descriptors gain from 1k keys per row (H200, 1k non-causal and 2k causal:
-# forward +5-13%, backward +1-20%); head dim 64 loses up to 11% there (docs/performance.md)
+# head dims above 64 carry larger tiles per key and gain from fewer keys a row; head dim 64 does not
 TMA_MIN_KEYS_WIDE = 1024
-# the forward, with the two-halves tiles that descriptors allow, from 1k keys at every head dim
-# (H200, d64 full 1k: 383 against 368 TFLOP/s; causal 2k: 347 against 350, docs/performance.md)
+# the forward: from 1k keys at every head dim, where the two-halves tiles (which need the
+# registers descriptors free) take over (docs/experiments/2026-12-01-halves-schedule.md)
 FWD_TMA_MIN_KEYS = 1024
 # forward rows that see fewer keys than this take the "_short" launch-table entries, per
 # mask ("" = full attention): causal below 2k keys a row (seqlen < 4k), full below 8k
@@ -126,7 +126,7 @@ def batch_seq_head_strides(t: torch.Tensor, varlen: bool = False) -> tuple[int, 
 
 
 def _tile_lists(lists: tuple | None, q: torch.Tensor) -> tuple:
-    """The kernels' tile-list arguments: ``lists`` (from :func:`_sparse_args`), or
+    """The kernels' tile-list arguments: ``lists`` (from ``_sparse_args``), or
     without block sparsity q for the unused pointers."""
     return (q, q, q, 0, 0, 0, 0) if lists is None else lists
 
@@ -154,8 +154,8 @@ def _option_tensors(q: torch.Tensor, opts: AttnOptions, cu_seqlens_q, cu_seqlens
 
 class _Layout:
     """Batch geometry, feature switches and the score arguments shared by the forward, dQ and dK/dV kernels:
-    everything but the tensors themselves, so a launch plan (:class:`LaunchPlan`) can keep it.
-    ``sparse``: the :class:`~flashtile.BlockMask` of block-sparse attention, or None."""
+    everything but the tensors themselves, so a launch plan (``LaunchPlan``) can keep it.
+    ``sparse``: the ``BlockMask`` of block-sparse attention, or None."""
 
     def __init__(self, q, k, opts: AttnOptions, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                  sparse=None):
@@ -182,7 +182,7 @@ class _Layout:
         softcap = opts.softcap if opts.softcap > 0 else 1.0
         # argument groups, in the kernels' order: (max_seqlen_q, max_seqlen_k, diag_offset, window_left,
         # window_right), (qk_scale, softcap_in, softcap_out), (dropout_p, dropout_scale); the seed is per call
-        self.positions = (self.seqlen_q, self.seqlen_k, opts.diag, opts.window_left, opts.window_right)
+        self.positions = (self.seqlen_q, self.seqlen_k, opts.diag_offset, opts.window_left, opts.window_right)
         self.scores = (opts.softmax_scale * LOG2E, opts.softmax_scale / softcap, softcap * LOG2E)
         self.dropout = (opts.dropout_p, 1.0 / (1.0 - opts.dropout_p))
         # forward only: the fixed softmax offset (log2 units) that replaces the running row max
@@ -217,15 +217,15 @@ def attention_forward(q, k, v, opts: AttnOptions, cu_seqlens_q=None, cu_seqlens_
     call = (q, k, v, out, lse, *_option_tensors(q, opts, cu_seqlens_q, cu_seqlens_k), opts.seed)
     key = None if sparse is not None else plan_key(
         "fwd", (q, k, v, cu_seqlens_q, cu_seqlens_k), opts, (max_seqlen_q, max_seqlen_k))
-    run_planned(key, call, lambda dry: _forward_steps(q, k, v, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                      max_seqlen_k, sparse, call, dry))
+    run_planned(key, call, lambda build_only: _forward_steps(q, k, v, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                      max_seqlen_k, sparse, call, build_only))
     if varlen:
         return out.squeeze(0), lse.squeeze(0)
     return out, lse
 
 
-def _forward_steps(q, k, v, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sparse, call, dry):
-    """The forward launch, run (or with ``dry`` only built) for ``call``: ([step], [builder])."""
+def _forward_steps(q, k, v, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sparse, call, build_only):
+    """The forward launch, run (or with ``build_only`` only built) for ``call``: ([step], [builder])."""
     lay = _Layout(q, k, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sparse)
     varlen = lay.varlen
     keys_per_row = _keys_per_row(lay, opts)
@@ -256,7 +256,7 @@ def _forward_steps(q, k, v, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
                 *_tile_lists(lay.sparse_fwd, q), tail_heads(cdiv(lay.seqlen_q, cfg.block_m), lay.batch * lay.nheads, causal, q.device))
 
     step = launch_kernel(name, attn_fwd_kernel, lambda c: (cdiv(lay.seqlen_q, c.block_m) * lay.batch * lay.nheads,),
-                   lambda cfg: build(cfg, call), const, q, block_d, (lay.seqlen_q, lay.seqlen_k), dry=dry)
+                   lambda cfg: build(cfg, call), const, q, block_d, (lay.seqlen_q, lay.seqlen_k), build_only=build_only)
     return [step], [build]
 
 
@@ -264,7 +264,7 @@ def attention_backward(dout, q, k, v, out, lse, opts: AttnOptions, bias_grad: bo
                        cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, sparse=None):
     """Returns (dq, dk, dv, dbias) shaped and typed like (q, k, v); dbias is the fp32
     gradient of ``opts.bias`` before broadcast reduction, (batch, nheads, seqlen_q,
-    seqlen_k), or None unless ``bias_grad``. ``sparse``: as in :func:`attention_forward`."""
+    seqlen_k), or None unless ``bias_grad``. ``sparse``: as in ``attention_forward``."""
     varlen = cu_seqlens_q is not None
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
@@ -283,16 +283,16 @@ def attention_backward(dout, q, k, v, out, lse, opts: AttnOptions, bias_grad: bo
     key = None if sparse is not None else plan_key(
         "bwd", (q, k, v, dout, out, lse, cu_seqlens_q, cu_seqlens_k), opts,
         (max_seqlen_q, max_seqlen_k, bias_grad))
-    run_planned(key, call, lambda dry: _backward_steps(q, k, v, opts, bias_grad, cu_seqlens_q, cu_seqlens_k,
-                                                       max_seqlen_q, max_seqlen_k, sparse, call, dry))
+    run_planned(key, call, lambda build_only: _backward_steps(q, k, v, opts, bias_grad, cu_seqlens_q, cu_seqlens_k,
+                                                       max_seqlen_q, max_seqlen_k, sparse, call, build_only))
     if varlen:
         dq, dk, dv = dq.squeeze(0), dk.squeeze(0), dv.squeeze(0)
     return dq, dk, dv, dbias
 
 
 def _backward_steps(q, k, v, opts, bias_grad, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sparse,
-                    call, dry):
-    """The dQ and dK/dV launches, run (or with ``dry`` only built) for ``call``: (steps, builders)."""
+                    call, build_only):
+    """The dQ and dK/dV launches, run (or with ``build_only`` only built) for ``call``: (steps, builders)."""
     lay = _Layout(q, k, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sparse)
     varlen = lay.varlen
     dout, out, lse, dq, dk, dv, dbias = call[3], call[4], call[5], call[7], call[8], call[9], call[10]
@@ -330,7 +330,7 @@ def _backward_steps(q, k, v, opts, bias_grad, cu_seqlens_q, cu_seqlens_k, max_se
 
     seqlens = (lay.seqlen_q, lay.seqlen_k)
     step_dq = launch_kernel("dq" + suffix, attn_bwd_dq_kernel,
-                      lambda c: (cdiv(lay.seqlen_q, c.block_m) * lay.batch * nheads,), lambda cfg: build_dq(cfg, call), const, q, block_d, seqlens, dry=dry)
+                      lambda c: (cdiv(lay.seqlen_q, c.block_m) * lay.batch * nheads,), lambda cfg: build_dq(cfg, call), const, q, block_d, seqlens, build_only=build_only)
     # dK and dV together, or (FLASHTILE_BWD_SPLIT = 1, by default where the launch table says so)
     # in two launches, dV first: PART 1 (dV) does not need the dQ kernel's delta
     split = env_flag("FLASHTILE_BWD_SPLIT")
@@ -340,7 +340,7 @@ def _backward_steps(q, k, v, opts, bias_grad, cu_seqlens_q, cu_seqlens_k, max_se
     steps = [step_dq] + [
         launch_kernel(name + suffix, attn_bwd_dkdv_kernel, lambda c: (cdiv(lay.seqlen_k, c.block_n) * lay.batch * nheads_k,),
                 lambda cfg: build_dkdv(cfg, call), const | dict(BIAS_GRAD=bias_grad and part != 1, PART=part), q,
-                block_d, seqlens, dry=dry)
+                block_d, seqlens, build_only=build_only)
         for name, part in parts]
     return steps, [build_dq] + [build_dkdv] * len(parts)
 

@@ -1,10 +1,10 @@
 """Opt-in autotuning of launch configurations, cached on disk.
 
 By default every kernel launch takes the first configuration of its launch
-table that compiles (:mod:`.table`): no time goes into searching,
+table that compiles (``.table``): no time goes into searching,
 and a first call costs one compile. The table was measured on Hopper; other
 GPUs get conservative defaults. With autotuning on (``FLASHTILE_AUTOTUNE=1``
-or :func:`set_autotune`), the first launch of a kernel variant for a given
+or ``set_autotune``), the first launch of a kernel variant for a given
 GPU, head dim, dtype, set of switches and sequence-length bucket times a
 grid of configurations on that call's own arguments (the kernels only store
 their outputs, so running them again is harmless), keeps the fastest, and

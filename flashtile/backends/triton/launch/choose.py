@@ -1,7 +1,7 @@
 """Which launch configuration a kernel runs with, and the launch itself: a
-configuration forced by a tool (:func:`force_config`), the one chosen before
-for the same switches, the tuned one (with autotuning on, :mod:`.autotune`),
-or the first entry of the checked-in table (:mod:`.table`) that fits the GPU."""
+configuration forced by a tool (``force_config``), the one chosen before
+for the same switches, the tuned one (with autotuning on, ``.autotune``),
+or the first entry of the checked-in table (``.table``) that fits the GPU."""
 
 from __future__ import annotations
 
@@ -41,15 +41,15 @@ forced_configs: dict[str, LaunchConfig] = {}
 
 
 def launch_kernel(name: str, kernel, grid_fn, args, constexprs: dict, tensor: torch.Tensor, block_d: int,
-                  seqlens: tuple[int, int] = (0, 0), dry: bool = False) -> "KernelLaunch":
+                  seqlens: tuple[int, int] = (0, 0), build_only: bool = False) -> "KernelLaunch":
     """Launch ``kernel`` with the first config of the table that compiles here,
-    or with autotuning on (see :mod:`.autotune`) the fastest one for this
+    or with autotuning on (see ``.autotune``) the fastest one for this
     (GPU, head dim, dtype, switches, bucket of ``seqlens`` = (seqlen_q, seqlen_k)).
     ``args`` is a tuple, or a function of the config giving one (for arguments
     that depend on the tile sizes, such as host-built tensor descriptors).
     Block-sparse launches (SPARSE) cap the tiles at the mask's block size, of
     which they are then divisors (all are powers of two), and take no two-halves configs.
-    Returns the :class:`KernelLaunch` it ran; ``dry``: the step it would run now, not run."""
+    Returns the ``KernelLaunch`` it ran; ``build_only``: the step it would run now, not run."""
     capability = capability_of(tensor.device)
     tuning = capability is not None and autotune.enabled()
     # each call site builds ``constexprs`` in a fixed order: no need to sort it
@@ -69,14 +69,14 @@ def launch_kernel(name: str, kernel, grid_fn, args, constexprs: dict, tensor: to
 
     def kwargs(cfg: LaunchConfig) -> dict:
         sparse = sparse_constexprs(name, cfg, capability) if constexprs.get("SPARSE") else {}
-        halves = dict(HALVES=True) if cfg.halves and name.startswith("fwd") else {}  # a forward kernel switch
+        halves = dict(TWO_HALVES=True) if cfg.halves and name.startswith("fwd") else {}  # a forward kernel switch
         return dict(constexprs, **sparse, **halves, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     def step(cfg: LaunchConfig) -> KernelLaunch:
         return KernelLaunch(kernel, grid_fn(cfg), args(cfg) if callable(args) else args, cfg, kwargs(cfg), None)
 
-    if dry:  # the launch a plan replays (see LaunchPlan.check): the config chosen before, not run
+    if build_only:  # the launch a plan replays (see LaunchPlan.check): the config chosen before, not run
         return step(candidates[0])
 
     if tuning and name not in forced_configs and key not in _chosen:

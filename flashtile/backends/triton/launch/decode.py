@@ -27,9 +27,9 @@ MIN_KEYS_PER_SPLIT = 256
 COMBINE_WARPS = 4
 # The split kernel's last program of a (batch, kv head, query block) merges the splits
 # where it reads all of them for all the block's rows at once (MERGE_ROWS rows x splits x
-# head dim fp32 values within MERGE_MAX_VALUES); else the combine kernel does. H200
-# (docs/performance.md): 0.4-0.9 us a step faster with 4 rows, 2-4 us slower when the
-# merge took the rows of a block in 2-7 rounds.
+# head dim fp32 values within MERGE_MAX_VALUES); else the combine kernel does: one launch
+# a step saves the second launch's fixed cost, while a merge that takes a block's rows in
+# several rounds costs more than it saves (docs/experiments/2026-12-02-decoding-8k.md).
 MERGE_IN_KERNEL = True
 MERGE_MAX_VALUES = 8192
 
@@ -107,10 +107,9 @@ def num_splits_heuristic(programs: int, capacity: int, device: torch.device) -> 
     """Splits of the key range so that about one program per multiprocessor runs,
     ``programs`` being batch * kv heads * query blocks without splits; each split
     streams at least MIN_KEYS_PER_SPLIT keys of a cache that holds up to
-    ``capacity`` keys. Measured on an H200: more splits add tails and combine
-    work, fewer leave multiprocessors idle; paged caches too, since their page
-    ids are loaded a page at a time (a second wave helped when they were
-    loaded a row at a time, docs/performance.md)."""
+    ``capacity`` keys. More splits add tails and merge work, fewer leave
+    multiprocessors idle; paged caches take the same count, their page ids
+    being loaded a page at a time (docs/experiments/2026-12-02-decoding-8k.md)."""
     if device.type != "cuda" or interpreting():
         return 1 if capacity <= MIN_KEYS_PER_SPLIT else 2
     sms = sm_count(device)
@@ -138,9 +137,8 @@ def _decode_setup(q, k_cache, block_table, num_splits):
     row_lookup = False
     if paged and num_splits == 1:
         # enough programs without splits (large batches): the 5 stages that hide the page
-        # lookups of a few programs cost occupancy here (batch 64 at 4k, 64-key tiles: 313 us
-        # vs 248 us), and a page lookup per row pipelines better than one per tile or page
-        # (247 us vs 301 us)
+        # lookups of a few programs cost occupancy here, and a page lookup per row pipelines
+        # better than one per tile or page (docs/experiments/2026-12-02-decoding-8k.md)
         cfg = cfg._replace(block_n=min(cfg.block_n, 64), num_stages=min(cfg.num_stages, 3))
         row_lookup = True
     return cfg, num_splits, row_lookup, merge_layout(num_splits, block_d_of(head_dim), cfg.block_m,
@@ -148,9 +146,9 @@ def _decode_setup(q, k_cache, block_table, num_splits):
 
 
 def _decode_steps(call, cfg, num_splits, row_lookup, merge, seqlen_new, softmax_scale, window_left, window_right,
-                  softcap, dry):
+                  softcap, build_only):
     """The split kernel's launch and, with several splits not merged by it (``merge``:
-    its merge layout, or None), the combine kernel's, run (or with ``dry`` only built)
+    its merge layout, or None), the combine kernel's, run (or with ``build_only`` only built)
     for ``call``: (steps, builders), as launch plans take them."""
     (q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi, out, lse, part_out, part_lse,
      _) = call
@@ -188,7 +186,7 @@ def _decode_steps(call, cfg, num_splits, row_lookup, merge, seqlen_new, softmax_
     steps = []
     for stages in range(_fitting_stages.get(fit_key, cfg.num_stages), 0, -1):
         step = KernelLaunch(attn_decode_kernel, grid, build_split(cfg, call), cfg, dict(constexprs, num_stages=stages), None)
-        if dry:
+        if build_only:
             break
         try:
             step = step.run()
@@ -209,7 +207,7 @@ def _decode_steps(call, cfg, num_splits, row_lookup, merge, seqlen_new, softmax_
 
         kwargs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, next_power_of_2(num_splits)), num_warps=COMBINE_WARPS)
         step = KernelLaunch(attn_combine_kernel, (batch * seqlen_q * nheads,), build_combine(cfg, call), cfg, kwargs, None)
-        steps.append(step if dry else step.run())
+        steps.append(step if build_only else step.run())
         builders.append(build_combine)
     return steps, builders
 
@@ -241,7 +239,7 @@ def decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_tab
         part_lse = torch.empty((splits, *lse.shape), device=q.device, dtype=torch.float32)
     call = (q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi, out, lse, part_out,
             part_lse, counters)
-    run_planned(key, call, lambda dry: _decode_steps(call, cfg, splits, row_lookup, merge, seqlen_new,
-                                                      softmax_scale, window_left, window_right, softcap, dry))
+    run_planned(key, call, lambda build_only: _decode_steps(call, cfg, splits, row_lookup, merge, seqlen_new,
+                                                      softmax_scale, window_left, window_right, softcap, build_only))
     return out, lse
 

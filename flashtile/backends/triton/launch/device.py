@@ -54,9 +54,8 @@ def sm_count(device: torch.device) -> int:
 # heaviest blocks running alone: its last LONGEST_FIRST_WAVES x SMs programs are issued
 # block by block across heads instead, heaviest first (kernels/tiles.py, program_tile).
 # Once a head has more blocks than half the multiprocessors, its own lighter blocks fill
-# in behind its heavy ones, and the order across heads costs more L2 reuse than it gains:
-# H200 (docs/performance.md), +2-5% from 1k to 8k keys, -1 to -4% where a head has 128
-# blocks (d128 at 16k, d256 from 8k), +2% at d64 16k.
+# in behind its heavy ones, and the order across heads costs more L2 reuse than it gains
+# (docs/experiments/2026-12-01-halves-schedule.md, the end of a causal grid).
 LONGEST_FIRST_WAVES = 6
 # under the interpreter: multiprocessors to assume, so that small test grids take both orders
 INTERPRETER_SMS = 8

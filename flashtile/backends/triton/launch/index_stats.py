@@ -13,7 +13,7 @@ from .device import interpreting
 from .plans import layout_key, run_planned
 
 
-def _index_stats_steps(call, seqlen_new: int, page_size: int, dry: bool):
+def _index_stats_steps(call, seqlen_new: int, page_size: int, build_only: bool):
     """The statistics kernel's launch for ``call`` = (cache_seqlens, leftpad,
     cache_batch_idx, block_table, stats), as launch plans take it."""
     table = call[3]
@@ -28,7 +28,7 @@ def _index_stats_steps(call, seqlen_new: int, page_size: int, dry: bool):
     kwargs = dict(HAS_LEFTPAD=call[1] is not None, HAS_BATCH_IDX=call[2] is not None,
                   PAGE_SIZE=0 if table is None else page_size, BLOCK_B=128, BLOCK_P=128, num_warps=4)
     step = KernelLaunch(index_stats_kernel, (1,), build(None, call), None, kwargs, None)
-    return [step if dry else step.run()], [build]
+    return [step if build_only else step.run()], [build]
 
 
 def index_stats(cache_seqlens, seqlen_new, leftpad, cache_batch_idx, block_table, page_size) -> dict[str, int]:
@@ -39,7 +39,7 @@ def index_stats(cache_seqlens, seqlen_new, leftpad, cache_batch_idx, block_table
         stats = torch.empty(len(STATS), dtype=torch.int64, device=cache_seqlens.device)
         call = (cache_seqlens, leftpad, cache_batch_idx, block_table, stats)
         key = layout_key("index_stats", call[:4], (seqlen_new, page_size))
-        run_planned(key, call, lambda dry: _index_stats_steps(call, seqlen_new, page_size, dry))
+        run_planned(key, call, lambda build_only: _index_stats_steps(call, seqlen_new, page_size, build_only))
         return dict(zip(STATS, stats.tolist()))
     seqlens = cache_seqlens.long()
     lengths = seqlens + seqlen_new

@@ -31,7 +31,7 @@ _other_caches: list[dict] = []
 
 
 def register_cache(cache: dict) -> dict:
-    """Have :func:`clear_caches` clear ``cache`` too; returns it."""
+    """Have ``clear_caches`` clear ``cache`` too; returns it."""
     _other_caches.append(cache)
     return cache
 
@@ -65,7 +65,7 @@ def layout_key(kind: str, tensors: tuple, extra: tuple) -> tuple:
 
 
 def plan_key(kind: str, tensors: tuple, opts: AttnOptions, extra: tuple) -> tuple | None:
-    """:func:`layout_key` of an attention call with options ``opts``, or None for
+    """``layout_key`` of an attention call with options ``opts``, or None for
     calls that are not planned (block-sparse, launch configs forced by tools, seeds
     beyond 32 bits)."""
     if choose.forced_configs or opts.block_mask is not None or not -2**31 <= opts.seed < 2**31:
@@ -77,7 +77,7 @@ def plan_key(kind: str, tensors: tuple, opts: AttnOptions, extra: tuple) -> tupl
 
 
 class LaunchPlan:
-    """The launches of one call signature (see :func:`layout_key`): ``steps`` as run by
+    """The launches of one call signature (see ``layout_key``): ``steps`` as run by
     the first call, ``builders`` giving each step's arguments from a call's values
     (``builder(cfg, call)``)."""
 
@@ -129,15 +129,15 @@ class LaunchPlan:
 
 def run_planned(key: tuple | None, call: tuple, make_steps) -> None:
     """Replay the plan of ``key`` for ``call``, or run the launches that
-    ``make_steps(dry=False)`` builds and keep them as the plan of ``key`` (None: no plan).
-    With ``check_plans``, a replay is compared with ``make_steps(dry=True)``."""
+    ``make_steps(build_only=False)`` builds and keep them as the plan of ``key`` (None: no plan).
+    With ``check_plans``, a replay is compared with ``make_steps(build_only=True)``."""
     plan = _plans.get(key) if key is not None else None
     if plan is not None:
         plan.run(call)
         if check_plans:
-            plan.check(make_steps(dry=True)[0], call)
+            plan.check(make_steps(build_only=True)[0], call)
         return
-    steps, builders = make_steps(dry=False)
+    steps, builders = make_steps(build_only=False)
     if key is not None:
         _plans[key] = LaunchPlan(steps, builders)
 

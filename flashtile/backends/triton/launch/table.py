@@ -33,12 +33,13 @@ class LaunchConfig(NamedTuple):
         return cls(int(m), int(n), int(w), int(st), halves=bool(halves))
 
 
-# Hopper (sm90), 2-byte inputs. Measured on an H100 (see docs/performance.md).
+# Hopper (sm90), 2-byte inputs: each entry the best of a sweep (benchmarks/tools/tune.py;
+# docs/experiments/2026-11-22-h100-kernels.md, 2026-11-23-h200-host-tiles.md).
 # "fwd_tma" is the forward kernel reading K/V through tensor descriptors: the
 # bulk copies free registers, so 128x128 tiles win there.
 _SM90 = {
-    # two halves (halves=True) let a half's P V product run under the other half's softmax:
-    # on an H200, d64 4k +6-8% (causal +5%), d128 full 1k +8% (docs/performance.md)
+    # two halves (halves=True) let a half's P V product run under the other half's softmax
+    # (docs/experiments/2026-12-01-halves-schedule.md)
     "fwd_tma": {
         64: [LaunchConfig(128, 128, 4, 3, halves=True), LaunchConfig(128, 128, 4, 3), LaunchConfig(64, 64, 4, 2)],
         128: [LaunchConfig(128, 128, 8, 3), LaunchConfig(128, 64, 8, 3), LaunchConfig(64, 64, 4, 2)],
@@ -58,14 +59,13 @@ _SM90 = {
         256: [LaunchConfig(128, 64, 8, 2), LaunchConfig(64, 64, 4, 2)],
     },
     # causal rows of fewer than 1k keys (longer ones take descriptors): smaller query
-    # blocks waste less of the diagonal (H200, causal 1k: d128 +9%; d64 281 against 190
-    # TFLOP/s with 128 x 64 tiles)
+    # blocks waste less of the diagonal
     "fwd_causal": {
         64: [LaunchConfig(64, 64, 4, 3), LaunchConfig(128, 64, 8, 3), LaunchConfig(64, 64, 4, 2)],
         128: [LaunchConfig(64, 64, 4, 3), LaunchConfig(128, 64, 8, 3), LaunchConfig(64, 64, 4, 2)],
     },
-    # causal rows of 1k-2k keys through descriptors (H200, d128 causal 2k: 409 against 378
-    # TFLOP/s with the 128 x 128 tiles, which win again from 4k: 472 against 440)
+    # causal rows of 1k-2k keys through descriptors: the diagonal is a large share of the
+    # work there, so smaller tiles win; from 4k the 128 x 128 tiles win again
     "fwd_tma_causal_short": {
         128: [LaunchConfig(64, 64, 4, 3), LaunchConfig(128, 128, 8, 3), LaunchConfig(64, 64, 4, 2)],
     },
@@ -74,8 +74,8 @@ _SM90 = {
         128: [LaunchConfig(64, 64, 4, 2), LaunchConfig(32, 64, 4, 2)],
         256: [LaunchConfig(64, 64, 8, 2), LaunchConfig(32, 64, 8, 2)],
     },
-    # with descriptors (rows of 2k keys and more), measured on an H200; head dims not
-    # listed take the pointer-load kernel's entry
+    # with descriptors (rows of 2k keys and more); head dims not listed take the
+    # pointer-load kernel's entry
     "dkdv_tma": {
         64: [LaunchConfig(32, 128, 4, 4), LaunchConfig(64, 64, 4, 2), LaunchConfig(32, 64, 4, 2)],
     },
@@ -83,9 +83,9 @@ _SM90 = {
         64: [LaunchConfig(128, 64, 4, 2), LaunchConfig(32, 128, 4, 4), LaunchConfig(32, 64, 4, 2)],
     },
     # dK and dV in two launches of the dK/dV kernel (its PART switch), one accumulator each:
-    # the head dims listed here take them. d256 on an H200 (docs/performance.md): 128-key
-    # tiles, the backward 1.05-1.10x faster than one launch for both (1.03-1.24x causal),
-    # dK with 3 stages ~10% more at 4k; with 64-key tiles the two launches lose
+    # the head dims listed here take them. At d256 the joint kernel's two accumulators
+    # spill; apart, each launch fits its registers. 128-key tiles, so that each program's
+    # reads of Q and dO serve enough products (docs/experiments/2026-12-02-launch-plans-1k-forward.md)
     "dv": {
         256: [LaunchConfig(64, 128, 8, 2), LaunchConfig(32, 128, 8, 2), LaunchConfig(32, 64, 4, 2)],
     },
@@ -102,9 +102,9 @@ _SM90 = {
     },
 }
 
-# Hopper, 4-byte inputs (dot products as three TF32 products, see launch.dot_precision);
-# measured on an H200 at seqlen 4096 (docs/performance.md). Other head dims: the
-# 2-byte table's tiles halved.
+# Hopper, 4-byte inputs (dot products as three TF32 products, see device.dot_precision);
+# swept at seqlen 4096 (docs/experiments/2026-11-22-cosine-sim-block-sparse.md). Other
+# head dims: the 2-byte table's tiles halved.
 _SM90_FP32 = {
     "fwd": {64: [LaunchConfig(128, 32, 4, 3)], 128: [LaunchConfig(32, 64, 4, 2)]},
     "dkdv": {64: [LaunchConfig(64, 32, 4, 2)], 128: [LaunchConfig(32, 32, 4, 2)]},
@@ -211,9 +211,9 @@ def decode_config(rows: int, block_d: int, elem_size: int, capability: tuple[int
     num_warps = 8 if block_m >= 128 else 4
     wide = block_d <= 128 and elem_size <= 2
     if capability[0] == 9 and block_m <= 64:
-        # measured on an H200 (docs/performance.md): 128-key tiles, 3 stages for a contiguous
-        # cache; a paged one (a page lookup before each tile's loads, which takes half of the
-        # stages) wants more loads in flight: 5 stages. Launches without splits change this
-        # for paged caches (launch/decode.py)
+        # 128-key tiles, 3 stages for a contiguous cache; a paged one (a page lookup before
+        # each tile's loads, which takes half of the stages) wants more loads in flight: 5
+        # stages (docs/experiments/2026-12-02-decoding-8k.md). Launches without splits
+        # change this for paged caches (launch/decode.py)
         return LaunchConfig(block_m, 128 if wide else 32, num_warps, 5 if page_size else 3)
     return LaunchConfig(block_m, 64 if wide else 32, num_warps, 2)

@@ -5,11 +5,10 @@ tiled PyTorch path."""
 
 import pytest
 import torch
+from helpers import check_attention, max_err, rounding_floor
 
-import flashtile
 from flashtile import flash_attn_func, scaled_dot_product_attention
 from flashtile.testing import attention_ref
-from helpers import check_attention, max_err, rounding_floor
 
 
 def qkv(b, sq, sk, h, hk, d, dtype=torch.float32):
@@ -182,3 +181,80 @@ def test_dropout_zero_is_exact():
     assert s_dmask is None
     ref = attention_ref(q, k, v)
     assert max_err(out, ref) <= rounding_floor(ref, torch.float32) + 1e-6
+
+
+# --- on a CUDA GPU with the compiled kernels (marker ``gpu``) ---------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_gpu_matches_torch(causal):
+    q = torch.randn(4, 8, 1500, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(4, 2, 1700, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(4, 2, 1700, 128, device="cuda", dtype=torch.bfloat16)
+    out = scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal,
+                                                           enable_gqa=True)
+    low = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    assert (out.double() - ref).abs().max() <= 2 * (low.double() - ref).abs().max() + 1e-2
+
+
+GPU_FEATURES = {
+    "window": dict(window_size=(300, 40)),
+    "causal_window": dict(causal=True, window_size=(513, 0)),
+    "softcap": dict(softcap=5.0),
+    "alibi": dict(alibi_slopes="per_head"),
+    "everything": dict(causal=True, window_size=(700, 0), softcap=8.0, alibi_slopes="per_batch"),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("feature", list(GPU_FEATURES))
+def test_flash_attn_options_gpu(dtype, head_dim, feature):
+    kw = dict(GPU_FEATURES[feature])
+    if kw.get("alibi_slopes") == "per_head":
+        kw["alibi_slopes"] = torch.rand(8, device="cuda") * 0.1
+    elif kw.get("alibi_slopes") == "per_batch":
+        kw["alibi_slopes"] = torch.rand(2, 8, device="cuda") * 0.1
+    q = torch.randn(2, 1500, 8, head_dim, device="cuda", dtype=dtype)
+    k, v = (torch.randn(2, 2100, 2, head_dim, device="cuda", dtype=dtype) for _ in range(2))
+    check_attention(lambda q, k, v: flash_attn_func(q, k, v, **kw), q, k, v, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(2, 8, 1000, 1200), (1, 8, 1000, 1200), (2, 1, 1, 1200)], ids=str)
+@pytest.mark.parametrize("kind", ["float", "bool"])
+def test_sdpa_mask_gpu(shape, kind):
+    dtype = torch.bfloat16
+    q = torch.randn(2, 1000, 8, 128, device="cuda", dtype=dtype)
+    k, v = (torch.randn(2, 1200, 4, 128, device="cuda", dtype=dtype) for _ in range(2))
+    if kind == "float":
+        bias = torch.randn(shape, device="cuda", dtype=dtype).requires_grad_()
+    else:
+        bias = torch.rand(shape, device="cuda") > 0.2
+
+    def fn(q, k, v, bias):
+        return scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                            attn_mask=bias, enable_gqa=True).transpose(1, 2)
+
+    check_attention(fn, q, k, v, bias=bias, causal_align="top_left")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_gpu(causal):
+    q = torch.randn(2, 1000, 8, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 1300, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    torch.manual_seed(11)
+    state = torch.get_rng_state()
+    _, _, s_dmask = flash_attn_func(q, k, v, dropout_p=0.1, causal=causal, return_attn_probs=True)
+    attended = s_dmask != 0  # causal leaves zeros (probability 0) that dropout does not see
+    assert abs((s_dmask > 0).sum().item() / attended.sum().item() - 0.9) < 0.01
+
+    def fn(q, k, v):
+        torch.set_rng_state(state)
+        return flash_attn_func(q, k, v, dropout_p=0.1, causal=causal)
+
+    check_attention(fn, q, k, v, causal=causal, dropout_p=0.1, dropout_mask=s_dmask >= 0)
+

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from helpers import check_attention
 
 import flashtile
 from flashtile.backends.torch_tiled import attention_tiled_backward, attention_tiled_forward
 from flashtile.options import AttnOptions
-from helpers import check_attention
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def test_tiled_sdpa_layout(tiled_path):
 @pytest.mark.parametrize("features", ["causal", "everything"])
 def test_tile_size_does_not_change_result(features):
     q, k, v = torch.randn(1, 150, 2, 16), torch.randn(1, 170, 2, 16), torch.randn(1, 170, 2, 16)
-    opts = AttnOptions(0.25, diag=20, window_right=0)
+    opts = AttnOptions(0.25, diag_offset=20, window_right=0)
     if features == "everything":
         opts = opts._replace(window_left=30, softcap=3.0, alibi=torch.rand(1, 2), bias=torch.randn(1, 2, 150, 170),
                              dropout_p=0.2, seed=5)

@@ -7,16 +7,16 @@ import math
 
 import pytest
 import torch
+from helpers import check_attention, max_err, rounding_floor
 
 import flashtile
 from flashtile import flash_attn_func, flash_cosine_sim_attention, l2norm_tensors
-from flashtile.testing import plain_cosine_sim_attention
-from flashtile import options
-from flashtile.backends.triton.launch import attention as launch_attention, choose as launch_choose, device as launch_device, plans as launch_plans
-from flashtile.ops.attention import attention
 from flashtile.backends.torch_tiled import attention_tiled_forward
+from flashtile.backends.triton.launch import attention as launch_attention
+from flashtile.backends.triton.launch import device as launch_device
+from flashtile.ops.attention import attention
 from flashtile.options import AttnOptions
-from helpers import check_attention, max_err, rounding_floor
+from flashtile.testing import plain_cosine_sim_attention
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -8,7 +8,6 @@ from flashtile import (
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
     flash_attn_varlen_func,
-    flash_attn_with_kvcache,
     scaled_dot_product_attention,
 )
 

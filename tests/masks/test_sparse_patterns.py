@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import flashtile
+import flashtile.testing
 from flashtile import create_block_mask
 from flashtile.masks.block_mask import EMPTY, FULL
 from flashtile.masks.patterns import (

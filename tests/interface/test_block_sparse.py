@@ -7,12 +7,12 @@ path; the ``gpu`` ones run the compiled kernels at larger sizes.
 
 import pytest
 import torch
+from helpers import check_attention
 
 import flashtile
 from flashtile import BlockMask, block_sparse_attention, block_sparse_attn_func, create_block_mask
 from flashtile.masks.block_mask import EMPTY, FULL
 from flashtile.testing import dropout_keep_mask
-from helpers import check_attention
 
 
 @pytest.fixture(params=["triton", "tiled"])

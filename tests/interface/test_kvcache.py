@@ -5,13 +5,13 @@ import math
 
 import pytest
 import torch
+from helpers import max_err, rounding_floor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flashtile
 from flashtile import KVCache, flash_attn_func, flash_attn_with_kvcache, merge_attention_states
 from flashtile.testing import attention_ref
-from helpers import max_err, rounding_floor
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -215,8 +215,7 @@ def test_split_merges(num_splits, monkeypatch):
     MERGE_MAX_VALUES the combine kernel does. The merge counters are left zero for the
     next call (here a replay of the launch plan)."""
     from flashtile.backends.triton.launch import decode
-    from flashtile import options
-    from flashtile.backends.triton.launch import attention as launch_attention, choose as launch_choose, device as launch_device, plans as launch_plans
+    from flashtile.backends.triton.launch import plans as launch_plans
     monkeypatch.setattr(decode, "MERGE_MAX_VALUES", 8 * 8 * 64)  # lowered so that few splits reach each case
     launch_plans.clear_caches()
     case = Case(batch=2, seqlen_q=3, nheads=4, nheads_k=2, head_dim=64, capacity=16 * 32, page_size=16,

@@ -2,15 +2,16 @@
 
 import pytest
 import torch
+from helpers import check_attention
 
 import flashtile
+import flashtile.testing
 from flashtile import (
     flash_attn_func,
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
     scaled_dot_product_attention,
 )
-from helpers import check_attention
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

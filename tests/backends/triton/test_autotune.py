@@ -5,13 +5,14 @@ import json
 import pytest
 import torch
 import triton
+from helpers import check_attention
 
 import flashtile
 from flashtile.backends.triton.launch import autotune
-from flashtile import options
-from flashtile.backends.triton.launch import attention as launch_attention, choose as launch_choose, device as launch_device, plans as launch_plans
+from flashtile.backends.triton.launch import choose as launch_choose
+from flashtile.backends.triton.launch import device as launch_device
+from flashtile.backends.triton.launch import plans as launch_plans
 from flashtile.backends.triton.launch.table import LaunchConfig
-from helpers import check_attention
 
 
 @pytest.fixture

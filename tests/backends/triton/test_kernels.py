@@ -1,15 +1,16 @@
-"""The Triton kernels against attention_ref (under the interpreter on a CPU)."""
+"""The Triton kernels against attention_ref: under the interpreter on a CPU, and a larger
+grid with the compiled kernels on a CUDA GPU (marker ``gpu``, ``FLASHTILE_TEST_GPU=1 pytest -m gpu``)."""
 
 import pytest
 import torch
 import triton
 import triton.language as tl
+from helpers import check_attention, force_forward_config, set_switch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flashtile import flash_attn_func
+from flashtile import flash_attn_func, scaled_dot_product_attention
 from flashtile.backends.triton.kernels.tiles import program_tile
-from helpers import check_attention, force_forward_config, set_switch
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # (seqlen_q, seqlen_k, headdim): ragged lengths, cross attention, odd head dims
@@ -74,8 +75,7 @@ def test_backward_tensor_descriptors(monkeypatch, dtype, causal):
 
 
 def test_descriptors_only_where_they_apply(monkeypatch):
-    from flashtile import options
-    from flashtile.backends.triton.launch import attention as launch_attention, choose as launch_choose, device as launch_device, plans as launch_plans
+    from flashtile.backends.triton.launch import attention as launch_attention
 
     monkeypatch.setenv("FLASHTILE_FWD_TMA", "1")
     aligned = torch.randn(1, 200, 2, 64, dtype=torch.float16)
@@ -90,8 +90,8 @@ def test_descriptors_only_where_they_apply(monkeypatch):
 def test_forward_descriptors_by_row_length_on_hopper(monkeypatch):
     """Without the override, Hopper's forward reads K/V through descriptors from
     1k keys per row."""
-    from flashtile import options
-    from flashtile.backends.triton.launch import attention as launch_attention, choose as launch_choose, device as launch_device, plans as launch_plans
+    from flashtile.backends.triton.launch import attention as launch_attention
+    from flashtile.backends.triton.launch import device as launch_device
 
     monkeypatch.delenv("FLASHTILE_FWD_TMA", raising=False)
     monkeypatch.setattr(launch_device, "ASSUMED_CAPABILITY", (9, 0))
@@ -129,9 +129,8 @@ def test_launch_table_falls_back_to_the_base_kernel():
     (256, True, (-1, -1), "fwd_causal_short"), (256, False, (-1, -1), "fwd_short"),
     (256, False, (16, 0), "fwd_window"), (4200, True, (-1, -1), "fwd_causal"), (8192, False, (-1, -1), "fwd")])
 def test_forward_launch_names(monkeypatch, seqlen, causal, window, expected):
+    from flashtile.backends.triton.launch import attention as launch_attention
     from flashtile.ops import attention as ops
-    from flashtile import options
-    from flashtile.backends.triton.launch import attention as launch_attention, choose as launch_choose, device as launch_device, plans as launch_plans
 
     names = []
     monkeypatch.setattr(launch_attention, "launch_kernel", lambda name, *args, **kwargs: names.append(name))
@@ -145,8 +144,7 @@ def test_forward_launch_names(monkeypatch, seqlen, causal, window, expected):
 
 
 def test_fp32_dot_precision(monkeypatch):
-    from flashtile import options
-    from flashtile.backends.triton.launch import attention as launch_attention, choose as launch_choose, device as launch_device, plans as launch_plans
+    from flashtile.backends.triton.launch import device as launch_device
 
     monkeypatch.delenv("FLASHTILE_FP32_DOT", raising=False)
     cpu = torch.device("cpu")
@@ -261,3 +259,126 @@ def test_backward_in_two_launches(monkeypatch, case):
         torch.testing.assert_close(apart, joint, rtol=0, atol=0, msg=f"d{name}")
     if "dropout_p" not in kw:
         check_attention(run, q, k, v, bias=None if bias is None else bias.requires_grad_(), **kw)
+
+
+# --- on a CUDA GPU with the compiled kernels (marker ``gpu``) ---------------------------
+
+GPU_HEAD_DIMS = [32, 59, 64, 96, 128, 192, 256]
+
+
+GPU_SEQLENS = [(1, 4096), (4096, 4096), (1000, 3001), (2048, 512), (113, 203)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", GPU_HEAD_DIMS)
+@pytest.mark.parametrize("seqlens", GPU_SEQLENS, ids=str)
+def test_flash_attn_gpu(dtype, causal, head_dim, seqlens):
+    seqlen_q, seqlen_k = seqlens
+    h, hk = 4, 2
+    q = torch.randn(2, seqlen_q, h, head_dim, device="cuda", dtype=dtype)
+    k = torch.randn(2, seqlen_k, hk, head_dim, device="cuda", dtype=dtype)
+    v = torch.randn(2, seqlen_k, hk, head_dim, device="cuda", dtype=dtype)
+    check_attention(lambda q, k, v: flash_attn_func(q, k, v, causal=causal), q, k, v, causal=causal)
+
+
+@pytest.mark.gpu
+def test_deterministic_backward_gpu():
+    q, k, v = (torch.randn(2, 2048, 8, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    out = flash_attn_func(q, k, v, causal=True)
+    dout = torch.randn_like(out)
+    first = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+    second = torch.autograd.grad(out, (q, k, v), dout)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_long_sequence_memory_linear_gpu():
+    # 64k tokens would need 16 GiB for one head's fp32 score matrix; here it must fit in a few MiB
+    q, k, v = (torch.randn(1, 65536, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = flash_attn_func(q, k, v, causal=True)
+    out.sum().backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < 16 * q.numel() * q.element_size()
+    assert torch.isfinite(q.grad).all()
+
+
+@pytest.mark.gpu
+def test_unaligned_strides_take_the_pointer_path_gpu():
+    # head dim 59 gives rows of 118 bytes: no tensor descriptors, the plain loads must serve
+    q, k, v = (torch.randn(2, 777, 4, 59, device="cuda", dtype=torch.float16) for _ in range(3))
+    check_attention(lambda q, k, v: flash_attn_func(q, k, v, causal=True), q, k, v, causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", ["256x64x8x3", "128x128x4x3"])
+@pytest.mark.parametrize("feature", ["plain", "causal", "window", "softcap"])
+@pytest.mark.parametrize("head_dim", [64, 96, 128])
+@pytest.mark.parametrize("seqlens", [(4096, 4096), (1000, 3001), (2048, 512)], ids=str)
+def test_forward_two_halves_gpu(monkeypatch, config, feature, head_dim, seqlens):
+    # the forward's query block as two halves, whatever launch-table entry the call takes
+    from flashtile.backends.triton.launch.table import LaunchConfig
+
+    force_forward_config(monkeypatch, LaunchConfig(*map(int, config.split("x")), halves=True))
+    kw = dict(plain={}, causal=dict(causal=True), window=dict(window_size=(700, 50)), softcap=dict(softcap=20.0))
+    kw = kw[feature]
+    q = torch.randn(2, seqlens[0], 4, head_dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, seqlens[1], 2, head_dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(2, seqlens[1], 2, head_dim, device="cuda", dtype=torch.bfloat16)
+    check_attention(lambda q, k, v: flash_attn_func(q, k, v, **kw), q, k, v, backward=False, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["dropout", "bias_grad", "causal_window"])
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_backward_in_two_launches_gpu(monkeypatch, case, head_dim):
+    # dV and dK in launches of their own (the Hopper table's choice at head dim 256) against
+    # one launch for both, and the bias gradient against the reference
+    from helpers import set_switch
+
+    q = torch.randn(2, 1000, 8, head_dim, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 1300, 2, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    bias = torch.randn(2, 8, 1000, 1300, device="cuda", dtype=torch.bfloat16) if case == "bias_grad" else None
+    kw = dict(dropout=dict(dropout_p=0.2), causal_window=dict(causal=True, window_size=(500, 0))).get(case, {})
+
+    def fn(q, k, v, bias=None):
+        if bias is not None:
+            return scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                attn_mask=bias, enable_gqa=True).transpose(1, 2)
+        torch.manual_seed(3)  # one dropout mask for every call
+        return flash_attn_func(q, k, v, **kw)
+
+    dout = torch.randn_like(q)
+    grads = {}
+    for split in ("0", "1"):
+        set_switch(monkeypatch, "FLASHTILE_BWD_SPLIT", split)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)] + ([] if bias is None else [bias.clone().requires_grad_()])
+        fn(*leaves).backward(dout)
+        grads[split] = [t.grad.float() for t in leaves]
+    for name, joint, apart in zip("q k v bias".split(), grads["0"], grads["1"]):
+        torch.testing.assert_close(apart, joint, rtol=1e-2, atol=1e-2 * joint.abs().max().item(), msg=f"d{name}")
+    if case != "dropout":
+        check_attention(fn, q, k, v, bias=None if bias is None else bias.requires_grad_(),
+                        causal_align="top_left" if bias is not None else "bottom_right", **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_causal_longest_first_grid_gpu(head_dim):
+    """Enough (batch, head) pairs that the causal grids have both sections: heads
+    issued one after another, then the last waves block by block (program_tile)."""
+    from flashtile.backends.triton.launch import device as launch_device
+
+    q, k, v = (torch.randn(4, 1536, 24, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    assert 0 < launch_device.tail_heads(1536 // 128, 4 * 24, True, q.device) < 4 * 24
+    assert 0 < launch_device.tail_heads(1536 // 64, 4 * 24, True, q.device) < 4 * 24
+    check_attention(lambda q, k, v: flash_attn_func(q, k, v, causal=True), q, k, v, causal=True)
+

@@ -3,11 +3,18 @@ bad inputs of the new options."""
 
 import pytest
 import torch
-
-import flashtile
-from flashtile import flash_attn_func, flash_attn_varlen_func, flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func, pad_input, scaled_dot_product_attention, unpad_input
-from flashtile.testing import attention_ref
 from helpers import check_attention, set_switch
+
+from flashtile import (
+    flash_attn_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+    pad_input,
+    scaled_dot_product_attention,
+    unpad_input,
+)
+from flashtile.testing import attention_ref
 
 
 def cu(lengths):
@@ -154,3 +161,27 @@ def test_varlen_tensor_descriptors(monkeypatch, mode):
     k, v = (torch.randn(sum(lens_k), 2, 32, dtype=torch.float16) for _ in range(2))
     check_attention(lambda q, k, v: flash_attn_varlen_func(q, k, v, cu(lens_q), cu(lens_k), 65, 90, causal=True),
                     q, k, v, ref_fn=packed_ref(lens_q, lens_k, causal=True), backward=mode == "1")
+
+
+# --- on a CUDA GPU with the compiled kernels (marker ``gpu``) ---------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_varlen_gpu(causal, head_dim):
+    from flashtile import flash_attn_varlen_func
+    from flashtile.testing import attention_ref
+
+    lens = [1, 700, 0, 2049, 128, 333]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(sum(lens), 8 if i == 0 else 2, head_dim, device="cuda", dtype=torch.bfloat16)
+               for i in range(3))
+
+    def ref(q, k, v, **kw):
+        c = cu.tolist()
+        return torch.cat([attention_ref(q[None, c[i]:c[i + 1]], k[None, c[i]:c[i + 1]], v[None, c[i]:c[i + 1]],
+                                        causal=causal, **kw)[0] for i in range(len(lens))])
+
+    check_attention(lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=causal),
+                    q, k, v, ref_fn=ref)
+

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from helpers import check_attention
 
 import flashtile
-from helpers import check_attention
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
@@ -36,14 +36,19 @@ def test_compile_sdpa_gqa():
     check_attention(flash_layout, q, k, v)
 
 
-@pytest.mark.parametrize("features", ["plain", "bias_alibi_window", "varlen_dropout"])
-def test_custom_ops_pass_opcheck(features):
+@pytest.mark.parametrize("path", ["triton", "tiled"])
+@pytest.mark.parametrize("features", ["plain", "bias_alibi_window", "varlen_dropout", "sdpa_layout"])
+def test_custom_ops_pass_opcheck(features, path, monkeypatch):
+    # the fake implementations promise the real outputs' shapes and strides, on either backend
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if path == "triton" else "0")
     q, k, v = torch.randn(1, 20, 2, 16), torch.randn(1, 30, 1, 16), torch.randn(1, 30, 1, 16)
     cu_q = cu_k = bias = alibi = seed = None
     max_q = max_k = 0
     window, dropout = (-1, 0), 0.0
     if features == "bias_alibi_window":
         bias, alibi, window = torch.randn(1, 2, 20, 30, requires_grad=True), torch.rand(2), (12, 3)
+    elif features == "sdpa_layout":  # views of (batch, nheads, seqlen, headdim) tensors
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
     elif features == "varlen_dropout":
         q, k, v = q[0], k[0], v[0]
         cu_q, cu_k = torch.tensor([0, 5, 20], dtype=torch.int32), torch.tensor([0, 18, 30], dtype=torch.int32)
@@ -71,3 +76,17 @@ def test_compile_with_mask_and_dropout():
     torch.testing.assert_close(out, expected)
     out.sum().backward()
     assert mask.grad is not None and torch.isfinite(mask.grad).all()
+
+
+def test_compile_inductor_backward_on_the_cpu_path(monkeypatch):
+    # CPU tensors outside the interpreter take the tiled path; Inductor checks the real
+    # outputs' strides against the fake ones (SDPA-layout views, as a model passes them)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    layer = torch.compile(lambda q, k, v: flashtile.scaled_dot_product_attention(q, k, v, is_causal=True),
+                          fullgraph=True, backend="inductor")
+    q, k, v = (torch.randn(2, 24, 3, 16).transpose(1, 2).requires_grad_() for _ in range(3))
+    out = layer(q, k, v)
+    out.sum().backward()
+    expected = torch.nn.functional.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), is_causal=True)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))

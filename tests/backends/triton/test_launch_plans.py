@@ -1,6 +1,6 @@
 """Launch plans: a call whose shapes, strides, dtypes, alignment and options were
 seen before replays the launches of the first such call with its own tensors
-(flashtile/api/launch_attention.py). Every test of the suite also checks each replay against
+(flashtile/backends/triton/launch/plans.py). Every test of the suite also checks each replay against
 the launch built the slow way (conftest: ``launch_plans.check_plans``); these tests make
 sure replays happen, give correct results and keep nothing alive."""
 
@@ -9,11 +9,12 @@ import weakref
 
 import pytest
 import torch
-
-from flashtile import flash_attn_func, flash_attn_varlen_func
-from flashtile import options
-from flashtile.backends.triton.launch import attention as launch_attention, choose as launch_choose, device as launch_device, plans as launch_plans
 from helpers import check_attention, count_plan_replays
+
+from flashtile import flash_attn_func, flash_attn_varlen_func, options
+from flashtile.backends.triton.launch import choose as launch_choose
+from flashtile.backends.triton.launch import plans as launch_plans
+from flashtile.testing import attention_ref
 
 pytestmark = pytest.mark.usefixtures("interpreted")
 
@@ -137,3 +138,58 @@ def test_decoding_replays(monkeypatch, page_size, num_splits, merge_in_kernel, k
     for a, b in zip(replayed, fresh):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     launch_plans.clear_caches()
+
+
+# --- on a CUDA GPU with the compiled kernels (marker ``gpu``) ---------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["d128_causal_1k_descriptors", "d64_short", "dropout", "varlen"])
+def test_replayed_launches_gpu(monkeypatch, case):
+    """Calls seen before replay their launch plans through the compiled launchers
+    directly; fresh inputs each time, and a replay captured in a CUDA graph."""
+    from flashtile import flash_attn_varlen_func
+
+    runs = count_plan_replays(monkeypatch)
+    d, s, kw = {"d128_causal_1k_descriptors": (128, 1024, dict(causal=True)), "d64_short": (64, 300, {}),
+                "dropout": (64, 500, dict(dropout_p=0.2)), "varlen": (64, 700, dict(causal=True))}[case]
+
+    cu = torch.tensor([0, 300, 700], device="cuda", dtype=torch.int32)
+
+    def call(q, k, v):
+        if case == "varlen":
+            return flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 400, 400, **kw)[None]
+        return flash_attn_func(q, k, v, **kw)
+
+    # dropout: one seed for both rounds (plans replay only within a seed's specialisation class)
+    state = torch.get_rng_state()
+    for _ in range(2):
+        q, k, v = (torch.randn(1 if case == "varlen" else 2, s, 4, d, device="cuda", dtype=torch.bfloat16)
+                   for _ in range(3))
+        if case == "dropout":  # same seed for the kernel and the reference's mask
+            torch.set_rng_state(state)
+            _, _, s_dmask = flash_attn_func(q, k, v, return_attn_probs=True, **kw)
+
+            def fn(q, k, v):
+                torch.set_rng_state(state)
+                return call(q, k, v)
+
+            check_attention(fn, q, k, v, dropout_p=0.2, dropout_mask=s_dmask >= 0)
+        elif case == "varlen":
+            rows = [slice(0, 300), slice(300, 700)]
+
+            def ref(q, k, v, **ref_kw):
+                return torch.cat([attention_ref(q[:, r], k[:, r], v[:, r], causal=True, **ref_kw) for r in rows], dim=1)
+
+            check_attention(call, q, k, v, ref_fn=ref)
+        else:
+            check_attention(call, q, k, v, **kw)
+    assert ["attn_fwd_kernel"] in runs and ["attn_bwd_dq_kernel", "attn_bwd_dkdv_kernel"] in runs
+    if case != "dropout":
+        eager = call(q, k, v)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = call(q, k, v)
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, eager, rtol=0, atol=0)
+
