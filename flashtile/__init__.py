@@ -43,7 +43,8 @@ from .interface.flash_attn import (
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
 )
-from .interface.kvcache import KVCache, apply_rotary_emb, flash_attn_with_kvcache
+from .interface.kvcache import KVCache, flash_attn_with_kvcache
+from .interface.rotary import apply_rotary_emb
 from .interface.merge import merge_attention_states
 from .interface.padding import pad_input, unpad_input
 from .interface.sdpa import scaled_dot_product_attention
@@ -59,7 +60,13 @@ from .masks.patterns import (
     strided_block_mask,
 )
 
+from .integrations import sdpa_flash as _sdpa_flash
+
 __version__ = "0.1.0"
+
+# "flashtile" becomes an implementation of SDPA's flash backend that users may activate
+# (torch.nn.attention.activate_flash_attention_impl); importing never activates it
+_sdpa_flash.register()
 
 __all__ = [
     "BlockMask",

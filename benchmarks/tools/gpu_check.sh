@@ -32,8 +32,9 @@ for step in "$@"; do
     cosine-train) python3 examples/train_cosine_sim.py --steps 300 --seqlen 8192 --batch 4 --val-every 100 \
                     --generate 256 --out "$OUT/train_cosine_sim" 2>&1 | tee "$OUT/cosine_train.log" ;;
     host) python3 benchmarks/host_overhead.py --grid 2>&1 | tee "$OUT/host.log" ;;
+    models) python3 benchmarks/models.py --out "$OUT/models.json" 2>&1 | tee "$OUT/models.log" ;;
     tune) python3 benchmarks/tools/tune.py 2>&1 | tee "$OUT/tune.log" ;;
-    *) echo "unknown step: $step (tests bench bench-graph flex features decode sparse cosine cosine-train host tune)"
+    *) echo "unknown step: $step (tests bench bench-graph flex features decode sparse cosine cosine-train host models tune)"
        exit 2 ;;
   esac
 done

@@ -138,7 +138,7 @@ def _check_cu(name: str, cu, total: int, max_seqlen, max_name: str, device) -> i
     if cu.device != device:
         raise ValueError(f"flashtile: {name} is on {cu.device}, the inputs on {device}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
-        raise ValueError(f"flashtile: {max_name} must be an int >= 0, got {max_seqlen!r}")
+        raise ValueError(f"flashtile: {max_name} must be an int >= 0 (or a 0-d integer tensor), got {max_seqlen!r}")
     capturing = cu.is_cuda and torch.cuda.is_current_stream_capturing()
     if not torch.compiler.is_compiling() and not capturing:
         # values checked on the host (a small copy): wrong offsets would read out of bounds. Not
@@ -153,6 +153,16 @@ def _check_cu(name: str, cu, total: int, max_seqlen, max_name: str, device) -> i
             raise ValueError(f"flashtile: {max_name}={max_seqlen} is smaller than the longest sequence "
                              f"({max(lengths)}) in {name}")
     return cu.numel() - 1
+
+
+def as_max_seqlen(value):
+    """A ``max_seqlen`` argument as a Python int: 0-d integer tensors are read (as
+    flash_attn's bindings and transformers' packed-sequence path pass them); anything
+    else is returned as it is, for the check to name."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
+            and value.dtype != torch.bool:
+        return int(value)
+    return value
 
 
 def check_cu_seqlens(cu_q, cu_k, max_seqlen_q, max_seqlen_k, q: torch.Tensor, k: torch.Tensor) -> int:

@@ -8,6 +8,7 @@ from ..backends.torch_tiled import attention_probs
 from ..options import causal_offset_for
 from .checks import (
     check_alibi,
+    as_max_seqlen,
     check_cu_seqlens,
     check_dropout,
     check_qkv,
@@ -201,6 +202,7 @@ def flash_attn_varlen_func(
     if block_table is not None:
         raise not_yet("paged KV (block_table) in flash_attn_varlen_func")
     check_varlen_qkv(q, k, v)
+    max_seqlen_q, max_seqlen_k = as_max_seqlen(max_seqlen_q), as_max_seqlen(max_seqlen_k)
     batch = check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k)
     check_dropout("dropout_p", dropout_p)
     window = _window(window_size, bool(causal))

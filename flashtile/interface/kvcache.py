@@ -11,6 +11,7 @@ import torch
 
 from ..backends.triton.launch.index_stats import index_stats
 from ..ops.decode import attn_decode, cache_rows
+from ..ops.rotary import rotary as rotary_op
 from .checks import (
     SUPPORTED_DTYPES,
     check_alibi,
@@ -20,67 +21,7 @@ from .checks import (
     check_tensor,
 )
 from .flash_attn import _window
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-            interleaved: bool) -> torch.Tensor:
-    """Rotate the first ``2 * cos.shape[1]`` dims of ``x`` ``(batch, seqlen, nheads, d)``
-    by the angles of ``positions`` ``(batch, seqlen)`` (in fp32, or x's dtype if wider)."""
-    half = cos.shape[1]
-    compute = torch.promote_types(x.dtype, torch.float32)
-    c = cos[positions][:, :, None, :].to(compute)
-    s = sin[positions][:, :, None, :].to(compute)
-    xr = x[..., :2 * half].to(compute)
-    if interleaved:  # pairs (0, 1), (2, 3), ... (GPT-J)
-        x1, x2 = xr[..., 0::2], xr[..., 1::2]
-        rotated = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
-    else:  # halves (GPT-NeoX)
-        x1, x2 = xr[..., :half], xr[..., half:]
-        rotated = torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
-    return torch.cat([rotated.to(x.dtype), x[..., 2 * half:]], dim=-1)
-
-
-def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False,
-                     seqlen_offsets: int | torch.Tensor = 0) -> torch.Tensor:
-    """Rotary position embedding, as ``flash_attn.layers.rotary.apply_rotary_emb``.
-
-    Args:
-        x: ``(batch, seqlen, nheads, headdim)``.
-        cos: ``(seqlen_ro, rotary_dim / 2)``; dims past ``rotary_dim`` of
-            ``x`` are left as they are.
-        sin: ``(seqlen_ro, rotary_dim / 2)``, like ``cos``.
-        interleaved: rotate pairs of neighbouring dims (GPT-J) instead of the
-            two halves of the rotary dims (GPT-NeoX).
-        seqlen_offsets: token ``t`` of sequence ``b`` is at position
-            ``seqlen_offsets[b] + t`` (an int applies to every sequence).
-
-    Returns:
-        (torch.Tensor): a new tensor like ``x``.
-    """
-    for name, t in (("x", x), ("cos", cos), ("sin", sin)):
-        check_tensor(name, t)
-    _check_rotary(cos, sin, x.shape[-1])
-    positions = torch.arange(x.shape[1], device=x.device)[None, :]
-    if isinstance(seqlen_offsets, torch.Tensor):
-        positions = positions + seqlen_offsets.long().reshape(-1, 1)
-    else:
-        positions = positions + int(seqlen_offsets)
-    positions = positions.expand(x.shape[0], x.shape[1])
-    if not torch.compiler.is_compiling() and positions.numel() and int(positions.max()) >= cos.shape[0]:
-        raise ValueError(f"flashtile: rotary_cos/rotary_sin have {cos.shape[0]} positions, "
-                         f"position {int(positions.max())} is needed")
-    return _rotate(x, cos, sin, positions, interleaved)
-
-
-def _check_rotary(cos, sin, head_dim: int) -> None:
-    if cos.dim() != 2 or cos.shape != sin.shape:
-        raise ValueError(f"flashtile: rotary_cos and rotary_sin must both be (seqlen_ro, rotary_dim / 2), got "
-                         f"{tuple(cos.shape)} and {tuple(sin.shape)}")
-    if not (cos.is_floating_point() and sin.is_floating_point()):
-        raise TypeError(f"flashtile: rotary_cos/rotary_sin must be floating point, got {cos.dtype}, {sin.dtype}")
-    if not 0 < 2 * cos.shape[1] <= head_dim:
-        raise ValueError(f"flashtile: rotary_dim = 2 * rotary_cos.shape[1] = {2 * cos.shape[1]} must be in "
-                         f"[2, headdim = {head_dim}]")
+from .rotary import check_rotary
 
 
 def _int32_vector(name: str, t, batch: int, device) -> torch.Tensor:
@@ -300,20 +241,19 @@ def flash_attn_with_kvcache(
     if rotary:
         if rotary_cos is None or rotary_sin is None:
             raise ValueError("flashtile: pass both rotary_cos and rotary_sin, or neither")
-        _check_rotary(rotary_cos, rotary_sin, head_dim)
+        check_rotary(rotary_cos, rotary_sin, head_dim)
         rotary_offset = max(seqlen_new, seqlen_q if window != (-1, -1) else 1) - 1
     _check_values(cache_seqlens, seqlen_new, capacity, leftpad, cache_batch_idx,
                   batch_cache, block_table, k_cache.shape[0], k_cache.shape[1], rotary_offset,
                   rotary_cos.shape[0] if rotary else 0)
 
     if rotary:
-        steps = torch.arange(seqlen_q, device=q.device)[None, :]
-        if window == (-1, -1):  # not causal, no window: every query token at the first new position
-            steps = steps * 0
-        q = _rotate(q, rotary_cos, rotary_sin, cache_seqlens.long()[:, None] + steps, rotary_interleaved)
+        # queries from the first new position on; not causal, no window: all at that position
+        q = rotary_op(q if q.stride(-1) == 1 else q.contiguous(), rotary_cos, rotary_sin, cache_seqlens, None, 0, 0,
+                   bool(rotary_interleaved), False, window == (-1, -1))
         if k is not None:
-            positions = cache_seqlens.long()[:, None] + torch.arange(seqlen_new, device=q.device)[None, :]
-            k = _rotate(k, rotary_cos, rotary_sin, positions, rotary_interleaved)
+            k = rotary_op(k if k.stride(-1) == 1 else k.contiguous(), rotary_cos, rotary_sin, cache_seqlens, None, 0,
+                       0, bool(rotary_interleaved), False, False)
     if k is not None:
         write_cache(k_cache, v_cache, k, v, cache_seqlens, None if paged else cache_batch_idx, block_table)
     q = q if q.stride(-1) == 1 else q.contiguous()

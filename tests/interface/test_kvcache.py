@@ -115,7 +115,7 @@ class Case:
                 # test_apply_rotary_emb_matches_complex_rotation; here the attention sees the
                 # same rounded inputs as the kernel
                 steps = int(self.cache_seqlens[b]) + torch.arange(seqlen_q, device=q.device) * int(local)
-                q = flashtile.interface.kvcache._rotate(q, self.cos, self.sin, steps[None, :], self.rotary == "interleaved")
+                q = flashtile.ops.rotary.rotate_torch(q, self.cos, self.sin, steps[None, :], self.rotary == "interleaved")
             alibi = None
             if self.alibi is not None:
                 alibi = self.alibi[b] if self.alibi.dim() == 2 else self.alibi
