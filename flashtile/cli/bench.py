@@ -7,14 +7,14 @@ batch), forward, backward and forward+backward; TFLOP/s counted as
 FlashAttention's benchmarks count them, median of warm runs
 (``triton.testing.do_bench``), plus peak memory of one forward+backward.
 
-On a CPU: the tiled PyTorch path against standard attention (SDPA's math
-backend) at small sizes: time and peak memory.
+On a CPU: flashtile's CPU path against PyTorch's SDPA as a user calls it
+(its fused CPU flash attention) and standard attention (SDPA's math backend)
+at small sizes: time and peak memory.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,7 +27,8 @@ import flashtile
 MODES = ("fwd", "bwd", "fwd_bwd")
 MODE_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 GPU_PROVIDERS = ("flashtile", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "flex")
-CPU_PROVIDERS = ("flashtile", "sdpa_math")
+# "sdpa": PyTorch's SDPA as a user calls it (on a CPU its fused flash attention where it applies)
+CPU_PROVIDERS = ("flashtile", "sdpa", "sdpa_math")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -39,6 +40,10 @@ class Case:
     seqlen: int
     batch: int
     nheads: int
+
+    @property
+    def hidden(self) -> int:
+        return self.nheads * self.head_dim
 
     def flops(self, mode: str) -> float:
         f = 4.0 * self.batch * self.nheads * self.seqlen * self.seqlen * self.head_dim
@@ -97,6 +102,8 @@ def make_provider(name: str, case: Case, device: str):
         return inputs, lambda q, k, v: flashtile.flash_attn_func(q, k, v, causal=case.causal)
     shape = (b, h, s, d)
     inputs = [torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
+    if name == "sdpa":
+        return inputs, lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=case.causal)
     if name.startswith("sdpa_"):
         from torch.nn.attention import sdpa_kernel
         backend = _sdpa_backend(name)
@@ -195,9 +202,10 @@ def _rss_kib(field_name: str) -> int:
     return 0
 
 
-def _cpu_child(provider: str, case: Case, mode: str, reps: int, conn) -> None:
-    """Runs in a forked process so that its peak resident memory is its own."""
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+def _cpu_child(provider: str, case: Case, mode: str, reps: int, threads: int, conn) -> None:
+    """Runs in a process of its own so that its peak resident memory is its own, with
+    the caller's number of threads (torch.set_num_threads before the benchmark)."""
+    torch.set_num_threads(threads)
     inputs, fn = make_provider(provider, case, "cpu")
     timed = _timed_fn(mode, fn, inputs)
     base = _rss_kib("VmRSS")
@@ -213,11 +221,14 @@ def _cpu_child(provider: str, case: Case, mode: str, reps: int, conn) -> None:
 
 def _cpu_measure(provider: str, case: Case, modes, reps: int = 3) -> list[Result]:
     import multiprocessing as mp
-    ctx = mp.get_context("fork")
+    # children forked from a server that imported torch but ran nothing: a fork of this
+    # process after torch's CPU threads have run can hang in the child
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "flashtile"])
     results = []
     for mode in modes:
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_cpu_child, args=(provider, case, mode, reps, child))
+        proc = ctx.Process(target=_cpu_child, args=(provider, case, mode, reps, torch.get_num_threads(), child))
         proc.start()
         proc.join()
         if proc.exitcode == 0 and parent.poll():
@@ -285,12 +296,15 @@ def save_plot(results: list[Result], providers, path: Path, title: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    groups = sorted({(r.case.dtype, r.case.head_dim, r.case.causal, r.mode) for r in results},
+    groups = sorted({(r.case.dtype, r.case.head_dim, r.case.causal, r.mode) for r in results if r.status == "ok"},
                     key=lambda g: (g[0], g[3] != "fwd", g[3], g[1], g[2]))
+    if not groups:
+        return False
     dtype0 = groups[0][0]
     groups = [g for g in groups if g[0] == dtype0]
     cols = len({(g[1], g[2]) for g in groups})
-    rows = len({g[3] for g in groups})
+    memory = any(r.peak_mib is not None for r in results)
+    rows = len({g[3] for g in groups}) + memory
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
     col_of = {k: i for i, k in enumerate(sorted({(g[1], g[2]) for g in groups}))}
     row_of = {m: i for i, m in enumerate([m for m in MODES if m in {g[3] for g in groups}])}
@@ -304,10 +318,28 @@ def save_plot(results: list[Result], providers, path: Path, title: str) -> bool:
                 ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", markersize=3, label=p,
                         linewidth=2.5 if p == "flashtile" else 1.2)
         ax.set_xscale("log", base=2)
+        ax.set_ylim(bottom=0)
         ax.set_title(f"{mode}, d={d}{', causal' if causal else ''}", fontsize=9)
         ax.tick_params(labelsize=7)
         ax.set_xlabel("seqlen", fontsize=7)
         ax.set_ylabel("TFLOP/s", fontsize=7)
+    if memory:  # peak memory beyond the inputs of one forward+backward (or the last mode measured)
+        for (d, causal), col in col_of.items():
+            ax = axes[-1][col]
+            for p in providers:
+                pts = sorted((r.case.seqlen, r.peak_mib) for r in results
+                             if r.provider == p and r.case.head_dim == d and r.case.causal == causal
+                             and r.case.dtype == dtype0 and r.status == "ok" and r.peak_mib is not None
+                             and r.mode == ("fwd_bwd" if any(x.mode == "fwd_bwd" for x in results) else r.mode))
+                if pts:
+                    ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", markersize=3, label=p,
+                            linewidth=2.5 if p == "flashtile" else 1.2)
+            ax.set_xscale("log", base=2)
+            ax.set_ylim(bottom=0)
+            ax.set_title(f"peak memory, d={d}{', causal' if causal else ''}", fontsize=9)
+            ax.tick_params(labelsize=7)
+            ax.set_xlabel("seqlen", fontsize=7)
+            ax.set_ylabel("MiB", fontsize=7)
     axes[0][0].legend(fontsize=6)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -318,25 +350,40 @@ def save_plot(results: list[Result], providers, path: Path, title: str) -> bool:
 
 # ---------------------------------------------------------------- entry point
 
+def _usage_error(message: str):
+    import sys
+    print(f"flashtile bench: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def run(args) -> list[Result]:
     from rich.console import Console
     from rich.progress import Progress
 
     console = Console()
     on_gpu = torch.cuda.is_available() and not args.cpu
+    available = GPU_PROVIDERS + ("sdpa",) if on_gpu else CPU_PROVIDERS
+    unavailable = [p for p in args.providers or () if p not in available]
+    if unavailable:
+        _usage_error(f"provider(s) {', '.join(unavailable)} not available on {'this GPU' if on_gpu else 'the CPU'} "
+                     f"(available: {', '.join(available)})")
     if on_gpu:
-        providers = [p for p in (args.providers or GPU_PROVIDERS) if p in GPU_PROVIDERS]
+        providers = args.providers or list(GPU_PROVIDERS)
         seqlens = args.seqlens or [512, 1024, 2048, 4096, 8192, 16384]
         cases = standard_grid(args.dtypes or ["bf16", "fp16"], args.head_dims or [64, 128, 256], seqlens,
-                              args.causal, hidden=args.hidden, tokens=args.tokens)
+                              args.causal, hidden=args.hidden or 2048, tokens=args.tokens or 16384)
         device_name = torch.cuda.get_device_name()
     else:
-        providers = [p for p in (args.providers or CPU_PROVIDERS) if p in CPU_PROVIDERS]
+        providers = args.providers or list(CPU_PROVIDERS)
         seqlens = args.seqlens or [256, 512, 1024, 2048]
         cases = standard_grid(args.dtypes or ["fp32"], args.head_dims or [64], seqlens, args.causal,
-                              hidden=args.hidden if args.hidden != 2048 else 256, tokens=args.tokens
-                              if args.tokens != 16384 else 2048)
-        device_name = "CPU"
+                              hidden=args.hidden or 256, tokens=args.tokens or 2048)
+        device_name = f"CPU ({torch.get_num_threads()} threads)"
+    hidden = {c.hidden for c in cases}
+    bad = [c.head_dim for c in cases if c.nheads < 1 or (args.hidden and c.hidden != args.hidden)]
+    if bad:
+        _usage_error(f"--hidden must be a multiple of every head dim (head dims {sorted(set(bad))})")
+    del hidden
     modes = args.modes or list(MODES)
     results: list[Result] = []
     out_dir = Path(args.out)
@@ -346,20 +393,26 @@ def run(args) -> list[Result]:
         meta["triton"] = __import__("triton").__version__
     console.print(f"flashtile {flashtile.__version__} bench on [bold]{device_name}[/], torch {torch.__version__}"
                   + (f", triton {__import__('triton').__version__}" if on_gpu else ""))
-    with Progress(console=console, transient=True) as progress:
+    interactive = console.is_terminal
+    with Progress(console=console, transient=True, disable=not interactive) as progress:
         task = progress.add_task("benchmarking", total=len(cases) * len(providers))
         for case in cases:
             for p in providers:
                 progress.update(task, description=f"{p} {case.dtype} d={case.head_dim} "
                                 f"{'causal ' if case.causal else ''}seqlen {case.seqlen}")
-                if on_gpu:
-                    results += _gpu_measure(p, case, modes, graph=args.graph)
-                else:
-                    results += _cpu_measure(p, case, modes)
+                cell = _gpu_measure(p, case, modes, graph=args.graph) if on_gpu else _cpu_measure(p, case, modes)
+                results += cell
                 progress.advance(task)
+                if not interactive:  # a log file gets one line per cell
+                    console.print(f"{p} {case.dtype} d={case.head_dim} {'causal' if case.causal else 'full'} "
+                                  f"b={case.batch} h={case.nheads} s={case.seqlen}: " + ", ".join(
+                                      f"{r.mode} {r.ms:.3f} ms" if r.status == "ok" else f"{r.mode} {r.status}"
+                                      for r in cell), highlight=False)
             save_json(results, out_dir / "bench.json", meta)  # keep what is done if interrupted
     print_tables(results, providers, console)
-    plotted = save_plot(results, providers, out_dir / "bench.png", f"flashtile vs baselines on {device_name}")
+    shapes = ", ".join(sorted({f"{c.dtype} b={c.batch} h={c.nheads}" for c in cases}, key=len)[:3])
+    plotted = save_plot(results, providers, out_dir / "bench.png",
+                        f"flashtile vs baselines on {device_name}: {shapes}, hidden {cases[0].hidden}")
     console.print(f"wrote {out_dir / 'bench.json'}" + (f" and {out_dir / 'bench.png'}" if plotted else
                                                        " (install matplotlib for the plot)"))
     return results

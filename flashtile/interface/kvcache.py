@@ -346,6 +346,10 @@ class KVCache:
         """``flash_attn_with_kvcache`` on this cache: append ``k``, ``v`` (if given) and
         attend ``q`` ``(batch, seqlen_q, nheads, headdim)`` to every stored token.
         ``kwargs`` are the other arguments of ``flash_attn_with_kvcache``."""
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if isinstance(t, torch.Tensor) and (t.dtype != self.k_cache.dtype or t.device != self.k_cache.device):
+                raise TypeError(f"flashtile: KVCache.attend's {name} is {t.dtype} on {t.device}, the cache holds "
+                                f"{self.k_cache.dtype} on {self.k_cache.device} (KVCache(..., dtype=, device=))")
         new_tokens = 0 if k is None else k.shape[1]
         self._reserve(new_tokens)
         result = flash_attn_with_kvcache(q, self.k_cache, self.v_cache, k, v, cache_seqlens=self.cache_seqlens,

@@ -4,7 +4,9 @@
 (meta) implementations, so ``torch.compile(fullgraph=True)`` traces through
 them, and autograd is attached with ``register_autograd``. Each op picks its
 backend by device: the Triton kernels for GPU tensors (and for CPU tensors
-when Triton's interpreter is on), the tiled PyTorch path for CPU tensors.
+when Triton's interpreter is on); for CPU tensors PyTorch's fused CPU flash
+attention where it computes the call as flashtile defines it (dense, causal
+or not, GQA, no other option), else the tiled PyTorch path.
 
 Dense inputs are in flash_attn layout ``(batch, seqlen, nheads, headdim)``;
 variable-length inputs are packed ``(total, nheads, headdim)`` with int32
@@ -34,6 +36,41 @@ from ..options import AttnOptions
 
 def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or interpreting()
+
+
+def _pytorch_cpu_serves(q: torch.Tensor, v: torch.Tensor, opts: AttnOptions, varlen: bool) -> bool:
+    """Whether PyTorch's fused CPU flash attention computes this call exactly as
+    flashtile defines it: dense, no mask, bias, ALiBi, softcap, dropout, window or
+    fixed offset; causal only where its top-left alignment is flashtile's diagonal
+    (then every row sees key 0, so no row is empty). It is faster than the tiled
+    path on the CPU; the tiled path keeps everything else."""
+    return (not varlen and opts.bias is None and opts.alibi is None and opts.softcap == 0 and opts.dropout_p == 0
+            and opts.fixed_max is None and opts.block_mask is None and opts.window_left < 0
+            and (opts.window_right < 0 or (opts.window_right == 0 and opts.diag_offset == 0))
+            and q.dtype in (torch.float32, torch.bfloat16, torch.float16) and v.shape[-1] == q.shape[-1])
+
+
+def _pytorch_cpu_forward(q, k, v, opts: AttnOptions):
+    """(out, lse) from ``aten::_scaled_dot_product_flash_attention_for_cpu`` (SDPA layout
+    inside), in the strides the op's fake implementation promises."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, opts.window_right == 0,
+        scale=opts.softmax_scale)
+    return _like(out.transpose(1, 2), q), lse.contiguous()
+
+
+def _pytorch_cpu_backward(dout, q, k, v, out, lse, opts: AttnOptions):
+    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        *(t.transpose(1, 2) for t in (dout, q, k, v, out)), lse, 0.0, opts.window_right == 0,
+        scale=opts.softmax_scale)
+    return tuple(_like(g.transpose(1, 2), t) for t, g in zip((q, k, v), grads))
+
+
+def _like(result: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``result`` in ``t``'s strides (those ``torch.empty_like(t)`` has), copied only if needed."""
+    if result.stride() == torch.empty_like(t, device="meta").stride():
+        return result
+    return torch.empty_like(t).copy_(result)
 
 
 def _score_bound(fixed_max: float | None, bias: torch.Tensor | None) -> float | None:
@@ -90,6 +127,8 @@ def _attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
         return torch.zeros_like(q), torch.full(lse_shape, float("-inf"), device=q.device, dtype=torch.float32)
     if _use_triton(q):
         return launch.attention_forward(q, k, v, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if _pytorch_cpu_serves(q, v, opts, varlen):
+        return _pytorch_cpu_forward(q, k, v, opts)
     if not varlen:
         return attention_tiled_forward(q, k, v, opts)
     out = torch.zeros_like(q)
@@ -136,6 +175,8 @@ def _attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     if _use_triton(q):
         dq, dk, dv, dbias = launch.attention_backward(dout, q, k, v, out, lse, opts, bias_grad, cu_seqlens_q,
                                                       cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    elif _pytorch_cpu_serves(q, v, opts, varlen):
+        (dq, dk, dv), dbias = _pytorch_cpu_backward(dout, q, k, v, out, lse, opts), None
     elif not varlen:
         dq, dk, dv, dbias = attention_tiled_backward(dout, q, k, v, out, lse, opts, bias_grad)
     else:

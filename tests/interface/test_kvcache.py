@@ -461,3 +461,10 @@ def test_index_statistics_kernel_matches_torch(monkeypatch, data):
     expected = kvcache.index_stats(*args)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert kvcache.index_stats(*args) == expected
+
+
+def test_kvcache_names_its_own_dtype():
+    cache = KVCache(1, 32, 2, 16)  # bf16 by default
+    q = torch.randn(1, 1, 4, 16)
+    with pytest.raises(TypeError, match="KVCache.attend's q is torch.float32.*cache holds torch.bfloat16"):
+        cache.attend(q, q[:, :, :2], q[:, :, :2])

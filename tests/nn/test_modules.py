@@ -82,8 +82,8 @@ def reference_layer(module, x, positions, causal, window, softcap, upcast=True):
     q, k, v = q.unflatten(-1, (h, d)), k.unflatten(-1, (hk, d)), v.unflatten(-1, (hk, d))
     if module.rotary_emb is not None:
         dim, base = module.rotary_emb.dim, module.rotary_emb.base
-        inv = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-        angles = torch.outer(torch.arange(positions.max() + 1, dtype=torch.float64), inv)
+        inv = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64, device=x.device) / dim)
+        angles = torch.outer(torch.arange(int(positions.max()) + 1, dtype=torch.float64, device=x.device), inv)
         q, k = _complex_rotation(q, angles, positions), _complex_rotation(k, angles, positions)
     out = attention_ref(q, k, v, causal=causal, window_size=window, softcap=softcap, upcast=upcast,
                         compute_dtype=torch.float64 if upcast else None)
@@ -199,7 +199,7 @@ def test_layer_gpu():
     positions = torch.arange(1500, device="cuda")[None, :].expand(2, 1500)
     out = module(x)
     ref_kw = dict(causal=True, window=(-1, -1), softcap=0.0)
-    low = reference_layer(module, x, positions.cpu().cuda(), upcast=False, **ref_kw)
+    low = reference_layer(module, x, positions, upcast=False, **ref_kw)
     ref = reference_layer(module, x.double(), positions, **ref_kw)
     _accuracy(out, low, ref, 2.0, "output")
     assert math.isfinite(out.float().abs().max().item())
