@@ -33,6 +33,7 @@ following one path down:
 """
 
 from .backends.triton.launch.autotune import set_autotune
+from .errors import FlashtileTypeError, FlashtileValueError
 from .interface.block_sparse import block_sparse_attention, block_sparse_attn_func
 from .interface.cosine_sim import flash_cosine_sim_attention, l2norm_tensors
 from .interface.flash_attn import (
@@ -70,6 +71,8 @@ _sdpa_flash.register()
 
 __all__ = [
     "BlockMask",
+    "FlashtileTypeError",
+    "FlashtileValueError",
     "KVCache",
     "and_masks",
     "apply_rotary_emb",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import FlashtileTypeError, FlashtileValueError
 from ..masks.block_mask import BlockMask
 from ..ops.attention import dropout_seed
 from ..ops.block_sparse import _EagerBlockSparse, block_sparse_fwd
@@ -20,16 +21,16 @@ _LAYOUT = "(batch, seqlen, nheads, headdim)"
 
 def _check_mask(block_mask, q: torch.Tensor, k: torch.Tensor) -> None:
     if not isinstance(block_mask, BlockMask):
-        raise TypeError(f"flashtile: block_mask must be a flashtile BlockMask, got {type(block_mask).__name__}")
+        raise FlashtileTypeError(f"flashtile: block_mask must be a flashtile BlockMask, got {type(block_mask).__name__}")
     if (block_mask.seqlen_q, block_mask.seqlen_k) != (q.shape[1], k.shape[1]):
-        raise ValueError(f"flashtile: block_mask is for seqlen_q={block_mask.seqlen_q}, "
+        raise FlashtileValueError(f"flashtile: block_mask is for seqlen_q={block_mask.seqlen_q}, "
                          f"seqlen_k={block_mask.seqlen_k}, the inputs have {q.shape[1]} and {k.shape[1]}")
     b, h = block_mask.shape[:2]
     if b not in (1, q.shape[0]) or h not in (1, q.shape[2]):
-        raise ValueError(f"flashtile: block_mask has (batch, heads) = ({b}, {h}); expected 1 or {q.shape[0]} "
+        raise FlashtileValueError(f"flashtile: block_mask has (batch, heads) = ({b}, {h}); expected 1 or {q.shape[0]} "
                          f"and 1 or {q.shape[2]} (the query heads)")
     if block_mask.device != q.device:
-        raise ValueError(f"flashtile: block_mask is on {block_mask.device}, the inputs on {q.device}; "
+        raise FlashtileValueError(f"flashtile: block_mask is on {block_mask.device}, the inputs on {q.device}; "
                          "use block_mask.to(device)")
 
 
@@ -113,7 +114,7 @@ def block_sparse_attention(
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     check_qkv(q, k, v, "(batch, nheads, seqlen, headdim)")
     if q.shape[2] != k.shape[2] and not enable_gqa:
-        raise ValueError(f"flashtile: query has {q.shape[2]} heads and key/value {k.shape[2]}; "
+        raise FlashtileValueError(f"flashtile: query has {q.shape[2]} heads and key/value {k.shape[2]}; "
                          "pass enable_gqa=True for grouped-query attention")
     _check_mask(block_mask, q, k)
     check_dropout("dropout_p", dropout_p)

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from ..errors import FlashtileTypeError, FlashtileValueError
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
@@ -20,7 +22,7 @@ def not_yet(feature: str) -> NotImplementedError:
 
 def check_tensor(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"flashtile: {name} must be a torch.Tensor, got {type(t).__name__}")
+        raise FlashtileTypeError(f"flashtile: {name} must be a torch.Tensor, got {type(t).__name__}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,33 +54,33 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str) ->
         check_tensor(name, t)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"flashtile: {name} has dtype {t.dtype}; supported are float16, bfloat16 and float32")
+            raise FlashtileTypeError(f"flashtile: {name} has dtype {t.dtype}; supported are float16, bfloat16 and float32")
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"flashtile: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise FlashtileTypeError(f"flashtile: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"flashtile: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+        raise FlashtileValueError(f"flashtile: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
-            raise ValueError(f"flashtile: {name} must be 4-D {layout}, got shape {tuple(t.shape)}")
+            raise FlashtileValueError(f"flashtile: {name} must be 4-D {layout}, got shape {tuple(t.shape)}")
     (bq, _, hq, dq), (bk, sk, hk, dk), (bv, sv, hv, dv) = q.shape, k.shape, v.shape
     if not (bq == bk == bv):
-        raise ValueError(f"flashtile: q, k, v must share the batch size, got {bq}, {bk}, {bv}")
+        raise FlashtileValueError(f"flashtile: q, k, v must share the batch size, got {bq}, {bk}, {bv}")
     if sk != sv:
-        raise ValueError(f"flashtile: k and v must have the same sequence length, got {sk} and {sv}")
+        raise FlashtileValueError(f"flashtile: k and v must have the same sequence length, got {sk} and {sv}")
     if hk != hv:
-        raise ValueError(f"flashtile: k and v must have the same number of heads, got {hk} and {hv}")
+        raise FlashtileValueError(f"flashtile: k and v must have the same number of heads, got {hk} and {hv}")
     if hq == 0 or hk == 0:
-        raise ValueError(f"flashtile: the number of heads must be positive, got q: {hq}, k/v: {hk}")
+        raise FlashtileValueError(f"flashtile: the number of heads must be positive, got q: {hq}, k/v: {hk}")
     if hq % hk != 0:
-        raise ValueError(
+        raise FlashtileValueError(
             f"flashtile: the number of query heads ({hq}) must be a multiple of the number of key/value heads ({hk})")
     if dq != dk:
-        raise ValueError(f"flashtile: q and k must have the same head dim, got {dq} and {dk}")
+        raise FlashtileValueError(f"flashtile: q and k must have the same head dim, got {dq} and {dk}")
     if dv != dq:
         raise NotImplementedError(f"flashtile: a value head dim ({dv}) different from the query/key head dim ({dq}) "
                                   "is not supported yet")
     if not 1 <= dq <= MAX_HEAD_DIM:
-        raise ValueError(f"flashtile: head dim must be between 1 and {MAX_HEAD_DIM}, got {dq}")
+        raise FlashtileValueError(f"flashtile: head dim must be between 1 and {MAX_HEAD_DIM}, got {dq}")
     check_device(q)
 
 
@@ -87,20 +89,20 @@ def check_scale(name: str, scale, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"flashtile: {name} must be a float or None, got {type(scale).__name__}")
+        raise FlashtileTypeError(f"flashtile: {name} must be a float or None, got {type(scale).__name__}")
     if not math.isfinite(scale):
-        raise ValueError(f"flashtile: {name} must be finite, got {scale}")
+        raise FlashtileValueError(f"flashtile: {name} must be finite, got {scale}")
     return float(scale)
 
 
 def check_dropout(name: str, p) -> None:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-        raise ValueError(f"flashtile: {name} must be a float in [0, 1), got {p!r}")
+        raise FlashtileValueError(f"flashtile: {name} must be a float in [0, 1), got {p!r}")
 
 
 def check_softcap(softcap) -> None:
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not (0.0 <= softcap < math.inf):
-        raise ValueError(f"flashtile: softcap must be a float >= 0 (0 = off), got {softcap!r}")
+        raise FlashtileValueError(f"flashtile: softcap must be a float >= 0 (0 = off), got {softcap!r}")
 
 
 def check_alibi(alibi_slopes, batch: int, nheads: int, device: torch.device) -> None:
@@ -109,14 +111,14 @@ def check_alibi(alibi_slopes, batch: int, nheads: int, device: torch.device) -> 
         return
     check_tensor("alibi_slopes", alibi_slopes)
     if alibi_slopes.dtype != torch.float32:
-        raise TypeError(f"flashtile: alibi_slopes must be float32, got {alibi_slopes.dtype}")
+        raise FlashtileTypeError(f"flashtile: alibi_slopes must be float32, got {alibi_slopes.dtype}")
     if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
-        raise ValueError(f"flashtile: alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), "
+        raise FlashtileValueError(f"flashtile: alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), "
                          f"got {tuple(alibi_slopes.shape)}")
     if alibi_slopes.device != device:
-        raise ValueError(f"flashtile: alibi_slopes is on {alibi_slopes.device}, the inputs on {device}")
+        raise FlashtileValueError(f"flashtile: alibi_slopes is on {alibi_slopes.device}, the inputs on {device}")
     if alibi_slopes.stride(-1) != 1:
-        raise ValueError("flashtile: alibi_slopes must be contiguous along the heads")
+        raise FlashtileValueError("flashtile: alibi_slopes must be contiguous along the heads")
 
 
 def check_varlen_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -124,7 +126,7 @@ def check_varlen_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t)
         if t.dim() != 3:
-            raise ValueError(f"flashtile: {name} must be 3-D (total, nheads, headdim) for variable-length "
+            raise FlashtileValueError(f"flashtile: {name} must be 3-D (total, nheads, headdim) for variable-length "
                              f"attention, got shape {tuple(t.shape)}")
     check_qkv(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), "(total, nheads, headdim)")
 
@@ -132,13 +134,13 @@ def check_varlen_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 def _check_cu(name: str, cu, total: int, max_seqlen, max_name: str, device) -> int:
     check_tensor(name, cu)
     if cu.dtype != torch.int32:
-        raise TypeError(f"flashtile: {name} must be int32, got {cu.dtype}")
+        raise FlashtileTypeError(f"flashtile: {name} must be int32, got {cu.dtype}")
     if cu.dim() != 1 or cu.numel() < 1:
-        raise ValueError(f"flashtile: {name} must be 1-D of length batch + 1, got shape {tuple(cu.shape)}")
+        raise FlashtileValueError(f"flashtile: {name} must be 1-D of length batch + 1, got shape {tuple(cu.shape)}")
     if cu.device != device:
-        raise ValueError(f"flashtile: {name} is on {cu.device}, the inputs on {device}")
+        raise FlashtileValueError(f"flashtile: {name} is on {cu.device}, the inputs on {device}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
-        raise ValueError(f"flashtile: {max_name} must be an int >= 0 (or a 0-d integer tensor), got {max_seqlen!r}")
+        raise FlashtileValueError(f"flashtile: {max_name} must be an int >= 0 (or a 0-d integer tensor), got {max_seqlen!r}")
     capturing = cu.is_cuda and torch.cuda.is_current_stream_capturing()
     if not torch.compiler.is_compiling() and not capturing:
         # values checked on the host (a small copy): wrong offsets would read out of bounds. Not
@@ -147,10 +149,10 @@ def _check_cu(name: str, cu, total: int, max_seqlen, max_name: str, device) -> i
         values = cu.tolist()
         lengths = [b - a for a, b in zip(values, values[1:])]
         if values[0] != 0 or values[-1] != total or any(n < 0 for n in lengths):
-            raise ValueError(f"flashtile: {name} must start at 0, never decrease and end at the total length "
+            raise FlashtileValueError(f"flashtile: {name} must start at 0, never decrease and end at the total length "
                              f"{total}, got {values[:8]}{'...' if len(values) > 8 else ''}")
         if lengths and max(lengths) > max_seqlen:
-            raise ValueError(f"flashtile: {max_name}={max_seqlen} is smaller than the longest sequence "
+            raise FlashtileValueError(f"flashtile: {max_name}={max_seqlen} is smaller than the longest sequence "
                              f"({max(lengths)}) in {name}")
     return cu.numel() - 1
 
@@ -170,7 +172,7 @@ def check_cu_seqlens(cu_q, cu_k, max_seqlen_q, max_seqlen_k, q: torch.Tensor, k:
     batch = _check_cu("cu_seqlens_q", cu_q, q.shape[0], max_seqlen_q, "max_seqlen_q", q.device)
     batch_k = _check_cu("cu_seqlens_k", cu_k, k.shape[0], max_seqlen_k, "max_seqlen_k", q.device)
     if batch != batch_k:
-        raise ValueError(f"flashtile: cu_seqlens_q and cu_seqlens_k must have the same length, got "
+        raise FlashtileValueError(f"flashtile: cu_seqlens_q and cu_seqlens_k must have the same length, got "
                          f"{batch + 1} and {batch_k + 1}")
     return batch
 
@@ -180,11 +182,11 @@ def check_attn_mask(attn_mask, batch: int, nheads: int, seqlen_q: int, seqlen_k:
     ``(batch, nheads, seqlen_q, seqlen_k)``; returned as a 4-D view."""
     check_tensor("attn_mask", attn_mask)
     if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-        raise TypeError(f"flashtile: attn_mask must be bool or floating point, got {attn_mask.dtype}")
+        raise FlashtileTypeError(f"flashtile: attn_mask must be bool or floating point, got {attn_mask.dtype}")
     if attn_mask.device != device:
-        raise ValueError(f"flashtile: attn_mask is on {attn_mask.device}, the inputs on {device}")
+        raise FlashtileValueError(f"flashtile: attn_mask is on {attn_mask.device}, the inputs on {device}")
     target = (batch, nheads, seqlen_q, seqlen_k)
     if attn_mask.dim() > 4 or any(m not in (1, t) for m, t in zip(reversed(attn_mask.shape), reversed(target))):
-        raise ValueError(f"flashtile: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+        raise FlashtileValueError(f"flashtile: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
                          f"(batch, nheads, seqlen_q, seqlen_k) = {target}")
     return attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))

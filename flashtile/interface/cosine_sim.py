@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import FlashtileTypeError, FlashtileValueError
 from ..ops.attention import attention
 from ..ops.l2norm import l2norm as _l2norm
 from .checks import check_qkv, check_tensor
@@ -25,9 +26,9 @@ _LAYOUT = "(batch, nheads, seqlen, headdim)"
 
 def _check_groups(groups, head_dim: int | None = None) -> int:
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"flashtile: groups must be an int >= 1, got {groups!r}")
+        raise FlashtileValueError(f"flashtile: groups must be an int >= 1, got {groups!r}")
     if head_dim is not None and head_dim % groups != 0:
-        raise ValueError(f"flashtile: groups={groups} must divide the head dim {head_dim}")
+        raise FlashtileValueError(f"flashtile: groups={groups} must divide the head dim {head_dim}")
     return groups
 
 
@@ -44,21 +45,21 @@ def l2norm_tensors(*tensors: torch.Tensor, groups: int = 1) -> tuple[torch.Tenso
         a tuple of tensors shaped and typed like the inputs.
     """
     if not tensors:
-        raise ValueError("flashtile: l2norm_tensors needs at least one tensor")
+        raise FlashtileValueError("flashtile: l2norm_tensors needs at least one tensor")
     out = []
     for i, t in enumerate(tensors):
         check_tensor(f"tensors[{i}]", t)
         if not t.is_floating_point():
-            raise TypeError(f"flashtile: tensors[{i}] must be floating point, got {t.dtype}")
+            raise FlashtileTypeError(f"flashtile: tensors[{i}] must be floating point, got {t.dtype}")
         if t.dim() == 0:
-            raise ValueError(f"flashtile: tensors[{i}] must have at least one dimension")
+            raise FlashtileValueError(f"flashtile: tensors[{i}] must have at least one dimension")
         out.append(_l2norm(t, _check_groups(groups, t.shape[-1])))
     return tuple(out)
 
 
 def _check_flag(name: str, value) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f"flashtile: {name} must be a bool, got {type(value).__name__}")
+        raise FlashtileTypeError(f"flashtile: {name} must be a bool, got {type(value).__name__}")
     return value
 
 
@@ -66,14 +67,14 @@ def _bias_view(attn_bias, batch_dim: bool, batch: int, nheads: int, seqlen_q: in
     """attn_bias ``(h, i, j)`` or ``(b, i, j)`` (dims of size 1 broadcast) as a 4-D view."""
     check_tensor("attn_bias", attn_bias)
     if not attn_bias.is_floating_point():
-        raise TypeError(f"flashtile: attn_bias must be a floating point tensor, got {attn_bias.dtype}")
+        raise FlashtileTypeError(f"flashtile: attn_bias must be a floating point tensor, got {attn_bias.dtype}")
     if attn_bias.device != device:
-        raise ValueError(f"flashtile: attn_bias is on {attn_bias.device}, the inputs on {device}")
+        raise FlashtileValueError(f"flashtile: attn_bias is on {attn_bias.device}, the inputs on {device}")
     lead, lead_name = (batch, "batch") if batch_dim else (nheads, "heads")
     target = (lead, seqlen_q, seqlen_k)
     if attn_bias.dim() != 3 or any(s not in (1, t) for s, t in zip(attn_bias.shape, target)):
         flag = "attn_bias_batch_dim=True" if batch_dim else "attn_bias_batch_dim=False"
-        raise ValueError(f"flashtile: attn_bias must have shape ({lead_name}, seqlen_q, seqlen_k) = {target} "
+        raise FlashtileValueError(f"flashtile: attn_bias must have shape ({lead_name}, seqlen_q, seqlen_k) = {target} "
                          f"with {flag}, got {tuple(attn_bias.shape)}")
     return attn_bias.unsqueeze(1 if batch_dim else 0)
 
@@ -130,21 +131,21 @@ def flash_cosine_sim_attention(
     merged = q.dim() == 3
     if merged:
         if k.dim() != 3 or v.dim() != 3:
-            raise ValueError("flashtile: with q of shape (batch*heads, seqlen, headdim), k and v must be 3-D too, "
+            raise FlashtileValueError("flashtile: with q of shape (batch*heads, seqlen, headdim), k and v must be 3-D too, "
                              f"got k {tuple(k.shape)} and v {tuple(v.shape)}")
     elif q.dim() != 4:
-        raise ValueError(f"flashtile: q must be 4-D {_LAYOUT} or 3-D (batch*heads, seqlen, headdim), "
+        raise FlashtileValueError(f"flashtile: q must be 4-D {_LAYOUT} or 3-D (batch*heads, seqlen, headdim), "
                          f"got shape {tuple(q.shape)}")
     elif k.dim() != v.dim() or k.dim() not in (3, 4):
-        raise ValueError(f"flashtile: k and v must both be 4-D {_LAYOUT} or both 3-D (batch, seqlen, headdim), "
+        raise FlashtileValueError(f"flashtile: k and v must both be 4-D {_LAYOUT} or both 3-D (batch, seqlen, headdim), "
                          f"got k {tuple(k.shape)} and v {tuple(v.shape)}")
     l2norm_qk = _check_flag("l2norm_qk", l2norm_qk)
     causal = _check_flag("causal", causal)
     attn_bias_batch_dim = _check_flag("attn_bias_batch_dim", attn_bias_batch_dim) or merged
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"flashtile: scale must be a float, got {type(scale).__name__}")
+        raise FlashtileTypeError(f"flashtile: scale must be a float, got {type(scale).__name__}")
     if not abs(scale) < float("inf"):
-        raise ValueError(f"flashtile: scale must be finite, got {scale!r}")
+        raise FlashtileValueError(f"flashtile: scale must be finite, got {scale!r}")
     # flash_attn layout views (batch, seqlen, nheads, headdim), no copies
     qf = q.unsqueeze(2) if merged else q.transpose(1, 2)
     kf, vf = (t.unsqueeze(2) if t.dim() == 3 else t.transpose(1, 2) for t in (k, v))
@@ -163,12 +164,12 @@ def flash_cosine_sim_attention(
     if mask is not None:
         check_tensor("mask", mask)
         if mask.dtype != torch.bool:
-            raise TypeError(f"flashtile: mask must be a bool tensor (True = attend), got {mask.dtype}")
+            raise FlashtileTypeError(f"flashtile: mask must be a bool tensor (True = attend), got {mask.dtype}")
         if tuple(mask.shape) != (batch, seqlen_k):
-            raise ValueError(f"flashtile: mask must have shape (batch, seqlen_k) = {(batch, seqlen_k)}, "
+            raise FlashtileValueError(f"flashtile: mask must have shape (batch, seqlen_k) = {(batch, seqlen_k)}, "
                              f"got {tuple(mask.shape)}")
         if mask.device != q.device:
-            raise ValueError(f"flashtile: mask is on {mask.device}, the inputs on {q.device}")
+            raise FlashtileValueError(f"flashtile: mask is on {mask.device}, the inputs on {q.device}")
         mask4 = mask[:, None, None, :]
         bias = mask4 if bias is None else torch.where(mask4, bias, float("-inf"))
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import torch
 
 from ..backends.torch_tiled import attention_probs
+from ..errors import FlashtileValueError
+from ..ops.attention import attention, attn_options, dropout_seed, seq_options, varlen_slices
 from ..options import causal_offset_for
 from .checks import (
-    check_alibi,
     as_max_seqlen,
+    check_alibi,
     check_cu_seqlens,
     check_dropout,
     check_qkv,
@@ -18,7 +20,6 @@ from .checks import (
     check_varlen_qkv,
     not_yet,
 )
-from ..ops.attention import attention, attn_options, dropout_seed, seq_options, varlen_slices
 
 _LAYOUT = "(batch, seqlen, nheads, headdim)"
 
@@ -27,7 +28,7 @@ def _window(window_size, causal: bool) -> tuple[int, int]:
     """flash_attn's (left, right) window: a negative side is unbounded; causal sets right = 0."""
     if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2
             and all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)):
-        raise ValueError(f"flashtile: window_size must be a pair of ints (left, right), got {window_size!r}")
+        raise FlashtileValueError(f"flashtile: window_size must be a pair of ints (left, right), got {window_size!r}")
     left, right = (w if w >= 0 else -1 for w in window_size)
     return left, 0 if causal else right
 
@@ -83,6 +84,7 @@ def flash_attn_func(
         window_size: ``(left, right)`` sliding window, -1 for unbounded: query
             ``i`` sees keys ``i + seqlen_k - seqlen_q - left <= j <= i +
             seqlen_k - seqlen_q + right``. Tiles outside the band are skipped.
+            Any negative side is unbounded, as in flash_attn.
         softcap: if > 0, scores become ``softcap * tanh(scores / softcap)``.
         alibi_slopes: fp32 ``(nheads,)`` or ``(batch, nheads)``; adds
             ``-slope * |i + seqlen_k - seqlen_q - j|`` to the scores.
@@ -132,7 +134,7 @@ def flash_attn_qkvpacked_func(
     """
     check_tensor("qkv", qkv)
     if qkv.dim() != 5 or qkv.shape[2] != 3:
-        raise ValueError(f"flashtile: qkv must be (batch, seqlen, 3, nheads, headdim), got shape {tuple(qkv.shape)}")
+        raise FlashtileValueError(f"flashtile: qkv must be (batch, seqlen, 3, nheads, headdim), got shape {tuple(qkv.shape)}")
     return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal,
                            window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
 
@@ -152,7 +154,7 @@ def flash_attn_kvpacked_func(
     """``flash_attn_func`` with ``kv`` packed as ``(batch, seqlen_k, 2, nheads_k, headdim)``."""
     check_tensor("kv", kv)
     if kv.dim() != 5 or kv.shape[2] != 2:
-        raise ValueError(f"flashtile: kv must be (batch, seqlen_k, 2, nheads_k, headdim), got shape {tuple(kv.shape)}")
+        raise FlashtileValueError(f"flashtile: kv must be (batch, seqlen_k, 2, nheads_k, headdim), got shape {tuple(kv.shape)}")
     return flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal,
                            window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
 
@@ -239,7 +241,7 @@ def flash_attn_varlen_qkvpacked_func(
     """``flash_attn_varlen_func`` on a packed ``qkv`` of shape ``(total, 3, nheads, headdim)``."""
     check_tensor("qkv", qkv)
     if qkv.dim() != 4 or qkv.shape[1] != 3:
-        raise ValueError(f"flashtile: qkv must be (total, 3, nheads, headdim), got shape {tuple(qkv.shape)}")
+        raise FlashtileValueError(f"flashtile: qkv must be (total, 3, nheads, headdim), got shape {tuple(qkv.shape)}")
     return flash_attn_varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                   dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                                   deterministic, return_attn_probs)
@@ -264,7 +266,7 @@ def flash_attn_varlen_kvpacked_func(
     """``flash_attn_varlen_func`` with ``kv`` packed as ``(total_k, 2, nheads_k, headdim)``."""
     check_tensor("kv", kv)
     if kv.dim() != 4 or kv.shape[1] != 2:
-        raise ValueError(f"flashtile: kv must be (total_k, 2, nheads_k, headdim), got shape {tuple(kv.shape)}")
+        raise FlashtileValueError(f"flashtile: kv must be (total_k, 2, nheads_k, headdim), got shape {tuple(kv.shape)}")
     return flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                   dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                                   deterministic, return_attn_probs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..backends.triton.launch.index_stats import index_stats
+from ..errors import FlashtileTypeError, FlashtileValueError
 from ..ops.decode import attn_decode, cache_rows
 from ..ops.rotary import rotary as rotary_op
 from .checks import (
@@ -27,12 +28,12 @@ from .rotary import check_rotary
 def _int32_vector(name: str, t, batch: int, device) -> torch.Tensor:
     check_tensor(name, t)
     if t.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"flashtile: {name} must be int32, got {t.dtype}")
+        raise FlashtileTypeError(f"flashtile: {name} must be int32, got {t.dtype}")
     if tuple(t.shape) != (batch,):
-        raise ValueError(f"flashtile: {name} must have shape ({batch},) (one entry per sequence), "
+        raise FlashtileValueError(f"flashtile: {name} must have shape ({batch},) (one entry per sequence), "
                          f"got {tuple(t.shape)}")
     if t.device != device:
-        raise ValueError(f"flashtile: {name} is on {t.device}, the inputs on {device}")
+        raise FlashtileValueError(f"flashtile: {name} is on {t.device}, the inputs on {device}")
     return t.to(torch.int32).contiguous()
 
 
@@ -40,54 +41,54 @@ def _check_cache_inputs(q, k_cache, v_cache, k, v, block_table, has_batch_idx: b
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         check_tensor(name, t)
         if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"flashtile: {name} has dtype {t.dtype}; supported are float16, bfloat16 and float32")
+            raise FlashtileTypeError(f"flashtile: {name} has dtype {t.dtype}; supported are float16, bfloat16 and float32")
         if t.dim() != 4:
-            raise ValueError(f"flashtile: {name} must be 4-D, got shape {tuple(t.shape)}")
+            raise FlashtileValueError(f"flashtile: {name} must be 4-D, got shape {tuple(t.shape)}")
         if t.device != q.device:
-            raise ValueError(f"flashtile: {name} is on {t.device}, q on {q.device}")
+            raise FlashtileValueError(f"flashtile: {name} is on {t.device}, q on {q.device}")
     if not q.dtype == k_cache.dtype == v_cache.dtype:
-        raise TypeError(f"flashtile: q, k_cache, v_cache must share one dtype, got {q.dtype}, {k_cache.dtype}, "
+        raise FlashtileTypeError(f"flashtile: q, k_cache, v_cache must share one dtype, got {q.dtype}, {k_cache.dtype}, "
                         f"{v_cache.dtype}")
     if k_cache.shape != v_cache.shape:
-        raise ValueError(f"flashtile: k_cache and v_cache must have one shape, got {tuple(k_cache.shape)} and "
+        raise FlashtileValueError(f"flashtile: k_cache and v_cache must have one shape, got {tuple(k_cache.shape)} and "
                          f"{tuple(v_cache.shape)}")
     batch, _, nheads, head_dim = q.shape
     nheads_k = k_cache.shape[2]
     if nheads_k == 0 or nheads % nheads_k:
-        raise ValueError(f"flashtile: the number of query heads ({nheads}) must be a multiple of the number of "
+        raise FlashtileValueError(f"flashtile: the number of query heads ({nheads}) must be a multiple of the number of "
                          f"key/value heads of the cache ({nheads_k})")
     if k_cache.shape[3] != head_dim:
-        raise ValueError(f"flashtile: q and k_cache must have the same head dim, got {head_dim} and "
+        raise FlashtileValueError(f"flashtile: q and k_cache must have the same head dim, got {head_dim} and "
                          f"{k_cache.shape[3]}")
     if not 1 <= head_dim <= 256:
-        raise ValueError(f"flashtile: head dim must be between 1 and 256, got {head_dim}")
+        raise FlashtileValueError(f"flashtile: head dim must be between 1 and 256, got {head_dim}")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("flashtile: k_cache and v_cache must be contiguous in their last dimension "
+        raise FlashtileValueError("flashtile: k_cache and v_cache must be contiguous in their last dimension "
                          "(they are written in place)")
     if block_table is not None:
         check_tensor("block_table", block_table)
         if block_table.dtype != torch.int32:
-            raise TypeError(f"flashtile: block_table must be int32, got {block_table.dtype}")
+            raise FlashtileTypeError(f"flashtile: block_table must be int32, got {block_table.dtype}")
         if block_table.dim() != 2 or (block_table.shape[0] != batch and not has_batch_idx):
-            raise ValueError(f"flashtile: block_table must be (batch = {batch}, max_pages), got "
+            raise FlashtileValueError(f"flashtile: block_table must be (batch = {batch}, max_pages), got "
                              f"{tuple(block_table.shape)}")
         if block_table.device != q.device:
-            raise ValueError(f"flashtile: block_table is on {block_table.device}, q on {q.device}")
+            raise FlashtileValueError(f"flashtile: block_table is on {block_table.device}, q on {q.device}")
     elif k_cache.shape[0] < batch and not has_batch_idx:
-        raise ValueError(f"flashtile: k_cache holds {k_cache.shape[0]} sequences, q has {batch}; pass "
+        raise FlashtileValueError(f"flashtile: k_cache holds {k_cache.shape[0]} sequences, q has {batch}; pass "
                          "cache_batch_idx or a larger cache")
     if (k is None) != (v is None):
-        raise ValueError("flashtile: pass both k and v (new keys and values) or neither")
+        raise FlashtileValueError("flashtile: pass both k and v (new keys and values) or neither")
     if k is not None:
         for name, t in (("k", k), ("v", v)):
             check_tensor(name, t)
             if t.dtype != q.dtype or t.device != q.device:
-                raise TypeError(f"flashtile: {name} must have q's dtype and device, got {t.dtype} on {t.device}")
+                raise FlashtileTypeError(f"flashtile: {name} must have q's dtype and device, got {t.dtype} on {t.device}")
             if t.dim() != 4 or t.shape[0] != batch or t.shape[2:] != k_cache.shape[2:]:
-                raise ValueError(f"flashtile: {name} must be (batch = {batch}, seqlen_new, nheads_k = {nheads_k}, "
+                raise FlashtileValueError(f"flashtile: {name} must be (batch = {batch}, seqlen_new, nheads_k = {nheads_k}, "
                                  f"headdim = {head_dim}), got {tuple(t.shape)}")
         if k.shape[1] != v.shape[1]:
-            raise ValueError(f"flashtile: k and v must have the same seqlen_new, got {k.shape[1]} and {v.shape[1]}")
+            raise FlashtileValueError(f"flashtile: k and v must have the same seqlen_new, got {k.shape[1]} and {v.shape[1]}")
     check_device(q)
 
 
@@ -104,7 +105,8 @@ def _check_values(cache_seqlens, seqlen_new, capacity, leftpad, cache_batch_idx,
     checks = [  # (is it wrong?, message)
         (s["seqlen_min"] < 0, f"cache_seqlens must be >= 0, got {s['seqlen_min']}"),
         (s["length_max"] > capacity, f"cache_seqlens + seqlen_new reaches {s['length_max']}, more than the cache "
-                                     f"holds ({capacity} keys per sequence)"),
+                                     f"holds ({capacity} keys per sequence"
+                                     f"{' through block_table' if block_table is not None else ''})"),
         (s["leftpad_min"] < 0, f"cache_leftpad must be >= 0, got {s['leftpad_min']}"),
         (s["leftpad_over_max"] > 0, f"cache_leftpad exceeds cache_seqlens + seqlen_new by {s['leftpad_over_max']} "
                                     "for some sequence"),
@@ -121,7 +123,7 @@ def _check_values(cache_seqlens, seqlen_new, capacity, leftpad, cache_batch_idx,
                                           f"have {seqlen_ro} positions"))
     for wrong, message in checks:
         if wrong:
-            raise ValueError("flashtile: " + message)
+            raise FlashtileValueError("flashtile: " + message)
 
 
 def write_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -218,7 +220,7 @@ def flash_attn_with_kvcache(
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
     if cache_seqlens is None:
         if k is not None:
-            raise ValueError("flashtile: cache_seqlens is needed to append k and v to the cache")
+            raise FlashtileValueError("flashtile: cache_seqlens is needed to append k and v to the cache")
         cache_seqlens = capacity
     if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
@@ -231,7 +233,7 @@ def flash_attn_with_kvcache(
         block_table = block_table[cache_batch_idx.long().clamp(0, batch_cache - 1)]
     leftpad = None if cache_leftpad is None else _int32_vector("cache_leftpad", cache_leftpad, batch, q.device)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
-        raise ValueError(f"flashtile: num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
+        raise FlashtileValueError(f"flashtile: num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
     window = _window(window_size, bool(causal))
     check_softcap(softcap)
     check_alibi(alibi_slopes, batch, nheads, q.device)
@@ -240,7 +242,7 @@ def flash_attn_with_kvcache(
     rotary_offset = None
     if rotary:
         if rotary_cos is None or rotary_sin is None:
-            raise ValueError("flashtile: pass both rotary_cos and rotary_sin, or neither")
+            raise FlashtileValueError("flashtile: pass both rotary_cos and rotary_sin, or neither")
         check_rotary(rotary_cos, rotary_sin, head_dim)
         rotary_offset = max(seqlen_new, seqlen_q if window != (-1, -1) else 1) - 1
     _check_values(cache_seqlens, seqlen_new, capacity, leftpad, cache_batch_idx,
@@ -285,9 +287,9 @@ class KVCache:
         for name, value in (("batch", batch), ("max_seqlen", max_seqlen), ("nheads_k", nheads_k),
                             ("head_dim", head_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"flashtile: KVCache {name} must be a positive int, got {value!r}")
+                raise FlashtileValueError(f"flashtile: KVCache {name} must be a positive int, got {value!r}")
         if dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"flashtile: KVCache dtype must be float16, bfloat16 or float32, got {dtype}")
+            raise FlashtileTypeError(f"flashtile: KVCache dtype must be float16, bfloat16 or float32, got {dtype}")
         self.batch, self.max_seqlen = batch, max_seqlen
         self.page_size = page_size
         self.lengths = [0] * batch
@@ -297,7 +299,7 @@ class KVCache:
             self.block_table = None
         else:
             if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
-                raise ValueError(f"flashtile: KVCache page_size must be a positive int, got {page_size!r}")
+                raise FlashtileValueError(f"flashtile: KVCache page_size must be a positive int, got {page_size!r}")
             pages_per_seq = -(-max_seqlen // page_size)
             num_pages = batch * pages_per_seq if num_pages is None else num_pages
             shape = (num_pages, page_size, nheads_k, head_dim)
@@ -310,7 +312,7 @@ class KVCache:
     def _reserve(self, new_tokens: int) -> None:
         """Grow every sequence by ``new_tokens``: check the room, take pages."""
         if max(self.lengths) + new_tokens > self.max_seqlen:
-            raise ValueError(f"flashtile: KVCache holds {self.max_seqlen} tokens per sequence; appending "
+            raise FlashtileValueError(f"flashtile: KVCache holds {self.max_seqlen} tokens per sequence; appending "
                              f"{new_tokens} to {max(self.lengths)} does not fit")
         if self.page_size is None:
             return
@@ -334,7 +336,7 @@ class KVCache:
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``k``, ``v`` ``(batch, seqlen_new, nheads_k, headdim)`` after each sequence's tokens."""
         if k.dim() != 4 or k.shape != v.shape or k.shape[0] != self.batch or k.shape[2:] != self.k_cache.shape[2:]:
-            raise ValueError(f"flashtile: k and v must both be (batch = {self.batch}, seqlen_new, "
+            raise FlashtileValueError(f"flashtile: k and v must both be (batch = {self.batch}, seqlen_new, "
                              f"{', '.join(map(str, self.k_cache.shape[2:]))}), got {tuple(k.shape)}, {tuple(v.shape)}")
         self._reserve(k.shape[1])
         with torch.no_grad():
@@ -348,7 +350,7 @@ class KVCache:
         ``kwargs`` are the other arguments of ``flash_attn_with_kvcache``."""
         for name, t in (("q", q), ("k", k), ("v", v)):
             if isinstance(t, torch.Tensor) and (t.dtype != self.k_cache.dtype or t.device != self.k_cache.device):
-                raise TypeError(f"flashtile: KVCache.attend's {name} is {t.dtype} on {t.device}, the cache holds "
+                raise FlashtileTypeError(f"flashtile: KVCache.attend's {name} is {t.dtype} on {t.device}, the cache holds "
                                 f"{self.k_cache.dtype} on {self.k_cache.device} (KVCache(..., dtype=, device=))")
         new_tokens = 0 if k is None else k.shape[1]
         self._reserve(new_tokens)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import FlashtileTypeError, FlashtileValueError
 from .checks import check_tensor
 
 
@@ -46,20 +47,20 @@ def merge_attention_states(*states):
     elif len(states) % 2 == 0 and states:
         pairs = [(states[i], states[i + 1]) for i in range(0, len(states), 2)]
     else:
-        raise TypeError("flashtile: merge_attention_states takes (out_a, lse_a, out_b, lse_b, ...) "
+        raise FlashtileTypeError("flashtile: merge_attention_states takes (out_a, lse_a, out_b, lse_b, ...) "
                         "or a list of (out, lse) pairs")
     if not pairs:
-        raise ValueError("flashtile: merge_attention_states needs at least one (out, lse) pair")
+        raise FlashtileValueError("flashtile: merge_attention_states needs at least one (out, lse) pair")
     out0 = pairs[0][0]
     for i, (out, lse) in enumerate(pairs):
         check_tensor(f"out[{i}]", out)
         check_tensor(f"lse[{i}]", lse)
         if out.shape != out0.shape or out.dim() not in (3, 4):
-            raise ValueError(f"flashtile: out[{i}] has shape {tuple(out.shape)}; every part must have the "
+            raise FlashtileValueError(f"flashtile: out[{i}] has shape {tuple(out.shape)}; every part must have the "
                              f"shape of out[0] {tuple(out0.shape)}, 4-D or 3-D (varlen)")
         expected = (out.shape[0], out.shape[2], out.shape[1]) if out.dim() == 4 else (out.shape[1], out.shape[0])
         if tuple(lse.shape) != expected:
-            raise ValueError(f"flashtile: lse[{i}] must have shape {expected} for out of shape "
+            raise FlashtileValueError(f"flashtile: lse[{i}] must have shape {expected} for out of shape "
                              f"{tuple(out.shape)}, got {tuple(lse.shape)}")
     lses = torch.stack([_rows_last(lse.float(), out0) for _, lse in pairs])  # (parts, ..., nheads)
     top = lses.amax(0)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import FlashtileValueError
+
 
 def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor):
     """Pack the tokens that ``attention_mask`` keeps.
@@ -23,7 +25,7 @@ def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor):
         seqused (torch.Tensor): int32 ``(batch,)``, tokens per sequence.
     """
     if attention_mask.shape != hidden_states.shape[:2]:
-        raise ValueError(f"flashtile: attention_mask must have shape (batch, seqlen) = "
+        raise FlashtileValueError(f"flashtile: attention_mask must have shape (batch, seqlen) = "
                          f"{tuple(hidden_states.shape[:2])}, got {tuple(attention_mask.shape)}")
     keep = attention_mask.bool()
     seqused = keep.sum(dim=-1, dtype=torch.int32)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import FlashtileValueError
+from ..ops.attention import attention, dropout_seed
 from ..options import causal_offset_for
 from .checks import check_attn_mask, check_dropout, check_qkv, check_scale, check_tensor
-from ..ops.attention import attention, dropout_seed
 
 _LAYOUT = "(batch, nheads, seqlen, headdim)"
 
@@ -57,11 +58,11 @@ def scaled_dot_product_attention(
     check_qkv(q, k, v, _LAYOUT)
     if attn_mask is not None:
         if is_causal:
-            raise ValueError("flashtile: pass either attn_mask or is_causal=True, not both")
+            raise FlashtileValueError("flashtile: pass either attn_mask or is_causal=True, not both")
         attn_mask = check_attn_mask(attn_mask, q.shape[0], q.shape[2], q.shape[1], k.shape[1], q.device)
     check_dropout("dropout_p", dropout_p)
     if q.shape[2] != k.shape[2] and not enable_gqa:
-        raise ValueError(f"flashtile: query has {q.shape[2]} heads and key/value {k.shape[2]}; "
+        raise FlashtileValueError(f"flashtile: query has {q.shape[2]} heads and key/value {k.shape[2]}; "
                          "pass enable_gqa=True for grouped-query attention")
     softmax_scale = check_scale("scale", scale, q.shape[-1])
     offset = causal_offset_for(q.shape[1], k.shape[1], "top_left")

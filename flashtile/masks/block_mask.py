@@ -34,6 +34,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from ..errors import FlashtileTypeError, FlashtileValueError
+
 EMPTY = -2
 FULL = -1
 
@@ -47,14 +49,14 @@ def _pair(block_size) -> tuple[int, int]:
     if (not isinstance(block_size, (tuple, list)) or len(block_size) != 2
             or not all(isinstance(b, int) and not isinstance(b, bool) for b in block_size)
             or not all(b >= 16 and b & (b - 1) == 0 for b in block_size)):
-        raise ValueError(f"flashtile: block_size must be a power of two >= 16, or a pair (block_q, block_k) of them, "
+        raise FlashtileValueError(f"flashtile: block_size must be a power of two >= 16, or a pair (block_q, block_k) of them, "
                          f"got {block_size!r}")
     return int(block_size[0]), int(block_size[1])
 
 
 def _check_seqlen(name: str, n) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"flashtile: {name} must be an int >= 0, got {n!r}")
+        raise FlashtileValueError(f"flashtile: {name} must be an int >= 0, got {n!r}")
     return n
 
 
@@ -205,7 +207,7 @@ class BlockMask:
                 the keys are cut (partial).
         """
         if not isinstance(layout, torch.Tensor) or layout.dtype != torch.bool or not 2 <= layout.dim() <= 4:
-            raise ValueError("flashtile: layout must be a bool tensor (n_q_blocks, n_k_blocks), (H, nq, nk) or "
+            raise FlashtileValueError("flashtile: layout must be a bool tensor (n_q_blocks, n_k_blocks), (H, nq, nk) or "
                              f"(B, H, nq, nk), got {getattr(layout, 'dtype', type(layout).__name__)} "
                              f"{tuple(getattr(layout, 'shape', ()))}")
         bq, bk = _pair(block_size)
@@ -214,7 +216,7 @@ class BlockMask:
         seqlen_q = n_q * bq if seqlen_q is None else _check_seqlen("seqlen_q", seqlen_q)
         seqlen_k = n_k * bk if seqlen_k is None else _check_seqlen("seqlen_k", seqlen_k)
         if (-(-seqlen_q // bq), -(-seqlen_k // bk)) != (n_q, n_k):
-            raise ValueError(f"flashtile: a layout of {n_q} x {n_k} blocks of {bq} x {bk} does not cover "
+            raise FlashtileValueError(f"flashtile: a layout of {n_q} x {n_k} blocks of {bq} x {bk} does not cover "
                              f"seqlen_q={seqlen_q}, seqlen_k={seqlen_k}")
         tiles = torch.where(layout, FULL, EMPTY)
         patterns = torch.zeros(0, bq, bk, dtype=torch.bool, device=layout.device)
@@ -252,14 +254,14 @@ class BlockMask:
         if not isinstance(other, BlockMask):
             return NotImplemented
         if (self.seqlen_q, self.seqlen_k, self.block_size) != (other.seqlen_q, other.seqlen_k, other.block_size):
-            raise ValueError("flashtile: block masks combine only with the same seqlen_q, seqlen_k and block_size, "
+            raise FlashtileValueError("flashtile: block masks combine only with the same seqlen_q, seqlen_k and block_size, "
                              f"got {(self.seqlen_q, self.seqlen_k, self.block_size)} and "
                              f"{(other.seqlen_q, other.seqlen_k, other.block_size)}")
         try:
             a, b = torch.broadcast_tensors(self.tiles.to(torch.int64),
                                            other.tiles.to(torch.int64).to(self.tiles.device))
         except RuntimeError:
-            raise ValueError("flashtile: block masks combine only when their (batch, heads) sizes broadcast, got "
+            raise FlashtileValueError("flashtile: block masks combine only when their (batch, heads) sizes broadcast, got "
                              f"{tuple(self.tiles.shape[:2])} and {tuple(other.tiles.shape[:2])}") from None
         if is_and:
             empty = (a == EMPTY) | (b == EMPTY)
@@ -385,14 +387,14 @@ def create_block_mask(mask_mod: Callable, B: int | None, H: int | None, seqlen_q
         device (torch.device | str | None): where to evaluate and keep the mask.
     """
     if not callable(mask_mod):
-        raise TypeError(f"flashtile: mask_mod must be callable, got {type(mask_mod).__name__}")
+        raise FlashtileTypeError(f"flashtile: mask_mod must be callable, got {type(mask_mod).__name__}")
     bq, bk = _pair(block_size)
     seqlen_q, seqlen_k = _check_seqlen("seqlen_q", seqlen_q), _check_seqlen("seqlen_k", seqlen_k)
     B = 1 if B is None else B
     H = 1 if H is None else H
     for name, n in (("B", B), ("H", H)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"flashtile: {name} must be a positive int or None, got {n!r}")
+            raise FlashtileValueError(f"flashtile: {name} must be a positive int or None, got {n!r}")
     n_q, n_k = -(-seqlen_q // bq), -(-seqlen_k // bk)
     b_idx = torch.arange(B, device=device).reshape(B, 1, 1, 1)
     h_idx = torch.arange(H, device=device).reshape(1, H, 1, 1)
@@ -409,11 +411,11 @@ def create_block_mask(mask_mod: Callable, B: int | None, H: int | None, seqlen_q
         q_idx = q_pos.clamp(max=max(seqlen_q - 1, 0)).reshape(1, 1, -1, 1)
         allowed = torch.as_tensor(mask_mod(b_idx, h_idx, q_idx, kv_idx), device=device)
         if allowed.dtype != torch.bool:
-            raise TypeError(f"flashtile: mask_mod must return a bool tensor, got {allowed.dtype}")
+            raise FlashtileTypeError(f"flashtile: mask_mod must return a bool tensor, got {allowed.dtype}")
         try:
             allowed = torch.broadcast_to(allowed, (B, H, q_pos.numel(), kv_pos.numel()))
         except RuntimeError:
-            raise ValueError(f"flashtile: mask_mod returned shape {tuple(allowed.shape)}, which does not broadcast "
+            raise FlashtileValueError(f"flashtile: mask_mod returned shape {tuple(allowed.shape)}, which does not broadcast "
                              f"to (B, H, q_idx, kv_idx) = {(B, H, q_pos.numel(), kv_pos.numel())}") from None
         # rows past seqlen_q copy the last row (don't care); keys past seqlen_k are never allowed
         allowed = allowed & col_ok

@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..errors import FlashtileTypeError, FlashtileValueError
 from .block_mask import BlockMask, _pair, create_block_mask
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -57,13 +58,13 @@ __all__ = [
 def _int_arg(name: str, value, minimum: int = 0) -> int:
     """``value`` as an int >= ``minimum`` (bools are refused: they are not counts)."""
     if isinstance(value, bool):
-        raise TypeError(f"flashtile: {name} must be an int, got bool")
+        raise FlashtileTypeError(f"flashtile: {name} must be an int, got bool")
     try:
         value = operator.index(value)
     except TypeError:
-        raise TypeError(f"flashtile: {name} must be an int, got {type(value).__name__}") from None
+        raise FlashtileTypeError(f"flashtile: {name} must be an int, got {type(value).__name__}") from None
     if value < minimum:
-        raise ValueError(f"flashtile: {name} must be an int >= {minimum}, got {value}")
+        raise FlashtileValueError(f"flashtile: {name} must be an int >= {minimum}, got {value}")
     return value
 
 
@@ -73,7 +74,7 @@ def _optional_int_arg(name: str, value, minimum: int = 1) -> int | None:
 
 def _check_causal(causal) -> bool:
     if not isinstance(causal, bool):
-        raise TypeError(f"flashtile: causal must be a bool, got {type(causal).__name__}")
+        raise FlashtileTypeError(f"flashtile: causal must be a bool, got {type(causal).__name__}")
     return causal
 
 
@@ -83,7 +84,7 @@ def _device(device) -> torch.device | None:
     try:
         return torch.device(device)
     except (TypeError, RuntimeError) as e:
-        raise ValueError(f"flashtile: device must be a torch.device or a device string, got {device!r}") from e
+        raise FlashtileValueError(f"flashtile: device must be a torch.device or a device string, got {device!r}") from e
 
 
 def _is_integer_dtype(dtype: torch.dtype) -> bool:
@@ -98,12 +99,12 @@ def _int_tensor(name: str, value) -> torch.Tensor:
         try:
             t = torch.as_tensor(value)
         except (TypeError, ValueError, RuntimeError) as e:
-            raise TypeError(f"flashtile: {name} must be an integer tensor or a sequence of ints, "
+            raise FlashtileTypeError(f"flashtile: {name} must be an integer tensor or a sequence of ints, "
                             f"got {type(value).__name__}") from e
         if t.numel() == 0:
             t = t.to(torch.int64)  # an empty list comes back float
     if not _is_integer_dtype(t.dtype):
-        raise TypeError(f"flashtile: {name} must hold integers, got {t.dtype}")
+        raise FlashtileTypeError(f"flashtile: {name} must hold integers, got {t.dtype}")
     return t
 
 
@@ -111,7 +112,7 @@ def _global_positions(global_tokens, seqlen: int | None) -> tuple[int, torch.Ten
     """``global_tokens`` as ``(count, None)`` (the first ``count`` tokens) or ``(0,
     positions)`` (int64, sorted, unique)."""
     if isinstance(global_tokens, bool):
-        raise TypeError("flashtile: global_tokens must be an int count, positions or a bool mask, got bool")
+        raise FlashtileTypeError("flashtile: global_tokens must be an int count, positions or a bool mask, got bool")
     if not isinstance(global_tokens, (torch.Tensor, Sequence)) or (
             isinstance(global_tokens, torch.Tensor) and global_tokens.dim() == 0):
         count = _int_arg("global_tokens", global_tokens, 0)
@@ -119,18 +120,18 @@ def _global_positions(global_tokens, seqlen: int | None) -> tuple[int, torch.Ten
     if isinstance(global_tokens, torch.Tensor) and global_tokens.dtype == torch.bool:
         if global_tokens.dim() != 1 or (seqlen is not None and global_tokens.numel() != seqlen):
             expected = "seqlen" if seqlen is None else seqlen
-            raise ValueError(f"flashtile: global_tokens as a bool mask must have shape ({expected},), "
+            raise FlashtileValueError(f"flashtile: global_tokens as a bool mask must have shape ({expected},), "
                              f"got {tuple(global_tokens.shape)}")
         return 0, global_tokens.nonzero().flatten()
     positions = _int_tensor("global_tokens", global_tokens)
     if positions.dim() > 1:
-        raise ValueError(f"flashtile: global_tokens positions must be 1-D, got shape {tuple(positions.shape)}")
+        raise FlashtileValueError(f"flashtile: global_tokens positions must be 1-D, got shape {tuple(positions.shape)}")
     positions = positions.reshape(-1).to(torch.int64)
     if positions.numel():
         lo, hi = int(positions.min()), int(positions.max())
         if lo < 0 or (seqlen is not None and hi >= seqlen):
             bound = f"[0, {seqlen})" if seqlen is not None else ">= 0"
-            raise ValueError(f"flashtile: global_tokens positions must be in {bound}, got {lo}..{hi}")
+            raise FlashtileValueError(f"flashtile: global_tokens positions must be in {bound}, got {lo}..{hi}")
     return 0, torch.unique(positions)
 
 
@@ -140,21 +141,21 @@ def _document_ids(document_ids, document_ids_k) -> tuple[torch.Tensor, torch.Ten
     ids = []
     for name, t in (("document_ids", document_ids), ("document_ids_k", document_ids_k)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"flashtile: {name} must be a tensor, got {type(t).__name__}")
+            raise FlashtileTypeError(f"flashtile: {name} must be a tensor, got {type(t).__name__}")
         if not _is_integer_dtype(t.dtype):
-            raise TypeError(f"flashtile: {name} must be an integer tensor, got {t.dtype}")
+            raise FlashtileTypeError(f"flashtile: {name} must be an integer tensor, got {t.dtype}")
         if t.dim() not in (1, 2):
-            raise ValueError(f"flashtile: {name} must be (seqlen,) or (batch, seqlen), got shape {tuple(t.shape)}")
+            raise FlashtileValueError(f"flashtile: {name} must be (seqlen,) or (batch, seqlen), got shape {tuple(t.shape)}")
         ids.append(t)
     doc_q, doc_k = ids
     if doc_q.device != doc_k.device:
-        raise ValueError(f"flashtile: document_ids is on {doc_q.device} and document_ids_k on {doc_k.device}")
+        raise FlashtileValueError(f"flashtile: document_ids is on {doc_q.device} and document_ids_k on {doc_k.device}")
     if doc_q.dim() == doc_k.dim() == 1:
         return doc_q, doc_k
     doc_q, doc_k = doc_q.reshape(-1, doc_q.shape[-1]), doc_k.reshape(-1, doc_k.shape[-1])
     batch = max(doc_q.shape[0], doc_k.shape[0])
     if doc_q.shape[0] not in (1, batch) or doc_k.shape[0] not in (1, batch) or batch == 0:
-        raise ValueError(f"flashtile: document_ids and document_ids_k have batch sizes {doc_q.shape[0]} and "
+        raise FlashtileValueError(f"flashtile: document_ids and document_ids_k have batch sizes {doc_q.shape[0]} and "
                          f"{doc_k.shape[0]}; they must be equal (or one of them 1), and not 0")
     # views: no copy
     return doc_q.expand(batch, -1), doc_k.expand(batch, -1)
@@ -220,7 +221,7 @@ def fixed_mask_mod(block_len: int, num_summary: int = 1) -> MaskMod:
     block_len = _int_arg("block_len", block_len, 1)
     num_summary = _int_arg("num_summary", num_summary, 0)
     if num_summary > block_len:
-        raise ValueError(f"flashtile: num_summary must be <= block_len ({block_len}), got {num_summary}")
+        raise FlashtileValueError(f"flashtile: num_summary must be <= block_len ({block_len}), got {num_summary}")
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (q_idx // block_len == kv_idx // block_len) | (kv_idx % block_len >= block_len - num_summary)
@@ -256,7 +257,7 @@ def document_mask_mod(document_ids: torch.Tensor, document_ids_k: torch.Tensor |
 def _check_mods(name: str, mask_mods) -> None:
     for i, mod in enumerate(mask_mods):
         if not callable(mod):
-            raise TypeError(f"flashtile: {name}: mask_mods[{i}] must be callable, got {type(mod).__name__}")
+            raise FlashtileTypeError(f"flashtile: {name}: mask_mods[{i}] must be callable, got {type(mod).__name__}")
 
 
 def and_masks(*mask_mods: MaskMod) -> MaskMod:
@@ -375,7 +376,7 @@ def bigbird_block_mask(seqlen: int, num_random_blocks: int, window_blocks: int =
     h = _optional_int_arg("heads", heads) or 1
     bq, bk = _pair(block_size)
     if bq != bk:
-        raise ValueError(f"flashtile: bigbird_block_mask needs square blocks (its pattern is per block), "
+        raise FlashtileValueError(f"flashtile: bigbird_block_mask needs square blocks (its pattern is per block), "
                          f"got block_size={block_size!r}")
     n = -(-seqlen // bq)
     q_blk = torch.arange(n)[:, None]
@@ -442,13 +443,13 @@ def document_ids_from_lengths(lengths, device=None) -> torch.Tensor:
     t = _int_tensor("lengths", lengths)
     device = t.device if device is None else _device(device)
     if t.dim() not in (1, 2):
-        raise ValueError(f"flashtile: lengths must be (n_docs,) or (batch, n_docs), got shape {tuple(t.shape)}")
+        raise FlashtileValueError(f"flashtile: lengths must be (n_docs,) or (batch, n_docs), got shape {tuple(t.shape)}")
     t = t.to(device=device, dtype=torch.int64)
     if t.numel() and int(t.min()) < 0:
-        raise ValueError(f"flashtile: lengths must be >= 0, got {int(t.min())}")
+        raise FlashtileValueError(f"flashtile: lengths must be >= 0, got {int(t.min())}")
     totals = t.sum(-1)
     if t.dim() == 2 and totals.numel() and not bool((totals == totals[0]).all()):
-        raise ValueError(f"flashtile: every batch row of lengths must have the same total, got {totals.tolist()}")
+        raise FlashtileValueError(f"flashtile: every batch row of lengths must have the same total, got {totals.tolist()}")
     total = int(totals.reshape(-1)[0]) if totals.numel() else 0
     ids = torch.arange(t.shape[-1], device=device).expand_as(t)
     return torch.repeat_interleave(ids.reshape(-1), t.reshape(-1)).reshape(*t.shape[:-1], total)

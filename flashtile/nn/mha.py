@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import FlashtileValueError
 from ..interface.flash_attn import flash_attn_func, flash_attn_varlen_func
 from ..interface.kvcache import KVCache
 from ..interface.padding import pad_input, unpad_input
@@ -49,12 +50,12 @@ class MultiheadAttention(torch.nn.Module):
         num_heads_kv = num_heads if num_heads_kv is None else num_heads_kv
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("num_heads_kv", num_heads_kv)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"flashtile: MultiheadAttention {name} must be a positive int, got {value!r}")
+                raise FlashtileValueError(f"flashtile: MultiheadAttention {name} must be a positive int, got {value!r}")
         if embed_dim % num_heads:
-            raise ValueError(f"flashtile: MultiheadAttention embed_dim ({embed_dim}) must be a multiple of num_heads "
+            raise FlashtileValueError(f"flashtile: MultiheadAttention embed_dim ({embed_dim}) must be a multiple of num_heads "
                              f"({num_heads})")
         if num_heads % num_heads_kv:
-            raise ValueError(f"flashtile: MultiheadAttention num_heads ({num_heads}) must be a multiple of "
+            raise FlashtileValueError(f"flashtile: MultiheadAttention num_heads ({num_heads}) must be a multiple of "
                              f"num_heads_kv ({num_heads_kv})")
         if rotary_emb_dim and cross_attn:
             raise NotImplementedError("flashtile: MultiheadAttention with rotary_emb_dim and cross_attn")
@@ -120,9 +121,9 @@ class MultiheadAttention(torch.nn.Module):
         """
         packed = cu_seqlens is not None
         if packed and (self.cross_attn or key_padding_mask is not None or kv_cache is not None):
-            raise ValueError("flashtile: cu_seqlens is for self attention without key_padding_mask or kv_cache")
+            raise FlashtileValueError("flashtile: cu_seqlens is for self attention without key_padding_mask or kv_cache")
         if self.cross_attn and x_kv is None:
-            raise ValueError("flashtile: a cross-attention MultiheadAttention needs x_kv")
+            raise FlashtileValueError("flashtile: a cross-attention MultiheadAttention needs x_kv")
         if kv_cache is not None and key_padding_mask is not None:
             raise NotImplementedError("flashtile: MultiheadAttention with kv_cache and key_padding_mask (use "
                                       "KVCache per-sequence lengths)")
@@ -147,7 +148,7 @@ class MultiheadAttention(torch.nn.Module):
     def _padded(self, q, k, v, key_padding_mask, dropout, kw):
         """A padded batch as variable-length attention over the kept tokens."""
         if key_padding_mask.dtype != torch.bool or key_padding_mask.shape != k.shape[:2]:
-            raise ValueError(f"flashtile: key_padding_mask must be bool (batch, seqlen_kv) = {tuple(k.shape[:2])}, "
+            raise FlashtileValueError(f"flashtile: key_padding_mask must be bool (batch, seqlen_kv) = {tuple(k.shape[:2])}, "
                              f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
         batch, seqlen_q = q.shape[:2]
         k_p, _, cu_k, max_k, _ = unpad_input(k, key_padding_mask)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import FlashtileValueError
 from ..interface.rotary import apply_rotary_emb
 
 
@@ -28,7 +29,7 @@ class RotaryEmbedding(torch.nn.Module):
                  device=None):
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2 or dim % 2:
-            raise ValueError(f"flashtile: RotaryEmbedding dim must be an even int >= 2, got {dim!r}")
+            raise FlashtileValueError(f"flashtile: RotaryEmbedding dim must be an even int >= 2, got {dim!r}")
         if scale_base is not None:
             raise NotImplementedError("flashtile: RotaryEmbedding with scale_base (xPos)")
         self.dim, self.base, self.interleaved = dim, float(base), bool(interleaved)
