@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                    description="Device, torch/triton versions, the backend each kind of call takes here and why "
                                "not the others, where launch configurations come from, and the integrations "
                                "available.")
-    check = sub.add_parser("check", help="a quick self-test of every public function against the oracle",
-                           description="Runs every public function on small random inputs on this machine's "
+    check = sub.add_parser("check", help="a quick self-test of the main public functions against the oracle",
+                           description="Runs the main public functions on small random inputs on this machine's "
                                        "device (--device to choose) and compares it with the materialised "
                                        "oracle; exit code 1 if any check fails.")
     check.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")

@@ -289,6 +289,22 @@ def save_json(results: list[Result], path: Path, meta: dict) -> None:
     path.write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=1))
 
 
+def _panel(ax, providers, title: str, ylabel: str, value, results) -> None:
+    """One subplot: ``value(result)`` (None to leave it out) against seqlen, a line per provider."""
+    for p in providers:
+        pts = sorted((r.case.seqlen, y) for r in results
+                     if r.provider == p and r.status == "ok" and (y := value(r)) is not None)
+        if pts:
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", markersize=3, label=p,
+                    linewidth=2.5 if p == "flashtile" else 1.2)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(bottom=0)
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(labelsize=7)
+    ax.set_xlabel("seqlen", fontsize=7)
+    ax.set_ylabel(ylabel, fontsize=7)
+
+
 def save_plot(results: list[Result], providers, path: Path, title: str) -> bool:
     try:
         import matplotlib
@@ -309,37 +325,17 @@ def save_plot(results: list[Result], providers, path: Path, title: str) -> bool:
     col_of = {k: i for i, k in enumerate(sorted({(g[1], g[2]) for g in groups}))}
     row_of = {m: i for i, m in enumerate([m for m in MODES if m in {g[3] for g in groups}])}
     for dt, d, causal, mode in groups:
-        ax = axes[row_of[mode]][col_of[(d, causal)]]
-        for p in providers:
-            pts = sorted((r.case.seqlen, r.tflops) for r in results
-                         if r.provider == p and r.mode == mode and r.case.head_dim == d
-                         and r.case.causal == causal and r.case.dtype == dt and r.status == "ok")
-            if pts:
-                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", markersize=3, label=p,
-                        linewidth=2.5 if p == "flashtile" else 1.2)
-        ax.set_xscale("log", base=2)
-        ax.set_ylim(bottom=0)
-        ax.set_title(f"{mode}, d={d}{', causal' if causal else ''}", fontsize=9)
-        ax.tick_params(labelsize=7)
-        ax.set_xlabel("seqlen", fontsize=7)
-        ax.set_ylabel("TFLOP/s", fontsize=7)
-    if memory:  # peak memory beyond the inputs of one forward+backward (or the last mode measured)
+        _panel(axes[row_of[mode]][col_of[(d, causal)]], providers, f"{mode}, d={d}{', causal' if causal else ''}",
+               "TFLOP/s", lambda r, dt=dt, d=d, causal=causal, mode=mode: r.tflops
+               if r.mode == mode and (r.case.dtype, r.case.head_dim, r.case.causal) == (dt, d, causal) else None,
+               results)
+    if memory:  # peak memory beyond the inputs of one forward+backward (or of the mode measured)
+        memory_mode = "fwd_bwd" if any(r.mode == "fwd_bwd" for r in results) else None
         for (d, causal), col in col_of.items():
-            ax = axes[-1][col]
-            for p in providers:
-                pts = sorted((r.case.seqlen, r.peak_mib) for r in results
-                             if r.provider == p and r.case.head_dim == d and r.case.causal == causal
-                             and r.case.dtype == dtype0 and r.status == "ok" and r.peak_mib is not None
-                             and r.mode == ("fwd_bwd" if any(x.mode == "fwd_bwd" for x in results) else r.mode))
-                if pts:
-                    ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", markersize=3, label=p,
-                            linewidth=2.5 if p == "flashtile" else 1.2)
-            ax.set_xscale("log", base=2)
-            ax.set_ylim(bottom=0)
-            ax.set_title(f"peak memory, d={d}{', causal' if causal else ''}", fontsize=9)
-            ax.tick_params(labelsize=7)
-            ax.set_xlabel("seqlen", fontsize=7)
-            ax.set_ylabel("MiB", fontsize=7)
+            _panel(axes[-1][col], providers, f"peak memory, d={d}{', causal' if causal else ''}", "MiB",
+                   lambda r, d=d, causal=causal: r.peak_mib
+                   if memory_mode in (None, r.mode) and (r.case.dtype, r.case.head_dim, r.case.causal)
+                   == (dtype0, d, causal) else None, results)
     axes[0][0].legend(fontsize=6)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -1,4 +1,4 @@
-"""``flashtile check``: every public function on small random inputs against the
+"""``flashtile check``: the main public functions on small random inputs against the
 materialised oracle, on this machine's device, with the accuracy rule: the
 error against fp64 at most 2x (outputs) or 3x (gradients) PyTorch's own error
 in the input dtype, plus a rounding floor."""

@@ -59,7 +59,7 @@ def print_info() -> None:
                                                               "; activate with torch.nn.attention."
                                                               "activate_flash_attention_impl('flashtile')"))
     else:
-        _line("SDPA flash backend", "this PyTorch has no registry (2.13+); flashtile.integrations.sdpa_flash."
+        _line("SDPA flash backend", "this PyTorch has no flash attention registry; flashtile.integrations.sdpa_flash."
                                     "enabled() installs the kernels directly")
     try:
         import transformers

@@ -1,8 +1,8 @@
 """flashtile's kernels behind PyTorch SDPA's flash backend.
 
 Importing flashtile registers the implementation ``"flashtile"`` with
-``torch.nn.attention`` (PyTorch 2.13 and later); nothing changes until it is
-activated::
+``torch.nn.attention`` (where PyTorch has that registry: seen in 2.11 and 2.13);
+nothing changes until it is activated::
 
     import flashtile
     from torch.nn.attention import activate_flash_attention_impl, restore_flash_attention_impl
@@ -71,6 +71,14 @@ def _unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | Non
     if q.shape[-2] % k.shape[-2]:
         return "heads"
     return None
+
+
+def _flash_op_unsupported(q, k, v, return_debug_mask, seqused_k, block_table, num_splits, alibi_slopes) -> bool:
+    """The calls of ``_flash_attention_forward`` (and its in-place twin) left to PyTorch:
+    a debug mask, ``seqused_k``, a paged ``block_table``, split counts, ALiBi (the
+    operators' backward takes no slopes), or inputs flashtile does not take."""
+    return bool(return_debug_mask or seqused_k is not None or block_table is not None or (num_splits or 0) > 1
+                or alibi_slopes is not None or _unsupported(q, k, v))
 
 
 def _last_dim_contiguous(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -147,8 +155,8 @@ def _make_kernels(originals: dict) -> dict:
                                 is_causal, return_debug_mask, *, scale=None, window_size_left=None,
                                 window_size_right=None, seqused_k=None, alibi_slopes=None, block_table=None,
                                 num_splits=None):
-        if (return_debug_mask or seqused_k is not None or block_table is not None or (num_splits or 0) > 1
-                or alibi_slopes is not None or _unsupported(query, key, value)):
+        if _flash_op_unsupported(query, key, value, return_debug_mask, seqused_k, block_table, num_splits,
+                                 alibi_slopes):
             return pytorch("_flash_attention_forward").call_boxed(
                 keyset, query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal,
                 return_debug_mask, scale=scale, window_size_left=window_size_left,
@@ -164,8 +172,8 @@ def _make_kernels(originals: dict) -> dict:
                                                    max_k, dropout_p, is_causal, return_debug_mask, *, scale=None,
                                                    window_size_left=None, window_size_right=None, seqused_k=None,
                                                    alibi_slopes=None, block_table=None, num_splits=None):
-        if (return_debug_mask or seqused_k is not None or block_table is not None or (num_splits or 0) > 1
-                or alibi_slopes is not None or dropout_p > 0 or _unsupported(query, key, value)):
+        if dropout_p > 0 or _flash_op_unsupported(query, key, value, return_debug_mask, seqused_k, block_table,
+                                                  num_splits, alibi_slopes):
             return pytorch("_flash_attention_forward_no_dropout_inplace").call_boxed(
                 keyset, out, query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal,
                 return_debug_mask, scale=scale, window_size_left=window_size_left,
@@ -242,7 +250,7 @@ def install(dispatch_key: str = "CUDA") -> _Handle:
 def register() -> bool:
     """Make ``"flashtile"`` an implementation that
     ``torch.nn.attention.activate_flash_attention_impl`` can activate; False on a
-    PyTorch without that registry (before 2.13). Never activates it."""
+    PyTorch without that registry. Never activates it."""
     attention = torch.nn.attention
     if not hasattr(attention, "register_flash_attention_impl"):
         return False
@@ -253,8 +261,8 @@ def register() -> bool:
 @contextlib.contextmanager
 def enabled():
     """flashtile behind SDPA's flash backend inside a ``with`` block: through
-    ``torch.nn.attention``'s registry where PyTorch has one, else (PyTorch before
-    2.13) by installing the CUDA kernels directly; PyTorch's own again on exit."""
+    ``torch.nn.attention``'s registry where PyTorch has one, else by installing the
+    CUDA kernels directly; PyTorch's own again on exit."""
     attention = torch.nn.attention
     if hasattr(attention, "activate_flash_attention_impl"):
         attention.activate_flash_attention_impl(IMPL_NAME)
