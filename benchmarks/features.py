@@ -1,6 +1,8 @@
 """What the options cost and save, on a GPU: variable-length packing against a
-padded batch, sliding window against full attention, and the plain kernels
-with and without the option switches compiled in.
+padded batch, sliding window against full attention, attention sinks against
+the same call without them, a value head dim unlike q/k's against the dense
+kernel, varlen over a paged cache against contiguous keys, and the plain kernels with and without the
+option switches compiled in.
 
     python benchmarks/features.py --out results/features.json
 
@@ -93,10 +95,104 @@ def window_vs_full(seqlen=32768, nheads=16, head_dim=128, window=4096):
     return dict(seqlen=seqlen, nheads=nheads, head_dim=head_dim, window=window, rows=rows)
 
 
+def sinks_cost(shapes=((64, 8, 64), (16, 16, 128)), seqlens=(1024, 4096, 16384), tokens=16384, rounds=2):
+    """Attention sinks against the same call without them: (query heads, kv heads, head
+    dim) shapes (gpt-oss's 64/8/64 first), batch = tokens / seqlen. Each variant is
+    timed ``rounds`` times, alternating, and its best median kept (drift between the
+    two measurements then does not show as cost)."""
+    rows = []
+    for nheads, nheads_k, head_dim in shapes:
+        sinks = torch.randn(nheads, device="cuda", requires_grad=True)
+        for seqlen in seqlens:
+            batch = max(1, tokens // seqlen)
+            q = torch.randn(batch, seqlen, nheads, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            k, v = (torch.randn(batch, seqlen, nheads_k, head_dim, device="cuda", dtype=torch.bfloat16,
+                                requires_grad=True) for _ in range(2))
+            for causal in (False, True):
+                for backward in (False, True):
+                    times = {"none": [], "sinks": []}
+                    for _ in range(rounds):
+                        for name, s in (("none", None), ("sinks", sinks)):
+                            times[name].append(bench(lambda: flashtile.flash_attn_func(
+                                q, k, v, causal=causal, sinks=s), backward))
+                    row = dict(nheads=nheads, nheads_k=nheads_k, head_dim=head_dim, seqlen=seqlen, batch=batch,
+                               causal=causal, mode="fwd_bwd" if backward else "fwd",
+                               none_ms=min(times["none"]), sinks_ms=min(times["sinks"]))
+                    row["cost"] = row["sinks_ms"] / row["none_ms"] - 1
+                    rows.append(row)
+                    print(row, flush=True)
+    return rows
+
+
+def value_head_dim(pairs=((192, 128), (192, 192), (128, 128), (64, 128), (128, 64)), seqlens=(4096, 16384),
+                   tokens=32768, nheads=16):
+    """A value head dim unlike q/k's (MLA's 192/128) against the dense kernel of the same
+    q/k head dim: TFLOP/s counting ``2 * (d + dv)`` FLOPs per (query, key) pair forward
+    (half of them causal) and 2.5 times that for the backward, as the benchmarks do."""
+    rows = []
+    for seqlen in seqlens:
+        batch = max(1, tokens // seqlen)
+        for d, dv in pairs:
+            q, k = (torch.randn(batch, seqlen, nheads, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                    for _ in range(2))
+            v = torch.randn(batch, seqlen, nheads, dv, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            for causal in (False, True):
+                for backward in (False, True):
+                    ms = bench(lambda: flashtile.flash_attn_func(q, k, v, causal=causal), backward)
+                    flops = 2 * batch * nheads * seqlen * seqlen * (d + dv) * (0.5 if causal else 1.0)
+                    flops *= 3.5 if backward else 1.0
+                    row = dict(d=d, dv=dv, seqlen=seqlen, batch=batch, causal=causal,
+                               mode="fwd_bwd" if backward else "fwd", ms=ms, tflops=flops / ms / 1e9)
+                    rows.append(row)
+                    print(row, flush=True)
+    return rows
+
+
+def paged_varlen(page_sizes=(16, 64, 256), batch=8, new_tokens=(512, 2048), cached=4096, nheads=32, nheads_k=8,
+                 head_dim=128):
+    """Chunked prefill: ``new`` query tokens per sequence against ``cached + new`` keys
+    (causal, bottom-right), flash_attn_varlen_func over a paged cache (pages shuffled)
+    against the same call on contiguous packed keys. Forward, bf16."""
+    rows = []
+    dev, dt = "cuda", torch.bfloat16
+    for new in new_tokens:
+        n_k = cached + new
+        cu_q = torch.arange(0, (batch + 1) * new, new, dtype=torch.int32, device=dev)
+        cu_k = torch.arange(0, (batch + 1) * n_k, n_k, dtype=torch.int32, device=dev)
+        q = torch.randn(batch * new, nheads, head_dim, device=dev, dtype=dt)
+        k, v = (torch.randn(batch * n_k, nheads_k, head_dim, device=dev, dtype=dt) for _ in range(2))
+        row = dict(new_tokens=new, keys=n_k, batch=batch)
+        with torch.no_grad():
+            row["contiguous_ms"] = bench(lambda: flashtile.flash_attn_varlen_func(
+                q, k, v, cu_q, cu_k, new, n_k, causal=True), False)
+            for page in page_sizes:
+                pages = -(-n_k // page)
+                order = torch.randperm(batch * pages, device=dev)
+                table = order.reshape(batch, pages).to(torch.int32)
+                k_cache = torch.zeros(batch * pages, page, nheads_k, head_dim, device=dev, dtype=dt)
+                v_cache = torch.zeros_like(k_cache)
+                padded = torch.zeros(batch, pages * page, nheads_k, head_dim, device=dev, dtype=dt)
+                padded[:, :n_k] = k.view(batch, n_k, nheads_k, head_dim)
+                k_cache[table.flatten().long()] = padded.view(batch * pages, page, nheads_k, head_dim)
+                padded[:, :n_k] = v.view(batch, n_k, nheads_k, head_dim)
+                v_cache[table.flatten().long()] = padded.view(batch * pages, page, nheads_k, head_dim)
+                out = flashtile.flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, new, n_k, causal=True,
+                                                       block_table=table)
+                ref = flashtile.flash_attn_varlen_func(q, k, v, cu_q, cu_k, new, n_k, causal=True)
+                row[f"paged{page}_max_diff"] = (out.float() - ref.float()).abs().max().item()
+                row[f"paged{page}_ms"] = bench(lambda: flashtile.flash_attn_varlen_func(
+                    q, k_cache, v_cache, cu_q, cu_k, new, n_k, causal=True, block_table=table), False)
+                row[f"paged{page}_ratio"] = row[f"paged{page}_ms"] / row["contiguous_ms"]
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="features.json")
-    ap.add_argument("--parts", default="varlen,window", help="comma list of varlen, window")
+    ap.add_argument("--parts", default="varlen,window,sinks,head_dim_v,paged",
+                    help="comma list of varlen, window, sinks, head_dim_v, paged")
     args = ap.parse_args()
     parts = args.parts.split(",")
     result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__)
@@ -104,6 +200,12 @@ def main():
         result["varlen"] = varlen_vs_padded()
     if "window" in parts:
         result["window"] = window_vs_full()
+    if "sinks" in parts:
+        result["sinks"] = sinks_cost()
+    if "head_dim_v" in parts:
+        result["head_dim_v"] = value_head_dim()
+    if "paged" in parts:
+        result["paged_varlen"] = paged_varlen()
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 

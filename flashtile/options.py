@@ -23,6 +23,18 @@ def causal_offset_for(seqlen_q: int, seqlen_k: int, align: str) -> int:
 
 
 
+def empty_output(q: torch.Tensor, head_dim_v: int) -> torch.Tensor:
+    """The attention output's buffer: q's shape with the value head dim ``head_dim_v``, its
+    dimensions in q's memory order (``torch.empty_like(q)`` where the head dims agree)."""
+    if head_dim_v == q.shape[-1]:
+        return torch.empty_like(q)
+    # outer dimensions by decreasing stride, the head dim innermost
+    order = sorted(range(q.dim() - 1), key=lambda i: q.stride(i), reverse=True) + [q.dim() - 1]
+    shape = (*q.shape[:-1], head_dim_v)
+    buffer = q.new_empty([shape[i] for i in order])
+    return buffer.permute([order.index(i) for i in range(q.dim())])
+
+
 def default_scale(head_dim: int) -> float:
     """``1 / sqrt(head_dim)``, the softmax scale when none is given."""
     return 1.0 / math.sqrt(head_dim)
@@ -46,6 +58,9 @@ class AttnOptions(NamedTuple):
     ``block_mask``: a ``flashtile.BlockMask`` (block-sparse
     attention), or None: the tiled path then takes the mask's tiles, skips
     the empty ones and masks the partial ones.
+    ``sinks``: fp32 ``(nheads,)``, one logit per head (natural units, no
+    scale) that joins every row's softmax denominator as a key whose value is
+    zero (attention sinks); the LSE includes it. Or None.
     """
     softmax_scale: float
     diag_offset: int = 0
@@ -61,4 +76,5 @@ class AttnOptions(NamedTuple):
     dropout_cols: int = 0
     fixed_max: float | None = None
     block_mask: object | None = None
+    sinks: torch.Tensor | None = None
 

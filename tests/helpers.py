@@ -33,21 +33,29 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
-def check_attention(fn, q, k, v, *, backward=True, fwd_factor=2.0, bwd_factor=3.0, bias=None, ref_fn=attention_ref,
-                    **ref_kwargs):
+def check_attention(fn, q, k, v, *, backward=True, fwd_factor=2.0, bwd_factor=3.0, bias=None, sinks=None,
+                    ref_fn=attention_ref, **ref_kwargs):
     """Run ``fn(q, k, v)`` (flash_attn layout in and out; ``fn(q, k, v, bias)`` when a
-    ``bias`` is given) forward and backward and apply the accuracy rule against
-    ``ref_fn(..., attn_bias=bias, **ref_kwargs)`` (``attention_ref`` unless
-    given). A float bias that requires grad has its gradient checked too."""
+    ``bias`` is given, ``fn(..., sinks=sinks)`` when ``sinks`` are) forward and backward
+    and apply the accuracy rule against ``ref_fn(..., attn_bias=bias, sinks=sinks,
+    **ref_kwargs)`` (``attention_ref`` unless given). A float bias that requires grad,
+    and sinks, have their gradients checked too."""
     q, k, v = (t.detach().requires_grad_(backward) for t in (q, k, v))
-    inputs = (q, k, v)
+    inputs, names = [q, k, v], ["q", "k", "v"]
     if bias is not None:
         bias_grad = backward and bias.is_floating_point() and bias.requires_grad
         bias = bias.detach().requires_grad_(bias_grad)
-        inputs = (q, k, v, bias) if bias_grad else inputs
+        if bias_grad:
+            inputs, names = inputs + [bias], names + ["bias"]
         ref_kwargs["attn_bias"] = bias
-    out = fn(q, k, v) if bias is None else fn(q, k, v, bias)
-    assert out.shape == q.shape and out.dtype == q.dtype
+    call_kwargs = {}
+    if sinks is not None:
+        sinks = sinks.detach().requires_grad_(backward)
+        if backward:
+            inputs, names = inputs + [sinks], names + ["sinks"]
+        ref_kwargs["sinks"] = call_kwargs["sinks"] = sinks
+    out = fn(q, k, v, **call_kwargs) if bias is None else fn(q, k, v, bias, **call_kwargs)
+    assert out.shape == (*q.shape[:-1], v.shape[-1]) and out.dtype == q.dtype
     assert not torch.isnan(out).any(), "NaN in output"
     ref = ref_fn(q, k, v, compute_dtype=torch.float64, **ref_kwargs)
     low = ref_fn(q, k, v, upcast=False, **ref_kwargs)
@@ -61,7 +69,7 @@ def check_attention(fn, q, k, v, *, backward=True, fwd_factor=2.0, bwd_factor=3.
     grads_low = torch.autograd.grad(low, inputs, dout)
     # the gradients are sums of products of the same terms: their common scale
     magnitude = max(gr.abs().max().item() for gr in grads_ref if gr.numel()) if any(g.numel() for g in grads_ref) else 0
-    for name, g, gr, gl in zip(["q", "k", "v", "bias"], grads, grads_ref, grads_low):
+    for name, g, gr, gl in zip(names, grads, grads_ref, grads_low):
         assert g.shape == gr.shape and g.dtype == gr.dtype
         assert not torch.isnan(g).any(), f"NaN in d{name}"
         err, base = max_err(g, gr), max_err(gl, gr)
@@ -101,3 +109,19 @@ def set_switch(monkeypatch, name: str, value: str) -> None:
 
     monkeypatch.setenv(name, value)
     monkeypatch.setattr(launch_plans, "_plans", {})
+
+
+def cu(lengths):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+
+
+def packed_ref(lens_q, lens_k, alibi_slopes=None, **kw):
+    """attention_ref per sequence, concatenated: the oracle of a packed batch."""
+    def ref(q, k, v, **ref_kw):
+        outs, cq, ck = [], cu(lens_q).tolist(), cu(lens_k).tolist()
+        for i in range(len(lens_q)):
+            slopes = alibi_slopes[i] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
+            outs.append(attention_ref(q[None, cq[i]:cq[i + 1]], k[None, ck[i]:ck[i + 1]], v[None, ck[i]:ck[i + 1]],
+                                      alibi_slopes=slopes, **kw, **ref_kw)[0])
+        return torch.cat(outs)
+    return ref

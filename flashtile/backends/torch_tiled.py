@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..options import AttnOptions
+from ..options import AttnOptions, empty_output
 from .dropout import dropout_keep_mask
 
 
@@ -68,6 +68,7 @@ class _Tile:
             allowed = left_ok if allowed is None else allowed & left_ok
         if allowed is not None:
             s = s.masked_fill(~allowed, float("-inf"))
+        self.allowed = allowed  # None where every position of the tile is seen
         self.scores = s
         self.keep = None
         if opts.dropout_p > 0:
@@ -76,6 +77,20 @@ class _Tile:
             bh = bh + torch.arange(nheads, device=device).reshape(1, nheads_k, group, 1, 1)
             self.keep = dropout_keep_mask(opts.seed, bh, self.rows, self.cols, opts.dropout_rows,
                                           opts.dropout_cols, opts.dropout_p)
+
+
+def _masked_product(p: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """``p @ v`` where a key a row does not see (``allowed`` False, so ``p`` 0) adds nothing
+    to it, NaN and Inf in its row of ``v`` included (``0 * NaN`` is NaN): the product runs
+    on ``v`` with non-finite values zeroed, and the elements whose sum takes a non-finite
+    value the row sees become NaN."""
+    if allowed is None or allowed is False:
+        return p @ v
+    bad = ~torch.isfinite(v)
+    if not bad.any():
+        return p @ v
+    seen_bad = allowed.to(v.dtype) @ bad.to(v.dtype)
+    return (p @ v.masked_fill(bad, 0.0)).masked_fill_(seen_bad > 0, float("nan"))
 
 
 def _filled(opts: AttnOptions, seqlen_q: int, seqlen_k: int) -> AttnOptions:
@@ -112,15 +127,21 @@ def attention_tiled_forward(q, k, v, opts: AttnOptions, block_m: int = 128, bloc
     block_m, block_n = _sparse_tiles(opts, block_m, block_n)
     qg, vg = _grouped_f32(q, nheads_k), _grouped_f32(v, nheads_k)
     k_t = _grouped_f32(k, nheads_k, transposed=True)  # (b, h_k, 1, d, s)
-    out_f = torch.empty(qg.shape, dtype=torch.float32, device=q.device)
+    head_dim_v = v.shape[-1]
+    out_f = torch.empty((*qg.shape[:-1], head_dim_v), dtype=torch.float32, device=q.device)
     lse = torch.empty(qg.shape[:-1], dtype=torch.float32, device=q.device)
     for m0 in range(0, seqlen_q, block_m):
         m1 = min(m0 + block_m, seqlen_q)
         qb = qg[..., m0:m1, :] * opts.softmax_scale
-        m_i = torch.full(qb.shape[:-1], float("-inf") if opts.fixed_max is None else opts.fixed_max,
-                         device=q.device)
-        l_i = torch.zeros_like(m_i)
-        acc = torch.zeros(qb.shape, device=q.device)
+        if opts.sinks is not None:
+            # the sink: a key of score ``sink`` and value zero, seen first
+            m_i = opts.sinks.float().reshape(1, nheads_k, group, 1).expand(qb.shape[:-1]).clone()
+            l_i = torch.ones_like(m_i)
+        else:
+            m_i = torch.full(qb.shape[:-1], float("-inf") if opts.fixed_max is None else opts.fixed_max,
+                             device=q.device)
+            l_i = torch.zeros_like(m_i)
+        acc = torch.zeros((*qb.shape[:-1], head_dim_v), device=q.device)
         lo, hi = _key_span(m0, m1, seqlen_k, opts)
         for n0 in range(lo, hi, block_n):
             n1 = min(n0 + block_n, hi)
@@ -143,21 +164,22 @@ def attention_tiled_forward(q, k, v, opts: AttnOptions, block_m: int = 128, bloc
                 m_i = m_new
             if tile.keep is not None:
                 p = p.masked_fill(~tile.keep, 0.0)
-            acc.add_(p @ vg[..., n0:n1, :])
+            acc.add_(_masked_product(p, vg[..., n0:n1, :], tile.allowed))
         seen = l_i > 0
         l_safe = torch.where(seen, l_i, 1.0) * (1.0 - opts.dropout_p)
         out_f[..., m0:m1, :] = acc / l_safe[..., None]
         lse[..., m0:m1] = torch.where(seen, m_i + torch.log(torch.where(seen, l_i, 1.0)), float("-inf"))
-    out = torch.empty_like(q)  # same memory layout as q, as the kernels give
-    out.copy_(out_f.reshape(batch, nheads, seqlen_q, head_dim).transpose(1, 2))
+    out = empty_output(q, head_dim_v)  # q's memory layout, as the kernels give
+    out.copy_(out_f.reshape(batch, nheads, seqlen_q, head_dim_v).transpose(1, 2))
     return out, lse.reshape(batch, nheads, seqlen_q)
 
 
 def attention_tiled_backward(dout, q, k, v, out, lse, opts: AttnOptions, bias_grad: bool = False,
                              block_m: int = 128, block_n: int = 256):
-    """Tiled backward that recomputes the probabilities from LSE. Returns (dq, dk, dv, dbias):
-    dbias is the fp32 gradient of ``opts.bias`` before any broadcast reduction,
-    ``(batch, nheads, seqlen_q, seqlen_k)``, or None unless ``bias_grad``."""
+    """Tiled backward that recomputes the probabilities from LSE. Returns (dq, dk, dv, dbias,
+    dsinks): dbias is the fp32 gradient of ``opts.bias`` before any broadcast reduction,
+    ``(batch, nheads, seqlen_q, seqlen_k)``, or None unless ``bias_grad``; dsinks the fp32
+    gradient of ``opts.sinks`` ``(nheads,)``, or None without sinks."""
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     group = nheads // nheads_k
@@ -174,6 +196,10 @@ def attention_tiled_backward(dout, q, k, v, out, lse, opts: AttnOptions, bias_gr
     dv = torch.zeros(_grouped(v, nheads_k).shape, dtype=torch.float32, device=q.device)
     dbias = torch.zeros(batch, nheads_k, group, seqlen_q, seqlen_k, device=q.device) if bias_grad else None
     scale_drop = 1.0 / (1.0 - opts.dropout_p)
+    dsinks = None
+    if opts.sinks is not None:
+        sinks = opts.sinks.float().reshape(1, nheads_k, group, 1, 1)
+        dsinks = torch.zeros(nheads_k, group, device=q.device)
     for m0 in range(0, seqlen_q, block_m):
         m1 = min(m0 + block_m, seqlen_q)
         qb = qg[..., m0:m1, :]
@@ -181,6 +207,10 @@ def attention_tiled_backward(dout, q, k, v, out, lse, opts: AttnOptions, bias_gr
         dob = dog[..., m0:m1, :]
         delta = (dob * og[..., m0:m1, :].float()).sum(-1, keepdim=True)
         lse_b = lse_g[..., m0:m1, None]
+        if dsinks is not None:
+            # the sink's score gradient in each row: P_sink * (0 - delta); rows with delta 0 add nothing
+            p_sink = torch.exp(sinks - lse_b)
+            dsinks -= torch.where(delta == 0, 0.0, p_sink * delta).sum((0, 3, 4))
         lo, hi = _key_span(m0, m1, seqlen_k, opts)
         for n0 in range(lo, hi, block_n):
             n1 = min(n0 + block_n, hi)
@@ -197,21 +227,25 @@ def attention_tiled_backward(dout, q, k, v, out, lse, opts: AttnOptions, bias_gr
                 dp = dp.masked_fill(~tile.keep, 0.0) * scale_drop
             dv[..., n0:n1, :] += (p_drop.transpose(-1, -2) @ dob).sum(2, keepdim=True)
             ds = p * (dp - delta)
+            if tile.allowed is not None:
+                ds = ds.masked_fill(~tile.allowed, 0.0)  # dP of a key not seen may be NaN (0 * NaN)
             if dbias is not None:
                 dbias[..., m0:m1, n0:n1] = ds
             if tile.tanh is not None:
                 ds = ds * (1 - tile.tanh * tile.tanh)
-            dq[..., m0:m1, :] += ds @ kb
+            dq[..., m0:m1, :] += _masked_product(ds, kb, tile.allowed)
             dk[..., n0:n1, :] += (ds.transpose(-1, -2) @ qb).sum(2, keepdim=True)
 
     def back(t, like):
         # in the input's own strides, as the ops' fake implementations promise (torch.empty_like)
-        return torch.empty_like(like).copy_(t.reshape(batch, -1, t.shape[-2], head_dim).transpose(1, 2))
+        return torch.empty_like(like).copy_(t.reshape(batch, -1, t.shape[-2], like.shape[-1]).transpose(1, 2))
 
     if dbias is not None:
         dbias = dbias.reshape(batch, nheads, seqlen_q, seqlen_k)
     scale = opts.softmax_scale
-    return back(dq * scale, q), back(dk * scale, k), back(dv, v), dbias
+    if dsinks is not None:
+        dsinks = dsinks.reshape(nheads)
+    return back(dq * scale, q), back(dk * scale, k), back(dv, v), dbias, dsinks
 
 
 def attention_probs(q, k, lse, opts: AttnOptions) -> tuple[torch.Tensor, torch.Tensor | None]:

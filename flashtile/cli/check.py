@@ -64,6 +64,30 @@ def _checks(device: str):
         kw = dict(window_size=(20, 5), softcap=5.0, alibi_slopes=slopes)
         return against_ref(lambda q, k, v: flashtile.flash_attn_func(q, k, v, **kw), kw)
 
+    def sinks_and_value_head_dim():
+        sinks = (torch.randn(4, generator=gen) * 2).to(device)
+        v_narrow = randn(2, 113, 2, 48)
+        out = flashtile.flash_attn_func(q, k, v_narrow, causal=True, sinks=sinks)
+        ref = attention_ref(q.double(), k.double(), v_narrow.double(), causal=True, sinks=sinks.double())
+        low = attention_ref(q, k, v_narrow, causal=True, sinks=sinks, upcast=False)
+        return _rule(out, low, ref)
+
+    def paged_prefill():
+        pages = torch.randperm(16, generator=gen).to(device).to(torch.int32).reshape(2, 8)
+        k_cache, v_cache = randn(16, 16, 2, 64), randn(16, 16, 2, 64)
+        cu_q = torch.tensor([0, 30, 77], dtype=torch.int32, device=device)
+        cu_k = torch.tensor([0, 100, 213], dtype=torch.int32, device=device)
+        out = flashtile.flash_attn_varlen_func(q[0], k_cache, v_cache, cu_q, cu_k, 47, 113, causal=True,
+                                               block_table=pages)
+        for b, (rows, n) in enumerate([(slice(0, 30), 100), (slice(30, 77), 113)]):
+            keys, values = (c[pages[b].long()].flatten(0, 1)[None, :n] for c in (k_cache, v_cache))
+            ref = attention_ref(q[:1, rows].double(), keys.double(), values.double(), causal=True)[0]
+            low = attention_ref(q[:1, rows], keys, values, causal=True, upcast=False)[0]
+            problem = _rule(out[rows], low, ref)
+            if problem:
+                return problem
+        return None
+
     def packed():
         qkv = randn(2, 77, 3, 4, 64)
         out = flashtile.flash_attn_qkvpacked_func(qkv, causal=True)
@@ -140,9 +164,11 @@ def _checks(device: str):
 
     return [("flash_attn_func (causal, GQA, fwd+bwd)", flash_attn_func),
             ("flash_attn_func options (window, softcap, ALiBi)", options),
+            ("flash_attn_func (sinks, a value head dim of its own)", sinks_and_value_head_dim),
             ("flash_attn_qkvpacked_func", packed),
             ("scaled_dot_product_attention (bool mask)", sdpa),
             ("flash_attn_varlen_func", varlen),
+            ("flash_attn_varlen_func (paged KV cache)", paged_prefill),
             ("KVCache / flash_attn_with_kvcache (paged)", kvcache),
             ("block_sparse_attn_func", block_sparse),
             ("flash_cosine_sim_attention", cosine_sim),

@@ -135,9 +135,9 @@ def _flash_backward(grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_
     scale = default_scale(q.shape[-1]) if scale is None else scale
     varlen = cum_seq_q is not None and cum_seq_q.numel() > 0
     diag = 0 if varlen else k.shape[1] - q.shape[1]
-    dq, dk, dv, _ = _attn_bwd(do, q, k, v, o, logsumexp, cum_seq_q if varlen else None,
-                              cum_seq_k if varlen else None, None, None, _seed_of(rng_state, dropout_p),
-                              int(max_q), int(max_k), scale, diag, left, right, 0.0, dropout_p, False)
+    dq, dk, dv, _, _ = _attn_bwd(do, q, k, v, o, logsumexp, cum_seq_q if varlen else None,
+                                 cum_seq_k if varlen else None, None, None, _seed_of(rng_state, dropout_p),
+                                 int(max_q), int(max_k), scale, diag, left, right, 0.0, dropout_p, False)
     return dq, dk, dv
 
 

@@ -20,7 +20,8 @@ installs.
 
 from __future__ import annotations
 
-import torch
+import functools
+import inspect
 
 NAME = "flashtile"
 
@@ -33,8 +34,24 @@ def _flash_functions():
     import flashtile
     from transformers import modeling_flash_attention_utils as fa_utils
 
-    return (flashtile.flash_attn_func, flashtile.flash_attn_varlen_func, flashtile.flash_attn_with_kvcache,
-            fa_utils._pad_input, fa_utils._unpad_input)
+    return (_taking_s_aux(flashtile.flash_attn_func), _taking_s_aux(flashtile.flash_attn_varlen_func),
+            _taking_s_aux(flashtile.flash_attn_with_kvcache), fa_utils._pad_input, fa_utils._unpad_input)
+
+
+@functools.cache
+def _taking_s_aux(fn):
+    """``fn`` taking attention sinks as ``s_aux``, the name transformers passes them by
+    (it looks for that name in the function's signature)."""
+    @functools.wraps(fn)
+    def with_s_aux(*args, s_aux=None, **kwargs):
+        if s_aux is not None:
+            kwargs["sinks"] = s_aux
+        return fn(*args, **kwargs)
+
+    signature = inspect.signature(fn)
+    s_aux = inspect.Parameter("s_aux", inspect.Parameter.KEYWORD_ONLY, default=None)
+    with_s_aux.__signature__ = signature.replace(parameters=[*signature.parameters.values(), s_aux])
+    return with_s_aux
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -50,16 +67,32 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
         raise NotImplementedError("flashtile: output_attentions in transformers models (use attn_implementation='eager')")
     seq_len = query.shape[2]
     query, key, value = (t.transpose(1, 2) for t in (query, key, value))
-    head_dim, v_head_dim = query.shape[-1], value.shape[-1]
-    if v_head_dim != head_dim:  # a value head dim of its own (MLA): padded, the output cropped
-        value = torch.nn.functional.pad(value, [0, head_dim - v_head_dim])
     out = _flash_attention_forward(
         query, key, value, attention_mask, query_length=seq_len,
         is_causal=module.is_causal if is_causal is None else is_causal, dropout=dropout, softmax_scale=scaling,
         sliding_window=sliding_window, softcap=softcap, use_top_left_mask=False, target_dtype=None,
         attn_implementation=NAME, layer_idx=getattr(module, "layer_idx", None),
         s_aux=None if s_aux is None else s_aux.to(query.dtype), **kwargs)
-    return (out[..., :v_head_dim] if v_head_dim != head_dim else out), None
+    return out, None
+
+
+def _accept_in_listed_models() -> None:
+    """Models that list the FlashAttention implementations they work with (those with
+    attention sinks or their own windows, e.g. gpt-oss) replace any other one with the
+    first of their list; flashtile serves what they need, so it joins each such list
+    when a model asks for it."""
+    from transformers import PreTrainedModel
+
+    check = PreTrainedModel._check_and_adjust_attn_implementation
+
+    @functools.wraps(check)
+    def check_with_flashtile(self, attn_implementation, *args, **kwargs):
+        listed = getattr(type(self), "_compatible_flash_implementations", None)
+        if attn_implementation == NAME and listed is not None and NAME not in listed:
+            type(self)._compatible_flash_implementations = [*listed, NAME]
+        return check(self, attn_implementation, *args, **kwargs)
+
+    PreTrainedModel._check_and_adjust_attn_implementation = check_with_flashtile
 
 
 def register() -> None:
@@ -83,6 +116,7 @@ def register() -> None:
         return load(implementation, *args, **kwargs)
 
     fa_utils._lazy_imports = lazy_imports
+    _accept_in_listed_models()
     AttentionInterface.register(NAME, attention_forward)
     AttentionMaskInterface.register(NAME, flash_attention_mask)
     _registered = True

@@ -14,7 +14,7 @@ from ..errors import FlashtileTypeError, FlashtileValueError
 from ..masks.block_mask import BlockMask
 from ..ops.attention import dropout_seed
 from ..ops.block_sparse import _EagerBlockSparse, block_sparse_fwd
-from .checks import check_alibi, check_dropout, check_qkv, check_scale, check_softcap, check_tensor
+from .checks import check_alibi, check_dropout, check_qkv, check_scale, check_sinks, check_softcap, check_tensor
 
 _LAYOUT = "(batch, seqlen, nheads, headdim)"
 
@@ -34,13 +34,13 @@ def _check_mask(block_mask, q: torch.Tensor, k: torch.Tensor) -> None:
                          "use block_mask.to(device)")
 
 
-def _run(q, k, v, block_mask: BlockMask, scale: float, softcap: float, alibi, dropout_p: float):
+def _run(q, k, v, block_mask: BlockMask, scale: float, softcap: float, alibi, dropout_p: float, sinks=None):
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     seed = dropout_seed(dropout_p)
     lists = block_mask.kernel_lists()
     fwd = block_sparse_fwd if torch.compiler.is_compiling() else _EagerBlockSparse.apply
     return fwd(q, k, v, block_mask.tiles, block_mask.patterns, *lists, alibi, seed, *block_mask.block_size,
-               scale, softcap, dropout_p)
+               scale, softcap, dropout_p, sinks)
 
 
 def block_sparse_attn_func(
@@ -55,6 +55,7 @@ def block_sparse_attn_func(
     alibi_slopes: torch.Tensor | None = None,
     deterministic: bool = False,
     return_softmax_lse: bool = False,
+    sinks: torch.Tensor | None = None,
 ):
     """Block-sparse attention in flash_attn layout: the pairs ``block_mask`` allows, nothing else.
 
@@ -76,6 +77,7 @@ def block_sparse_attn_func(
         alibi_slopes: fp32 ``(nheads,)`` or ``(batch, nheads)``, as flash_attn's.
         deterministic: accepted; the backward pass is always deterministic.
         return_softmax_lse: also return the LSE ``(batch, nheads, seqlen_q)`` fp32.
+        sinks: attention sinks ``(nheads,)``, as ``flash_attn_func``'s.
 
     Returns:
         (torch.Tensor | tuple): ``out`` like q (rows that see no key are 0), or
@@ -86,10 +88,11 @@ def block_sparse_attn_func(
     check_dropout("dropout_p", dropout_p)
     check_softcap(softcap)
     check_alibi(alibi_slopes, q.shape[0], q.shape[2], q.device)
+    check_sinks(sinks, q.shape[2], q)
     scale = check_scale("softmax_scale", softmax_scale, q.shape[-1])
     if causal:
         block_mask = block_mask.causal_part("bottom_right")
-    out, lse = _run(q, k, v, block_mask, scale, float(softcap), alibi_slopes, float(dropout_p))
+    out, lse = _run(q, k, v, block_mask, scale, float(softcap), alibi_slopes, float(dropout_p), sinks)
     return (out, lse) if return_softmax_lse else out
 
 
@@ -102,12 +105,14 @@ def block_sparse_attention(
     is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention in SDPA layout ``(batch, nheads, seqlen, headdim)``.
 
     The same as ``block_sparse_attn_func`` with PyTorch SDPA's argument
     names; ``is_causal`` is aligned to the top-left corner as in PyTorch
-    (query ``i`` sees keys ``j <= i``). Returns ``(batch, nheads, seqlen_q, headdim)``.
+    (query ``i`` sees keys ``j <= i``); ``sinks`` as ``flash_attn_func``'s.
+    Returns ``(batch, nheads, seqlen_q, headdim)``.
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_tensor(name, t)
@@ -118,9 +123,10 @@ def block_sparse_attention(
                          "pass enable_gqa=True for grouped-query attention")
     _check_mask(block_mask, q, k)
     check_dropout("dropout_p", dropout_p)
+    check_sinks(sinks, q.shape[2], q)
     softmax_scale = check_scale("scale", scale, q.shape[-1])
     if is_causal:
         block_mask = block_mask.causal_part("top_left")
-    out, _ = _run(q, k, v, block_mask, softmax_scale, 0.0, None, float(dropout_p))
+    out, _ = _run(q, k, v, block_mask, softmax_scale, 0.0, None, float(dropout_p), sinks)
     return out.transpose(1, 2)
 

@@ -76,11 +76,10 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str) ->
             f"flashtile: the number of query heads ({hq}) must be a multiple of the number of key/value heads ({hk})")
     if dq != dk:
         raise FlashtileValueError(f"flashtile: q and k must have the same head dim, got {dq} and {dk}")
-    if dv != dq:
-        raise NotImplementedError(f"flashtile: a value head dim ({dv}) different from the query/key head dim ({dq}) "
-                                  "is not supported yet")
     if not 1 <= dq <= MAX_HEAD_DIM:
         raise FlashtileValueError(f"flashtile: head dim must be between 1 and {MAX_HEAD_DIM}, got {dq}")
+    if not 1 <= dv <= MAX_HEAD_DIM:
+        raise FlashtileValueError(f"flashtile: v's head dim must be between 1 and {MAX_HEAD_DIM}, got {dv}")
     check_device(q)
 
 
@@ -121,6 +120,20 @@ def check_alibi(alibi_slopes, batch: int, nheads: int, device: torch.device) -> 
         raise FlashtileValueError("flashtile: alibi_slopes must be contiguous along the heads")
 
 
+def check_sinks(sinks, nheads: int, q: torch.Tensor) -> None:
+    """Attention sinks: one logit per query head, ``(nheads,)``, fp32 or q's dtype, on q's device."""
+    if sinks is None:
+        return
+    check_tensor("sinks", sinks)
+    if sinks.dtype not in (torch.float32, q.dtype):
+        raise FlashtileTypeError(f"flashtile: sinks must be float32 or the inputs' dtype {q.dtype}, got {sinks.dtype}")
+    if tuple(sinks.shape) != (nheads,):
+        raise FlashtileValueError(f"flashtile: sinks must have shape ({nheads},) (one logit per query head), "
+                                  f"got {tuple(sinks.shape)}")
+    if sinks.device != q.device:
+        raise FlashtileValueError(f"flashtile: sinks is on {sinks.device}, the inputs on {q.device}")
+
+
 def check_varlen_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """q ``(total_q, nheads, headdim)``, k/v ``(total_k, nheads_k, headdim)``: checked as a batch of one."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -131,7 +144,9 @@ def check_varlen_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     check_qkv(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), "(total, nheads, headdim)")
 
 
-def _check_cu(name: str, cu, total: int, max_seqlen, max_name: str, device) -> int:
+def _check_cu(name: str, cu, total: int | None, max_seqlen, max_name: str, device) -> int:
+    """Check an offsets tensor; ``total`` None: its last value is not checked (offsets that
+    only give lengths, as ``cu_seqlens_k`` does for paged keys)."""
     check_tensor(name, cu)
     if cu.dtype != torch.int32:
         raise FlashtileTypeError(f"flashtile: {name} must be int32, got {cu.dtype}")
@@ -148,7 +163,7 @@ def _check_cu(name: str, cu, total: int, max_seqlen, max_name: str, device) -> i
         # the values of later replays)
         values = cu.tolist()
         lengths = [b - a for a, b in zip(values, values[1:])]
-        if values[0] != 0 or values[-1] != total or any(n < 0 for n in lengths):
+        if values[0] != 0 or (total is not None and values[-1] != total) or any(n < 0 for n in lengths):
             raise FlashtileValueError(f"flashtile: {name} must start at 0, never decrease and end at the total length "
                              f"{total}, got {values[:8]}{'...' if len(values) > 8 else ''}")
         if lengths and max(lengths) > max_seqlen:
@@ -167,10 +182,13 @@ def as_max_seqlen(value):
     return value
 
 
-def check_cu_seqlens(cu_q, cu_k, max_seqlen_q, max_seqlen_k, q: torch.Tensor, k: torch.Tensor) -> int:
-    """Check the varlen offsets; returns the batch size."""
+def check_cu_seqlens(cu_q, cu_k, max_seqlen_q, max_seqlen_k, q: torch.Tensor, k: torch.Tensor,
+                     paged: bool = False, seqused: bool = False) -> int:
+    """Check the varlen offsets; returns the batch size. ``paged``: k is paged, cu_k gives
+    only lengths; ``seqused``: seqused_k gives the lengths, checked against max_seqlen_k there."""
     batch = _check_cu("cu_seqlens_q", cu_q, q.shape[0], max_seqlen_q, "max_seqlen_q", q.device)
-    batch_k = _check_cu("cu_seqlens_k", cu_k, k.shape[0], max_seqlen_k, "max_seqlen_k", q.device)
+    batch_k = _check_cu("cu_seqlens_k", cu_k, None if paged else k.shape[0],
+                        1 << 62 if seqused else max_seqlen_k, "max_seqlen_k", q.device)
     if batch != batch_k:
         raise FlashtileValueError(f"flashtile: cu_seqlens_q and cu_seqlens_k must have the same length, got "
                          f"{batch + 1} and {batch_k + 1}")

@@ -18,6 +18,7 @@ from .checks import (
     check_alibi,
     check_device,
     check_scale,
+    check_sinks,
     check_softcap,
     check_tensor,
 )
@@ -49,9 +50,9 @@ def _check_cache_inputs(q, k_cache, v_cache, k, v, block_table, has_batch_idx: b
     if not q.dtype == k_cache.dtype == v_cache.dtype:
         raise FlashtileTypeError(f"flashtile: q, k_cache, v_cache must share one dtype, got {q.dtype}, {k_cache.dtype}, "
                         f"{v_cache.dtype}")
-    if k_cache.shape != v_cache.shape:
-        raise FlashtileValueError(f"flashtile: k_cache and v_cache must have one shape, got {tuple(k_cache.shape)} and "
-                         f"{tuple(v_cache.shape)}")
+    if k_cache.shape[:3] != v_cache.shape[:3]:
+        raise FlashtileValueError(f"flashtile: k_cache and v_cache must have one shape but for the head dim, got "
+                                  f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     batch, _, nheads, head_dim = q.shape
     nheads_k = k_cache.shape[2]
     if nheads_k == 0 or nheads % nheads_k:
@@ -62,6 +63,8 @@ def _check_cache_inputs(q, k_cache, v_cache, k, v, block_table, has_batch_idx: b
                          f"{k_cache.shape[3]}")
     if not 1 <= head_dim <= 256:
         raise FlashtileValueError(f"flashtile: head dim must be between 1 and 256, got {head_dim}")
+    if not 1 <= v_cache.shape[3] <= 256:
+        raise FlashtileValueError(f"flashtile: v_cache's head dim must be between 1 and 256, got {v_cache.shape[3]}")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise FlashtileValueError("flashtile: k_cache and v_cache must be contiguous in their last dimension "
                          "(they are written in place)")
@@ -80,13 +83,13 @@ def _check_cache_inputs(q, k_cache, v_cache, k, v, block_table, has_batch_idx: b
     if (k is None) != (v is None):
         raise FlashtileValueError("flashtile: pass both k and v (new keys and values) or neither")
     if k is not None:
-        for name, t in (("k", k), ("v", v)):
+        for name, t, cache in (("k", k, k_cache), ("v", v, v_cache)):
             check_tensor(name, t)
             if t.dtype != q.dtype or t.device != q.device:
                 raise FlashtileTypeError(f"flashtile: {name} must have q's dtype and device, got {t.dtype} on {t.device}")
-            if t.dim() != 4 or t.shape[0] != batch or t.shape[2:] != k_cache.shape[2:]:
+            if t.dim() != 4 or t.shape[0] != batch or t.shape[2:] != cache.shape[2:]:
                 raise FlashtileValueError(f"flashtile: {name} must be (batch = {batch}, seqlen_new, nheads_k = {nheads_k}, "
-                                 f"headdim = {head_dim}), got {tuple(t.shape)}")
+                                          f"headdim = {cache.shape[3]}), got {tuple(t.shape)}")
         if k.shape[1] != v.shape[1]:
             raise FlashtileValueError(f"flashtile: k and v must have the same seqlen_new, got {k.shape[1]} and {v.shape[1]}")
     check_device(q)
@@ -163,6 +166,7 @@ def flash_attn_with_kvcache(
     alibi_slopes: torch.Tensor | None = None,
     num_splits: int = 0,
     return_softmax_lse: bool = False,
+    sinks: torch.Tensor | None = None,
 ):
     """Attention of new query tokens against a key/value cache, as
     ``flash_attn.flash_attn_with_kvcache`` (decoding, speculative decoding,
@@ -208,6 +212,8 @@ def flash_attn_with_kvcache(
         num_splits: splits of the key range; 0 chooses from batch, heads,
             cache length and the number of multiprocessors.
         return_softmax_lse: also return the LSE ``(batch, nheads, seqlen_q)`` fp32.
+        sinks: attention sinks ``(nheads,)`` fp32 or q's dtype, as
+            ``flash_attn_func``'s (the LSE includes them).
 
     Returns:
         (torch.Tensor | tuple): ``out`` ``(batch, seqlen_q, nheads, headdim)``, or
@@ -237,6 +243,7 @@ def flash_attn_with_kvcache(
     window = _window(window_size, bool(causal))
     check_softcap(softcap)
     check_alibi(alibi_slopes, batch, nheads, q.device)
+    check_sinks(sinks, nheads, q)
     scale = check_scale("softmax_scale", softmax_scale, head_dim)
     rotary = rotary_cos is not None or rotary_sin is not None
     rotary_offset = None
@@ -261,7 +268,7 @@ def flash_attn_with_kvcache(
     q = q if q.stride(-1) == 1 else q.contiguous()
     out, lse = attn_decode(q, k_cache, v_cache, cache_seqlens, None if paged else cache_batch_idx, block_table,
                            leftpad, alibi_slopes, seqlen_new, scale, window[0], window[1], float(softcap),
-                           num_splits)
+                           num_splits, sinks)
     return (out, lse) if return_softmax_lse else out
 
 

@@ -8,7 +8,7 @@ import torch
 from ..errors import FlashtileValueError
 from ..ops.attention import attention, dropout_seed
 from ..options import causal_offset_for
-from .checks import check_attn_mask, check_dropout, check_qkv, check_scale, check_tensor
+from .checks import check_attn_mask, check_dropout, check_qkv, check_scale, check_sinks, check_tensor
 
 _LAYOUT = "(batch, nheads, seqlen, headdim)"
 
@@ -22,6 +22,7 @@ def scaled_dot_product_attention(
     is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact attention with PyTorch SDPA's signature and semantics.
 
@@ -44,6 +45,9 @@ def scaled_dot_product_attention(
         is_causal: causal mask aligned to the top-left corner, as PyTorch's:
             query ``i`` sees keys ``j <= i``.
         scale: defaults to ``1 / sqrt(headdim)``.
+        sinks: attention sinks, ``(nheads,)`` fp32 or query's dtype: one
+            logit per query head that joins every row's softmax denominator
+            (as ``flash_attn_func``'s ``sinks``); differentiable.
 
     Returns:
         ``(batch, nheads, seqlen_q, headdim)`` in query's dtype.
@@ -64,10 +68,11 @@ def scaled_dot_product_attention(
     if q.shape[2] != k.shape[2] and not enable_gqa:
         raise FlashtileValueError(f"flashtile: query has {q.shape[2]} heads and key/value {k.shape[2]}; "
                          "pass enable_gqa=True for grouped-query attention")
+    check_sinks(sinks, q.shape[2], q)
     softmax_scale = check_scale("scale", scale, q.shape[-1])
     offset = causal_offset_for(q.shape[1], k.shape[1], "top_left")
     seed = dropout_seed(dropout_p)
     out, _ = attention(q, k, v, softmax_scale, offset, window=(-1, 0 if is_causal else -1), bias=attn_mask,
-                       dropout_p=float(dropout_p), seed=seed)
+                       dropout_p=float(dropout_p), seed=seed, sinks=sinks)
     out = out.transpose(1, 2)
     return out.squeeze(0) if squeeze else out

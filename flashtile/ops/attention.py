@@ -31,7 +31,8 @@ import torch
 from ..backends.torch_tiled import attention_tiled_backward, attention_tiled_forward
 from ..backends.triton.launch import attention as launch
 from ..backends.triton.launch.device import interpreting
-from ..options import AttnOptions
+from ..options import AttnOptions, empty_output
+from .decode import cache_rows
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -45,7 +46,7 @@ def _pytorch_cpu_serves(q: torch.Tensor, v: torch.Tensor, opts: AttnOptions, var
     (then every row sees key 0, so no row is empty). It is faster than the tiled
     path on the CPU; the tiled path keeps everything else."""
     return (not varlen and opts.bias is None and opts.alibi is None and opts.softcap == 0 and opts.dropout_p == 0
-            and opts.fixed_max is None and opts.block_mask is None and opts.window_left < 0
+            and opts.fixed_max is None and opts.block_mask is None and opts.sinks is None and opts.window_left < 0
             and (opts.window_right < 0 or (opts.window_right == 0 and opts.diag_offset == 0))
             and q.dtype in (torch.float32, torch.bfloat16, torch.float16) and v.shape[-1] == q.shape[-1])
 
@@ -64,6 +65,13 @@ def _pytorch_cpu_backward(dout, q, k, v, out, lse, opts: AttnOptions):
         *(t.transpose(1, 2) for t in (dout, q, k, v, out)), lse, 0.0, opts.window_right == 0,
         scale=opts.softmax_scale)
     return tuple(_like(g.transpose(1, 2), t) for t, g in zip((q, k, v), grads))
+
+
+def _may_leak(result: torch.Tensor, opts: AttnOptions) -> bool:
+    """Whether a causal result of PyTorch's CPU kernel holds NaN: its product of the
+    probabilities with V (and of dS with K) takes ``0 * NaN`` from keys a row does not see
+    as NaN, so such a call is recomputed on the tiled path, where they add nothing."""
+    return opts.window_right >= 0 and bool(result.isnan().any())
 
 
 def _like(result: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -85,16 +93,20 @@ def _score_bound(fixed_max: float | None, bias: torch.Tensor | None) -> float | 
 
 
 def attn_options(q, k, bias, alibi, seed, softmax_scale, diag, window_left, window_right, softcap, dropout_p,
-             varlen: bool, fixed_max: float | None = None) -> AttnOptions:
+                 varlen: bool, fixed_max: float | None = None, sinks: torch.Tensor | None = None) -> AttnOptions:
     batch, nheads = (1, q.shape[1]) if varlen else (q.shape[0], q.shape[2])
     fixed_max = _score_bound(fixed_max, bias)
     if bias is not None:
         bias = bias.expand(batch, nheads, q.shape[1], k.shape[1])
     if alibi is not None:
         alibi = alibi.float()
-        alibi = alibi.expand(batch, nheads) if alibi.dim() == 1 else alibi
+        if alibi.dim() == 1:
+            # one slope per head for every sequence: batch stride 0 (the kernels index it by sequence,
+            # and a varlen batch's sequences outnumber this view's batch of 1)
+            alibi = alibi.as_strided((batch, nheads), (0, alibi.stride(0)))
     return AttnOptions(softmax_scale, diag, window_left, window_right, softcap, alibi, bias, dropout_p,
-                       0 if seed is None else int(seed), fixed_max=fixed_max)
+                       0 if seed is None else int(seed), fixed_max=fixed_max,
+                       sinks=None if sinks is None else sinks.float())
 
 
 def seq_options(opts: AttnOptions, i: int, seqlen_q: int, seqlen_k: int, max_seqlen_q: int, max_seqlen_k: int):
@@ -104,41 +116,66 @@ def seq_options(opts: AttnOptions, i: int, seqlen_q: int, seqlen_k: int, max_seq
                          dropout_rows=max_seqlen_q, dropout_cols=max_seqlen_k)
 
 
-def varlen_slices(cu_q, cu_k):
+def varlen_slices(cu_q, cu_k, seqused_k=None):
     """(index, query rows, key rows) of each sequence with queries and keys
-    (the others produce zeros, which the callers' buffers start with)."""
+    (the others produce zeros, which the callers' buffers start with); with
+    ``seqused_k``, the first ``seqused_k[i]`` key rows of sequence ``i``."""
     cu_q, cu_k = cu_q.tolist(), cu_k.tolist()
+    used = None if seqused_k is None else seqused_k.tolist()
     for i in range(len(cu_q) - 1):
-        if cu_q[i + 1] > cu_q[i] and cu_k[i + 1] > cu_k[i]:
-            yield i, slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+        n_k = cu_k[i + 1] - cu_k[i] if used is None else used[i]
+        if cu_q[i + 1] > cu_q[i] and n_k > 0:
+            yield i, slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i] + n_k)
+
+
+def _sequence_kv(k, v, i: int, sk: slice, block_table):
+    """Keys and values of sequence ``i`` (rows ``sk`` of the packed tensors, or its first
+    ``len(sk)`` keys through ``block_table`` when k and v are paged), batched as one."""
+    if block_table is None:
+        return k[None, sk], v[None, sk]
+    n = sk.stop - sk.start
+    return cache_rows(k, i, n, None, block_table)[None], cache_rows(v, i, n, None, block_table)[None]
 
 
 def _attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
              cu_seqlens_k: torch.Tensor | None, bias: torch.Tensor | None, alibi: torch.Tensor | None,
              seed: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, diag: int,
              window_left: int, window_right: int, softcap: float,
-             dropout_p: float, fixed_max: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             dropout_p: float, fixed_max: float | None = None, sinks: torch.Tensor | None = None,
+             seqused_k: torch.Tensor | None = None,
+             block_table: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     varlen = cu_seqlens_q is not None
     opts = attn_options(q, k, bias, alibi, seed, softmax_scale, diag, window_left, window_right, softcap, dropout_p,
-                    varlen, fixed_max)
+                        varlen, fixed_max, sinks)
     lse_shape = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
     if q.numel() == 0 or k.shape[-3] == 0:
-        # nothing to attend: zeros and LSE -inf (also covers empty batches)
-        return torch.zeros_like(q), torch.full(lse_shape, float("-inf"), device=q.device, dtype=torch.float32)
+        # nothing to attend: zeros, and LSE -inf (or the sink's logit: the only key there is)
+        return empty_output(q, v.shape[-1]).zero_(), _empty_lse(lse_shape, opts.sinks, varlen, q.device)
     if _use_triton(q):
-        return launch.attention_forward(q, k, v, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        return launch.attention_forward(q, k, v, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                        seqused_k=seqused_k, block_table=block_table)
     if _pytorch_cpu_serves(q, v, opts, varlen):
-        return _pytorch_cpu_forward(q, k, v, opts)
+        out, lse = _pytorch_cpu_forward(q, k, v, opts)
+        if not _may_leak(out, opts):
+            return out, lse
     if not varlen:
         return attention_tiled_forward(q, k, v, opts)
-    out = torch.zeros_like(q)
-    lse = torch.full(lse_shape, float("-inf"), device=q.device, dtype=torch.float32)
-    for i, sq, sk in varlen_slices(cu_seqlens_q, cu_seqlens_k):
-        o, lse_i = attention_tiled_forward(q[None, sq], k[None, sk], v[None, sk],
+    out = empty_output(q, v.shape[-1]).zero_()
+    lse = _empty_lse(lse_shape, opts.sinks, varlen, q.device)
+    for i, sq, sk in varlen_slices(cu_seqlens_q, cu_seqlens_k, seqused_k):
+        o, lse_i = attention_tiled_forward(q[None, sq], *_sequence_kv(k, v, i, sk, block_table),
                                            seq_options(opts, i, sq.stop - sq.start, sk.stop - sk.start,
                                                         max_seqlen_q, max_seqlen_k))
         out[sq], lse[:, sq] = o[0], lse_i[0]
     return out, lse
+
+
+def _empty_lse(shape: tuple, sinks: torch.Tensor | None, varlen: bool, device) -> torch.Tensor:
+    """The LSE of rows that see no key: -inf, or with sinks the sink's logit."""
+    if sinks is None:
+        return torch.full(shape, float("-inf"), device=device, dtype=torch.float32)
+    heads = sinks.reshape(-1, 1) if varlen else sinks.reshape(1, -1, 1)
+    return heads.float().expand(shape).clone()
 
 
 attn_fwd = torch.library.custom_op("flashtile::attn_fwd", mutates_args=())(_attn_fwd)
@@ -146,9 +183,9 @@ attn_fwd = torch.library.custom_op("flashtile::attn_fwd", mutates_args=())(_attn
 
 @attn_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, bias, alibi, seed, max_seqlen_q, max_seqlen_k, softmax_scale, diag,
-      window_left, window_right, softcap, dropout_p, fixed_max=None):
+      window_left, window_right, softcap, dropout_p, fixed_max=None, sinks=None, seqused_k=None, block_table=None):
     lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else (q.shape[0], q.shape[2], q.shape[1])
-    return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
+    return empty_output(q, v.shape[-1]), q.new_empty(lse_shape, dtype=torch.float32)
 
 
 def _reduce_bias_grad(dbias: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -161,33 +198,48 @@ def _attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
              lse: torch.Tensor, cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
              bias: torch.Tensor | None, alibi: torch.Tensor | None, seed: torch.Tensor | None,
              max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, diag: int, window_left: int,
-             window_right: int, softcap: float, dropout_p: float,
-             bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (dq, dk, dv, dbias); dbias has bias's shape and dtype, or is empty unless ``bias_grad``."""
+             window_right: int, softcap: float, dropout_p: float, bias_grad: bool,
+             sinks: torch.Tensor | None = None, seqused_k: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dq, dk, dv, dbias, dsinks); dbias has bias's shape and dtype, or is empty unless
+    ``bias_grad``; dsinks has sinks's shape and dtype, or is empty without sinks."""
     varlen = cu_seqlens_q is not None
     bias_grad = bias_grad and bias is not None
-    no_bias_grad = q.new_empty(0)
+    def no_grad():  # an empty output of its own (outputs of a custom op may not alias)
+        return q.new_empty(0)
+
     if q.numel() == 0 or k.numel() == 0:
-        dbias = torch.zeros_like(bias) if bias_grad else no_bias_grad
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
+        dbias = torch.zeros_like(bias) if bias_grad else no_grad()
+        dsinks = no_grad() if sinks is None else torch.zeros_like(sinks)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias, dsinks
     opts = attn_options(q, k, bias, alibi, seed, softmax_scale, diag, window_left, window_right, softcap, dropout_p,
-                    varlen)
+                        varlen, sinks=sinks)
+    dsinks = None
     if _use_triton(q):
-        dq, dk, dv, dbias = launch.attention_backward(dout, q, k, v, out, lse, opts, bias_grad, cu_seqlens_q,
-                                                      cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    elif _pytorch_cpu_serves(q, v, opts, varlen):
-        (dq, dk, dv), dbias = _pytorch_cpu_backward(dout, q, k, v, out, lse, opts), None
+        dq, dk, dv, dbias, dsinks = launch.attention_backward(dout, q, k, v, out, lse, opts, bias_grad,
+                                                              cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                              seqused_k=seqused_k)
+    elif _pytorch_cpu_serves(q, v, opts, varlen) and not _may_leak(
+            (grads := _pytorch_cpu_backward(dout, q, k, v, out, lse, opts))[0], opts):
+        (dq, dk, dv), dbias = grads, None
     elif not varlen:
-        dq, dk, dv, dbias = attention_tiled_backward(dout, q, k, v, out, lse, opts, bias_grad)
+        dq, dk, dv, dbias, dsinks = attention_tiled_backward(dout, q, k, v, out, lse, opts, bias_grad)
     else:
         dq, dk, dv, dbias = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None
-        for i, sq, sk in varlen_slices(cu_seqlens_q, cu_seqlens_k):
+        for i, sq, sk in varlen_slices(cu_seqlens_q, cu_seqlens_k, seqused_k):
             grads = attention_tiled_backward(dout[None, sq], q[None, sq], k[None, sk], v[None, sk], out[None, sq],
                                              lse[None, :, sq], seq_options(opts, i, sq.stop - sq.start,
                                                                             sk.stop - sk.start, max_seqlen_q,
                                                                             max_seqlen_k))
             dq[sq], dk[sk], dv[sk] = grads[0][0], grads[1][0], grads[2][0]
-    return dq, dk, dv, _reduce_bias_grad(dbias, bias) if bias_grad else no_bias_grad
+            if sinks is not None:
+                dsinks = grads[4] if dsinks is None else dsinks + grads[4]
+        if sinks is not None and dsinks is None:
+            dsinks = torch.zeros_like(opts.sinks)
+        # the sequences without keys: their rows' only key is the sink, whose gradient -P_sink * delta is 0
+        # there (their output is zero, so delta = rowsum(dO * O) is 0)
+    dbias = _reduce_bias_grad(dbias, bias) if bias_grad else no_grad()
+    return dq, dk, dv, dbias, no_grad() if sinks is None else dsinks.to(sinks.dtype)
 
 
 attn_bwd = torch.library.custom_op("flashtile::attn_bwd", mutates_args=())(_attn_bwd)
@@ -195,19 +247,22 @@ attn_bwd = torch.library.custom_op("flashtile::attn_bwd", mutates_args=())(_attn
 
 @attn_bwd.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, bias, alibi, seed, max_seqlen_q, max_seqlen_k,
-      softmax_scale, diag, window_left, window_right, softcap, dropout_p, bias_grad):
+      softmax_scale, diag, window_left, window_right, softcap, dropout_p, bias_grad, sinks=None, seqused_k=None):
     dbias = torch.empty_like(bias) if bias_grad and bias is not None else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+    dsinks = q.new_empty(0) if sinks is None else torch.empty_like(sinks)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias, dsinks
 
 
 _BIAS = 5  # position of bias among them
 _SCALARS = slice(8, 16)  # those attn_bwd takes too (max_seqlen_q .. dropout_p)
+_SINKS = 17  # and seqused_k after it
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, cu_q, cu_k, bias, alibi, seed = inputs[:8]
+    sinks, seqused_k = (list(inputs[_SINKS:_SINKS + 2]) + [None, None])[:2]
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, bias, alibi, seed)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, bias, alibi, seed, sinks, seqused_k)
     ctx.scalars = tuple(inputs[_SCALARS])
     ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(lse)
@@ -216,13 +271,16 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, dlse, bwd=attn_bwd):
-    q, k, v, out, lse, cu_q, cu_k, bias, alibi, seed = ctx.saved_tensors
+    q, k, v, out, lse, cu_q, cu_k, bias, alibi, seed, sinks, seqused_k = ctx.saved_tensors
     if dout is None:  # the output took no part in the loss
         dout = torch.zeros_like(out)
     bias_grad = bias is not None and ctx.needs_input_grad[_BIAS]
-    dq, dk, dv, dbias = bwd(dout, q, k, v, out, lse, cu_q, cu_k, bias, alibi, seed, *ctx.scalars, bias_grad)
+    dq, dk, dv, dbias, dsinks = bwd(dout, q, k, v, out, lse, cu_q, cu_k, bias, alibi, seed, *ctx.scalars,
+                                    bias_grad, sinks, seqused_k)
     grads = [dq, dk, dv] + [None] * (ctx.n_inputs - 3)
     grads[_BIAS] = dbias if bias_grad else None
+    if sinks is not None:
+        grads[_SINKS] = dsinks
     return tuple(grads)
 
 
@@ -255,16 +313,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: 
               window: tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi: torch.Tensor | None = None,
               bias: torch.Tensor | None = None, dropout_p: float = 0.0, seed: torch.Tensor | None = None,
               cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
-              max_seqlen_q: int = 0, max_seqlen_k: int = 0,
-              fixed_max: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              max_seqlen_q: int = 0, max_seqlen_k: int = 0, fixed_max: float | None = None,
+              sinks: torch.Tensor | None = None, seqused_k: torch.Tensor | None = None,
+              block_table: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable attention on checked inputs. Returns (out, lse).
 
     ``window = (left, right)``, -1 unbounded (causal is ``right = 0``).
     ``fixed_max``: a bound of the scores without bias (cosine-similarity
     attention, see the module docstring), or None for the running row max.
+    ``sinks``: ``(nheads,)`` logits of attention sinks (see ``AttnOptions``), or None.
+    Varlen: ``seqused_k`` (int32 ``(batch,)``) the keys each sequence uses;
+    ``block_table`` (int32 ``(batch, max_pages)``) k and v paged (forward only).
     """
     # the kernels need a contiguous head dim; other strides are read as they are
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     fwd = attn_fwd if torch.compiler.is_compiling() else _EagerAttention.apply
     return fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, bias, alibi, seed, max_seqlen_q, max_seqlen_k,
-               softmax_scale, diag, window[0], window[1], softcap, dropout_p, fixed_max)
+               softmax_scale, diag, window[0], window[1], softcap, dropout_p, fixed_max, sinks, seqused_k, block_table)

@@ -17,7 +17,7 @@ import torch
 from ..backends.torch_tiled import attention_tiled_forward
 from ..backends.triton.launch.decode import decode_triton
 from ..backends.triton.launch.device import cdiv, interpreting
-from ..options import AttnOptions
+from ..options import AttnOptions, empty_output
 
 
 def cache_rows(cache: torch.Tensor, b: int, stop: int, cache_batch_idx, block_table) -> torch.Tensor:
@@ -31,12 +31,20 @@ def cache_rows(cache: torch.Tensor, b: int, stop: int, cache_batch_idx, block_ta
     return cache[pages].flatten(0, 1)[:stop]
 
 
+def _empty_lse(q: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """The LSE ``(batch, nheads, seqlen_q)`` of rows that see no key: -inf, or the sink's logit."""
+    shape = (q.shape[0], q.shape[2], q.shape[1])
+    if sinks is None:
+        return torch.full(shape, float("-inf"), device=q.device, dtype=torch.float32)
+    return sinks.float().reshape(1, -1, 1).expand(shape).clone()
+
+
 def _decode_tiled(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi, seqlen_new,
-                  softmax_scale, window_left, window_right, softcap):
+                  softmax_scale, window_left, window_right, softcap, sinks):
     """The same attention with the tiled PyTorch path, one sequence at a time."""
     batch, seqlen_q, nheads, _ = q.shape
-    out = torch.zeros_like(q)
-    lse = torch.full((batch, nheads, seqlen_q), float("-inf"), device=q.device, dtype=torch.float32)
+    out = empty_output(q, v_cache.shape[-1]).zero_()
+    lse = _empty_lse(q, sinks)
     lengths = (cache_seqlens + seqlen_new).tolist()
     firsts = [0] * batch if leftpad is None else leftpad.tolist()
     for b in range(batch):
@@ -46,7 +54,8 @@ def _decode_tiled(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_tab
         k = cache_rows(k_cache, b, stop, cache_batch_idx, block_table)[first:]
         v = cache_rows(v_cache, b, stop, cache_batch_idx, block_table)[first:]
         slopes = None if alibi is None else (alibi[b] if alibi.dim() == 2 else alibi).float()[None]
-        opts = AttnOptions(softmax_scale, (stop - first) - seqlen_q, window_left, window_right, softcap, slopes)
+        opts = AttnOptions(softmax_scale, (stop - first) - seqlen_q, window_left, window_right, softcap, slopes,
+                           sinks=None if sinks is None else sinks.float())
         o, l = attention_tiled_forward(q[b:b + 1], k[None], v[None], opts)
         out[b], lse[b] = o[0], l[0]
     return out, lse
@@ -55,14 +64,16 @@ def _decode_tiled(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_tab
 def _attn_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                  cache_batch_idx: torch.Tensor | None, block_table: torch.Tensor | None, leftpad: torch.Tensor | None,
                  alibi: torch.Tensor | None, seqlen_new: int, softmax_scale: float, window_left: int,
-                 window_right: int, softcap: float, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 window_right: int, softcap: float, num_splits: int,
+                 sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     if q.numel() == 0:
-        return torch.zeros_like(q), torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), device=q.device)
+        return empty_output(q, v_cache.shape[-1]).zero_(), _empty_lse(q, sinks)
     if q.is_cuda or interpreting():
         return decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi,
-                              seqlen_new, softmax_scale, window_left, window_right, softcap, num_splits)
+                             seqlen_new, softmax_scale, window_left, window_right, softcap, num_splits,
+                             None if sinks is None else sinks.float())
     return _decode_tiled(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi,
-                         seqlen_new, softmax_scale, window_left, window_right, softcap)
+                         seqlen_new, softmax_scale, window_left, window_right, softcap, sinks)
 
 
 attn_decode_op = torch.library.custom_op("flashtile::attn_decode", mutates_args=())(_attn_decode)
@@ -70,8 +81,8 @@ attn_decode_op = torch.library.custom_op("flashtile::attn_decode", mutates_args=
 
 @attn_decode_op.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi, seqlen_new, softmax_scale,
-      window_left, window_right, softcap, num_splits):
-    return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+      window_left, window_right, softcap, num_splits, sinks=None):
+    return empty_output(q, v_cache.shape[-1]), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
 def attn_decode(*args) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,6 +36,7 @@ def attention_ref(
     upcast: bool = True,
     compute_dtype: torch.dtype | None = None,
     return_lse: bool = False,
+    sinks: torch.Tensor | None = None,
 ):
     """Materialised attention, the test oracle.
 
@@ -60,8 +61,13 @@ def attention_ref(
             return the input dtype; with ``upcast=False`` every step runs in the
             input dtype, which is how the accuracy rule measures PyTorch's own error.
         return_lse: also return the natural-log LSE ``(batch, nheads, seqlen_q)``.
+        sinks: ``(nheads,)`` attention-sink logits: a column of the sink's logit is
+            appended to every row's scores before the softmax and dropped after
+            it (the LSE includes it).
 
-    Rows that see no key give zeros (and LSE ``-inf``).
+    Rows that see no key give zeros (and LSE ``-inf``, or the sink's logit). A key
+    a row does not see adds nothing to it, NaN and Inf in its key and value
+    included; a row that sees a non-finite value gets NaN there.
     """
     dtype = q.dtype
     if upcast:
@@ -97,15 +103,32 @@ def attention_ref(
         scores = scores.masked_fill(cols > rows + offset + right, float("-inf"))
     if left >= 0:
         scores = scores.masked_fill(cols < rows + offset - left, float("-inf"))
+    if sinks is not None:
+        sink_col = sinks.to(scores.dtype).reshape(1, nheads, 1, 1).expand(batch, nheads, seqlen_q, 1)
+        scores = torch.cat([scores, sink_col], dim=-1)
     lse = torch.logsumexp(scores.float(), dim=-1)
     probs = torch.softmax(scores, dim=-1)
     probs = probs.masked_fill(torch.isnan(probs), 0.0)  # rows with no key
+    if sinks is not None:
+        probs = probs[..., :-1]
     if dropout_mask is not None:
         probs = probs.masked_fill(~dropout_mask, 0.0) / (1 - dropout_p)
-    out = torch.einsum("bhij,bjhd->bihd", probs, v)
+    out = _product_seen(probs, scores[..., :seqlen_k] != float("-inf"), v)
     out = out.to(dtype)
     return (out, lse) if return_lse else out
 
+
+
+def _product_seen(probs: torch.Tensor, seen: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``probs @ v`` (``(b, h, i, j)`` by ``(b, j, h, d)``) in which a key a row does not see
+    (``seen`` False) adds nothing, NaN and Inf in its value included: a position that
+    is masked contributes nothing, and a row that sees a non-finite value gets NaN there."""
+    bad = ~torch.isfinite(v)
+    if not bad.any():
+        return torch.einsum("bhij,bjhd->bihd", probs, v)
+    out = torch.einsum("bhij,bjhd->bihd", probs, v.masked_fill(bad, 0.0))
+    seen_bad = torch.einsum("bhij,bjhd->bihd", seen.to(v.dtype), bad.to(v.dtype))
+    return out.masked_fill(seen_bad > 0, float("nan"))
 
 
 def plain_cosine_sim_attention(q, k, v, mask=None, attn_bias=None, scale=8, groups=1, causal=False, l2norm_qk=True,

@@ -33,19 +33,34 @@ def _config(family: str):
     if family == "gemma2":  # softcapped scores, every other layer a sliding window
         return transformers.Gemma2Config(**common, head_dim=16, query_pre_attn_scalar=16, attn_logit_softcapping=5.0,
                                          final_logit_softcapping=30.0, sliding_window=7)
+    if family == "gpt_oss":  # attention sinks, a mixture of experts, every other layer a sliding window
+        # (experts looped in plain PyTorch: the grouped matmuls take no fp64, which the oracle runs in)
+        return transformers.GptOssConfig(**common, head_dim=16, sliding_window=7, num_local_experts=4,
+                                         num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"],
+                                         experts_implementation="eager")
+    if family == "deepseek_v3":  # multi-head latent attention: q/k head dim 24, v head dim 12
+        return transformers.DeepseekV3Config(**(common | dict(num_key_value_heads=4)), moe_intermediate_size=32,
+                                             n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                                             first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32,
+                                             qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+                                             experts_implementation="eager")
     if family == "gpt2":
         return transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256,
                                        attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
     raise ValueError(family)
 
 
-FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gpt2"]
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gpt2", "gpt_oss", "deepseek_v3"]
 
 
 def _models(family: str, device: str, dtype: torch.dtype):
     """The same weights with flashtile, eager attention in ``dtype``, and eager in fp64 (the oracle)."""
     torch.manual_seed(0)
     base = transformers.AutoModelForCausalLM.from_config(_config(family), attn_implementation="eager").eval()
+    for module in base.modules():
+        if isinstance(getattr(module, "sinks", None), torch.nn.Parameter):
+            # sinks of every size, some larger than the scores (initialised near 0)
+            torch.nn.init.normal_(module.sinks, std=2.0)
     models = {}
     for name, impl, dt in [("flashtile", "flashtile", dtype), ("eager", "eager", dtype), ("ref", "eager", torch.float64)]:
         model = copy.deepcopy(base).to(device, dt)
@@ -163,7 +178,8 @@ def test_flash_attention_loader_finds_flashtile():
     import flashtile
 
     (dense, varlen, kvcache, _, _), _ = lazy_import_flash_attention("flashtile")
-    assert (dense, varlen) == (flashtile.flash_attn_func, flashtile.flash_attn_varlen_func)
+    # flashtile's functions, taking attention sinks by transformers' name for them (s_aux)
+    assert (dense.__wrapped__, varlen.__wrapped__) == (flashtile.flash_attn_func, flashtile.flash_attn_varlen_func)
     assert kvcache is not None  # flashtile.flash_attn_with_kvcache, behind torch.compiler.disable
 
 

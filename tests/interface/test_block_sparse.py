@@ -211,6 +211,14 @@ def test_dropout_matches_reference_with_recovered_mask(backend):
     check_attention(fn, q, k, v, attn_bias=mask.to_dense(), dropout_p=p, dropout_mask=keep)
 
 
+def test_sinks(backend):
+    q, k, v = (torch.randn(1, 128, 6, 32, dtype=torch.bfloat16) for _ in range(3))
+    mask = BlockMask.from_layout(torch.rand(1, 6, 4, 4) < 0.6, 32, 128, 128)
+    sinks = torch.tensor([-20.0, -1.5, 0.3, 2.0, 6.0, 25.0])
+    check_attention(lambda q, k, v, sinks: block_sparse_attn_func(q, k, v, mask, causal=True, sinks=sinks), q, k, v,
+                    sinks=sinks, attn_bias=mask.to_dense(), causal=True)
+
+
 def test_compile_fullgraph():
     sq = sk = 64
     mask = BlockMask.from_layout(random_layout(1, 1, sq, sk, 32, 0.7) | torch.eye(2, dtype=torch.bool), 32, sq, sk)

@@ -3,7 +3,7 @@ bad inputs of the new options."""
 
 import pytest
 import torch
-from helpers import check_attention, set_switch
+from helpers import check_attention, cu, packed_ref, set_switch
 
 from flashtile import (
     flash_attn_func,
@@ -15,23 +15,6 @@ from flashtile import (
     unpad_input,
 )
 from flashtile.testing import attention_ref
-
-
-def cu(lengths):
-    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
-
-
-def packed_ref(lens_q, lens_k, alibi_slopes=None, **kw):
-    """attention_ref per sequence, concatenated: the oracle of a packed batch."""
-    def ref(q, k, v, **ref_kw):
-        outs, cq, ck = [], cu(lens_q).tolist(), cu(lens_k).tolist()
-        for i in range(len(lens_q)):
-            slopes = alibi_slopes[i] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
-            outs.append(attention_ref(q[None, cq[i]:cq[i + 1]], k[None, ck[i]:ck[i + 1]], v[None, ck[i]:ck[i + 1]],
-                                      alibi_slopes=slopes, **kw, **ref_kw)[0])
-        return torch.cat(outs)
-    return ref
-
 
 CASES = {
     # lengths of q and k per sequence: ragged, a zero-length sequence, cross attention
@@ -81,6 +64,17 @@ def test_varlen_with_window_alibi_softcap_dropout(backend):
         return torch.cat(outs)
 
     check_attention(fn, q, k, v, ref_fn=ref)
+
+
+def test_varlen_alibi_one_slope_per_head(backend):
+    # slopes (nheads,) shared by every sequence of the batch, not only the first
+    lens_q, lens_k = [20, 9, 31, 14], [50, 0, 64, 14]
+    q = torch.randn(sum(lens_q), 4, 32)
+    k, v = (torch.randn(sum(lens_k), 2, 32) for _ in range(2))
+    slopes = torch.rand(4)
+    check_attention(lambda q, k, v: flash_attn_varlen_func(q, k, v, cu(lens_q), cu(lens_k), 31, 64,
+                                                           alibi_slopes=slopes),
+                    q, k, v, ref_fn=packed_ref(lens_q, lens_k, alibi_slopes=slopes))
 
 
 def test_varlen_packed_variants_and_lse(backend):

@@ -9,7 +9,7 @@ import weakref
 
 import pytest
 import torch
-from helpers import check_attention, count_plan_replays
+from helpers import check_attention, count_plan_replays, cu, packed_ref
 
 from flashtile import flash_attn_func, flash_attn_varlen_func, options
 from flashtile.backends.triton.launch import choose as launch_choose
@@ -55,7 +55,6 @@ def test_dropout_replays_with_each_calls_seed(monkeypatch):
 
 def test_varlen_replays_with_new_offsets(monkeypatch):
     runs = count_plan_replays(monkeypatch)
-    from test_varlen import cu, packed_ref
 
     for lens in ([20, 33, 7], [7, 40, 13]):  # same totals and max length: one plan, other offsets
         q, k, v = (torch.randn(60, 2, 16) for _ in range(3))

@@ -26,6 +26,7 @@ from .tiles import (
     dropout_keep,
     key_ranges,
     load_rows,
+    masked_pv,
     pattern_mask,
     program_tile,
     query_ranges,
@@ -48,13 +49,17 @@ def _load_lse_log2(Lse, offs, seqlen_q):
 
 
 @triton.jit
-def _seq_bounds(CuSeqlensQ, CuSeqlensK, b, max_seqlen_q, max_seqlen_k, diag_offset, IS_VARLEN: tl.constexpr):
-    """(start_q, seqlen_q, start_k, seqlen_k, diag) of sequence ``b``."""
+def _seq_bounds(CuSeqlensQ, CuSeqlensK, SeqUsedK, b, max_seqlen_q, max_seqlen_k, diag_offset,
+                IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr):
+    """(start_q, seqlen_q, start_k, seqlen_k, diag) of sequence ``b``; with HAS_SEQUSED its
+    first ``SeqUsedK[b]`` keys only."""
     if IS_VARLEN:
         start_q = tl.load(CuSeqlensQ + b)
         seqlen_q = tl.load(CuSeqlensQ + b + 1) - start_q
         start_k = tl.load(CuSeqlensK + b)
         seqlen_k = tl.load(CuSeqlensK + b + 1) - start_k
+        if HAS_SEQUSED:
+            seqlen_k = tl.load(SeqUsedK + b)
         diag = seqlen_k - seqlen_q
     else:
         start_q = 0
@@ -76,26 +81,27 @@ def _tile_probs(qk, rows, cols, lse, seqlen_q, seqlen_k, diag, window_left, wind
     base-2 ``lse`` of the rows broadcast to the tile (``[:, None]`` for a [queries,
     keys] tile, ``[None, :]`` for the dK/dV kernel's transposed one). MASKED:
     the mask of a partial tile; SPARSE: and of its block pattern, the program's
-    BLOCK_N keys starting at ``start_n``."""
+    BLOCK_N keys starting at ``start_n``. Also returns the mask (True without MASKED)."""
     s, t = tile_scores(qk, rows, cols, seqlen_q, seqlen_k, diag, qk_scale, softcap_in, softcap_out, alibi_slope,
                        bias_base, stride_bm, stride_bn, SOFTCAP, HAS_ALIBI, BIAS_KIND, BIAS_ROWS)
     p = tl.math.exp2(s - lse)
+    allowed = True
     if MASKED:
         allowed = tile_mask(rows, cols, seqlen_k, diag, window_left, window_right, MASK_LEFT, MASK_RIGHT)
         if SPARSE:
             allowed = allowed & pattern_mask(Patterns, pattern, rows, cols, row0, col0, start_n, SPARSE_BM,
                                               SPARSE_BN, BLOCK_N)
         p = tl.where(allowed, p, 0.0)
-    return p, t
+    return p, t, allowed
 
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qs, stride_dos,
                 bias_base, stride_bm, stride_bn, dbias_base, stride_dbm, stride_dbn,
-                offs_m, offs_n, offs_d, start, end, seqlen_q, seqlen_k, diag, window_left, window_right,
+                offs_m, offs_n, offs_d, offs_dv, start, end, seqlen_q, seqlen_k, diag, window_left, window_right,
                 qk_scale, softcap_in, softcap_out, alibi_slope, bh, max_seqlen_q, max_seqlen_k,
                 dropout_p, dropout_scale, seed,
-                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
                 MASKED: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
                 SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr,
                 BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
@@ -110,6 +116,7 @@ def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qs, st
     partial tiles, masked by their pattern (this key block's mask block
     starts at key ``col0``, the program's BLOCK_N keys at ``key_start``)."""
     d_ok = offs_d[None, :] < HEAD_DIM
+    dv_ok = offs_dv[None, :] < HEAD_DIM_V
     cols = offs_n[:, None]
     SUB: tl.constexpr = SPARSE_BM // BLOCK_M
     if SPARSE:
@@ -125,14 +132,14 @@ def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qs, st
         rows_1d = start_m + offs_m
         rows = rows_1d[None, :]
         q = load_rows(q_ptrs, start_m, stride_qs, rows_1d, seqlen_q, d_ok, USE_DESC)
-        do = load_rows(do_ptrs, start_m, stride_dos, rows_1d, seqlen_q, d_ok, USE_DESC)
+        do = load_rows(do_ptrs, start_m, stride_dos, rows_1d, seqlen_q, dv_ok, USE_DESC)
         lse = _load_lse_log2(lse_ptr, rows_1d, seqlen_q)
         if PART != 1:
             delta = tl.load(delta_ptr + rows_1d, mask=rows_1d < seqlen_q, other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
-        p_t, t_t = _tile_probs(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), rows, cols, lse[None, :],
+        p_t, t_t, _ = _tile_probs(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), rows, cols, lse[None, :],
                                seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap_in,
                                softcap_out, alibi_slope, bias_base, stride_bm, stride_bn, Patterns, pattern, row0,
                                col0, key_start, BLOCK_N, MASKED, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
@@ -173,14 +180,14 @@ def attn_bwd_dkdv_kernel(
     stride_dbb, stride_dbh, stride_dbm, stride_dbn, stride_ab,
     nheads_k, group_size, max_seqlen_q, max_seqlen_k, diag_offset, window_left, window_right,
     softmax_scale, qk_scale, softcap_in, softcap_out, dropout_p, dropout_scale, seed,
-    FullList, PartList, Patterns, sparse_sb, sparse_sh, full_row, part_row, tail_bh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    FullList, PartList, Patterns, sparse_sb, sparse_sh, full_row, part_row, tail_bh, SeqUsedK,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr, BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
     IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_DESC: tl.constexpr = False,
     SPARSE: tl.constexpr = False, SPARSE_BM: tl.constexpr = 1, SPARSE_BN: tl.constexpr = 1,
-    PART: tl.constexpr = 0,
+    PART: tl.constexpr = 0, HAS_SEQUSED: tl.constexpr = False,
 ):
     """Grid: (cdiv(max_seqlen_k, BLOCK_N) * batch * nheads_k,), the last ``tail_bh``
     (batch, kv head) pairs issued longest first (``program_tile``). Lse and Delta share strides.
@@ -195,8 +202,8 @@ def attn_bwd_dkdv_kernel(
     b = pid_bh // nheads_k
     hk = pid_bh % nheads_k
     start_n = pid_n * BLOCK_N
-    start_q, seqlen_q, start_k, seqlen_k, diag = _seq_bounds(CuSeqlensQ, CuSeqlensK, b, max_seqlen_q, max_seqlen_k,
-                                                             diag_offset, IS_VARLEN)
+    start_q, seqlen_q, start_k, seqlen_k, diag = _seq_bounds(CuSeqlensQ, CuSeqlensK, SeqUsedK, b, max_seqlen_q,
+                                                             max_seqlen_k, diag_offset, IS_VARLEN, HAS_SEQUSED)
     if IS_VARLEN:
         if start_n >= seqlen_k:
             return
@@ -204,7 +211,9 @@ def attn_bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     kv_ok = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+    v_ok = (offs_n[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V)
 
     k_off = b.to(tl.int64) * stride_kb + start_k.to(tl.int64) * stride_ks + hk * stride_kh
     v_off = b.to(tl.int64) * stride_vb + start_k.to(tl.int64) * stride_vs + hk * stride_vh
@@ -214,12 +223,12 @@ def attn_bwd_dkdv_kernel(
     # what a part does not compute stays a scalar placeholder (no registers)
     v, dk, dv = 0.0, 0.0, 0.0
     if PART != 1:
-        v = tl.load(V + v_off + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(V + v_off + offs_n[:, None] * stride_vs + offs_dv[None, :], mask=v_ok, other=0.0)
         if UPCAST:
             v = v.to(tl.float32)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     if PART != 2:
-        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
     if not SPARSE:
         lo, full_lo, full_hi, hi = query_ranges(start_n, seqlen_q, diag, window_left, window_right,
@@ -231,8 +240,8 @@ def attn_bwd_dkdv_kernel(
         q_ptrs = row_source(Q + b.to(tl.int64) * stride_qb + start_q.to(tl.int64) * stride_qs + h * stride_qh,
                             offs_m, offs_d, stride_qs, seqlen_q, HEAD_DIM, BLOCK_M, BLOCK_D, USE_DESC)
         do_ptrs = row_source(DOut + b.to(tl.int64) * stride_dob + start_q.to(tl.int64) * stride_dos
-                             + h * stride_doh, offs_m, offs_d, stride_dos, seqlen_q, HEAD_DIM, BLOCK_M, BLOCK_D,
-                             USE_DESC)
+                             + h * stride_doh, offs_m, offs_dv, stride_dos, seqlen_q, HEAD_DIM_V, BLOCK_M,
+                             BLOCK_DV, USE_DESC)
         lse_ptr = Lse + b.to(tl.int64) * stride_lb + h * stride_lh + start_q
         delta_ptr = Delta + b.to(tl.int64) * stride_lb + h * stride_lh + start_q
         bias_base = Bias + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh
@@ -251,10 +260,11 @@ def attn_bwd_dkdv_kernel(
                     tile_list = FullList + list_row * full_row
                 dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qs, stride_dos,
                                      bias_base, stride_bm, stride_bn, dbias_base, stride_dbm, stride_dbn,
-                                     offs_m, offs_n, offs_d, 0, tl.load(tile_list) * (SPARSE_BM // BLOCK_M),
+                                     offs_m, offs_n, offs_d, offs_dv, 0,
+                                     tl.load(tile_list) * (SPARSE_BM // BLOCK_M),
                                      seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap_in,
                                      softcap_out, alibi_slope, bh, max_seqlen_q, max_seqlen_k, dropout_p,
-                                     dropout_scale, seed, HEAD_DIM, BLOCK_M, part == 0, MASK_LEFT, MASK_RIGHT,
+                                     dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_M, part == 0, MASK_LEFT, MASK_RIGHT,
                                      SOFTCAP, HAS_ALIBI, BIAS_KIND, BIAS_ROWS, BIAS_GRAD, DROPOUT, UPCAST,
                                      DOT_PRECISION, USE_DESC, tile_list + 1, Patterns, k_blk * SPARSE_BN,
                                      SPARSE, SPARSE_BM, SPARSE_BN, start_n, BLOCK_N, PART)
@@ -270,10 +280,10 @@ def attn_bwd_dkdv_kernel(
                 if (part != 2) or MASK_LEFT:
                     dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qs, stride_dos,
                                          bias_base, stride_bm, stride_bn, dbias_base, stride_dbm, stride_dbn,
-                                         offs_m, offs_n, offs_d, start, end, seqlen_q, seqlen_k, diag,
+                                         offs_m, offs_n, offs_d, offs_dv, start, end, seqlen_q, seqlen_k, diag,
                                          window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope,
                                          bh, max_seqlen_q, max_seqlen_k, dropout_p, dropout_scale, seed,
-                                         HEAD_DIM, BLOCK_M, part != 1, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
+                                         HEAD_DIM, HEAD_DIM_V, BLOCK_M, part != 1, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
                                          BIAS_KIND, BIAS_ROWS, BIAS_GRAD, DROPOUT, UPCAST, DOT_PRECISION, USE_DESC,
                                          BLOCK_N=BLOCK_N, PART=PART)
 
@@ -283,7 +293,7 @@ def attn_bwd_dkdv_kernel(
                  + offs_n[:, None] * stride_dks + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_ok)
     if PART != 2:
         tl.store(DV + b.to(tl.int64) * stride_dvb + start_k.to(tl.int64) * stride_dvs + hk * stride_dvh
-                 + offs_n[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_ok)
+                 + offs_n[:, None] * stride_dvs + offs_dv[None, :], dv.to(DV.dtype.element_ty), mask=v_ok)
 
 
 @triton.jit
@@ -301,10 +311,10 @@ def _dq_scores_grad(p, t, dp, rows, cols, delta, bh, max_seqlen_q, max_seqlen_k,
 
 @triton.jit
 def _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs,
-              bias_base, stride_bm, stride_bn, offs_m, offs_n, offs_d, start, end, seqlen_q, seqlen_k,
+              bias_base, stride_bm, stride_bn, offs_m, offs_n, offs_d, offs_dv, start, end, seqlen_q, seqlen_k,
               diag, window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh, max_seqlen_q,
               max_seqlen_k, dropout_p, dropout_scale, seed,
-              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
               MASKED: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
               SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr,
               DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_DESC: tl.constexpr,
@@ -313,6 +323,7 @@ def _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs,
     """Accumulate key tiles [start, end) into dq of the query rows ``offs_m``;
     ``k_ptrs`` / ``v_ptrs`` are ``row_source`` s. SPARSE: as in the forward pass."""
     d_ok = offs_d[None, :] < HEAD_DIM
+    dv_ok = offs_dv[None, :] < HEAD_DIM_V
     rows = offs_m[:, None]
     SUB: tl.constexpr = SPARSE_BN // BLOCK_N
     if SPARSE:
@@ -328,31 +339,37 @@ def _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs,
         cols_1d = start_n + offs_n
         cols = cols_1d[None, :]
         k = load_rows(k_ptrs, start_n, stride_ks, cols_1d, seqlen_k, d_ok, USE_DESC)
-        v = load_rows(v_ptrs, start_n, stride_vs, cols_1d, seqlen_k, d_ok, USE_DESC)
+        v = load_rows(v_ptrs, start_n, stride_vs, cols_1d, seqlen_k, dv_ok, USE_DESC)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        p, t = _tile_probs(qk, rows, cols, lse[:, None], seqlen_q, seqlen_k, diag, window_left, window_right,
+        p, t, allowed = _tile_probs(qk, rows, cols, lse[:, None], seqlen_q, seqlen_k, diag, window_left, window_right,
                            qk_scale, softcap_in, softcap_out, alibi_slope, bias_base, stride_bm, stride_bn, Patterns,
                            pattern, row0, col0, start_n, BLOCK_N, MASKED, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
                            BIAS_KIND, BIAS_ROWS, SPARSE, SPARSE_BM, SPARSE_BN)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = _dq_scores_grad(p, t, dp, rows, cols, delta, bh, max_seqlen_q, max_seqlen_k, dropout_p, dropout_scale,
                              seed, SOFTCAP, DROPOUT)
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+        if MASKED:
+            # keys a row does not see add nothing to its dQ, NaN and Inf in their K and V included
+            ds = tl.where(allowed, ds, 0.0)
+            dq = masked_pv(dq, ds, k, allowed, DOT_PRECISION)
+        else:
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
 
 @triton.jit
-def _dq_rows(Q, DOut, Out, Lse, Delta, q_off, do_off, o_off, lse_off, offs_m, offs_d, stride_qs, stride_dos,
-             stride_os, seqlen_q, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+def _dq_rows(Q, DOut, Out, Lse, Delta, q_off, do_off, o_off, lse_off, offs_m, offs_d, offs_dv, stride_qs, stride_dos,
+             stride_os, seqlen_q, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, UPCAST: tl.constexpr):
     """Q, dO, the base-2 LSE and delta = rowsum(dO * O) of the query rows ``offs_m``;
     delta is also written (Lse's layout) for the dK/dV kernel."""
     ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+    ok_v = (offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V)
     q = tl.load(Q + q_off + offs_m[:, None] * stride_qs + offs_d[None, :], mask=ok, other=0.0)
-    do = tl.load(DOut + do_off + offs_m[:, None] * stride_dos + offs_d[None, :], mask=ok, other=0.0)
-    o = tl.load(Out + o_off + offs_m[:, None] * stride_os + offs_d[None, :], mask=ok, other=0.0)
+    do = tl.load(DOut + do_off + offs_m[:, None] * stride_dos + offs_dv[None, :], mask=ok_v, other=0.0)
+    o = tl.load(Out + o_off + offs_m[:, None] * stride_os + offs_dv[None, :], mask=ok_v, other=0.0)
     # delta_i = sum_d dO_id O_id (= rowsum(P * dP)), for dS here and in the dK/dV kernel
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + lse_off + offs_m, delta, mask=offs_m < seqlen_q)
@@ -375,13 +392,14 @@ def attn_bwd_dq_kernel(
     stride_bb, stride_bh, stride_bm, stride_bn, stride_ab,
     nheads, group_size, max_seqlen_q, max_seqlen_k, diag_offset, window_left, window_right,
     softmax_scale, qk_scale, softcap_in, softcap_out, dropout_p, dropout_scale, seed,
-    FullList, PartList, Patterns, sparse_sb, sparse_sh, full_row, part_row, tail_bh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    FullList, PartList, Patterns, sparse_sb, sparse_sh, full_row, part_row, tail_bh, SeqUsedK,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr, DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_DESC: tl.constexpr = False,
     SPARSE: tl.constexpr = False, SPARSE_BM: tl.constexpr = 1, SPARSE_BN: tl.constexpr = 1,
+    HAS_SEQUSED: tl.constexpr = False,
 ):
     """Grid: (cdiv(max_seqlen_q, BLOCK_M) * batch * nheads,), the last ``tail_bh``
     (batch, head) pairs issued longest first (``program_tile``). With USE_DESC, K/V
@@ -393,8 +411,8 @@ def attn_bwd_dq_kernel(
     h = pid_bh % nheads
     hk = h // group_size
     start_m = pid_m * BLOCK_M
-    start_q, seqlen_q, start_k, seqlen_k, diag = _seq_bounds(CuSeqlensQ, CuSeqlensK, b, max_seqlen_q, max_seqlen_k,
-                                                             diag_offset, IS_VARLEN)
+    start_q, seqlen_q, start_k, seqlen_k, diag = _seq_bounds(CuSeqlensQ, CuSeqlensK, SeqUsedK, b, max_seqlen_q,
+                                                             max_seqlen_k, diag_offset, IS_VARLEN, HAS_SEQUSED)
     if IS_VARLEN:
         if start_m >= seqlen_q:
             return
@@ -402,19 +420,20 @@ def attn_bwd_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
 
     q_off = b.to(tl.int64) * stride_qb + start_q.to(tl.int64) * stride_qs + h * stride_qh
     do_off = b.to(tl.int64) * stride_dob + start_q.to(tl.int64) * stride_dos + h * stride_doh
     o_off = b.to(tl.int64) * stride_ob + start_q.to(tl.int64) * stride_os + h * stride_oh
     lse_off = b.to(tl.int64) * stride_lb + h * stride_lh + start_q
-    q, do, lse, delta = _dq_rows(Q, DOut, Out, Lse, Delta, q_off, do_off, o_off, lse_off, offs_m, offs_d,
-                                 stride_qs, stride_dos, stride_os, seqlen_q, HEAD_DIM, UPCAST)
+    q, do, lse, delta = _dq_rows(Q, DOut, Out, Lse, Delta, q_off, do_off, o_off, lse_off, offs_m, offs_d, offs_dv,
+                                 stride_qs, stride_dos, stride_os, seqlen_q, HEAD_DIM, HEAD_DIM_V, UPCAST)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     k_ptrs = row_source(K + b.to(tl.int64) * stride_kb + start_k.to(tl.int64) * stride_ks + hk * stride_kh,
                         offs_n, offs_d, stride_ks, seqlen_k, HEAD_DIM, BLOCK_N, BLOCK_D, USE_DESC)
     v_ptrs = row_source(V + b.to(tl.int64) * stride_vb + start_k.to(tl.int64) * stride_vs + hk * stride_vh,
-                        offs_n, offs_d, stride_vs, seqlen_k, HEAD_DIM, BLOCK_N, BLOCK_D, USE_DESC)
+                        offs_n, offs_dv, stride_vs, seqlen_k, HEAD_DIM_V, BLOCK_N, BLOCK_DV, USE_DESC)
     bias_base = Bias + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh
     alibi_slope = 0.0
     if HAS_ALIBI:
@@ -431,11 +450,11 @@ def attn_bwd_dq_kernel(
             else:
                 tile_list = FullList + list_row * full_row
             dq = _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks,
-                           stride_vs, bias_base, stride_bm, stride_bn, offs_m, offs_n, offs_d, 0,
+                           stride_vs, bias_base, stride_bm, stride_bn, offs_m, offs_n, offs_d, offs_dv, 0,
                            tl.load(tile_list) * (SPARSE_BN // BLOCK_N), seqlen_q, seqlen_k, diag, window_left,
                            window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh, max_seqlen_q,
                            max_seqlen_k, dropout_p, dropout_scale, seed,
-                           HEAD_DIM, BLOCK_N, part == 0, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
+                           HEAD_DIM, HEAD_DIM_V, BLOCK_N, part == 0, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
                            BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, USE_DESC,
                            tile_list + 1, Patterns, q_blk * SPARSE_BM, SPARSE, SPARSE_BM, SPARSE_BN)
     else:
@@ -451,10 +470,10 @@ def attn_bwd_dq_kernel(
             if (part != 0) or MASK_LEFT:
                 dq = _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs,
                                stride_ks, stride_vs, bias_base, stride_bm, stride_bn, offs_m, offs_n,
-                               offs_d, start, end, seqlen_q, seqlen_k, diag, window_left, window_right,
+                               offs_d, offs_dv, start, end, seqlen_q, seqlen_k, diag, window_left, window_right,
                                qk_scale, softcap_in, softcap_out, alibi_slope, bh, max_seqlen_q, max_seqlen_k,
                                dropout_p, dropout_scale, seed,
-                               HEAD_DIM, BLOCK_N, part != 1, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
+                               HEAD_DIM, HEAD_DIM_V, BLOCK_N, part != 1, MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI,
                                BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, USE_DESC)
 
     dq_base = DQ + b.to(tl.int64) * stride_dqb + start_q.to(tl.int64) * stride_dqs + h * stride_dqh

@@ -26,14 +26,14 @@ of two, else once per row. The page size is a compile-time constant.
 import triton
 import triton.language as tl
 
-from .tiles import BIAS_NONE, tile_mask, tile_scores
+from .tiles import BIAS_NONE, LOG2E, masked_pv, tile_mask, tile_scores
 
 LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
 def attn_decode_kernel(
-    Q, K, V, Out, Lse, CacheSeqlens, CacheBatchIdx, BlockTable, Leftpad, Alibi, MergedOut, MergedLse, Counters,
+    Q, K, V, Out, Lse, CacheSeqlens, CacheBatchIdx, BlockTable, Leftpad, Alibi, Sinks, MergedOut, MergedLse, Counters,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -42,16 +42,17 @@ def attn_decode_kernel(
     stride_tb, stride_ab, stride_mb, stride_ms, stride_mh, stride_mlb, stride_mlh,
     nheads_k, seqlen_q, seqlen_new, group_size, max_pages, window_left, window_right,
     qk_scale, softcap_in, softcap_out,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_LOOKUP: tl.constexpr = False,
     MERGE: tl.constexpr = False, BLOCK_S: tl.constexpr = 1, MERGE_ROWS: tl.constexpr = 1,
+    HAS_SINKS: tl.constexpr = False,
 ):
     """Grid: (batch * nheads_k, num_splits, cdiv(seqlen_q * group_size, BLOCK_M)).
 
     Q: (batch, seqlen_q, nheads, HEAD_DIM). K, V: the cache (see the module
-    docstring): contiguous with PAGE_SIZE = 0, else paged (ROW_LOOKUP: look
+    docstring), K's head dim HEAD_DIM and V's HEAD_DIM_V (Out's): contiguous with PAGE_SIZE = 0, else paged (ROW_LOOKUP: look
     up the page of every row even where a tile lies in one page); ``stride_kb``
     is the stride of a cache row (contiguous) or of a page (paged). Sequence
     ``b`` has ``CacheSeqlens[b] + seqlen_new`` keys, those before
@@ -64,6 +65,8 @@ def attn_decode_kernel(
     (laid out as Out / Lse with one split): ``Counters`` holds a zero int32
     per (batch * nheads_k, query block), left zero for the next launch.
     BLOCK_S: a power of two >= num_splits; MERGE_ROWS: rows merged at once.
+    HAS_SINKS: Sinks holds one fp32 logit per query head (attention sinks),
+    counted once, by split 0, as a key of value zero.
     """
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -80,6 +83,8 @@ def attn_decode_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_DIM
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv[None, :] < HEAD_DIM_V
 
     seqlen_k = tl.load(CacheSeqlens + b) + seqlen_new
     diag = seqlen_k - seqlen_q
@@ -122,7 +127,11 @@ def attn_decode_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if HAS_SINKS:
+        first = split == 0
+        m_i = tl.where(first, tl.load(Sinks + head, mask=row_ok, other=0.0) * LOG2E, m_i)
+        l_i = tl.where(first, 1.0, l_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     rows = tok[:, None]
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
@@ -150,9 +159,8 @@ def attn_decode_kernel(
         else:
             k_rows = cols.to(tl.int64) * stride_ks
             v_rows = cols.to(tl.int64) * stride_vs
-        kv_ok = col_ok[:, None] & d_ok
-        k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(v_base + v_rows[:, None] + offs_d[None, :], mask=kv_ok, other=0.0)
+        k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=col_ok[:, None] & d_ok, other=0.0)
+        v = tl.load(v_base + v_rows[:, None] + offs_dv[None, :], mask=col_ok[:, None] & dv_ok, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -169,7 +177,11 @@ def attn_decode_kernel(
         p = tl.math.exp2(s - m_sub[:, None])
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        if MASK_LEFT or MASK_RIGHT or HAS_LEFTPAD:
+            # keys inside the cache that a row does not see (causal, window, left padding) add nothing
+            acc = masked_pv(acc * alpha[:, None], p, v, allowed, DOT_PRECISION)
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
     # rows that saw no key of this split: output 0, LSE -inf
@@ -177,8 +189,8 @@ def attn_decode_kernel(
     acc = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i * LN2 + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
     o_ptrs = (Out + split.to(tl.int64) * stride_osplit + b.to(tl.int64) * stride_ob + tok[:, None] * stride_os
-              + head[:, None] * stride_oh + offs_d[None, :])
-    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok)
+              + head[:, None] * stride_oh + offs_dv[None, :])
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_ok)
     lse_ptrs = Lse + split.to(tl.int64) * stride_lsplit + b.to(tl.int64) * stride_lb + head * stride_lh + tok
     tl.store(lse_ptrs, lse, mask=row_ok)
 
@@ -202,11 +214,11 @@ def attn_decode_kernel(
                 m_head = hk * group_size + (pid_m * BLOCK_M + offs_mr) % group_size
                 part_rows = b.to(tl.int64) * stride_ob + m_tok * stride_os + m_head * stride_oh
                 lse_rows = b.to(tl.int64) * stride_lb + m_head * stride_lh + m_tok
-                merged, merged_lse = merge_parts(Out + part_rows[:, None] + offs_d[None, :], Lse + lse_rows,
-                                                 stride_osplit, stride_lsplit, num_splits, m_ok, d_ok, BLOCK_S)
+                merged, merged_lse = merge_parts(Out + part_rows[:, None] + offs_dv[None, :], Lse + lse_rows,
+                                                 stride_osplit, stride_lsplit, num_splits, m_ok, dv_ok, BLOCK_S)
                 merged_rows = b.to(tl.int64) * stride_mb + m_tok * stride_ms + m_head * stride_mh
-                tl.store(MergedOut + merged_rows[:, None] + offs_d[None, :], merged.to(MergedOut.dtype.element_ty),
-                         mask=m_ok[:, None] & d_ok)
+                tl.store(MergedOut + merged_rows[:, None] + offs_dv[None, :],
+                         merged.to(MergedOut.dtype.element_ty), mask=m_ok[:, None] & dv_ok)
                 tl.store(MergedLse + b.to(tl.int64) * stride_mlb + m_head * stride_mlh + m_tok, merged_lse, mask=m_ok)
 
 

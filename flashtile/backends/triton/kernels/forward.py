@@ -29,8 +29,10 @@ import triton.language as tl
 
 from .tiles import (
     BIAS_NONE,
+    LOG2E,
     dropout_keep,
     key_ranges,
+    masked_pv,
     pattern_mask,
     program_tile,
     sparse_tile,
@@ -79,23 +81,28 @@ def _softmax_pv(acc, l_i, m_i, qk, v, rows, cols, seqlen_q, seqlen_k, diag, wind
     if DROPOUT:
         # the row sum keeps every probability; only the product with V drops
         p = tl.where(dropout_keep(seed, bh, rows, cols, max_seqlen_q, max_seqlen_k, dropout_p), p, 0.0)
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    if MASKED:
+        acc = masked_pv(acc, p, v, allowed, DOT_PRECISION)
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_i
 
 
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, acc_b, l_b, m_b, q_b, k_src, v_src, stride_ks, stride_vs, bias_base, stride_bm,
-               stride_bn, offs_m, offs_m_b, offs_n, offs_d, start, end, seqlen_q, seqlen_k, diag, window_left,
-               window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh, max_seqlen_q, max_seqlen_k,
-               dropout_p, seed,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               stride_bn, offs_m, offs_m_b, offs_n, offs_d, offs_dv, start, end, seqlen_q, seqlen_k, diag,
+               window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh, max_seqlen_q,
+               max_seqlen_k, dropout_p, seed,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+               BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
                SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr,
                DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                KV_DESC: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, desc_b=0, desc_row=0, desc_h=0,
                FIXED_MAX: tl.constexpr = False, tile_list=0, Patterns=0, row0=0,
                SPARSE: tl.constexpr = False, SPARSE_BM: tl.constexpr = 1, SPARSE_BN: tl.constexpr = 1,
-               SPARSE_STAGES: tl.constexpr = 0, TWO_HALVES: tl.constexpr = False):
+               SPARSE_STAGES: tl.constexpr = 0, TWO_HALVES: tl.constexpr = False,
+               table=0, max_pages=0, stride_kp=0, stride_vp=0, PAGE_SIZE: tl.constexpr = 0):
     """Accumulate key tiles [start, end) into (acc, l_i, m_i) of the query rows
     ``offs_m`` and, with TWO_HALVES, into (acc_b, l_b, m_b) of the rows ``offs_m_b``
     (``q_b``); otherwise the ``_b`` arguments are unused and returned as given.
@@ -118,8 +125,14 @@ def _fwd_tiles(acc, l_i, m_i, q, acc_b, l_b, m_b, q_b, k_src, v_src, stride_ks, 
     the key-block list ``tile_list`` (see ``sparse_step``); MASKED tiles are
     then partial tiles, masked by their pattern (the query block of this
     program starts at row ``row0``).
+
+    PAGE_SIZE > 0 (paged keys and values): ``k_src``/``v_src`` point at this kv
+    head of page 0, key ``j`` lies in page ``table[j // PAGE_SIZE]`` (pages
+    ``stride_kp``/``stride_vp`` apart) at row ``j % PAGE_SIZE``; a tile within one
+    page looks its page up once, smaller pages once per row.
     """
     d_ok = offs_d[None, :] < HEAD_DIM
+    dv_ok = offs_dv[None, :] < HEAD_DIM_V
     rows = offs_m[:, None]
     rows_b = offs_m_b[:, None]
     SUB: tl.constexpr = SPARSE_BN // BLOCK_N
@@ -134,21 +147,38 @@ def _fwd_tiles(acc, l_i, m_i, q, acc_b, l_b, m_b, q_b, k_src, v_src, stride_ks, 
             start_n, col0, pattern = it, 0, 0
         start_n = tl.multiple_of(start_n, BLOCK_N)
         kv_rows = start_n + offs_n
-        if KV_DESC == 1:
+        if PAGE_SIZE > 0:
+            if PAGE_SIZE % BLOCK_N == 0:
+                page = tl.load(table + start_n // PAGE_SIZE).to(tl.int64)
+                in_page = start_n % PAGE_SIZE + offs_n
+            else:
+                page = tl.load(table + kv_rows // PAGE_SIZE,
+                               mask=(kv_rows < seqlen_k) & (kv_rows // PAGE_SIZE < max_pages), other=0).to(tl.int64)
+                in_page = kv_rows % PAGE_SIZE
+            k_rows = page * stride_kp + in_page * stride_ks
+            v_rows = page * stride_vp + in_page * stride_vs
+            k_ok, v_ok = d_ok, dv_ok
+            if MASKED:
+                k_ok = (kv_rows[:, None] < seqlen_k) & d_ok
+                v_ok = (kv_rows[:, None] < seqlen_k) & dv_ok
+            k = tl.load(k_src + k_rows[:, None] + offs_d[None, :], mask=k_ok, other=0.0)
+            v = tl.load(v_src + v_rows[:, None] + offs_dv[None, :], mask=v_ok, other=0.0)
+        elif KV_DESC == 1:
             k = k_src.load([start_n, 0])
             v = v_src.load([start_n, 0])
         elif KV_DESC == 2:
             k = k_src.load([desc_b, desc_row + start_n, desc_h, 0]).reshape([BLOCK_N, BLOCK_D])
-            v = v_src.load([desc_b, desc_row + start_n, desc_h, 0]).reshape([BLOCK_N, BLOCK_D])
-        elif HEAD_DIM == BLOCK_D and not MASKED:
+            v = v_src.load([desc_b, desc_row + start_n, desc_h, 0]).reshape([BLOCK_N, BLOCK_DV])
+        elif HEAD_DIM == BLOCK_D and HEAD_DIM_V == BLOCK_DV and not MASKED:
             k = tl.load(k_src + start_n * stride_ks)
             v = tl.load(v_src + start_n * stride_vs)
         else:
-            kv_ok = d_ok
+            k_ok, v_ok = d_ok, dv_ok
             if MASKED:
-                kv_ok = (kv_rows[:, None] < seqlen_k) & d_ok
-            k = tl.load(k_src + start_n * stride_ks, mask=kv_ok, other=0.0)
-            v = tl.load(v_src + start_n * stride_vs, mask=kv_ok, other=0.0)
+                k_ok = (kv_rows[:, None] < seqlen_k) & d_ok
+                v_ok = (kv_rows[:, None] < seqlen_k) & dv_ok
+            k = tl.load(k_src + start_n * stride_ks, mask=k_ok, other=0.0)
+            v = tl.load(v_src + start_n * stride_vs, mask=v_ok, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -183,18 +213,24 @@ def _load_rows_q(q_base, offs_m, offs_d, stride_qs, seqlen_q, HEAD_DIM: tl.const
 
 
 @triton.jit
-def _init_rows(fixed_max, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, FIXED_MAX: tl.constexpr):
-    """(acc, l, m) of ROWS query rows before any key."""
-    if FIXED_MAX:
+def _init_rows(fixed_max, sink, ROWS: tl.constexpr, BLOCK_DV: tl.constexpr, FIXED_MAX: tl.constexpr,
+               HAS_SINKS: tl.constexpr):
+    """(acc, l, m) of ROWS query rows before any key; with HAS_SINKS, after the
+    sink (``sink``, log2 units): a key of score ``sink`` whose value is zero."""
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    if HAS_SINKS:
+        m_i = tl.zeros([ROWS], dtype=tl.float32) + sink
+        l_i = l_i + 1.0
+    elif FIXED_MAX:
         m_i = tl.full([ROWS], fixed_max, dtype=tl.float32)
     else:
         m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
-    return tl.zeros([ROWS, BLOCK_D], dtype=tl.float32), tl.zeros([ROWS], dtype=tl.float32), m_i
+    return tl.zeros([ROWS, BLOCK_DV], dtype=tl.float32), l_i, m_i
 
 
 @triton.jit
-def _store_rows(acc, l_i, m_i, o_base, lse_base, offs_m, offs_d, stride_os, seqlen_q, dropout_scale,
-                HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr):
+def _store_rows(acc, l_i, m_i, o_base, lse_base, offs_m, offs_dv, stride_os, seqlen_q, dropout_scale,
+                HEAD_DIM_V: tl.constexpr, DROPOUT: tl.constexpr):
     """Normalise and write the output rows ``offs_m`` and their LSE; rows that saw
     no key get output 0 and LSE -inf."""
     seen = l_i > 0.0
@@ -203,14 +239,14 @@ def _store_rows(acc, l_i, m_i, o_base, lse_base, offs_m, offs_d, stride_os, seql
         l_safe = l_safe / dropout_scale
     acc = acc / l_safe[:, None]
     lse = tl.where(seen, m_i * LN2 + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
-    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], acc.to(o_base.dtype.element_ty),
-             mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
+    tl.store(o_base + offs_m[:, None] * stride_os + offs_dv[None, :], acc.to(o_base.dtype.element_ty),
+             mask=(offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V))
     tl.store(lse_base + offs_m, lse, mask=offs_m < seqlen_q)
 
 
 @triton.jit
 def attn_fwd_kernel(
-    Q, K, V, Out, Lse, CuSeqlensQ, CuSeqlensK, Bias, Alibi,
+    Q, K, V, Out, Lse, CuSeqlensQ, CuSeqlensK, Bias, Alibi, Sinks,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -220,20 +256,24 @@ def attn_fwd_kernel(
     nheads, group_size, max_seqlen_q, max_seqlen_k, diag_offset, window_left, window_right,
     qk_scale, softcap_in, softcap_out, dropout_p, dropout_scale, seed, fixed_max,
     FullList, PartList, Patterns, sparse_sb, sparse_sh, full_row, part_row, tail_bh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    SeqUsedK, BlockTable, stride_tb, max_pages,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr, DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_DESC: tl.constexpr = 0, WARP_SPECIALIZE: tl.constexpr = False, FIXED_MAX: tl.constexpr = False,
     SPARSE: tl.constexpr = False, SPARSE_BM: tl.constexpr = 1, SPARSE_BN: tl.constexpr = 1,
-    SPARSE_STAGES: tl.constexpr = 0, TWO_HALVES: tl.constexpr = False,
+    SPARSE_STAGES: tl.constexpr = 0, TWO_HALVES: tl.constexpr = False, HAS_SINKS: tl.constexpr = False,
+    HAS_SEQUSED: tl.constexpr = False, PAGE_SIZE: tl.constexpr = 0,
 ):
     """Grid: (cdiv(max_seqlen_q, BLOCK_M) * batch * nheads,), the last ``tail_bh``
     (batch, head) pairs issued longest first (see ``program_tile``).
 
-    Q, Out: (batch, seqlen_q, nheads, HEAD_DIM); K, V: (batch, seqlen_k,
-    nheads // group_size, HEAD_DIM), last dim contiguous, other strides free.
+    Q: (batch, seqlen_q, nheads, HEAD_DIM); K: (batch, seqlen_k, nheads //
+    group_size, HEAD_DIM); V: (batch, seqlen_k, nheads // group_size,
+    HEAD_DIM_V); Out: (batch, seqlen_q, nheads, HEAD_DIM_V); last dims
+    contiguous, other strides free (BLOCK_D, BLOCK_DV: the head dims padded).
     With IS_VARLEN the batch strides are 0 and sequence ``b`` starts at row
     ``CuSeqlensQ[b]`` / ``CuSeqlensK[b]``. Lse: fp32, natural log, row ``i``
     of (b, h) at ``b * stride_lb + h * stride_lh + start_q + i``. Bias:
@@ -256,7 +296,19 @@ def attn_fwd_kernel(
 
     TWO_HALVES: the BLOCK_M rows are two halves whose softmax and P V products
     alternate, so that matmuls overlap the softmax (see ``_fwd_tiles``).
+
+    HAS_SINKS: Sinks holds one fp32 logit per head (natural units) that joins
+    every row's softmax as a key of value zero: the online softmax starts
+    from it (m = sink, l = 1), and the LSE written includes it.
+
+    Varlen only: HAS_SEQUSED: sequence ``b`` uses its first ``SeqUsedK[b]`` keys
+    (not ``CuSeqlensK[b+1] - CuSeqlensK[b]``). PAGE_SIZE > 0: K and V are paged,
+    (num_pages, PAGE_SIZE, nheads_k, dim) with page strides ``stride_kb`` /
+    ``stride_vb``, sequence ``b``'s key ``j`` in page ``BlockTable[b * stride_tb
+    + j // PAGE_SIZE]`` (``max_pages`` a row); CuSeqlensK then only gives lengths.
     """
+    tl.static_assert(not (HAS_SINKS and FIXED_MAX), "sinks need the running row max")
+    tl.static_assert(PAGE_SIZE == 0 or (IS_VARLEN and KV_DESC == 0 and not SPARSE), "paged K/V: varlen, pointer loads")
     pid_m, pid_bh = program_tile(max_seqlen_q, BLOCK_M, MASK_RIGHT and not MASK_LEFT, tail_bh)
     b = pid_bh // nheads
     h = pid_bh % nheads
@@ -267,6 +319,8 @@ def attn_fwd_kernel(
         seqlen_q = tl.load(CuSeqlensQ + b + 1) - start_q
         start_k = tl.load(CuSeqlensK + b)
         seqlen_k = tl.load(CuSeqlensK + b + 1) - start_k
+        if HAS_SEQUSED:
+            seqlen_k = tl.load(SeqUsedK + b)
         diag = seqlen_k - seqlen_q
         if start_m >= seqlen_q:
             return
@@ -282,9 +336,16 @@ def attn_fwd_kernel(
     offs_m_b = offs_m + ROWS
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
 
     q_base = Q + b.to(tl.int64) * stride_qb + start_q.to(tl.int64) * stride_qs + h * stride_qh
-    if KV_DESC == 2:
+    table = BlockTable
+    if PAGE_SIZE > 0:
+        # paged: key rows are found through the block table, tile by tile (see _fwd_tiles)
+        k_src = K + hk * stride_kh
+        v_src = V + hk * stride_vh
+        table = BlockTable + b.to(tl.int64) * stride_tb
+    elif KV_DESC == 2:
         k_src = K
         v_src = V
     else:
@@ -294,11 +355,11 @@ def attn_fwd_kernel(
             # bulk tensor copies of [BLOCK_N, BLOCK_D] tiles; bounds give zero fill
             k_src = tl.make_tensor_descriptor(k_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_ks, 1],
                                               block_shape=[BLOCK_N, BLOCK_D])
-            v_src = tl.make_tensor_descriptor(v_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_vs, 1],
-                                              block_shape=[BLOCK_N, BLOCK_D])
+            v_src = tl.make_tensor_descriptor(v_base, shape=[seqlen_k, HEAD_DIM_V], strides=[stride_vs, 1],
+                                              block_shape=[BLOCK_N, BLOCK_DV])
         else:
             k_src = k_base + offs_n[:, None] * stride_ks + offs_d[None, :]
-            v_src = v_base + offs_n[:, None] * stride_vs + offs_d[None, :]
+            v_src = v_base + offs_n[:, None] * stride_vs + offs_dv[None, :]
     # host descriptors span the whole tensor: varlen batches are one sequence of all tokens
     desc_b = 0 if IS_VARLEN else b
     bias_base = Bias + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh
@@ -306,11 +367,14 @@ def attn_fwd_kernel(
     if HAS_ALIBI:
         alibi_slope = tl.load(Alibi + b * stride_ab + h)
 
+    sink = 0.0
+    if HAS_SINKS:
+        sink = tl.load(Sinks + h) * LOG2E
     q = _load_rows_q(q_base, offs_m, offs_d, stride_qs, seqlen_q, HEAD_DIM, UPCAST)
-    acc, l_i, m_i = _init_rows(fixed_max, ROWS, BLOCK_D, FIXED_MAX)
+    acc, l_i, m_i = _init_rows(fixed_max, sink, ROWS, BLOCK_DV, FIXED_MAX, HAS_SINKS)
     if TWO_HALVES:
         q_b = _load_rows_q(q_base, offs_m_b, offs_d, stride_qs, seqlen_q, HEAD_DIM, UPCAST)
-        acc_b, l_b, m_b = _init_rows(fixed_max, ROWS, BLOCK_D, FIXED_MAX)
+        acc_b, l_b, m_b = _init_rows(fixed_max, sink, ROWS, BLOCK_DV, FIXED_MAX, HAS_SINKS)
     else:
         q_b, acc_b, l_b, m_b = 0.0, 0.0, 0.0, 0.0
 
@@ -326,11 +390,11 @@ def attn_fwd_kernel(
                 tile_list = FullList + list_row * full_row
             acc, l_i, m_i, acc_b, l_b, m_b = _fwd_tiles(
                                        acc, l_i, m_i, q, acc_b, l_b, m_b, q_b, k_src, v_src, stride_ks, stride_vs,
-                                       bias_base, stride_bm, stride_bn, offs_m, offs_m_b, offs_n, offs_d, 0,
-                                       tl.load(tile_list) * (SPARSE_BN // BLOCK_N), seqlen_q, seqlen_k, diag,
+                                       bias_base, stride_bm, stride_bn, offs_m, offs_m_b, offs_n, offs_d, offs_dv,
+                                       0, tl.load(tile_list) * (SPARSE_BN // BLOCK_N), seqlen_q, seqlen_k, diag,
                                        window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bh,
                                        max_seqlen_q, max_seqlen_k, dropout_p, seed,
-                                       HEAD_DIM, BLOCK_D, BLOCK_N, part == 0, MASK_LEFT, MASK_RIGHT, SOFTCAP,
+                                       HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, part == 0, MASK_LEFT, MASK_RIGHT, SOFTCAP,
                                        HAS_ALIBI, BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, KV_DESC,
                                        WARP_SPECIALIZE and part == 1, desc_b, start_k, hk, FIXED_MAX,
                                        tile_list + 1, Patterns, q_blk * SPARSE_BM, SPARSE, SPARSE_BM, SPARSE_BN,
@@ -350,17 +414,19 @@ def attn_fwd_kernel(
                 acc, l_i, m_i, acc_b, l_b, m_b = _fwd_tiles(
                                            acc, l_i, m_i, q, acc_b, l_b, m_b, q_b, k_src, v_src, stride_ks,
                                            stride_vs, bias_base, stride_bm, stride_bn, offs_m, offs_m_b, offs_n,
-                                           offs_d, start, end, seqlen_q,
+                                           offs_d, offs_dv, start, end, seqlen_q,
                                            seqlen_k, diag, window_left, window_right, qk_scale, softcap_in,
                                            softcap_out, alibi_slope, bh, max_seqlen_q, max_seqlen_k, dropout_p,
-                                           seed, HEAD_DIM, BLOCK_D, BLOCK_N, part != 1, MASK_LEFT, MASK_RIGHT,
+                                           seed, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, part != 1, MASK_LEFT, MASK_RIGHT,
                                            SOFTCAP, HAS_ALIBI, BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION,
                                            KV_DESC, WARP_SPECIALIZE and part == 1, desc_b, start_k, hk, FIXED_MAX,
-                                           TWO_HALVES=TWO_HALVES)
+                                           TWO_HALVES=TWO_HALVES, table=table, max_pages=max_pages,
+                                           stride_kp=stride_kb, stride_vp=stride_vb, PAGE_SIZE=PAGE_SIZE)
 
     o_base = Out + b.to(tl.int64) * stride_ob + start_q.to(tl.int64) * stride_os + h * stride_oh
     lse_base = Lse + b.to(tl.int64) * stride_lb + h * stride_lh + start_q
-    _store_rows(acc, l_i, m_i, o_base, lse_base, offs_m, offs_d, stride_os, seqlen_q, dropout_scale, HEAD_DIM, DROPOUT)
+    _store_rows(acc, l_i, m_i, o_base, lse_base, offs_m, offs_dv, stride_os, seqlen_q, dropout_scale, HEAD_DIM_V,
+                DROPOUT)
     if TWO_HALVES:
-        _store_rows(acc_b, l_b, m_b, o_base, lse_base, offs_m_b, offs_d, stride_os, seqlen_q, dropout_scale,
-                    HEAD_DIM, DROPOUT)
+        _store_rows(acc_b, l_b, m_b, o_base, lse_base, offs_m_b, offs_dv, stride_os, seqlen_q, dropout_scale,
+                    HEAD_DIM_V, DROPOUT)

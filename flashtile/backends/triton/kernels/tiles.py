@@ -187,6 +187,19 @@ def tile_scores(qk, rows, cols, seqlen_q, seqlen_k, diag, qk_scale, softcap_in, 
 
 
 @triton.jit
+def masked_pv(acc, p, v, allowed, DOT_PRECISION: tl.constexpr):
+    """``acc + P V`` for a tile with masked positions (``allowed`` False), where a key a row
+    does not see must add nothing to it, NaN and Inf in its value included (``0 * NaN``
+    is NaN): the product runs on V with non-finite values zeroed, and the output
+    elements whose sum takes a non-finite value the row sees become NaN (as in
+    ``softmax(S) V``, up to Inf then reading NaN)."""
+    bad = (v != v) | (tl.abs(v) == float("inf"))
+    acc = tl.dot(p.to(v.dtype), tl.where(bad, 0.0, v), acc, input_precision=DOT_PRECISION)
+    seen_bad = tl.dot(allowed.to(v.dtype), bad.to(v.dtype), input_precision=DOT_PRECISION)
+    return tl.where(seen_bad > 0, float("nan"), acc)
+
+
+@triton.jit
 def dropout_keep(seed, bh, rows, cols, rows_per_head, cols_per_row, dropout_p):
     """Keep-mask of dropout for elements (bh, rows, cols): Philox (Triton's
     ``tl.rand``) on the element's linear index, so the backward pass and

@@ -13,7 +13,7 @@ import os
 import torch
 import triton
 
-from ....options import AttnOptions
+from ....options import AttnOptions, empty_output
 from ..kernels.backward import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
 from ..kernels.forward import attn_fwd_kernel
 from ..kernels.tiles import BIAS_ADD, BIAS_BOOL, BIAS_NONE
@@ -157,7 +157,7 @@ class _Layout:
     everything but the tensors themselves, so a launch plan (``LaunchPlan``) can keep it.
     ``sparse``: the ``BlockMask`` of block-sparse attention, or None."""
 
-    def __init__(self, q, k, opts: AttnOptions, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+    def __init__(self, q, k, v, opts: AttnOptions, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                  sparse=None):
         self.varlen = cu_seqlens_q is not None
         self.batch = cu_seqlens_q.numel() - 1 if self.varlen else q.shape[0]
@@ -174,6 +174,7 @@ class _Layout:
         self.alibi_stride = 0 if opts.alibi is None else opts.alibi.stride(0)
         self.const = dict(
             HEAD_DIM=q.shape[-1], BLOCK_D=block_d_of(q.shape[-1]),
+            HEAD_DIM_V=v.shape[-1], BLOCK_DV=block_d_of(v.shape[-1]),
             MASK_LEFT=opts.window_left >= 0, MASK_RIGHT=opts.window_right >= 0,
             SOFTCAP=opts.softcap > 0, HAS_ALIBI=opts.alibi is not None,
             BIAS_KIND=bias_kind, BIAS_ROWS=bias_rows, DROPOUT=opts.dropout_p > 0, IS_VARLEN=self.varlen,
@@ -202,21 +203,28 @@ class _Layout:
 
 
 def attention_forward(q, k, v, opts: AttnOptions, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
-                      max_seqlen_k=0, sparse=None):
-    """Returns (out, lse): out like q, lse (batch, nheads, seqlen_q) fp32.
+                      max_seqlen_k=0, sparse=None, seqused_k=None, block_table=None):
+    """Returns (out, lse): out like q (with v's head dim), lse (batch, nheads, seqlen_q) fp32.
 
     Varlen: q (total_q, nheads, d), k/v (total_k, nheads_k, d) given with
-    int32 ``cu_seqlens_q/k``; lse is then (nheads, total_q). ``sparse``: a
-    ``BlockMask`` (block-sparse attention; not with varlen).
+    int32 ``cu_seqlens_q/k``; lse is then (nheads, total_q). ``seqused_k``:
+    int32 (batch,), sequence ``b`` uses only its first ``seqused_k[b]`` keys.
+    ``block_table``: int32 (batch, max_pages), k/v paged (num_pages, page_size,
+    nheads_k, d) (see the forward kernel). ``sparse``: a ``BlockMask``
+    (block-sparse attention; not with varlen).
     """
     varlen = cu_seqlens_q is not None
     if varlen:
-        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-    out = torch.empty_like(q)
+        q = q.unsqueeze(0)
+        if block_table is None:
+            k, v = k.unsqueeze(0), v.unsqueeze(0)
+    out = empty_output(q, v.shape[-1])
     lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), device=q.device, dtype=torch.float32)
-    call = (q, k, v, out, lse, *_option_tensors(q, opts, cu_seqlens_q, cu_seqlens_k), opts.seed)
+    sinks = q if opts.sinks is None else opts.sinks
+    call = (q, k, v, out, lse, *_option_tensors(q, opts, cu_seqlens_q, cu_seqlens_k), sinks, seqused_k, block_table,
+            opts.seed)
     key = None if sparse is not None else plan_key(
-        "fwd", (q, k, v, cu_seqlens_q, cu_seqlens_k), opts, (max_seqlen_q, max_seqlen_k))
+        "fwd", (q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table), opts, (max_seqlen_q, max_seqlen_k))
     run_planned(key, call, lambda build_only: _forward_steps(q, k, v, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                       max_seqlen_k, sparse, call, build_only))
     if varlen:
@@ -226,11 +234,19 @@ def attention_forward(q, k, v, opts: AttnOptions, cu_seqlens_q=None, cu_seqlens_
 
 def _forward_steps(q, k, v, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sparse, call, build_only):
     """The forward launch, run (or with ``build_only`` only built) for ``call``: ([step], [builder])."""
-    lay = _Layout(q, k, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sparse)
+    lay = _Layout(q, k, v, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sparse)
     varlen = lay.varlen
     keys_per_row = _keys_per_row(lay, opts)
-    const = lay.const | dict(FIXED_MAX=lay.fixed_max is not None) | _forward_features(q, k, v, keys_per_row)
-    block_d = const["BLOCK_D"]
+    if opts.sinks is not None and lay.fixed_max is not None:
+        raise NotImplementedError("flashtile: sinks with a fixed softmax offset (cosine-similarity attention)")
+    seqused_k, block_table = call[10], call[11]
+    paged = block_table is not None
+    const = (lay.const | dict(FIXED_MAX=lay.fixed_max is not None, HAS_SINKS=opts.sinks is not None,
+                              HAS_SEQUSED=seqused_k is not None, PAGE_SIZE=k.shape[1] if paged else 0)
+             | _forward_features(q, k, v, keys_per_row))
+    if paged:
+        const["KV_DESC"] = 0  # rows found through the block table: pointer loads
+    block_d, block_dv = const["BLOCK_D"], const["BLOCK_DV"]
     # launch-table names: "_tma" with descriptors, "_causal" for a causal mask alone, "_window"
     # with a left window bound, "_short" when the rows see fewer than SHORT_KEYS keys
     mask = "_window" if const["MASK_LEFT"] else "_causal" if const["MASK_RIGHT"] else ""
@@ -239,69 +255,93 @@ def _forward_steps(q, k, v, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     if keys_per_row < SHORT_KEYS.get(mask, 0):
         name += "_short"
     out, lse = call[3], call[4]
-    before_seed = (*batch_seq_head_strides(q, varlen), *batch_seq_head_strides(k, varlen), *batch_seq_head_strides(v, varlen), *batch_seq_head_strides(out, varlen), *lay.lse_strides(lse),
+    # paged K/V: (page, row in page, head) strides
+    before_seed = (*batch_seq_head_strides(q, varlen), *batch_seq_head_strides(k, varlen and not paged),
+                   *batch_seq_head_strides(v, varlen and not paged), *batch_seq_head_strides(out, varlen),
+                   *lay.lse_strides(lse),
                    *lay.bias_strides, lay.alibi_stride, lay.nheads, lay.nheads // lay.nheads_k, *lay.positions,
                    *lay.scores, *lay.dropout)
     fixed_max = 0.0 if lay.fixed_max is None else lay.fixed_max
     host_desc = const["KV_DESC"] == 2
+    table_geometry = (block_table.stride(0), block_table.shape[1]) if paged else (0, 0)
 
     def build(cfg, call):
-        q, k, v, out, lse, cu_q, cu_k, bias, alibi, seed = call
+        q, k, v, out, lse, cu_q, cu_k, bias, alibi, sinks, seqused, table, seed = call
         if host_desc:
             from triton.tools.tensor_descriptor import TensorDescriptor
 
-            block = [1, cfg.block_n, 1, block_d]
-            k, v = (TensorDescriptor(t, list(t.shape), list(t.stride()), block) for t in (k, v))
-        return (q, k, v, out, lse, cu_q, cu_k, bias, alibi, *before_seed, seed, fixed_max,
-                *_tile_lists(lay.sparse_fwd, q), tail_heads(cdiv(lay.seqlen_q, cfg.block_m), lay.batch * lay.nheads, causal, q.device))
+            k, v = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, cfg.block_n, 1, width])
+                    for t, width in ((k, block_d), (v, block_dv)))
+        return (q, k, v, out, lse, cu_q, cu_k, bias, alibi, sinks, *before_seed, seed, fixed_max,
+                *_tile_lists(lay.sparse_fwd, q),
+                tail_heads(cdiv(lay.seqlen_q, cfg.block_m), lay.batch * lay.nheads, causal, q.device),
+                q if seqused is None else seqused, q if table is None else table, *table_geometry)
 
     step = launch_kernel(name, attn_fwd_kernel, lambda c: (cdiv(lay.seqlen_q, c.block_m) * lay.batch * lay.nheads,),
-                   lambda cfg: build(cfg, call), const, q, block_d, (lay.seqlen_q, lay.seqlen_k), build_only=build_only)
+                   lambda cfg: build(cfg, call), const, q, max(block_d, block_dv), (lay.seqlen_q, lay.seqlen_k),
+                   build_only=build_only)
     return [step], [build]
 
 
 def attention_backward(dout, q, k, v, out, lse, opts: AttnOptions, bias_grad: bool = False,
-                       cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, sparse=None):
-    """Returns (dq, dk, dv, dbias) shaped and typed like (q, k, v); dbias is the fp32
-    gradient of ``opts.bias`` before broadcast reduction, (batch, nheads, seqlen_q,
-    seqlen_k), or None unless ``bias_grad``. ``sparse``: as in ``attention_forward``."""
+                       cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, sparse=None,
+                       seqused_k=None):
+    """Returns (dq, dk, dv, dbias, dsinks): dq, dk, dv shaped and typed like q, k, v;
+    dbias the fp32 gradient of ``opts.bias`` before broadcast reduction, (batch,
+    nheads, seqlen_q, seqlen_k), or None unless ``bias_grad``; dsinks the fp32
+    gradient of ``opts.sinks`` ``(nheads,)``, or None without sinks. ``sparse``,
+    ``seqused_k``: as in ``attention_forward`` (keys a sequence does not use get
+    zero gradients)."""
     varlen = cu_seqlens_q is not None
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     if varlen:
         q, k, v, out, dout, lse = (t.unsqueeze(0) for t in (q, k, v, out, dout, lse))
     # rowsum(dO * O) per query row, in lse's layout: written by the dQ kernel, read by dK/dV
-    delta = torch.empty_like(lse)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # (zeros with sinks in a varlen batch: rows past its last sequence then add nothing to their gradient)
+    delta = torch.zeros_like(lse) if varlen and opts.sinks is not None else torch.empty_like(lse)
+    dq = torch.empty_like(q)
+    # keys past a sequence's seqused_k are written by no program
+    dk, dv = (torch.empty_like(t) if seqused_k is None else torch.zeros_like(t) for t in (k, v))
     dbias = None
     if bias_grad:
         batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
         shape = (batch, q.shape[2], max_seqlen_q if varlen else q.shape[1], max_seqlen_k if varlen else k.shape[1])
         dbias = torch.zeros(shape, device=q.device, dtype=torch.float32)
     call = (q, k, v, dout, out, lse, delta, dq, dk, dv, q if dbias is None else dbias,
-            *_option_tensors(q, opts, cu_seqlens_q, cu_seqlens_k), opts.seed)
+            *_option_tensors(q, opts, cu_seqlens_q, cu_seqlens_k), seqused_k, opts.seed)
     key = None if sparse is not None else plan_key(
-        "bwd", (q, k, v, dout, out, lse, cu_seqlens_q, cu_seqlens_k), opts,
+        "bwd", (q, k, v, dout, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k), opts,
         (max_seqlen_q, max_seqlen_k, bias_grad))
     run_planned(key, call, lambda build_only: _backward_steps(q, k, v, opts, bias_grad, cu_seqlens_q, cu_seqlens_k,
                                                        max_seqlen_q, max_seqlen_k, sparse, call, build_only))
+    dsinks = None if opts.sinks is None else sinks_grad(opts.sinks, lse, delta)
     if varlen:
         dq, dk, dv = dq.squeeze(0), dk.squeeze(0), dv.squeeze(0)
-    return dq, dk, dv, dbias
+    return dq, dk, dv, dbias, dsinks
+
+
+def sinks_grad(sinks: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The gradient of the sinks ``(nheads,)`` from every row's LSE and ``delta = rowsum(dO *
+    O)``, both ``(batch, nheads, rows)`` fp32: the sink is a key of value zero, so its score's
+    gradient in row ``i`` is ``P_sink (0 - delta_i)`` with ``P_sink = exp(sink - lse_i)``."""
+    # rows with delta 0 add nothing, whatever their LSE (-inf where a row saw nothing, not even a sink)
+    return -torch.where(delta == 0, 0.0, torch.exp(sinks[:, None] - lse) * delta).sum((0, 2))
 
 
 def _backward_steps(q, k, v, opts, bias_grad, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sparse,
                     call, build_only):
     """The dQ and dK/dV launches, run (or with ``build_only`` only built) for ``call``: (steps, builders)."""
-    lay = _Layout(q, k, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sparse)
+    lay = _Layout(q, k, v, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sparse)
     varlen = lay.varlen
     dout, out, lse, dq, dk, dv, dbias = call[3], call[4], call[5], call[7], call[8], call[9], call[10]
     # tensor descriptors (in the kernel) for Q/dO in dK/dV and K/V in dQ: FLASHTILE_BWD_TMA = 0 or 1
     min_keys = TMA_MIN_KEYS if q.shape[-1] <= 64 else TMA_MIN_KEYS_WIDE
     use_desc = _descriptor_mode("FLASHTILE_BWD_TMA", DEFAULT_BWD_TMA, _keys_per_row(lay, opts), min_keys,
                                 min(q.shape[1], k.shape[1]), q, k, v, dout) == 1
-    const = lay.const | dict(USE_DESC=use_desc)
-    block_d = const["BLOCK_D"]
+    const = lay.const | dict(USE_DESC=use_desc, HAS_SEQUSED=call[15] is not None)
+    # launch-table entries of the wider of the two head dims (the larger tiles)
+    block_d = max(const["BLOCK_D"], const["BLOCK_DV"])
     nheads, nheads_k = lay.nheads, lay.nheads_k
     dbias_strides = dbias.stride() if bias_grad else (0, 0, 0, 0)
     scale = opts.softmax_scale
@@ -317,16 +357,18 @@ def _backward_steps(q, k, v, opts, bias_grad, cu_seqlens_q, cu_seqlens_k, max_se
                     *lay.positions, scale, *lay.scores, *lay.dropout)
 
     def build_dq(cfg, call):
-        q, k, v, dout, out, lse, delta, dq, _, _, _, cu_q, cu_k, bias, alibi, seed = call
+        q, k, v, dout, out, lse, delta, dq, _, _, _, cu_q, cu_k, bias, alibi, seqused, seed = call
         return (q, k, v, dout, out, dq, lse, delta, cu_q, cu_k, bias, alibi, *dq_scalars, seed,
                 *_tile_lists(lay.sparse_fwd, q),
-                tail_heads(cdiv(lay.seqlen_q, cfg.block_m), lay.batch * nheads, causal, q.device))
+                tail_heads(cdiv(lay.seqlen_q, cfg.block_m), lay.batch * nheads, causal, q.device),
+                q if seqused is None else seqused)
 
     def build_dkdv(cfg, call):
-        q, k, v, dout, _, lse, delta, _, dk, dv, dbias, cu_q, cu_k, bias, alibi, seed = call
+        q, k, v, dout, _, lse, delta, _, dk, dv, dbias, cu_q, cu_k, bias, alibi, seqused, seed = call
         return (q, k, v, dout, dk, dv, lse, delta, cu_q, cu_k, bias, dbias, alibi, *dkdv_scalars, seed,
                 *_tile_lists(lay.sparse_bwd, q),
-                tail_heads(cdiv(lay.seqlen_k, cfg.block_n), lay.batch * nheads_k, causal, q.device))
+                tail_heads(cdiv(lay.seqlen_k, cfg.block_n), lay.batch * nheads_k, causal, q.device),
+                q if seqused is None else seqused)
 
     seqlens = (lay.seqlen_q, lay.seqlen_k)
     step_dq = launch_kernel("dq" + suffix, attn_bwd_dq_kernel,

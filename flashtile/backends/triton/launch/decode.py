@@ -18,6 +18,7 @@ from ..kernels.decode import attn_combine_kernel, attn_decode_kernel
 from .choose import KernelLaunch
 from .device import LOG2E, block_d_of, capability_of, cdiv, dot_precision, interpreting, next_power_of_2, sm_count
 from .plans import layout_key, plan_setups, register_cache, run_planned
+from ....options import empty_output
 from .table import decode_config
 
 MAX_SPLITS = 128
@@ -122,13 +123,15 @@ def num_splits_heuristic(programs: int, capacity: int, device: torch.device) -> 
 _fitting_stages: dict[tuple, int] = register_cache({})
 
 
-def _decode_setup(q, k_cache, block_table, num_splits):
+def _decode_setup(q, k_cache, v_cache, block_table, num_splits):
     """(launch config, number of splits, page lookup per row, merge layout or None) of one call."""
     batch, seqlen_q, nheads, head_dim = q.shape
     nheads_k = k_cache.shape[2]
     paged = block_table is not None
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
-    cfg = decode_config(seqlen_q * (nheads // nheads_k), block_d_of(head_dim), q.element_size(), capability_of(q.device),
+    block_dv = block_d_of(v_cache.shape[-1])
+    cfg = decode_config(seqlen_q * (nheads // nheads_k), max(block_d_of(head_dim), block_dv), q.element_size(),
+                        capability_of(q.device),
                         k_cache.shape[1] if paged else 0)
     m_blocks = cdiv(seqlen_q * (nheads // nheads_k), cfg.block_m)
     if num_splits <= 0:
@@ -141,7 +144,7 @@ def _decode_setup(q, k_cache, block_table, num_splits):
         # better than one per tile or page (docs/experiments/2026-12-02-decoding-8k.md)
         cfg = cfg._replace(block_n=min(cfg.block_n, 64), num_stages=min(cfg.num_stages, 3))
         row_lookup = True
-    return cfg, num_splits, row_lookup, merge_layout(num_splits, block_d_of(head_dim), cfg.block_m,
+    return cfg, num_splits, row_lookup, merge_layout(num_splits, block_dv, cfg.block_m,
                                                      seqlen_q * (nheads // nheads_k))
 
 
@@ -151,10 +154,12 @@ def _decode_steps(call, cfg, num_splits, row_lookup, merge, seqlen_new, softmax_
     its merge layout, or None), the combine kernel's, run (or with ``build_only`` only built)
     for ``call``: (steps, builders), as launch plans take them."""
     (q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi, out, lse, part_out, part_lse,
-     _) = call
+     _, sinks) = call
     batch, seqlen_q, nheads, head_dim = q.shape
     nheads_k = k_cache.shape[2]
     block_d = block_d_of(head_dim)
+    head_dim_v = v_cache.shape[-1]
+    block_dv = block_d_of(head_dim_v)
     paged = block_table is not None
     # the partial results of split 0 (or the outputs, with one split) and the stride between splits
     o_strides = part_out.stride()[-4:-1] + (0 if num_splits == 1 else part_out.stride(0),)
@@ -166,20 +171,23 @@ def _decode_steps(call, cfg, num_splits, row_lookup, merge, seqlen_new, softmax_
                nheads_k, seqlen_q, seqlen_new, nheads // nheads_k, block_table.shape[1] if paged else 0,
                window_left, window_right, softmax_scale * LOG2E, softmax_scale / softcap_div, softcap_div * LOG2E)
     constexprs = dict(
-        HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=k_cache.shape[1] if paged else 0,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, HEAD_DIM_V=head_dim_v, BLOCK_DV=block_dv, PAGE_SIZE=k_cache.shape[1] if paged else 0,
         HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFTPAD=leftpad is not None, MASK_LEFT=window_left >= 0,
         MASK_RIGHT=window_right >= 0, SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None,
         UPCAST=interpreting() and q.dtype == torch.bfloat16, DOT_PRECISION=dot_precision(q.dtype, q.device),
-        ROW_LOOKUP=row_lookup, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
+        ROW_LOOKUP=row_lookup, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+        HAS_SINKS=sinks is not None)
     if merge is not None:
         constexprs.update(MERGE=True, BLOCK_S=merge[0], MERGE_ROWS=merge[1])
     grid = (batch * nheads_k, num_splits, cdiv(seqlen_q * (nheads // nheads_k), cfg.block_m))
 
     def build_split(cfg, call):
-        q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi, o, l, po, pl, counters = call
+        (q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi, o, l, po, pl, counters,
+         sinks) = call
         return (q, k_cache, v_cache, po, pl, cache_seqlens, q if cache_batch_idx is None else cache_batch_idx,
                 q if block_table is None else block_table, q if leftpad is None else leftpad,
-                q if alibi is None else alibi, o, l, cache_seqlens if counters is None else counters, *scalars)
+                q if alibi is None else alibi, q if sinks is None else sinks, o, l,
+                cache_seqlens if counters is None else counters, *scalars)
 
     # shared memory: fewer pipeline stages while the compiler says they do not fit
     fit_key = (cfg, tuple(constexprs.items()))
@@ -205,7 +213,7 @@ def _decode_steps(call, cfg, num_splits, row_lookup, merge, seqlen_new, softmax_
         def build_combine(cfg, call):
             return (call[10], call[11], call[8], call[9], *combine_scalars)
 
-        kwargs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, next_power_of_2(num_splits)), num_warps=COMBINE_WARPS)
+        kwargs = dict(HEAD_DIM=head_dim_v, BLOCK_D=block_dv, BLOCK_S=max(2, next_power_of_2(num_splits)), num_warps=COMBINE_WARPS)
         step = KernelLaunch(attn_combine_kernel, (batch * seqlen_q * nheads,), build_combine(cfg, call), cfg, kwargs, None)
         steps.append(step if build_only else step.run())
         builders.append(build_combine)
@@ -213,13 +221,16 @@ def _decode_steps(call, cfg, num_splits, row_lookup, merge, seqlen_new, softmax_
 
 
 def decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi,
-                   seqlen_new, softmax_scale, window_left, window_right, softcap, num_splits):
+                  seqlen_new, softmax_scale, window_left, window_right, softcap, num_splits, sinks=None):
+    """(out, lse) of the cached attention (arguments as ``flashtile.ops.decode``); ``sinks``:
+    fp32 ``(nheads,)`` attention-sink logits, or None."""
     # a call with the layout, options and split request of an earlier one replays its launches
-    key = layout_key("decode", (q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi),
+    key = layout_key("decode", (q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi,
+                                sinks),
                      (seqlen_new, softmax_scale, window_left, window_right, softcap, num_splits))
     setup = plan_setups.get(key)
     if setup is None:
-        setup = _decode_setup(q, k_cache, block_table, num_splits)
+        setup = _decode_setup(q, k_cache, v_cache, block_table, num_splits)
     plan_setups[key] = setup  # a replayed call skips the heuristics too
     cfg, splits, row_lookup, merge = setup
     counters = None
@@ -230,15 +241,15 @@ def decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_tab
         if counters is None:
             merge = None
     key = key + (merge is not None,)  # the plans with and without the merge differ
-    out = torch.empty_like(q)
+    out = empty_output(q, v_cache.shape[-1])
     lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), device=q.device, dtype=torch.float32)
     if splits == 1:
         part_out, part_lse = out, lse
     else:
-        part_out = torch.empty((splits, *q.shape), device=q.device, dtype=torch.float32)
+        part_out = torch.empty((splits, *out.shape), device=q.device, dtype=torch.float32)
         part_lse = torch.empty((splits, *lse.shape), device=q.device, dtype=torch.float32)
     call = (q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi, out, lse, part_out,
-            part_lse, counters)
+            part_lse, counters, sinks)
     run_planned(key, call, lambda build_only: _decode_steps(call, cfg, splits, row_lookup, merge, seqlen_new,
                                                       softmax_scale, window_left, window_right, softcap, build_only))
     return out, lse

@@ -73,7 +73,7 @@ def plan_key(kind: str, tensors: tuple, opts: AttnOptions, extra: tuple) -> tupl
     # Triton specialises integer arguments equal to 1 or divisible by 16: the seed's class
     seed = (opts.seed == 1, opts.seed % 16 == 0)
     return layout_key(kind, tensors, (opts[:5], _tensor_key(opts.alibi), _tensor_key(opts.bias), opts.dropout_p,
-                                      seed, opts[9:13], *extra))
+                                      seed, opts[9:13], _tensor_key(opts.sinks), *extra))
 
 
 class LaunchPlan:

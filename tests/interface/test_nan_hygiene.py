@@ -1,0 +1,195 @@
+"""Positions a row does not see contribute nothing to it, NaN and Inf included:
+causal, sliding window, the next sequence of a packed batch, a block mask,
+keys past seqused_k or cache_seqlens, left padding, and unused pages full of
+NaN. Rows that do see a non-finite key or value get a non-finite output, as
+the oracle gives (``attention_ref`` adds nothing for positions a row does not
+see). Each test runs on the Triton kernels (interpreter, also with the
+two-halves schedule) and on the tiled PyTorch path; the dense tests also
+through PyTorch's fused CPU kernel, which the tiled path then takes over
+from."""
+
+import pytest
+import torch
+from helpers import cu, max_err, rounding_floor
+
+from flashtile import (
+    BlockMask,
+    block_sparse_attn_func,
+    flash_attn_func,
+    flash_attn_varlen_func,
+    flash_attn_with_kvcache,
+)
+from flashtile.testing import attention_ref
+
+
+def poison(t: torch.Tensor, positions, value=float("nan")) -> torch.Tensor:
+    """``t`` (seqlen on dim 1, or dim 0 for 3-D packed tensors) with ``value`` at ``positions``."""
+    t = t.clone()
+    dim = 1 if t.dim() == 4 else 0
+    for p in positions:
+        t.select(dim, p).fill_(value)
+    return t
+
+
+def check_rows(out: torch.Tensor, ref: torch.Tensor, low: torch.Tensor, dtype: torch.dtype) -> None:
+    """The same rows are non-finite, and the finite rows meet the accuracy rule."""
+    bad, bad_ref = ~out.isfinite(), ~ref.isfinite()
+    assert torch.equal(bad.any(-1), bad_ref.any(-1)), (
+        f"non-finite rows differ: {bad.any(-1).sum().item()} against the oracle's {bad_ref.any(-1).sum().item()}")
+    keep = ~bad_ref.any(-1, keepdim=True).expand_as(ref)
+    assert max_err(out[keep], ref[keep]) <= 2 * max_err(low[keep], ref[keep]) + rounding_floor(ref[keep], dtype)
+
+
+@pytest.mark.parametrize("kw", [dict(causal=True), dict(window_size=(24, 0)), dict(window_size=(8, 8)),
+                                dict(causal=True, window_size=(40, 0), softcap=5.0)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_dense(backend, kw, dtype):
+    q = torch.randn(2, 200, 4, 32, dtype=dtype)
+    k = poison(torch.randn(2, 200, 2, 32, dtype=dtype), [150])
+    v = poison(poison(torch.randn(2, 200, 2, 32, dtype=dtype), [150]), [70], float("inf"))
+    out = flash_attn_func(q, k, v, **kw)
+    ref = attention_ref(q, k, v, compute_dtype=torch.float64, **kw)
+    assert (~ref.isfinite()).any(), "the test should have rows that see a poisoned key"
+    check_rows(out, ref, attention_ref(q, k, v, upcast=False, **kw), dtype)
+
+
+def test_dense_gradient_of_rows(backend):
+    # dQ of a row comes from the keys it sees: a poisoned key it does not see leaves it finite
+    q = torch.randn(1, 160, 2, 32, requires_grad=True)
+    k = poison(torch.randn(1, 160, 2, 32), [120]).requires_grad_()
+    v = poison(torch.randn(1, 160, 2, 32), [120]).requires_grad_()
+    out = flash_attn_func(q, k, v, causal=True)
+    dq, = torch.autograd.grad(out, q, torch.ones_like(out).masked_fill(~out.isfinite(), 0.0))
+    rows = ~dq.isfinite().all(-1).all(-1)[0]
+    assert torch.equal(rows, torch.arange(160) >= 120)
+    qr = q.detach()[:, :120].clone().requires_grad_()
+    ref = attention_ref(qr, k.detach()[:, :120], v.detach()[:, :120], causal=True, compute_dtype=torch.float64)
+    dq_ref, = torch.autograd.grad(ref, qr, torch.ones_like(ref))
+    assert max_err(dq[:, :120], dq_ref) <= 1e-4 * dq_ref.abs().max().item()
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_varlen_neighbours(backend, causal):
+    # a poisoned sequence in a packed batch touches none of its neighbours
+    lens_q, lens_k = [40, 30, 50], [60, 45, 50]
+    q = torch.randn(sum(lens_q), 4, 32, dtype=torch.float16)
+    k, v = (torch.randn(sum(lens_k), 2, 32, dtype=torch.float16) for _ in range(2))
+    start = cu(lens_k).tolist()[1]
+    k, v = poison(k, range(start, start + 45)), poison(v, range(start, start + 45))  # all of sequence 1
+    out = flash_attn_varlen_func(q, k, v, cu(lens_q), cu(lens_k), 50, 60, causal=causal)
+    cq = cu(lens_q).tolist()
+    assert out[:cq[1]].isfinite().all() and out[cq[2]:].isfinite().all()
+    assert (~out[cq[1]:cq[2]].isfinite()).all(-1).all(-1).any()
+
+
+def test_seqused_k_and_paged(backend):
+    # keys past seqused_k, the unused rows of the last page and the unused pages hold NaN
+    lens_q, used, page = [20, 33], [37, 50], 16
+    q = torch.randn(sum(lens_q), 4, 32)
+    k = torch.full((10, page, 2, 32), float("nan"))
+    v = torch.full((10, page, 2, 32), float("nan"))
+    table = torch.tensor([[7, 2, 9, 0], [1, 4, 8, 3]], dtype=torch.int32)
+    keys, values = [], []
+    for b, n in enumerate(used):
+        kb, vb = torch.randn(n, 2, 32), torch.randn(n, 2, 32)
+        for j in range(n):
+            k[table[b, j // page], j % page], v[table[b, j // page], j % page] = kb[j], vb[j]
+        keys.append(kb)
+        values.append(vb)
+    out = flash_attn_varlen_func(q, k, v, cu(lens_q), cu([64, 64]), 33, 64, causal=True, block_table=table,
+                                 seqused_k=torch.tensor(used, dtype=torch.int32))
+    assert out.isfinite().all()
+    cq = cu(lens_q).tolist()
+    for b in range(2):
+        ref = attention_ref(q[None, cq[b]:cq[b + 1]], keys[b][None], values[b][None], causal=True,
+                            compute_dtype=torch.float64)
+        assert max_err(out[None, cq[b]:cq[b + 1]], ref) <= 1e-5
+
+
+def test_block_mask(backend):
+    if backend == "triton_halves":
+        pytest.skip("the block-sparse kernels take their own tiles")
+    q = torch.randn(1, 128, 2, 32)
+    k, v = (poison(torch.randn(1, 128, 2, 32), [50]) for _ in range(2))
+    # keys 32-63 are seen by the query blocks 1 and 3 only (partly, in block 3)
+    layout = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)
+    mask = BlockMask.from_layout(layout[None, None].expand(1, 2, 4, 4), 32, 128, 128)
+    out = block_sparse_attn_func(q, k, v, mask, causal=True)
+    ref = attention_ref(q, k, v, attn_bias=mask.causal_part().to_dense(), compute_dtype=torch.float64)
+    check_rows(out, ref, attention_ref(q, k, v, attn_bias=mask.causal_part().to_dense(), upcast=False),
+               torch.float32)
+    assert out[:, :32].isfinite().all() and out[:, 64:96].isfinite().all()
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_kvcache(backend, paged):
+    # the cache past cache_seqlens, before cache_leftpad and in unused pages is NaN; new tokens causal
+    batch, nheads, nheads_k, d, page = 2, 4, 2, 32, 16
+    lengths = torch.tensor([30, 50], dtype=torch.int32)
+    leftpad = torch.tensor([5, 0], dtype=torch.int32)
+    k_cache = torch.full((batch, 128, nheads_k, d), float("nan"))
+    v_cache = torch.full((batch, 128, nheads_k, d), float("nan"))
+    for b in range(batch):
+        k_cache[b, leftpad[b]:lengths[b]] = torch.randn(int(lengths[b] - leftpad[b]), nheads_k, d)
+        v_cache[b, leftpad[b]:lengths[b]] = torch.randn(int(lengths[b] - leftpad[b]), nheads_k, d)
+    q = torch.randn(batch, 3, nheads, d)
+    k_new, v_new = (torch.randn(batch, 3, nheads_k, d) for _ in range(2))
+    kw = dict(k=k_new, v=v_new, cache_seqlens=lengths, cache_leftpad=leftpad, causal=True, num_splits=2)
+    if paged:
+        table = torch.randperm(batch * 8 + 4)[:batch * 8].reshape(batch, 8).to(torch.int32)
+        k_pages = torch.full((batch * 8 + 4, page, nheads_k, d), float("nan"))
+        v_pages = torch.full((batch * 8 + 4, page, nheads_k, d), float("nan"))
+        k_pages[table.flatten().long()] = k_cache.reshape(batch * 8, page, nheads_k, d)
+        v_pages[table.flatten().long()] = v_cache.reshape(batch * 8, page, nheads_k, d)
+        out = flash_attn_with_kvcache(q, k_pages, v_pages, block_table=table, **kw)
+    else:
+        out = flash_attn_with_kvcache(q, k_cache, v_cache, **kw)
+    assert out.isfinite().all()
+    for b in range(batch):
+        lo, n = int(leftpad[b]), int(lengths[b])
+        keys = torch.cat([k_cache[b, lo:n], k_new[b]])[None]
+        values = torch.cat([v_cache[b, lo:n], v_new[b]])[None]
+        ref = attention_ref(q[b:b + 1], keys, values, causal=True, compute_dtype=torch.float64)
+        assert max_err(out[b:b + 1], ref) <= 1e-5
+
+
+# --- on a CUDA GPU with the compiled kernels (marker ``gpu``) ---------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("kw", [dict(causal=True), dict(window_size=(300, 0)), dict(window_size=(100, 100))],
+                         ids=str)
+def test_dense_gpu(head_dim, kw):
+    q = torch.randn(2, 1000, 8, head_dim, device="cuda", dtype=torch.bfloat16)
+    k = poison(torch.randn(2, 1000, 2, head_dim, device="cuda", dtype=torch.bfloat16), [700])
+    v = poison(torch.randn(2, 1000, 2, head_dim, device="cuda", dtype=torch.bfloat16), [700, 300])
+    out = flash_attn_func(q, k, v, **kw)
+    check_rows(out, attention_ref(q, k, v, compute_dtype=torch.float64, **kw),
+               attention_ref(q, k, v, upcast=False, **kw), torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_paged_nan_pages_gpu():
+    batch, nheads, nheads_k, d, page = 4, 16, 2, 128, 64
+    lengths = torch.tensor([3000, 1, 700, 4000], dtype=torch.int32, device="cuda")
+    k_pages = torch.full((batch * 64 + 8, page, nheads_k, d), float("nan"), device="cuda", dtype=torch.bfloat16)
+    v_pages = torch.full_like(k_pages, float("nan"))
+    table = torch.randperm(batch * 64 + 8, device="cuda")[:batch * 64].reshape(batch, 64).to(torch.int32)
+    keys, values = [], []
+    for b in range(batch):
+        n = int(lengths[b])
+        kb, vb = (torch.randn(n, nheads_k, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        pages = table[b, :(n + page - 1) // page].long()
+        k_pad = torch.full((len(pages) * page, nheads_k, d), float("nan"), device="cuda", dtype=torch.bfloat16)
+        v_pad = k_pad.clone()
+        k_pad[:n], v_pad[:n] = kb, vb
+        k_pages[pages], v_pages[pages] = k_pad.view(-1, page, nheads_k, d), v_pad.view(-1, page, nheads_k, d)
+        keys.append(kb)
+        values.append(vb)
+    q = torch.randn(batch, 1, nheads, d, device="cuda", dtype=torch.bfloat16)
+    out = flash_attn_with_kvcache(q, k_pages, v_pages, cache_seqlens=lengths, block_table=table)
+    assert out.isfinite().all()
+    for b in range(batch):
+        ref = attention_ref(q[b:b + 1], keys[b][None], values[b][None], compute_dtype=torch.float64)
+        low = attention_ref(q[b:b + 1], keys[b][None], values[b][None], upcast=False)
+        assert max_err(out[b:b + 1], ref) <= 2 * max_err(low, ref) + rounding_floor(ref, torch.bfloat16)
