@@ -59,12 +59,12 @@ def test_ring_matches_oracle(gloo, case):
 # sliding windows (in positions of the whole sequence), softcap, and the Triton kernels
 # under the interpreter: (world_size, layout, causal, dtype, options, interpret)
 OPTION_CASES = [
-    (2, "zigzag", True, torch.float32, dict(window_size=(9, 0)), False),
-    (3, "contiguous", False, torch.float32, dict(window_size=(5, 11)), False),
-    (3, "zigzag", False, torch.bfloat16, dict(window_size=(-1, 6), softcap=2.0), False),
-    (2, "contiguous", True, torch.float32, dict(softcap=1.5, softmax_scale=0.3), False),
+    (2, "zigzag", True, torch.float32, {"window_size": (9, 0)}, False),
+    (3, "contiguous", False, torch.float32, {"window_size": (5, 11)}, False),
+    (3, "zigzag", False, torch.bfloat16, {"window_size": (-1, 6), "softcap": 2.0}, False),
+    (2, "contiguous", True, torch.float32, {"softcap": 1.5, "softmax_scale": 0.3}, False),
     (2, "zigzag", True, torch.bfloat16, {}, True),
-    (3, "zigzag", False, torch.float32, dict(window_size=(7, 3)), True),
+    (3, "zigzag", False, torch.float32, {"window_size": (7, 3)}, True),
 ]
 
 
@@ -78,8 +78,8 @@ def test_ring_options_match_oracle(gloo, case):
 
 def lse_case(seed, layout):
     import torch.distributed as dist
-
     from cluster import set_backend_env
+
     from flashtile.distributed import shard
     from flashtile.testing import attention_ref
 
