@@ -36,11 +36,17 @@ def group():
     return _GROUP
 
 
+def device() -> str:
+    """Where this rank's tensors live: its GPU under NCCL, else the CPU."""
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
+
+
 def _worker(rank: int, world_size: int, port: int, backend: str, tasks, results) -> None:
     global _GROUP
     torch.set_num_threads(1)  # the ranks share the machine's cores
     if backend == "nccl":
         torch.cuda.set_device(rank)
+        os.environ["FLASHTILE_FP32_DOT"] = "ieee"  # fp32 products in fp32, as the oracle's
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=_COLLECTIVE_TIMEOUT_S))
     groups = {size: dist.new_group(list(range(world_size - size, world_size))) for size in range(1, world_size)}
@@ -81,7 +87,9 @@ class Cluster:
         raises, raises AssertionError with the tracebacks and restarts the processes at the
         next call (their state is unknown)."""
         if not 1 <= size <= self.world_size:
-            raise ValueError(f"groups of 1 to {self.world_size} ranks, not {size}")
+            import pytest
+
+            pytest.skip(f"a group of {size} ranks; {self.world_size} processes here")
         if not self._procs:
             self._start()
         for tasks in self._tasks:
@@ -112,8 +120,10 @@ class Cluster:
 
 
 def set_backend_env(interpret: bool) -> None:
-    """Run CPU tensors through the Triton kernels in the interpreter, or through the CPU paths."""
-    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    """Run CPU tensors through the Triton kernels in the interpreter, or through the CPU
+    paths (GPU tensors run the compiled kernels)."""
+    if device() == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
 
 
 class ScatterSequence(torch.autograd.Function):

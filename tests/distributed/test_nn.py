@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-from cluster import group, set_backend_env
+from cluster import device, group, set_backend_env
 
 from flashtile.distributed import gather_sequence, shard
 from flashtile.nn import MultiheadAttention
@@ -17,11 +17,12 @@ def mha_case(seed, layout, method, rotary_emb_dim, num_heads_kv):
     set_backend_env(False)
     torch.manual_seed(seed)  # the same weights and inputs on every rank
     rank, world_size = dist.get_rank(group()), dist.get_world_size(group())
-    whole = MultiheadAttention(64, 4, num_heads_kv=num_heads_kv, causal=True, rotary_emb_dim=rotary_emb_dim)
+    whole = MultiheadAttention(64, 4, num_heads_kv=num_heads_kv, causal=True, rotary_emb_dim=rotary_emb_dim,
+                               device=device())
     parallel = copy.deepcopy(whole)
     parallel.context_parallel_group = group()
     parallel.context_parallel_layout, parallel.context_parallel_method = layout, method
-    x = torch.randn(2, 12 * world_size, 64, requires_grad=True)
+    x = torch.randn(2, 12 * world_size, 64, device=device(), requires_grad=True)
     dout = torch.randn_like(x)
     expected = whole(x)
     expected.backward(dout)
@@ -43,9 +44,9 @@ def mha_case(seed, layout, method, rotary_emb_dim, num_heads_kv):
     ("contiguous", "ring", 0, 4),
     ("zigzag", "ulysses", 8, 1),
 ])
-def test_mha_context_parallel_matches_whole_sequence(gloo, layout, method, rotary_emb_dim, num_heads_kv):
+def test_mha_context_parallel_matches_whole_sequence(ranks, layout, method, rotary_emb_dim, num_heads_kv):
     world_size = 2 if method == "ulysses" else 3
-    gloo.run(world_size, mha_case, seed=int(torch.randint(0, 2**31 - 1, ())), layout=layout, method=method,
+    ranks.run(world_size, mha_case, seed=int(torch.randint(0, 2**31 - 1, ())), layout=layout, method=method,
              rotary_emb_dim=rotary_emb_dim, num_heads_kv=num_heads_kv)
 
 
