@@ -34,6 +34,18 @@ class MultiheadAttention(torch.nn.Module):
         softcap: scores become ``softcap * tanh(scores / softcap)`` if > 0.
         device: where the parameters live.
         dtype: the parameters' dtype.
+        context_parallel_group: a ``torch.distributed`` process group over which
+            the sequence is sharded (context parallelism): each rank passes its
+            shard ``(batch, seqlen_local, embed_dim)``, cut with
+            ``flashtile.distributed.shard`` along dim 1, and gets its shard of the
+            output; attention runs through
+            :func:`flashtile.distributed.ring_flash_attn_func` (or Ulysses).
+            Rotary positions are those of the whole sequence. None: no context
+            parallelism.
+        context_parallel_layout: how the sequence is sharded, ``"zigzag"`` or
+            ``"contiguous"``.
+        context_parallel_method: ``"ring"`` (any head count) or ``"ulysses"``
+            (all-to-all; heads must split over the ranks).
 
     The self-attention input projection ``Wqkv`` is fused, its output laid out as
     ``[q | k | v]`` (``num_heads``, ``num_heads_kv``, ``num_heads_kv`` heads): with
@@ -45,7 +57,9 @@ class MultiheadAttention(torch.nn.Module):
                  qkv_proj_bias: bool = True, out_proj_bias: bool = True, dropout: float = 0.0,
                  softmax_scale: float | None = None, causal: bool = False, layer_idx: int | None = None,
                  rotary_emb_dim: int = 0, rotary_emb_base: float = 10000.0, rotary_emb_interleaved: bool = False,
-                 window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0, device=None, dtype=None):
+                 window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0, device=None, dtype=None,
+                 context_parallel_group=None, context_parallel_layout: str = "zigzag",
+                 context_parallel_method: str = "ring"):
         super().__init__()
         num_heads_kv = num_heads if num_heads_kv is None else num_heads_kv
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("num_heads_kv", num_heads_kv)):
@@ -59,6 +73,16 @@ class MultiheadAttention(torch.nn.Module):
                              f"num_heads_kv ({num_heads_kv})")
         if rotary_emb_dim and cross_attn:
             raise NotImplementedError("flashtile: MultiheadAttention with rotary_emb_dim and cross_attn")
+        if context_parallel_method not in ("ring", "ulysses"):
+            raise FlashtileValueError(f"flashtile: MultiheadAttention context_parallel_method must be 'ring' or "
+                                      f"'ulysses', got {context_parallel_method!r}")
+        if context_parallel_layout not in ("zigzag", "contiguous"):
+            raise FlashtileValueError(f"flashtile: MultiheadAttention context_parallel_layout must be 'zigzag' or "
+                                      f"'contiguous', got {context_parallel_layout!r}")
+        if context_parallel_group is not None and cross_attn:
+            raise NotImplementedError("flashtile: MultiheadAttention with context_parallel_group and cross_attn")
+        self.context_parallel_group = context_parallel_group
+        self.context_parallel_layout, self.context_parallel_method = context_parallel_layout, context_parallel_method
         self.embed_dim, self.num_heads, self.num_heads_kv = embed_dim, num_heads, num_heads_kv
         self.head_dim = embed_dim // num_heads
         self.cross_attn, self.causal, self.layer_idx = cross_attn, causal, layer_idx
@@ -127,6 +151,8 @@ class MultiheadAttention(torch.nn.Module):
         if kv_cache is not None and key_padding_mask is not None:
             raise NotImplementedError("flashtile: MultiheadAttention with kv_cache and key_padding_mask (use "
                                       "KVCache per-sequence lengths)")
+        if self.context_parallel_group is not None:
+            return self._context_parallel(x, key_padding_mask, cu_seqlens, kv_cache)
         q, k, v, kv_lead = self._project(x, x_kv)
         if self.rotary_emb is not None:
             offset = 0 if kv_cache is None else kv_cache.cache_seqlens
@@ -161,3 +187,37 @@ class MultiheadAttention(torch.nn.Module):
         q_p, indices, cu_q, max_q, _ = unpad_input(q, key_padding_mask)
         out = flash_attn_varlen_func(q_p, k_p, v_p, cu_q, cu_k, max_q, max_k, dropout_p=dropout, **kw)
         return pad_input(out, indices, batch, seqlen_q)
+
+    def _context_parallel(self, x, key_padding_mask, cu_seqlens, kv_cache):
+        """Self attention of this rank's shard of a sequence sharded over
+        ``context_parallel_group``."""
+        from ..distributed import ring_flash_attn_func, ulysses_flash_attn_func
+        from ..distributed.layout import shard_chunks
+
+        for name, value in (("key_padding_mask", key_padding_mask), ("cu_seqlens", cu_seqlens),
+                            ("kv_cache", kv_cache)):
+            if value is not None:
+                raise NotImplementedError(f"flashtile: MultiheadAttention with context_parallel_group and {name}")
+        if self.training and self.dropout > 0:
+            raise NotImplementedError("flashtile: MultiheadAttention with context_parallel_group and dropout > 0 "
+                                      "while training")
+        if x.dim() != 3:
+            raise FlashtileValueError(f"flashtile: with context_parallel_group, x must be this rank's shard "
+                                      f"(batch, seqlen_local, embed_dim), got shape {tuple(x.shape)}")
+        group, layout = self.context_parallel_group, self.context_parallel_layout
+        if layout == "zigzag" and x.shape[1] % 2:
+            raise FlashtileValueError(f"flashtile: with the zigzag layout each rank holds two equal chunks; x's "
+                                      f"seqlen_local must be even, got {x.shape[1]}")
+        q, k, v, _ = self._project(x, None)
+        if self.rotary_emb is not None:
+            # each chunk of the shard at its place in the whole sequence
+            chunks = shard_chunks(layout, torch.distributed.get_rank(group), torch.distributed.get_world_size(group),
+                                  x.shape[1])
+            rotated = [self.rotary_emb(q[:, c.local_start:c.local_start + c.length],
+                                       k[:, c.local_start:c.local_start + c.length], seqlen_offset=c.global_start)
+                       for c in chunks]
+            q, k = (torch.cat(parts, dim=1) for parts in zip(*rotated))
+        attend = ring_flash_attn_func if self.context_parallel_method == "ring" else ulysses_flash_attn_func
+        out = attend(q, k, v, group, causal=self.causal, layout=layout, softmax_scale=self.softmax_scale,
+                     window_size=self.window_size, softcap=self.softcap)
+        return self.out_proj(out.flatten(-2))

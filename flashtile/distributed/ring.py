@@ -1,0 +1,299 @@
+"""Ring attention: context parallelism by passing keys and values around a ring.
+
+Each rank holds a shard of the sequence (q, k and v of the same positions,
+cut as ``layout.py`` says). In ``world_size`` steps every rank's keys and
+values visit every rank; at each step a rank attends its queries to the block
+it holds with flashtile's attention op (the Triton kernels on a GPU, the CPU
+paths on a CPU) while the next block is already in transit, and merges the
+block's partial output into its running result by the log-sum-exp, in fp32.
+
+Masks are placed by global position: query position ``a`` sees key position
+``b`` when ``a - left <= b <= a + right`` (``left``/``right`` of the window,
+-1 unbounded; causal is ``right = 0``). Per step, every pair of a query chunk
+and a key chunk is either empty (skipped), full (no mask) or partial (the
+op's diagonal offset and window, from the chunks' global starts); neighbouring
+pieces are called as one block where that is exact.
+
+The backward pass runs the same ring: each block's gradients are recomputed
+from the global output and LSE (so ``delta = rowsum(dout * out)`` is the
+global one), dQ stays on its rank, and the dK/dV accumulators (fp32) travel
+with the keys and values until they are back at their owner.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from ..errors import FlashtileValueError
+from ..interface.checks import check_qkv, check_scale, check_softcap, not_yet
+from ..interface.flash_attn import _window
+from ..ops.attention import attn_bwd, attn_fwd
+from .comm import Ring
+from .layout import Chunk, check_layout, chunks_per_rank, shard_chunks
+
+_LAYOUT = "(batch, seqlen_local, nheads, headdim)"
+_UNBOUNDED = (-1, -1)
+
+
+class Block(NamedTuple):
+    """One attention call of a ring step: local query rows against local rows of
+    the key/value block held, with the op's diagonal offset and window."""
+    q_rows: slice
+    k_rows: slice
+    diag: int
+    window: tuple[int, int]
+
+
+def _rows(chunks: list[Chunk]) -> slice:
+    return slice(chunks[0].local_start, chunks[-1].local_start + chunks[-1].length)
+
+
+def _visibility(qc: Chunk, kc: Chunk, left: int, right: int) -> str:
+    """'empty', 'full' or 'partial': how much of key chunk ``kc`` the queries of ``qc`` see."""
+    q_first, q_last = qc.global_start, qc.global_start + qc.length - 1
+    k_first, k_last = kc.global_start, kc.global_start + kc.length - 1
+    if (right >= 0 and q_last + right < k_first) or (left >= 0 and q_first - left > k_last):
+        return "empty"
+    if (right < 0 or q_first + right >= k_last) and (left < 0 or q_last - left <= k_first):
+        return "full"
+    return "partial"
+
+
+def plan_blocks(q_chunks: list[Chunk], k_chunks: list[Chunk], window: tuple[int, int]) -> list[Block]:
+    """The attention calls of one ring step: the queries of ``q_chunks`` against the
+    keys of ``k_chunks``, under ``window = (left, right)`` in global positions."""
+    left, right = window
+    if left < 0 and right < 0:  # no mask: one call
+        return [Block(_rows(q_chunks), _rows(k_chunks), 0, _UNBOUNDED)]
+    if q_chunks == k_chunks and left < 0 and right == 0:
+        # a rank's own block, causal: a shard keeps the order of the positions, and a causal
+        # mask depends only on that order, so the shard's local causal mask is exact
+        return [Block(_rows(q_chunks), _rows(k_chunks), 0, (-1, 0))]
+    rows = []  # per query chunk: its rows and its pieces (key rows, diag, window)
+    for qc in q_chunks:
+        pieces: list[tuple[slice, int, tuple[int, int]]] = []
+        for kc in k_chunks:
+            seen = _visibility(qc, kc, left, right)
+            if seen == "empty":
+                continue
+            k_rows = slice(kc.local_start, kc.local_start + kc.length)
+            if seen == "full" and pieces and pieces[-1][2] == _UNBOUNDED and pieces[-1][0].stop == k_rows.start:
+                pieces[-1] = (slice(pieces[-1][0].start, k_rows.stop), 0, _UNBOUNDED)  # neighbours, both full
+            elif seen == "full":
+                pieces.append((k_rows, 0, _UNBOUNDED))
+            else:
+                pieces.append((k_rows, qc.global_start - kc.global_start, (left, right)))
+        rows.append((slice(qc.local_start, qc.local_start + qc.length), pieces))
+    merged: list[tuple[slice, list]] = []
+    for q_rows, pieces in rows:
+        # neighbouring query chunks that see the same keys in full: one call
+        if (merged and merged[-1][0].stop == q_rows.start and merged[-1][1] == pieces
+                and all(w == _UNBOUNDED for _, _, w in pieces)):
+            merged[-1] = (slice(merged[-1][0].start, q_rows.stop), pieces)
+        else:
+            merged.append((q_rows, pieces))
+    return [Block(q_rows, k_rows, diag, w) for q_rows, pieces in merged for k_rows, diag, w in pieces if pieces]
+
+
+class _Ready:
+    """A finished exchange (a ring of one rank sends nothing)."""
+
+    def __init__(self, tensors):
+        self._tensors = tensors
+
+    def wait(self):
+        return self._tensors
+
+
+def _merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
+    """Merge a block's (out, lse) into the running fp32 (out, lse) views, in place:
+    ``out = (exp(lse) out + exp(block_lse) block_out) / exp(new_lse)``."""
+    new_lse = torch.logaddexp(lse, block_lse)
+    finite = torch.where(torch.isinf(new_lse), 0.0, new_lse)  # -inf only where neither saw a key
+    keep = torch.exp(lse - finite).transpose(1, 2).unsqueeze(-1)
+    take = torch.exp(block_lse - finite).transpose(1, 2).unsqueeze(-1)
+    out.mul_(keep).add_(block_out.float() * take)
+    lse.copy_(new_lse)
+
+
+class _Settings(NamedTuple):
+    ring: Ring
+    layout: str
+    scale: float
+    window: tuple[int, int]
+    softcap: float
+
+
+def _steps(s: _Settings, local_len: int):
+    """(step, the blocks of the step) for this rank: at step ``t`` it holds the keys of rank ``rank - t``."""
+    q_chunks = shard_chunks(s.layout, s.ring.rank, s.ring.world_size, local_len)
+    for step in range(s.ring.world_size):
+        source = (s.ring.rank - step) % s.ring.world_size
+        yield step, plan_blocks(q_chunks, shard_chunks(s.layout, source, s.ring.world_size, local_len), s.window)
+
+
+def _exchange(s: _Settings, tensors: list[torch.Tensor]):
+    return s.ring.exchange(tensors) if s.ring.world_size > 1 else _Ready(tensors)
+
+
+def ring_forward(q, k, v, s: _Settings) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out in q's dtype, lse fp32 ``(batch, nheads, seqlen_local)``) of this rank's queries."""
+    batch, local_len, nheads, _ = q.shape
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full((batch, nheads, local_len), float("-inf"), dtype=torch.float32, device=q.device)
+    kv = [k, v]
+    for step, blocks in _steps(s, local_len):
+        # the next block travels while this one is computed
+        incoming = _exchange(s, kv) if step + 1 < s.ring.world_size else None
+        for b in blocks:
+            block_out, block_lse = attn_fwd(q[:, b.q_rows], kv[0][:, b.k_rows], kv[1][:, b.k_rows], None, None, None,
+                                            None, None, 0, 0, s.scale, b.diag, *b.window, s.softcap, 0.0)
+            _merge_into(out[:, b.q_rows], lse[:, :, b.q_rows], block_out, block_lse)
+        if incoming is not None:
+            kv = incoming.wait()
+    return out.to(q.dtype), lse
+
+
+def ring_backward(dout, q, k, v, out, lse, s: _Settings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of this rank's shard, in the inputs' dtypes."""
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    kv, dkv_incoming = [k, v], None
+    for step, blocks in _steps(s, q.shape[1]):
+        kv_incoming = _exchange(s, kv) if step + 1 < s.ring.world_size else None
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        for b in blocks:
+            block_dq, block_dk, block_dv, _ = attn_bwd(
+                dout[:, b.q_rows], q[:, b.q_rows], kv[0][:, b.k_rows], kv[1][:, b.k_rows], out[:, b.q_rows],
+                lse[:, :, b.q_rows].contiguous(), None, None, None, None, None, 0, 0, s.scale, b.diag, *b.window,
+                s.softcap, 0.0, False)
+            dq[:, b.q_rows] += block_dq
+            dk[:, b.k_rows] += block_dk
+            dv[:, b.k_rows] += block_dv
+        if dkv_incoming is not None:
+            # the gradients of this block from the ranks it visited before
+            dk_before, dv_before = dkv_incoming.wait()
+            dk += dk_before
+            dv += dv_before
+        # on to the next rank; after the last step that is the block's owner
+        dkv_incoming = _exchange(s, [dk, dv])
+        if kv_incoming is not None:
+            kv = kv_incoming.wait()
+    dk, dv = dkv_incoming.wait()
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, settings):
+        out, lse = ring_forward(q, k, v, settings)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.settings = settings
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, ctx.settings)
+        return dq, dk, dv, None
+
+
+def check_group(group, name: str):
+    """The process group, checked to be usable."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"flashtile: {name} needs an initialised torch.distributed process group "
+                           "(torch.distributed.init_process_group)")
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise FlashtileValueError(f"flashtile: group must be a torch.distributed ProcessGroup or None, "
+                                  f"got {type(group).__name__}")
+    return group
+
+
+def ring_flash_attn_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group=None,
+    causal: bool = False,
+    layout: str = "zigzag",
+    softmax_scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+):
+    """Exact attention over a sequence sharded across the ranks of ``group``
+    (context parallelism by ring attention); differentiable.
+
+    Every rank of ``group`` calls it at once with its own shard of q, k and v
+    (cut with :func:`flashtile.distributed.shard`, or by the same rule) and
+    gets its shard of the output, equal to ``flash_attn_func`` over the whole
+    sequence, shard for shard. Keys and values go around the ring once (twice,
+    with their gradients, in the backward pass); each transfer overlaps the
+    attention of the block before.
+
+    Args:
+        q: ``(batch, seqlen_local, nheads, headdim)``, fp16, bf16 or fp32: this
+            rank's queries; ``seqlen_local`` is the same on every rank and even
+            for the zigzag layout.
+        k: ``(batch, seqlen_local, nheads_k, headdim)``: the keys of the same
+            positions; ``nheads % nheads_k == 0`` (GQA/MQA).
+        v: ``(batch, seqlen_local, nheads_k, headdim)``, like ``k``.
+        group: the ``torch.distributed`` process group over which the sequence
+            is sharded (the default group if None); gloo for CPU tensors, NCCL
+            for CUDA tensors.
+        causal: causal mask over the whole sequence.
+        layout: how the sequence was sharded: ``"zigzag"`` (rank ``r`` holds
+            chunks ``r`` and ``2 * world_size - 1 - r`` of ``2 * world_size``;
+            balanced under a causal mask) or ``"contiguous"`` (chunk ``r`` of
+            ``world_size``).
+        softmax_scale: defaults to ``1 / sqrt(headdim)``.
+        window_size: ``(left, right)`` sliding window in positions of the whole
+            sequence, -1 for unbounded; key blocks outside every query's window
+            are not computed (they still travel).
+        softcap: if > 0, scores become ``softcap * tanh(scores / softcap)``.
+        alibi_slopes: not supported (``NotImplementedError``).
+        dropout_p: must be 0 (``NotImplementedError`` otherwise).
+        deterministic: accepted for compatibility; the result is always
+            deterministic.
+        return_attn_probs: also return this rank's LSE and ``None`` (as
+            ``flash_attn_func`` does without dropout).
+
+    Returns:
+        (torch.Tensor | tuple): ``out`` ``(batch, seqlen_local, nheads, headdim)``
+            in q's dtype, or ``(out, softmax_lse, None)`` with ``softmax_lse``
+            fp32 ``(batch, nheads, seqlen_local)`` (natural log, over the whole
+            sequence's keys) if ``return_attn_probs``.
+    """
+    check_qkv(q, k, v, _LAYOUT)
+    group = check_group(group, "ring_flash_attn_func")
+    layout = check_layout(layout)
+    if alibi_slopes is not None:
+        raise not_yet("alibi_slopes in ring_flash_attn_func")
+    if dropout_p != 0:
+        raise not_yet(f"dropout_p={dropout_p!r} in ring_flash_attn_func (only 0)")
+    if k.shape[1] != q.shape[1]:
+        raise FlashtileValueError(f"flashtile: ring_flash_attn_func shards q, k and v of the same positions; q has "
+                                  f"seqlen_local {q.shape[1]}, k and v {k.shape[1]}")
+    if q.shape[1] % chunks_per_rank(layout):
+        raise FlashtileValueError(f"flashtile: with the zigzag layout each rank holds two equal chunks; q's "
+                                  f"seqlen_local must be even, got {q.shape[1]}")
+    window = _window(window_size, bool(causal))
+    check_softcap(softcap)
+    scale = check_scale("softmax_scale", softmax_scale, q.shape[-1])
+    settings = _Settings(Ring(group), layout, scale, window, float(softcap))
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out, lse = _RingAttention.apply(q, k, v, settings)
+    return (out, lse, None) if return_attn_probs else out
+
+
+def ring_flash_attn_varlen_func(*args, **kwargs):
+    """Ring attention over packed variable-length sequences (``cu_seqlens``);
+    not built yet: raises ``NotImplementedError``."""
+    raise not_yet("ring_flash_attn_varlen_func (ring attention over packed variable-length sequences)")
