@@ -166,7 +166,7 @@ def ring_backward(dout, q, k, v, out, lse, s: _Settings) -> tuple[torch.Tensor, 
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         for b in blocks:
-            block_dq, block_dk, block_dv, _ = attn_bwd(
+            block_dq, block_dk, block_dv, _, _ = attn_bwd(
                 dout[:, b.q_rows], q[:, b.q_rows], kv[0][:, b.k_rows], kv[1][:, b.k_rows], out[:, b.q_rows],
                 lse[:, :, b.q_rows].contiguous(), None, None, None, None, None, 0, 0, s.scale, b.diag, *b.window,
                 s.softcap, 0.0, False)
