@@ -1,6 +1,6 @@
-"""Property-based tests: random shapes, dtypes and options of flash_attn_func and
-flash_attn_varlen_func against the oracle, with the accuracy rule; hypothesis
-shrinks a failure to a minimal case.
+"""Property-based tests: random shapes, dtypes and options of flash_attn_func,
+flash_attn_varlen_func and flash_attn_with_kvcache against the oracle, with the
+accuracy rule; hypothesis shrinks a failure to a minimal case.
 
 A bounded profile runs in CI on the CPU: the CPU paths (PyTorch's fused kernel
 and the tiled path) and, at small sizes, the Triton kernels under the
@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from helpers import check_attention
+from helpers import check_attention, max_err, rounding_floor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -37,19 +37,29 @@ def cases(draw, max_seqlen: int, head_dims, dtypes):
                       "both": (draw(st.integers(0, 40)), draw(st.integers(0, 40)))}[window]
     case["softcap"] = draw(st.sampled_from([0.0, 0.0, 5.0, 30.0]))
     case["alibi"] = draw(st.booleans())
+    case["sinks"] = draw(st.booleans())
+    # a value head dim of its own, now and then
+    case["head_dim_v"] = draw(st.sampled_from([case["head_dim"]] * 3 + list(head_dims)))
     return case
 
 
 def _inputs(case, device):
     b, sq, sk, hk = case["batch"], case["seqlen_q"], case["seqlen_k"], case["nheads_k"]
-    h, d, dtype = hk * case["group"], case["head_dim"], case["dtype"]
+    h, d, dv, dtype = hk * case["group"], case["head_dim"], case["head_dim_v"], case["dtype"]
     if case["sliced"]:  # strided views: every other head of a wider tensor, as packed projections give
         q = torch.randn(b, sq, 2 * h, d, device=device).to(dtype)[:, :, ::2]
         k = torch.randn(b, sk, 2 * hk, d, device=device).to(dtype)[:, :, 1::2]
-        v = torch.randn(b, sk, 2 * hk, d, device=device).to(dtype)[:, :, ::2]
+        v = torch.randn(b, sk, 2 * hk, dv, device=device).to(dtype)[:, :, ::2]
     else:
-        q, k, v = (torch.randn(b, s, n, d, device=device).to(dtype) for s, n in ((sq, h), (sk, hk), (sk, hk)))
+        q, k, v = (torch.randn(b, s, n, dim, device=device).to(dtype)
+                   for s, n, dim in ((sq, h, d), (sk, hk, d), (sk, hk, dv)))
     return q, k, v
+
+
+def _sinks(case, device):
+    """Sink logits of every size (or None), some above the scores."""
+    h = case["nheads_k"] * case["group"]
+    return (torch.randn(h, device=device) * 4) if case["sinks"] else None
 
 
 def _check_dense(case, device="cpu"):
@@ -58,7 +68,8 @@ def _check_dense(case, device="cpu"):
     kw = dict(causal=case["causal"], window_size=case["window"], softcap=case["softcap"])
     if case["alibi"]:
         kw["alibi_slopes"] = torch.rand(h, device=device) * 0.3
-    check_attention(lambda q, k, v: flashtile.flash_attn_func(q, k, v, **kw), q, k, v, **kw)
+    check_attention(lambda q, k, v, **s: flashtile.flash_attn_func(q, k, v, **kw, **s), q, k, v,
+                    sinks=_sinks(case, device), **kw)
 
 
 def _check_varlen(case, lengths, device="cpu"):
@@ -66,7 +77,8 @@ def _check_varlen(case, lengths, device="cpu"):
     h, hk, d, dtype = case["nheads_k"] * case["group"], case["nheads_k"], case["head_dim"], case["dtype"]
     total_q, total_k = sum(n for n, _ in lengths), sum(n for _, n in lengths)
     q = torch.randn(total_q, h, d, device=device).to(dtype)
-    k, v = (torch.randn(total_k, hk, d, device=device).to(dtype) for _ in range(2))
+    k = torch.randn(total_k, hk, d, device=device).to(dtype)
+    v = torch.randn(total_k, hk, case["head_dim_v"], device=device).to(dtype)
     cu_q = torch.tensor([0] + [sum(n for n, _ in lengths[:i + 1]) for i in range(b)], dtype=torch.int32,
                         device=device)
     cu_k = torch.tensor([0] + [sum(n for _, n in lengths[:i + 1]) for i in range(b)], dtype=torch.int32,
@@ -74,17 +86,60 @@ def _check_varlen(case, lengths, device="cpu"):
     kw = dict(causal=case["causal"], window_size=case["window"], softcap=case["softcap"])
     max_q, max_k = max([n for n, _ in lengths] + [0]), max([n for _, n in lengths] + [0])
 
-    def fn(q, k, v):
-        return flashtile.flash_attn_varlen_func(q[0], k[0], v[0], cu_q, cu_k, max_q, max_k, **kw)[None]
+    def fn(q, k, v, **s):
+        return flashtile.flash_attn_varlen_func(q[0], k[0], v[0], cu_q, cu_k, max_q, max_k, **kw, **s)[None]
 
     def ref(q, k, v, **ref_kw):
         parts = []
         for i in range(b):
             qs, ks = slice(int(cu_q[i]), int(cu_q[i + 1])), slice(int(cu_k[i]), int(cu_k[i + 1]))
             parts.append(attention_ref(q[:, qs], k[:, ks], v[:, ks], **kw, **ref_kw))
-        return torch.cat(parts, dim=1) if parts else q.new_zeros(q.shape)
+        return torch.cat(parts, dim=1) if parts else q.new_zeros(*q.shape[:-1], v.shape[-1])
 
-    check_attention(fn, q[None], k[None], v[None], ref_fn=ref)
+    check_attention(fn, q[None], k[None], v[None], ref_fn=ref, sinks=_sinks(case, device))
+
+
+def _check_kvcache(case, draw_lengths, paged_page, num_splits, seqlen_new, device="cpu"):
+    """flash_attn_with_kvcache appending ``seqlen_new`` tokens to caches of random
+    lengths (contiguous, or paged with pages of ``paged_page`` keys, shuffled), inference
+    only, against the oracle per sequence."""
+    b = max(case["batch"], 1)
+    h, hk, d, dv, dtype = (case["nheads_k"] * case["group"], case["nheads_k"], case["head_dim"],
+                           case["head_dim_v"], case["dtype"])
+    capacity = max(draw_lengths) + seqlen_new + 1
+    if paged_page:
+        capacity = -(-capacity // paged_page) * paged_page
+    k_cache = torch.randn(b, capacity, hk, d, device=device).to(dtype)
+    v_cache = torch.randn(b, capacity, hk, dv, device=device).to(dtype)
+    lengths = torch.tensor(draw_lengths[:b] + [0] * (b - len(draw_lengths[:b])), dtype=torch.int32, device=device)
+    q = torch.randn(b, max(case["seqlen_q"], 1), h, d, device=device).to(dtype)
+    k_new = torch.randn(b, seqlen_new, hk, d, device=device).to(dtype)
+    v_new = torch.randn(b, seqlen_new, hk, dv, device=device).to(dtype)
+    keys, values = k_cache.clone(), v_cache.clone()
+    for i in range(b):
+        n = int(lengths[i])
+        keys[i, n:n + seqlen_new], values[i, n:n + seqlen_new] = k_new[i], v_new[i]
+    kw = dict(causal=case["causal"], window_size=case["window"], softcap=case["softcap"])
+    sinks = _sinks(case, device)
+    args = dict(k=k_new if seqlen_new else None, v=v_new if seqlen_new else None, cache_seqlens=lengths,
+                num_splits=num_splits, sinks=sinks, **kw)
+    if paged_page:
+        pages = capacity // paged_page
+        table = torch.randperm(b * pages, device=device).reshape(b, pages).to(torch.int32)
+        k_pages = torch.empty(b * pages, paged_page, hk, d, device=device, dtype=dtype)
+        v_pages = torch.empty(b * pages, paged_page, hk, dv, device=device, dtype=dtype)
+        k_pages[table.flatten().long()] = k_cache.reshape(b * pages, paged_page, hk, d)
+        v_pages[table.flatten().long()] = v_cache.reshape(b * pages, paged_page, hk, dv)
+        out = flashtile.flash_attn_with_kvcache(q, k_pages, v_pages, block_table=table, **args)
+    else:
+        out = flashtile.flash_attn_with_kvcache(q, k_cache, v_cache, **args)
+    for i in range(b):
+        n = int(lengths[i]) + seqlen_new
+        ref_args = (q[i:i + 1], keys[i:i + 1, :n], values[i:i + 1, :n])
+        ref = attention_ref(*ref_args, sinks=sinks, compute_dtype=torch.float64, **kw)
+        low = attention_ref(*ref_args, sinks=sinks, upcast=False, **kw)
+        err, base = max_err(out[i:i + 1], ref), max_err(low, ref)
+        assert err <= 2 * base + rounding_floor(ref, dtype), f"sequence {i}: error {err:.3e} vs pytorch {base:.3e}"
 
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -112,11 +167,29 @@ def test_fuzz_varlen_cpu(case, lengths, monkeypatch_env):
     _check_varlen(case, lengths)
 
 
+@fuzz(25)
+@given(case=cases(6, [16, 40, 64, 128], DTYPES), lengths=st.lists(st.integers(0, 200), min_size=1, max_size=3),
+       page=st.sampled_from([0, 0, 1, 5, 16, 64]), num_splits=st.integers(0, 4), seqlen_new=st.integers(0, 4),
+       interpret=st.booleans())
+def test_fuzz_kvcache(case, lengths, page, num_splits, seqlen_new, interpret, monkeypatch_env):
+    monkeypatch_env("1" if interpret else "0")  # the split kernels under the interpreter, or the tiled path
+    _check_kvcache(case, lengths, page, num_splits, seqlen_new)
+
+
 @pytest.mark.gpu
 @fuzz(200)
 @given(case=cases(2000, list(range(1, 257)), [torch.float16, torch.bfloat16]))
 def test_fuzz_gpu(case):
     _check_dense(case, "cuda")
+
+
+@pytest.mark.gpu
+@fuzz(100)
+@given(case=cases(16, [64, 128, 192, 256], [torch.float16, torch.bfloat16]),
+       lengths=st.lists(st.integers(0, 5000), min_size=1, max_size=4), page=st.sampled_from([0, 16, 64, 256]),
+       num_splits=st.integers(0, 8), seqlen_new=st.integers(0, 8))
+def test_fuzz_kvcache_gpu(case, lengths, page, num_splits, seqlen_new):
+    _check_kvcache(case, lengths, page, num_splits, seqlen_new, "cuda")
 
 
 @pytest.fixture
