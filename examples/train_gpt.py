@@ -279,7 +279,7 @@ def build_model(args) -> tuple[nn.Module, Config]:
     if args.model == "hf-gpt2":
         hf_config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=args.seq_len, n_embd=config.width,
                                             n_layer=config.layers, n_head=config.heads, resid_pdrop=0.0,
-                                            embd_pdrop=0.0, attn_pdrop=0.0)
+                                            embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
     else:
         hf_config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=config.width,
                                              intermediate_size=4 * config.width, num_hidden_layers=config.layers,
@@ -372,7 +372,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="first steps left out of tokens/s and step time (compilation, allocator warm-up)")
     p.add_argument("--peak-tflops", type=positive_float, default=None,
                    help="the GPU's dense bf16 peak for MFU (default: known for H100, H200, A100)")
-    p.add_argument("--corpus-mb", type=positive_float, default=32.0, help="read at most this much source text")
+    p.add_argument("--corpus-mb", type=positive_float, default=32.0, help="read about this much source text (whole files, at most the whole library)")
     p.add_argument("--seed", type=int, default=0, help="weights and data order")
     p.add_argument("--log", type=pathlib.Path, default=None, help="write the run's JSON log here")
     p.add_argument("--plot", type=pathlib.Path, default=None, help="write the loss curve here (.png, .pdf or .svg; "

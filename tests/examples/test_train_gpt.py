@@ -77,6 +77,17 @@ def test_attention_backends_train_alike(example, tmp_path, attention):
     assert ours[-1] < ours[0]  # the steps compared did train
 
 
+def test_transformers_gpt2_flashtile_and_eager_train_alike(example, tmp_path):
+    """--model hf-gpt2: transformers' GPT-2 with attn_implementation "flashtile" and "eager"
+    (same weights, same data) reach the same losses, as above."""
+    pytest.importorskip("transformers")
+    args = ["--model", "hf-gpt2", "--steps", "3", "--seq-len", "32", "--batch-size", "2"]
+    ours = _train(example, tmp_path, "flashtile", *args)
+    theirs = _train(example, tmp_path, "eager", *args, "--attention", "eager")
+    assert ours["settings"]["model"] == "hf-gpt2" and ours["model"]["parameters"] > 0
+    assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
+
+
 def test_a_wrong_attention_is_caught(example, tmp_path, monkeypatch):
     """The comparison above fails on an attention that sees the future."""
     def bidirectional(q, k, v):
