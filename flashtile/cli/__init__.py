@@ -1,5 +1,5 @@
-"""Command line: ``flashtile bench | info | check`` and ``flashtile --version``
-(also ``python -m flashtile ...``)."""
+"""Command line: ``flashtile bench | bench train | info | check`` and
+``flashtile --version`` (also ``python -m flashtile ...``)."""
 
 from __future__ import annotations
 
@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "batch, seqlen 512-16k) against SDPA's flash, cuDNN, efficient and math backends and "
                     "FlexAttention. On a CPU (or with --cpu): fp32, head dim 64, hidden 256, 2k tokens per batch, "
                     "seqlen 256-2k, against PyTorch's SDPA and its math backend. Results: bench.json and bench.png "
-                    "in --out.")
+                    "in --out.",
+        epilog="flashtile bench train [options]: a GPT-2 style model trained end to end with each attention "
+               "backend, measured (see flashtile bench train --help).")
     bench.add_argument("--dtypes", type=_list_of(str, DTYPE_NAMES),
                        help="comma list of bf16,fp16,fp32 (default: GPU bf16,fp16; CPU fp32)")
     bench.add_argument("--head-dims", type=_list_of(int, minimum=1),
@@ -103,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["bench", "train"]:  # the training benchmark parses its own arguments
+        from .train import run
+        return run(argv[2:])
     args = parser.parse_args(argv)
     if args.command is None:  # "flashtile" alone: the benchmark, as before the subcommands
         args = parser.parse_args(["bench", *argv])
