@@ -7,10 +7,15 @@ world_size`` equal chunks; rank ``r`` holds chunks ``r`` and ``2 * world_size
 keys and the late ones many, so the zigzag pairing gives every rank the same
 amount of work; the contiguous cut leaves the last rank with ``2 *
 world_size - 1`` times the work of the first.
+
+Packed variable-length batches (``(total, ...)`` with offsets ``cu_seqlens``)
+are cut document by document: every rank holds its share of every document,
+cut by the same rule, and its shard is those shares one after the other.
 """
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import NamedTuple
 
 import torch
@@ -159,3 +164,75 @@ def gather_sequence(x: torch.Tensor, dim: int, group=None, layout: str = "zigzag
     shards = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(shards, x, group=group)
     return unshard(shards, dim, layout)
+
+
+def document_lengths(cu_seqlens, world_size: int, layout: str) -> list[int]:
+    """The documents' lengths from the global offsets ``cu_seqlens`` (int32 ``(ndocs + 1,)``,
+    read on the host), each checked to cut into the layout's equal chunks."""
+    offsets = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
+    lengths = [b - a for a, b in pairwise(offsets)]
+    if not offsets or offsets[0] != 0 or any(n < 0 for n in lengths):
+        raise FlashtileValueError(f"flashtile: cu_seqlens must start at 0 and never decrease, got {offsets[:8]}"
+                                  f"{'...' if len(offsets) > 8 else ''}")
+    parts = chunks_per_rank(check_layout(layout)) * world_size
+    for i, n in enumerate(lengths):
+        if n % parts:
+            raise FlashtileValueError(
+                f"flashtile: the {layout} layout over {world_size} ranks cuts every document into {parts} equal "
+                f"chunks; cu_seqlens gives document {i} the length {n}, not a multiple of {parts}")
+    return lengths
+
+
+def varlen_shard(x: torch.Tensor, cu_seqlens, rank: int, world_size: int, layout: str = "zigzag",
+                 dim: int = 0) -> torch.Tensor:
+    """Rank ``rank``'s shard of a packed batch of documents: its share of each document
+    (:func:`shard` of the document), one document after the other.
+
+    Args:
+        x: the whole packed batch, e.g. ``(total, nheads, headdim)``, the documents along ``dim``.
+        cu_seqlens: int32 ``(ndocs + 1,)`` (or a list): the documents' offsets in ``x``; each
+            length a multiple of ``2 * world_size`` (zigzag) or ``world_size`` (contiguous).
+        rank: this rank, ``0 <= rank < world_size``.
+        world_size: the number of ranks.
+        layout: ``"zigzag"`` or ``"contiguous"``.
+        dim: the packed dimension.
+
+    Returns:
+        (torch.Tensor): ``total / world_size`` rows along ``dim`` (a new tensor); the
+            documents' offsets in it are ``cu_seqlens / world_size``.
+    """
+    _check_world(rank, world_size)
+    lengths = document_lengths(cu_seqlens, world_size, layout)
+    if sum(lengths) != x.shape[dim]:
+        raise FlashtileValueError(f"flashtile: cu_seqlens ends at {sum(lengths)}, x has {x.shape[dim]} rows along "
+                                  f"dim {dim}")
+    documents = x.split(lengths, dim=dim)
+    # an empty document has an empty share (split into chunks, it has none)
+    return torch.cat([shard(d, dim, rank, world_size, layout) if d.shape[dim] else d for d in documents], dim=dim)
+
+
+def varlen_unshard(shards, cu_seqlens, layout: str = "zigzag", dim: int = 0) -> torch.Tensor:
+    """The whole packed batch from every rank's shard (the inverse of :func:`varlen_shard`).
+
+    Args:
+        shards: the shards of ranks ``0 .. world_size - 1``, in order.
+        cu_seqlens: the documents' global offsets, as given to :func:`varlen_shard`.
+        layout: the layout the shards were cut with.
+        dim: the packed dimension.
+
+    Returns:
+        (torch.Tensor): the packed batch, ``cu_seqlens[-1]`` rows along ``dim``.
+    """
+    shards = list(shards)
+    if not shards:
+        raise FlashtileValueError("flashtile: varlen_unshard needs at least one shard")
+    world_size = len(shards)
+    local_lengths = [n // world_size for n in document_lengths(cu_seqlens, world_size, layout)]
+    for rank, piece in enumerate(shards):
+        if piece.shape[dim] != sum(local_lengths):
+            raise FlashtileValueError(f"flashtile: shard {rank} has {piece.shape[dim]} rows along dim {dim}; "
+                                      f"cu_seqlens over {world_size} ranks gives each {sum(local_lengths)}")
+    per_rank = [piece.split(local_lengths, dim=dim) for piece in shards]
+    documents = [unshard([pieces[i] for pieces in per_rank], dim, layout) if n else per_rank[0][i]
+                 for i, n in enumerate(local_lengths)]
+    return torch.cat(documents, dim=dim)

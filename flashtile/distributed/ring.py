@@ -18,33 +18,63 @@ The backward pass runs the same ring: each block's gradients are recomputed
 from the global output and LSE (so ``delta = rowsum(dout * out)`` is the
 global one), dQ stays on its rank, and the dK/dV accumulators (fp32) travel
 with the keys and values until they are back at their owner.
+
+Packed documents (``ring_flash_attn_varlen_func``) are planned the same way
+document by document, with positions within each document. A step's blocks of
+all documents become one varlen call of the op (its per-document offsets
+built on the host once per call), the rows between them documents without
+keys or without queries; the op aligns each document bottom-right, so a
+window piece whose offset that alignment cannot express runs as a call of
+its own.
 """
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from ..errors import FlashtileValueError
-from ..interface.checks import check_qkv, check_scale, check_softcap, not_yet
+from ..errors import FlashtileTypeError, FlashtileValueError
+from ..interface.checks import (
+    as_max_seqlen,
+    check_qkv,
+    check_scale,
+    check_softcap,
+    check_tensor,
+    check_varlen_qkv,
+    not_yet,
+)
 from ..interface.flash_attn import _window
 from ..ops.attention import attn_bwd, attn_fwd
 from .comm import Ring
-from .layout import Chunk, check_layout, chunks_per_rank, shard_chunks
+from .layout import Chunk, check_layout, chunks_per_rank, document_lengths, shard_chunks
 
 _LAYOUT = "(batch, seqlen_local, nheads, headdim)"
 _UNBOUNDED = (-1, -1)
 
 
+class Packed(NamedTuple):
+    """The documents of a packed block: int32 offsets into the local query rows and
+    into the rows of the key/value block held (on the inputs' device), and the
+    longest of each."""
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+
+
 class Block(NamedTuple):
     """One attention call of a ring step: local query rows against local rows of
-    the key/value block held, with the op's diagonal offset and window."""
+    the key/value block held, with the op's diagonal offset and window; or, with
+    ``packed``, every row as the documents of a varlen call (each aligned
+    bottom-right, so diag is implied by its lengths)."""
     q_rows: slice
     k_rows: slice
     diag: int
     window: tuple[int, int]
+    packed: Packed | None = None
 
 
 def _rows(chunks: list[Chunk]) -> slice:
@@ -121,22 +151,114 @@ def _merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, b
 
 class _Settings(NamedTuple):
     ring: Ring
-    layout: str
     scale: float
-    window: tuple[int, int]
     softcap: float
+    steps: list[list[Block]]  # the blocks of each ring step
 
 
-def _steps(s: _Settings, local_len: int):
-    """(step, the blocks of the step) for this rank: at step ``t`` it holds the keys of rank ``rank - t``."""
-    q_chunks = shard_chunks(s.layout, s.ring.rank, s.ring.world_size, local_len)
-    for step in range(s.ring.world_size):
-        source = (s.ring.rank - step) % s.ring.world_size
-        yield step, plan_blocks(q_chunks, shard_chunks(s.layout, source, s.ring.world_size, local_len), s.window)
+def plan_steps(ring: Ring, layout: str, local_len: int, window: tuple[int, int]) -> list[list[Block]]:
+    """The blocks of each step for this rank: at step ``t`` it holds the keys of rank ``rank - t``."""
+    q_chunks = shard_chunks(layout, ring.rank, ring.world_size, local_len)
+    return [plan_blocks(q_chunks, shard_chunks(layout, (ring.rank - step) % ring.world_size, ring.world_size,
+                                               local_len), window)
+            for step in range(ring.world_size)]
+
+
+def _document_chunks(layout: str, rank: int, world_size: int, lengths: list[int]) -> list[list[Chunk]]:
+    """Per document, the chunks of ``rank``'s shard of a packed batch: local rows in the shard,
+    global starts as positions within the document (masks never cross documents)."""
+    documents, local_start = [], 0
+    for length in lengths:
+        chunks = shard_chunks(layout, rank, world_size, length // world_size)
+        documents.append([Chunk(local_start + c.local_start, c.global_start, c.length) for c in chunks])
+        local_start += length // world_size
+    return documents
+
+
+def _bottom_right(b: Block) -> bool:
+    """Whether a varlen call (each document aligned bottom-right) computes the block exactly."""
+    return b.window == _UNBOUNDED or b.diag == (b.k_rows.stop - b.k_rows.start) - (b.q_rows.stop - b.q_rows.start)
+
+
+def _pack(blocks: list[Block], local_len: int, device) -> Block:
+    """Blocks of disjoint, increasing query rows and key rows, all of one window, as one
+    varlen call over every row: the rows between them become documents without keys
+    (their output is zero and their LSE -inf, which the merge leaves out) or without
+    queries (their gradients are zero)."""
+    cu_q, cu_k = [0], [0]
+
+    def add(q_stop: int, k_stop: int) -> None:
+        if q_stop > cu_q[-1] or k_stop > cu_k[-1]:
+            cu_q.append(q_stop)
+            cu_k.append(k_stop)
+
+    for b in blocks:
+        add(b.q_rows.start, cu_k[-1])  # queries that see no key of this call
+        add(cu_q[-1], b.k_rows.start)  # keys that no query of this call sees
+        add(b.q_rows.stop, b.k_rows.stop)
+    add(local_len, cu_k[-1])
+    add(cu_q[-1], local_len)
+    longest_q = max(b - a for a, b in pairwise(cu_q))
+    longest_k = max(b - a for a, b in pairwise(cu_k))
+    cu_q_t, cu_k_t = (torch.tensor(offsets, dtype=torch.int32, device=device) for offsets in (cu_q, cu_k))
+    return Block(slice(None), slice(None), 0, blocks[0].window, Packed(cu_q_t, cu_k_t, longest_q, longest_k))
+
+
+def plan_varlen_steps(ring: Ring, layout: str, lengths: list[int], window: tuple[int, int], device
+                      ) -> list[list[Block]]:
+    """The blocks of each step for this rank's shard of a packed batch of documents of
+    ``lengths`` (global): each document's blocks as :func:`plan_blocks` plans them, gathered
+    into as few varlen calls as the documents allow; a block with a window that the
+    bottom-right alignment of a varlen call cannot place stays a call of its own."""
+    local_len = sum(lengths) // ring.world_size
+    q_documents = _document_chunks(layout, ring.rank, ring.world_size, lengths)
+    steps = []
+    for step in range(ring.world_size):
+        k_documents = _document_chunks(layout, (ring.rank - step) % ring.world_size, ring.world_size, lengths)
+        calls: list[list[Block]] = []  # each: blocks for one varlen call
+        single: list[Block] = []
+        for q_chunks, k_chunks in zip(q_documents, k_documents):
+            if not q_chunks[0].length:
+                continue  # an empty document
+            for b in plan_blocks(q_chunks, k_chunks, window):
+                if not _bottom_right(b):
+                    single.append(b)
+                    continue
+                call = next((c for c in calls if c[-1].window == b.window and c[-1].q_rows.stop <= b.q_rows.start
+                             and c[-1].k_rows.stop <= b.k_rows.start), None)
+                if call is None:
+                    calls.append([b])
+                else:
+                    call.append(b)
+        steps.append([_pack(c, local_len, device) for c in calls] + single)
+    return steps
 
 
 def _exchange(s: _Settings, tensors: list[torch.Tensor]):
     return s.ring.exchange(tensors) if s.ring.world_size > 1 else _Ready(tensors)
+
+
+def _block_forward(q, k, v, b: Block, s: _Settings):
+    """(out, lse) of one block; batched tensors (a packed batch as a batch of one)."""
+    if b.packed is None:
+        return attn_fwd(q[:, b.q_rows], k[:, b.k_rows], v[:, b.k_rows], None, None, None, None, None, 0, 0,
+                        s.scale, b.diag, *b.window, s.softcap, 0.0)
+    p = b.packed
+    out, lse = attn_fwd(q[0], k[0], v[0], p.cu_q, p.cu_k, None, None, None, p.max_q, p.max_k, s.scale, 0,
+                        *b.window, s.softcap, 0.0)
+    return out[None], lse[None]
+
+
+def _block_backward(dout, q, k, v, out, lse, b: Block, s: _Settings):
+    """(dq, dk, dv) of one block, as :func:`_block_forward`."""
+    if b.packed is None:
+        return attn_bwd(dout[:, b.q_rows], q[:, b.q_rows], k[:, b.k_rows], v[:, b.k_rows], out[:, b.q_rows],
+                        lse[:, :, b.q_rows].contiguous(), None, None, None, None, None, 0, 0, s.scale, b.diag,
+                        *b.window, s.softcap, 0.0, False)[:3]
+    p = b.packed
+    grads = attn_bwd(dout[0], q[0], k[0], v[0], out[0], lse[0], p.cu_q, p.cu_k, None, None, None, p.max_q, p.max_k,
+                     s.scale, 0, *b.window, s.softcap, 0.0, False)
+    return tuple(g[None] for g in grads[:3])
 
 
 def ring_forward(q, k, v, s: _Settings) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,12 +267,11 @@ def ring_forward(q, k, v, s: _Settings) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.full((batch, nheads, local_len), float("-inf"), dtype=torch.float32, device=q.device)
     kv = [k, v]
-    for step, blocks in _steps(s, local_len):
+    for step, blocks in enumerate(s.steps):
         # the next block travels while this one is computed
         incoming = _exchange(s, kv) if step + 1 < s.ring.world_size else None
         for b in blocks:
-            block_out, block_lse = attn_fwd(q[:, b.q_rows], kv[0][:, b.k_rows], kv[1][:, b.k_rows], None, None, None,
-                                            None, None, 0, 0, s.scale, b.diag, *b.window, s.softcap, 0.0)
+            block_out, block_lse = _block_forward(q, *kv, b, s)
             _merge_into(out[:, b.q_rows], lse[:, :, b.q_rows], block_out, block_lse)
         if incoming is not None:
             kv = incoming.wait()
@@ -161,15 +282,12 @@ def ring_backward(dout, q, k, v, out, lse, s: _Settings) -> tuple[torch.Tensor, 
     """(dq, dk, dv) of this rank's shard, in the inputs' dtypes."""
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     kv, dkv_incoming = [k, v], None
-    for step, blocks in _steps(s, q.shape[1]):
+    for step, blocks in enumerate(s.steps):
         kv_incoming = _exchange(s, kv) if step + 1 < s.ring.world_size else None
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         for b in blocks:
-            block_dq, block_dk, block_dv, _, _ = attn_bwd(
-                dout[:, b.q_rows], q[:, b.q_rows], kv[0][:, b.k_rows], kv[1][:, b.k_rows], out[:, b.q_rows],
-                lse[:, :, b.q_rows].contiguous(), None, None, None, None, None, 0, 0, s.scale, b.diag, *b.window,
-                s.softcap, 0.0, False)
+            block_dq, block_dk, block_dv = _block_backward(dout, q, *kv, out, lse, b, s)
             dq[:, b.q_rows] += block_dq
             dk[:, b.k_rows] += block_dk
             dv[:, b.k_rows] += block_dv
@@ -287,13 +405,88 @@ def ring_flash_attn_func(
     window = _window(window_size, bool(causal))
     check_softcap(softcap)
     scale = check_scale("softmax_scale", softmax_scale, q.shape[-1])
-    settings = _Settings(Ring(group), layout, scale, window, float(softcap))
+    ring = Ring(group)
+    settings = _Settings(ring, scale, float(softcap), plan_steps(ring, layout, q.shape[1], window))
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out, lse = _RingAttention.apply(q, k, v, settings)
     return (out, lse, None) if return_attn_probs else out
 
 
-def ring_flash_attn_varlen_func(*args, **kwargs):
-    """Ring attention over packed variable-length sequences (``cu_seqlens``);
-    not built yet: raises ``NotImplementedError``."""
-    raise not_yet("ring_flash_attn_varlen_func (ring attention over packed variable-length sequences)")
+def ring_flash_attn_varlen_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    group=None,
+    causal: bool = False,
+    layout: str = "zigzag",
+    softmax_scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    return_attn_probs: bool = False,
+):
+    """Exact attention over a packed batch of documents sharded across the ranks of
+    ``group`` (ring attention over variable-length sequences); differentiable.
+
+    Every rank holds its share of every document (cut with
+    :func:`flashtile.distributed.varlen_shard`): with the zigzag layout, chunks
+    ``r`` and ``2 * world_size - 1 - r`` of the ``2 * world_size`` equal chunks of
+    each document, so causal work is balanced document by document. The result
+    is ``flash_attn_varlen_func`` over the whole batch, shard for shard: masks
+    are placed by position within each document, and no query sees another
+    document's keys. Each ring step runs its documents as one varlen call where
+    their masks allow (always without a window).
+
+    Args:
+        q: ``(total_local, nheads, headdim)``, fp16, bf16 or fp32: this rank's
+            queries, its share of each document one after the other.
+        k: ``(total_local, nheads_k, headdim)``: the keys of the same positions;
+            ``nheads % nheads_k == 0`` (GQA/MQA).
+        v: ``(total_local, nheads_k, headdim)``, like ``k``.
+        cu_seqlens: int32 ``(ndocs + 1,)``: the documents' offsets in the WHOLE
+            packed batch, the same on every rank (``total_local = cu_seqlens[-1] /
+            world_size``); every document's length a multiple of ``2 * world_size``
+            (zigzag) or ``world_size`` (contiguous). Read on the host once per call.
+        max_seqlen: the longest document (whole), at least ``max(lengths)``.
+        group: the process group (the default group if None).
+        causal: causal mask within each document.
+        layout: ``"zigzag"`` or ``"contiguous"``, as the batch was sharded.
+        softmax_scale: defaults to ``1 / sqrt(headdim)``.
+        window_size: ``(left, right)`` sliding window in positions within each
+            document, -1 for unbounded.
+        softcap: if > 0, scores become ``softcap * tanh(scores / softcap)``.
+        return_attn_probs: also return this rank's LSE and ``None``.
+
+    Returns:
+        (torch.Tensor | tuple): ``out`` ``(total_local, nheads, headdim)`` in q's
+            dtype, or ``(out, softmax_lse, None)`` with ``softmax_lse`` fp32
+            ``(nheads, total_local)`` (over each whole document's keys) if
+            ``return_attn_probs``.
+    """
+    check_varlen_qkv(q, k, v)
+    group = check_group(group, "ring_flash_attn_varlen_func")
+    layout = check_layout(layout)
+    ring = Ring(group)
+    check_tensor("cu_seqlens", cu_seqlens)
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+        raise FlashtileTypeError(f"flashtile: cu_seqlens must be a 1-D int32 tensor, got {cu_seqlens.dtype} of shape "
+                                 f"{tuple(cu_seqlens.shape)}")
+    lengths = document_lengths(cu_seqlens, ring.world_size, layout)
+    max_seqlen = as_max_seqlen(max_seqlen)
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < max(lengths, default=0):
+        raise FlashtileValueError(f"flashtile: max_seqlen must be an int at least the longest document "
+                                  f"({max(lengths, default=0)}), got {max_seqlen!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.shape[0] * ring.world_size != sum(lengths):
+            raise FlashtileValueError(f"flashtile: {name} has {t.shape[0]} rows; cu_seqlens ends at {sum(lengths)}, "
+                                      f"so each of the {ring.world_size} ranks holds {sum(lengths) / ring.world_size}")
+    window = _window(window_size, bool(causal))
+    check_softcap(softcap)
+    scale = check_scale("softmax_scale", softmax_scale, q.shape[-1])
+    settings = _Settings(ring, scale, float(softcap), plan_varlen_steps(ring, layout, lengths, window, q.device))
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    # a packed batch runs as a batch of one
+    out, lse = _RingAttention.apply(q[None], k[None], v[None], settings)
+    out, lse = out[0], lse[0]
+    return (out, lse, None) if return_attn_probs else out

@@ -104,8 +104,6 @@ def test_ring_returns_the_global_lse(ranks, layout):
 
 
 def errors_case():
-    from flashtile.distributed import ring_flash_attn_varlen_func
-
     q = torch.randn(1, 8, 2, 16)
     with pytest.raises(ValueError, match="seqlen_local must be even"):
         ring_flash_attn_func(q[:, :7], q[:, :7], q[:, :7], layout="zigzag")
@@ -119,8 +117,6 @@ def errors_case():
         ring_flash_attn_func(q, q, q, alibi_slopes=torch.ones(2))
     with pytest.raises(NotImplementedError, match="dropout_p"):
         ring_flash_attn_func(q, q, q, dropout_p=0.1)
-    with pytest.raises(NotImplementedError, match="ring_flash_attn_varlen_func"):
-        ring_flash_attn_varlen_func(q[0], q[0], q[0], None, None, 8, 8)
     with pytest.raises(TypeError, match="dtype"):
         ring_flash_attn_func(q.double(), q.double(), q.double())
 
