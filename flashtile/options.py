@@ -23,6 +23,13 @@ def causal_offset_for(seqlen_q: int, seqlen_k: int, align: str) -> int:
 
 
 
+# FP8 (float8_e4m3fn) inputs: the largest finite value, and the rows of q or k that
+# share one scale when scales are per block ("block" scaling, FlashAttention-3's
+# block quantisation): descales then have shape (batch, nheads_k, cdiv(seqlen, FP8_SCALE_BLOCK))
+FP8_MAX = 448.0
+FP8_SCALE_BLOCK = 128
+
+
 def empty_output(q: torch.Tensor, head_dim_v: int) -> torch.Tensor:
     """The attention output's buffer: q's shape with the value head dim ``head_dim_v``, its
     dimensions in q's memory order (``torch.empty_like(q)`` where the head dims agree)."""
