@@ -30,15 +30,16 @@ FP8_MAX = 448.0
 FP8_SCALE_BLOCK = 128
 
 
-def empty_output(q: torch.Tensor, head_dim_v: int) -> torch.Tensor:
+def empty_output(q: torch.Tensor, head_dim_v: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The attention output's buffer: q's shape with the value head dim ``head_dim_v``, its
-    dimensions in q's memory order (``torch.empty_like(q)`` where the head dims agree)."""
+    dimensions in q's memory order (``torch.empty_like(q)`` where the head dims agree), in
+    ``dtype`` (default q's)."""
     if head_dim_v == q.shape[-1]:
-        return torch.empty_like(q)
+        return torch.empty_like(q, dtype=dtype)
     # outer dimensions by decreasing stride, the head dim innermost
     order = sorted(range(q.dim() - 1), key=lambda i: q.stride(i), reverse=True) + [q.dim() - 1]
     shape = (*q.shape[:-1], head_dim_v)
-    buffer = q.new_empty([shape[i] for i in order])
+    buffer = q.new_empty([shape[i] for i in order], dtype=dtype)
     return buffer.permute([order.index(i) for i in range(q.dim())])
 
 

@@ -117,9 +117,12 @@ def _sparse_allowed(opts: AttnOptions, m0, m1, n0, n1, nheads_k: int, group: int
     return elems.reshape(b, 1, 1, m1 - m0, n1 - n0) if h == 1 else elems.reshape(b, nheads_k, group, m1 - m0, n1 - n0)
 
 
-def attention_tiled_forward(q, k, v, opts: AttnOptions, block_m: int = 128, block_n: int = 256):
+def attention_tiled_forward(q, k, v, opts: AttnOptions, block_m: int = 128, block_n: int = 256,
+                            fp8_probs: bool = False, out_dtype: torch.dtype | None = None):
     """Tiled forward, memory linear in sequence length. Returns (out, lse) like the kernels:
-    out ``(batch, seqlen_q, nheads, headdim)`` in q's dtype, lse ``(batch, nheads, seqlen_q)`` fp32."""
+    out ``(batch, seqlen_q, nheads, headdim)`` in q's dtype (or ``out_dtype``), lse ``(batch,
+    nheads, seqlen_q)`` fp32. ``fp8_probs``: the probabilities are rounded to float8_e4m3fn
+    before their product with V, as the FP8 kernels do (q, k, v then hold dequantised values)."""
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     group = nheads // nheads_k
@@ -164,12 +167,14 @@ def attention_tiled_forward(q, k, v, opts: AttnOptions, block_m: int = 128, bloc
                 m_i = m_new
             if tile.keep is not None:
                 p = p.masked_fill(~tile.keep, 0.0)
+            if fp8_probs:
+                p = p.to(torch.float8_e4m3fn).float()
             acc.add_(_masked_product(p, vg[..., n0:n1, :], tile.allowed))
         seen = l_i > 0
         l_safe = torch.where(seen, l_i, 1.0) * (1.0 - opts.dropout_p)
         out_f[..., m0:m1, :] = acc / l_safe[..., None]
         lse[..., m0:m1] = torch.where(seen, m_i + torch.log(torch.where(seen, l_i, 1.0)), float("-inf"))
-    out = empty_output(q, head_dim_v)  # q's memory layout, as the kernels give
+    out = empty_output(q, head_dim_v, out_dtype)  # q's memory layout, as the kernels give
     out.copy_(out_f.reshape(batch, nheads, seqlen_q, head_dim_v).transpose(1, 2))
     return out, lse.reshape(batch, nheads, seqlen_q)
 

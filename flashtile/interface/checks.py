@@ -11,6 +11,7 @@ import math
 import torch
 
 from ..errors import FlashtileTypeError, FlashtileValueError
+from ..options import FP8_SCALE_BLOCK
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -45,16 +46,71 @@ def check_device(t: torch.Tensor) -> None:
                 "the Triton kernels need 8.0 (Ampere) or newer")
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str) -> None:
+FP8_DTYPES = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+                                                    "float8_e5m2fnuz") if hasattr(torch, name))
+
+
+def is_fp8_call(q, k, v, descales: dict, out_dtype) -> bool:
+    """Whether q, k, v are FP8 (float8_e4m3fn, all three); FP8 arguments (``descales``:
+    name -> tensor or None, ``out_dtype``) given with other inputs are an error."""
+    fp8 = [isinstance(t, torch.Tensor) and t.dtype in FP8_DTYPES for t in (q, k, v)]
+    if any(fp8):
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if isinstance(t, torch.Tensor) and t.dtype != torch.float8_e4m3fn:
+                kind = ("only float8_e4m3fn is supported among FP8 formats" if t.dtype in FP8_DTYPES
+                        else "q, k and v must all be float8_e4m3fn when one is")
+                raise FlashtileTypeError(f"flashtile: {name} has dtype {t.dtype}; {kind}")
+        return True
+    given = [name for name, t in descales.items() if t is not None] + (["out_dtype"] if out_dtype is not None else [])
+    if given:
+        raise FlashtileValueError(f"flashtile: {', '.join(given)} apply to float8_e4m3fn q, k, v only; got "
+                                  f"{getattr(q, 'dtype', type(q).__name__)} inputs")
+    return False
+
+
+def check_fp8_descales(q_descale, k_descale, v_descale, out_dtype, batch: int, nheads_k: int, seqlen_q: int,
+                       seqlen_k: int, device) -> torch.dtype:
+    """The descales of FP8 inputs: fp32 ``(batch, nheads_k)``, q's and k's optionally with one
+    scale per FP8_SCALE_BLOCK rows, ``(batch, nheads_k, cdiv(seqlen, FP8_SCALE_BLOCK))``.
+    Returns the output dtype (bf16 unless ``out_dtype``)."""
+    for name, t, seqlen in (("q_descale", q_descale, seqlen_q), ("k_descale", k_descale, seqlen_k),
+                            ("v_descale", v_descale, None)):
+        if t is None:
+            raise FlashtileValueError(f"flashtile: float8_e4m3fn inputs need q_descale, k_descale and v_descale "
+                                      f"(fp32, (batch, nheads_k) = ({batch}, {nheads_k})); {name} is missing")
+        check_tensor(name, t)
+        if t.dtype != torch.float32:
+            raise FlashtileTypeError(f"flashtile: {name} must be float32, got {t.dtype}")
+        shapes = [(batch, nheads_k)]
+        if seqlen is not None:
+            shapes.append((batch, nheads_k, -(-seqlen // FP8_SCALE_BLOCK)))
+        if tuple(t.shape) not in shapes:
+            accepted = " or ".join(str(s) for s in shapes)
+            raise FlashtileValueError(f"flashtile: {name} must have shape {accepted} (batch, nheads_k"
+                                      f"{'[, blocks of ' + str(FP8_SCALE_BLOCK) + ' rows]' if seqlen is not None else ''}"
+                                      f"), got {tuple(t.shape)}")
+        if t.device != device:
+            raise FlashtileValueError(f"flashtile: {name} is on {t.device}, the inputs on {device}")
+    if out_dtype is None:
+        return torch.bfloat16
+    if out_dtype not in SUPPORTED_DTYPES:
+        raise FlashtileTypeError(f"flashtile: out_dtype must be torch.bfloat16, torch.float16 or torch.float32, "
+                                 f"got {out_dtype!r}")
+    return out_dtype
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, fp8: bool = False) -> None:
     """Check q, k, v given in flash_attn layout ``(batch, seqlen, nheads, headdim)``.
 
-    ``layout`` is the shape as the caller's API spells it, used in messages.
+    ``layout`` is the shape as the caller's API spells it, used in messages. ``fp8``:
+    float8_e4m3fn inputs (see ``is_fp8_call``) instead of fp16, bf16 or fp32.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t)
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise FlashtileTypeError(f"flashtile: {name} has dtype {t.dtype}; supported are float16, bfloat16 and float32")
+        if t.dtype not in SUPPORTED_DTYPES and not fp8:
+            raise FlashtileTypeError(f"flashtile: {name} has dtype {t.dtype}; supported are float16, bfloat16 and "
+                                     "float32 (and float8_e4m3fn with descales)")
     if not (q.dtype == k.dtype == v.dtype):
         raise FlashtileTypeError(f"flashtile: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -134,14 +190,14 @@ def check_sinks(sinks, nheads: int, q: torch.Tensor) -> None:
         raise FlashtileValueError(f"flashtile: sinks is on {sinks.device}, the inputs on {q.device}")
 
 
-def check_varlen_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def check_varlen_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8: bool = False) -> None:
     """q ``(total_q, nheads, headdim)``, k/v ``(total_k, nheads_k, headdim)``: checked as a batch of one."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t)
         if t.dim() != 3:
             raise FlashtileValueError(f"flashtile: {name} must be 3-D (total, nheads, headdim) for variable-length "
                              f"attention, got shape {tuple(t.shape)}")
-    check_qkv(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), "(total, nheads, headdim)")
+    check_qkv(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), "(total, nheads, headdim)", fp8)
 
 
 def _check_cu(name: str, cu, total: int | None, max_seqlen, max_name: str, device) -> int:

@@ -8,18 +8,21 @@ from ..backends.torch_tiled import attention_probs
 from ..backends.triton.launch.index_stats import index_stats
 from ..errors import FlashtileTypeError, FlashtileValueError
 from ..ops.attention import attention, attn_options, dropout_seed, seq_options, varlen_slices
+from ..ops.fp8 import attention_fp8
 from ..options import causal_offset_for
 from .checks import (
     as_max_seqlen,
     check_alibi,
     check_cu_seqlens,
     check_dropout,
+    check_fp8_descales,
     check_qkv,
     check_scale,
     check_sinks,
     check_softcap,
     check_tensor,
     check_varlen_qkv,
+    is_fp8_call,
     not_yet,
 )
 
@@ -68,6 +71,11 @@ def flash_attn_func(
     deterministic: bool = False,
     return_attn_probs: bool = False,
     sinks: torch.Tensor | None = None,
+    *,
+    q_descale: torch.Tensor | None = None,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ):
     """Exact attention, as ``flash_attn.flash_attn_func``.
 
@@ -102,12 +110,23 @@ def flash_attn_func(
             every row's softmax denominator, ``softmax([scores, sink])`` with the
             sink's column then dropped; differentiable. The LSE includes it; a
             row that sees no key gives zeros and LSE ``sink``.
+        q_descale: FP8 attention (FlashAttention-3's interface, forward only): with
+            q, k, v in ``torch.float8_e4m3fn``, their real values are the stored ones
+            times these fp32 descales, ``(batch, nheads_k)`` (the query heads of a
+            group share one), or for q and k ``(batch, nheads_k, cdiv(seqlen, 128))``,
+            one per 128 rows (block quantisation). Required with FP8 inputs;
+            ``flashtile.fp8.quantize_qkv`` makes them.
+        k_descale: the keys' descales, as ``q_descale``.
+        v_descale: the values' descales, ``(batch, nheads_k)``.
+        out_dtype: the output's dtype with FP8 inputs (default bf16).
 
     Returns:
         (torch.Tensor | tuple): ``out`` ``(batch, seqlen_q, nheads, headdim)`` in
-            q's dtype, or ``(out, softmax_lse, S_dmask)`` if ``return_attn_probs``.
+            q's dtype (``out_dtype`` for FP8), or ``(out, softmax_lse, S_dmask)`` if
+            ``return_attn_probs``.
     """
-    check_qkv(q, k, v, _LAYOUT)
+    fp8 = is_fp8_call(q, k, v, dict(q_descale=q_descale, k_descale=k_descale, v_descale=v_descale), out_dtype)
+    check_qkv(q, k, v, _LAYOUT, fp8)
     check_dropout("dropout_p", dropout_p)
     window = _window(window_size, bool(causal))
     check_softcap(softcap)
@@ -115,6 +134,14 @@ def flash_attn_func(
     check_sinks(sinks, q.shape[2], q)
     scale = check_scale("softmax_scale", softmax_scale, q.shape[-1])
     diag = causal_offset_for(q.shape[1], k.shape[1], "bottom_right")
+    if fp8:
+        if dropout_p > 0:
+            raise not_yet("dropout with FP8 (float8_e4m3fn) inputs")
+        out_dtype = check_fp8_descales(q_descale, k_descale, v_descale, out_dtype, q.shape[0], k.shape[2],
+                                       q.shape[1], k.shape[1], q.device)
+        out, lse = attention_fp8(q, k, v, q_descale, k_descale, v_descale, scale, diag, window=window,
+                                 softcap=float(softcap), alibi=alibi_slopes, sinks=sinks, out_dtype=out_dtype)
+        return (out, lse, None) if return_attn_probs else out
     seed = dropout_seed(dropout_p)
     out, lse = attention(q, k, v, scale, diag, window=window, softcap=float(softcap), alibi=alibi_slopes,
                          dropout_p=float(dropout_p), seed=seed, sinks=sinks)
@@ -189,6 +216,11 @@ def flash_attn_varlen_func(
     block_table: torch.Tensor | None = None,
     seqused_k: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
+    *,
+    q_descale: torch.Tensor | None = None,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ):
     """Attention over a batch of sequences of different lengths, packed without padding,
     as ``flash_attn.flash_attn_varlen_func``.
@@ -222,6 +254,15 @@ def flash_attn_varlen_func(
             every row's softmax denominator, ``softmax([scores, sink])`` with the
             sink's column then dropped; differentiable. The LSE includes it; a
             row that sees no key gives zeros and LSE ``sink``.
+        q_descale: FP8 attention (FlashAttention-3's interface, forward only): with
+            q, k, v in ``torch.float8_e4m3fn``, their real values are the stored ones
+            times these fp32 descales, ``(batch, nheads_k)`` (``batch`` the sequences) (the query heads of a
+            group share one), or for q and k ``(batch, nheads_k, cdiv(max_seqlen, 128))``,
+            one per 128 rows of each sequence (block quantisation). Required with FP8 inputs;
+            ``flashtile.fp8.quantize_qkv`` makes them.
+        k_descale: the keys' descales, as ``q_descale``.
+        v_descale: the values' descales, ``(batch, nheads_k)``.
+        out_dtype: the output's dtype with FP8 inputs (default bf16).
 
     Returns:
         (torch.Tensor | tuple): ``out`` ``(total_q, nheads, headdim)``, or
@@ -229,10 +270,11 @@ def flash_attn_varlen_func(
             fp32 if ``return_attn_probs``.
     """
     paged = block_table is not None
+    fp8 = is_fp8_call(q, k, v, dict(q_descale=q_descale, k_descale=k_descale, v_descale=v_descale), out_dtype)
     if paged:
-        _check_paged_kv(q, k, v, block_table)
+        _check_paged_kv(q, k, v, block_table, fp8)
     else:
-        check_varlen_qkv(q, k, v)
+        check_varlen_qkv(q, k, v, fp8)
     max_seqlen_q, max_seqlen_k = as_max_seqlen(max_seqlen_q), as_max_seqlen(max_seqlen_k)
     batch = check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k, paged,
                              seqused_k is not None)
@@ -249,8 +291,18 @@ def flash_attn_varlen_func(
     check_alibi(alibi_slopes, batch, q.shape[1], q.device)
     check_sinks(sinks, q.shape[1], q)
     scale = check_scale("softmax_scale", softmax_scale, q.shape[-1])
-    seed = dropout_seed(dropout_p)
     max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
+    if fp8:
+        if dropout_p > 0:
+            raise not_yet("dropout with FP8 (float8_e4m3fn) inputs")
+        out_dtype = check_fp8_descales(q_descale, k_descale, v_descale, out_dtype, batch, k.shape[-2],
+                                       max_seqlen_q, max_seqlen_k, q.device)
+        out, lse = attention_fp8(q, k, v, q_descale, k_descale, v_descale, scale, 0, window=window,
+                                 softcap=float(softcap), alibi=alibi_slopes, sinks=sinks, cu_seqlens_q=cu_seqlens_q,
+                                 cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                                 seqused_k=seqused_k, block_table=block_table, out_dtype=out_dtype)
+        return (out, lse, None) if return_attn_probs else out
+    seed = dropout_seed(dropout_p)
     out, lse = attention(q, k, v, scale, 0, window=window, softcap=float(softcap), alibi=alibi_slopes,
                          dropout_p=float(dropout_p), seed=seed, cu_seqlens_q=cu_seqlens_q,
                          cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
@@ -264,7 +316,7 @@ def flash_attn_varlen_func(
     return out, lse, s_dmask
 
 
-def _check_paged_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_table) -> None:
+def _check_paged_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_table, fp8: bool = False) -> None:
     """q ``(total_q, nheads, d)``; k, v paged ``(num_pages, page_size, nheads_k, d / dv)``;
     block_table int32 ``(batch, max_pages)`` on q's device."""
     for name, t in (("q", q), ("k", k), ("v", v), ("block_table", block_table)):
@@ -280,7 +332,7 @@ def _check_paged_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_tab
     if k.shape[:3] != v.shape[:3]:
         raise FlashtileValueError(f"flashtile: k and v must have one shape but for the head dim, got "
                                   f"{tuple(k.shape)} and {tuple(v.shape)}")
-    check_qkv(q.unsqueeze(0), k[:1].flatten(0, 1)[None], v[:1].flatten(0, 1)[None], "(total, nheads, headdim)")
+    check_qkv(q.unsqueeze(0), k[:1].flatten(0, 1)[None], v[:1].flatten(0, 1)[None], "(total, nheads, headdim)", fp8)
     if block_table.dtype != torch.int32:
         raise FlashtileTypeError(f"flashtile: block_table must be int32, got {block_table.dtype}")
     if block_table.dim() != 2:

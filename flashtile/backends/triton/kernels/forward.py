@@ -27,6 +27,7 @@ by itself on Hopper.
 import triton
 import triton.language as tl
 
+from .fp8 import to_e4m3
 from .tiles import (
     BIAS_NONE,
     LOG2E,
@@ -50,9 +51,13 @@ def _softmax_pv(acc, l_i, m_i, qk, v, rows, cols, seqlen_q, seqlen_k, diag, wind
                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
                 SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_ROWS: tl.constexpr,
                 DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, FIXED_MAX: tl.constexpr,
-                SPARSE: tl.constexpr, SPARSE_BM: tl.constexpr, SPARSE_BN: tl.constexpr):
+                SPARSE: tl.constexpr, SPARSE_BM: tl.constexpr, SPARSE_BN: tl.constexpr,
+                FP8: tl.constexpr = False, EXACT_FP8: tl.constexpr = False):
     """One key tile for the query ``rows``: scores from the raw products ``qk``,
-    mask, online softmax into (acc, l_i, m_i), and ``acc += P V``."""
+    mask, online softmax into (acc, l_i, m_i), and ``acc += P V``. With FP8, ``v`` is
+    float8_e4m3fn (its descale applied at the end) and P is rounded to e4m3 for the
+    product, as FlashAttention-3 does; masked tiles take P and V in fp16 instead (e4m3
+    values are exact in fp16), where the NaN-safe product needs arithmetic on V."""
     # a row may have seen no key yet (m = -inf): guard the exponent's offset
     SAFE_MAX: tl.constexpr = MASKED or BIAS_KIND != BIAS_NONE
     s, _ = tile_scores(qk, rows, cols, seqlen_q, seqlen_k, diag, qk_scale, softcap_in, softcap_out, alibi_slope,
@@ -82,7 +87,11 @@ def _softmax_pv(acc, l_i, m_i, qk, v, rows, cols, seqlen_q, seqlen_k, diag, wind
         # the row sum keeps every probability; only the product with V drops
         p = tl.where(dropout_keep(seed, bh, rows, cols, max_seqlen_q, max_seqlen_k, dropout_p), p, 0.0)
     if MASKED:
+        if FP8:
+            v = v.to(tl.float16)
         acc = masked_pv(acc, p, v, allowed, DOT_PRECISION)
+    elif FP8:
+        acc = tl.dot(to_e4m3(p, EXACT_FP8), v, acc, input_precision=DOT_PRECISION)
     else:
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_i
@@ -102,7 +111,10 @@ def _fwd_tiles(acc, l_i, m_i, q, acc_b, l_b, m_b, q_b, k_src, v_src, stride_ks, 
                FIXED_MAX: tl.constexpr = False, tile_list=0, Patterns=0, row0=0,
                SPARSE: tl.constexpr = False, SPARSE_BM: tl.constexpr = 1, SPARSE_BN: tl.constexpr = 1,
                SPARSE_STAGES: tl.constexpr = 0, TWO_HALVES: tl.constexpr = False,
-               table=0, max_pages=0, stride_kp=0, stride_vp=0, PAGE_SIZE: tl.constexpr = 0):
+               table=0, max_pages=0, stride_kp=0, stride_vp=0, PAGE_SIZE: tl.constexpr = 0,
+               q_scale=1.0, q_scale_b=1.0, k_scales=0, FP8: tl.constexpr = False,
+               K_SCALE_BLOCKS: tl.constexpr = False, SCALE_BLOCK: tl.constexpr = 128,
+               EXACT_FP8: tl.constexpr = False):
     """Accumulate key tiles [start, end) into (acc, l_i, m_i) of the query rows
     ``offs_m`` and, with TWO_HALVES, into (acc_b, l_b, m_b) of the rows ``offs_m_b``
     (``q_b``); otherwise the ``_b`` arguments are unused and returned as given.
@@ -186,19 +198,33 @@ def _fwd_tiles(acc, l_i, m_i, q, acc_b, l_b, m_b, q_b, k_src, v_src, stride_ks, 
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if TWO_HALVES:
             qk_b = tl.dot(q_b, tl.trans(k), input_precision=DOT_PRECISION)
+        tile_scale, tile_scale_b = qk_scale, qk_scale
+        softcap_t, softcap_t_b = softcap_in, softcap_in
+        if FP8:
+            descale = q_scale
+            descale_b = q_scale_b
+            if K_SCALE_BLOCKS:
+                if BLOCK_N <= SCALE_BLOCK:
+                    k_scale = tl.load(k_scales + start_n // SCALE_BLOCK)  # one scale block holds the tile
+                else:
+                    k_scale = tl.load(k_scales + kv_rows // SCALE_BLOCK, mask=kv_rows < seqlen_k, other=0.0)[None, :]
+                descale = descale * k_scale
+                descale_b = descale_b * k_scale
+            tile_scale, softcap_t = qk_scale * descale, softcap_in * descale
+            tile_scale_b, softcap_t_b = qk_scale * descale_b, softcap_in * descale_b
         acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, v, rows, cols, seqlen_q, seqlen_k, diag, window_left,
-                                    window_right, qk_scale, softcap_in, softcap_out, alibi_slope, bias_base,
+                                    window_right, tile_scale, softcap_t, softcap_out, alibi_slope, bias_base,
                                     stride_bm, stride_bn, bh, max_seqlen_q, max_seqlen_k, dropout_p, seed,
                                     Patterns, pattern, row0, col0, start_n, BLOCK_N, MASKED, MASK_LEFT,
                                     MASK_RIGHT, SOFTCAP, HAS_ALIBI, BIAS_KIND, BIAS_ROWS, DROPOUT, DOT_PRECISION,
-                                    FIXED_MAX, SPARSE, SPARSE_BM, SPARSE_BN)
+                                    FIXED_MAX, SPARSE, SPARSE_BM, SPARSE_BN, FP8, EXACT_FP8)
         if TWO_HALVES:
             acc_b, l_b, m_b = _softmax_pv(acc_b, l_b, m_b, qk_b, v, rows_b, cols, seqlen_q, seqlen_k, diag,
-                                          window_left, window_right, qk_scale, softcap_in, softcap_out, alibi_slope,
+                                          window_left, window_right, tile_scale_b, softcap_t_b, softcap_out, alibi_slope,
                                           bias_base, stride_bm, stride_bn, bh, max_seqlen_q, max_seqlen_k,
                                           dropout_p, seed, Patterns, pattern, row0, col0, start_n, BLOCK_N, MASKED,
                                           MASK_LEFT, MASK_RIGHT, SOFTCAP, HAS_ALIBI, BIAS_KIND, BIAS_ROWS, DROPOUT,
-                                          DOT_PRECISION, FIXED_MAX, SPARSE, SPARSE_BM, SPARSE_BN)
+                                          DOT_PRECISION, FIXED_MAX, SPARSE, SPARSE_BM, SPARSE_BN, FP8, EXACT_FP8)
     return acc, l_i, m_i, acc_b, l_b, m_b
 
 
@@ -210,6 +236,32 @@ def _load_rows_q(q_base, offs_m, offs_d, stride_qs, seqlen_q, HEAD_DIM: tl.const
     if UPCAST:
         q = q.to(tl.float32)
     return q
+
+
+@triton.jit
+def _fp8_scales(QDescale, KDescale, VDescale, stride_qdb, stride_qdh, stride_kdb, stride_kdh, stride_vdb, b, hk,
+                offs_m, offs_m_b, seqlen_q, Q_SCALE_BLOCKS: tl.constexpr, K_SCALE_BLOCKS: tl.constexpr,
+                SCALE_BLOCK: tl.constexpr, TWO_HALVES: tl.constexpr):
+    """The descales of an FP8 program (see attn_fwd_kernel): (q_scale, q_scale_b,
+    k_scales, v_scale). ``q_scale`` (``q_scale_b``: the second half's rows) is a scalar,
+    or with Q_SCALE_BLOCKS a ``[ROWS, 1]`` block, and carries the key scale unless
+    K_SCALE_BLOCKS; ``k_scales`` then points at this (sequence, kv head)'s key scales."""
+    q_base = QDescale + b.to(tl.int64) * stride_qdb + hk * stride_qdh
+    k_scales = KDescale + b.to(tl.int64) * stride_kdb + hk * stride_kdh
+    if Q_SCALE_BLOCKS:
+        q_scale = tl.load(q_base + offs_m // SCALE_BLOCK, mask=offs_m < seqlen_q, other=0.0)[:, None]
+        q_scale_b = q_scale
+        if TWO_HALVES:
+            q_scale_b = tl.load(q_base + offs_m_b // SCALE_BLOCK, mask=offs_m_b < seqlen_q, other=0.0)[:, None]
+    else:
+        q_scale = tl.load(q_base)
+        q_scale_b = q_scale
+    if not K_SCALE_BLOCKS:
+        k_scale = tl.load(k_scales)
+        q_scale = q_scale * k_scale
+        q_scale_b = q_scale_b * k_scale
+    v_scale = tl.load(VDescale + b.to(tl.int64) * stride_vdb + hk)
+    return q_scale, q_scale_b, k_scales, v_scale
 
 
 @triton.jit
@@ -257,6 +309,7 @@ def attn_fwd_kernel(
     qk_scale, softcap_in, softcap_out, dropout_p, dropout_scale, seed, fixed_max,
     FullList, PartList, Patterns, sparse_sb, sparse_sh, full_row, part_row, tail_bh,
     SeqUsedK, BlockTable, stride_tb, max_pages,
+    QDescale, KDescale, VDescale, stride_qdb, stride_qdh, stride_kdb, stride_kdh, stride_vdb,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -266,6 +319,8 @@ def attn_fwd_kernel(
     SPARSE: tl.constexpr = False, SPARSE_BM: tl.constexpr = 1, SPARSE_BN: tl.constexpr = 1,
     SPARSE_STAGES: tl.constexpr = 0, TWO_HALVES: tl.constexpr = False, HAS_SINKS: tl.constexpr = False,
     HAS_SEQUSED: tl.constexpr = False, PAGE_SIZE: tl.constexpr = 0,
+    FP8: tl.constexpr = False, Q_SCALE_BLOCKS: tl.constexpr = False, K_SCALE_BLOCKS: tl.constexpr = False,
+    SCALE_BLOCK: tl.constexpr = 128, EXACT_FP8: tl.constexpr = False,
 ):
     """Grid: (cdiv(max_seqlen_q, BLOCK_M) * batch * nheads,), the last ``tail_bh``
     (batch, head) pairs issued longest first (see ``program_tile``).
@@ -306,6 +361,13 @@ def attn_fwd_kernel(
     (num_pages, PAGE_SIZE, nheads_k, dim) with page strides ``stride_kb`` /
     ``stride_vb``, sequence ``b``'s key ``j`` in page ``BlockTable[b * stride_tb
     + j // PAGE_SIZE]`` (``max_pages`` a row); CuSeqlensK then only gives lengths.
+
+    FP8: Q, K, V are float8_e4m3fn, real values being the stored ones times their
+    descales (fp32): QDescale at ``b * stride_qdb + (h // group_size) * stride_qdh``,
+    then, with Q_SCALE_BLOCKS, one per SCALE_BLOCK query rows of the sequence;
+    KDescale likewise (K_SCALE_BLOCKS: one per SCALE_BLOCK keys); VDescale at ``b *
+    stride_vdb + h // group_size``, applied to the output. Out has its own dtype.
+    EXACT_FP8: round P to e4m3 in integer arithmetic first (see kernels/fp8.py).
     """
     tl.static_assert(not (HAS_SINKS and FIXED_MAX), "sinks need the running row max")
     tl.static_assert(PAGE_SIZE == 0 or (IS_VARLEN and KV_DESC == 0 and not SPARSE), "paged K/V: varlen, pointer loads")
@@ -377,6 +439,11 @@ def attn_fwd_kernel(
         acc_b, l_b, m_b = _init_rows(fixed_max, sink, ROWS, BLOCK_DV, FIXED_MAX, HAS_SINKS)
     else:
         q_b, acc_b, l_b, m_b = 0.0, 0.0, 0.0, 0.0
+    q_scale, q_scale_b, k_scales, v_scale = 1.0, 1.0, KDescale, 1.0
+    if FP8:
+        q_scale, q_scale_b, k_scales, v_scale = _fp8_scales(
+            QDescale, KDescale, VDescale, stride_qdb, stride_qdh, stride_kdb, stride_kdh, stride_vdb, b, hk,
+            offs_m, offs_m_b, seqlen_q, Q_SCALE_BLOCKS, K_SCALE_BLOCKS, SCALE_BLOCK, TWO_HALVES)
 
     bh = b * nheads + h
     if SPARSE:
@@ -398,7 +465,9 @@ def attn_fwd_kernel(
                                        HAS_ALIBI, BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION, KV_DESC,
                                        WARP_SPECIALIZE and part == 1, desc_b, start_k, hk, FIXED_MAX,
                                        tile_list + 1, Patterns, q_blk * SPARSE_BM, SPARSE, SPARSE_BM, SPARSE_BN,
-                                       SPARSE_STAGES, TWO_HALVES)
+                                       SPARSE_STAGES, TWO_HALVES, q_scale=q_scale, q_scale_b=q_scale_b,
+                                       k_scales=k_scales, FP8=FP8, K_SCALE_BLOCKS=K_SCALE_BLOCKS,
+                                       SCALE_BLOCK=SCALE_BLOCK, EXACT_FP8=EXACT_FP8)
     else:
         lo, full_lo, full_hi, hi = key_ranges(start_m, seqlen_k, diag, window_left, window_right,
                                               BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT)
@@ -421,8 +490,15 @@ def attn_fwd_kernel(
                                            SOFTCAP, HAS_ALIBI, BIAS_KIND, BIAS_ROWS, DROPOUT, UPCAST, DOT_PRECISION,
                                            KV_DESC, WARP_SPECIALIZE and part == 1, desc_b, start_k, hk, FIXED_MAX,
                                            TWO_HALVES=TWO_HALVES, table=table, max_pages=max_pages,
-                                           stride_kp=stride_kb, stride_vp=stride_vb, PAGE_SIZE=PAGE_SIZE)
+                                           stride_kp=stride_kb, stride_vp=stride_vb, PAGE_SIZE=PAGE_SIZE,
+                                           q_scale=q_scale, q_scale_b=q_scale_b, k_scales=k_scales, FP8=FP8,
+                                           K_SCALE_BLOCKS=K_SCALE_BLOCKS, SCALE_BLOCK=SCALE_BLOCK,
+                                           EXACT_FP8=EXACT_FP8)
 
+    if FP8:
+        acc = acc * v_scale
+        if TWO_HALVES:
+            acc_b = acc_b * v_scale
     o_base = Out + b.to(tl.int64) * stride_ob + start_q.to(tl.int64) * stride_os + h * stride_oh
     lse_base = Lse + b.to(tl.int64) * stride_lb + h * stride_lh + start_q
     _store_rows(acc, l_i, m_i, o_base, lse_base, offs_m, offs_dv, stride_os, seqlen_q, dropout_scale, HEAD_DIM_V,

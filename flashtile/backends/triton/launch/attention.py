@@ -13,7 +13,7 @@ import os
 import torch
 import triton
 
-from ....options import AttnOptions, empty_output
+from ....options import FP8_SCALE_BLOCK, AttnOptions, empty_output
 from ..kernels.backward import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
 from ..kernels.forward import attn_fwd_kernel
 from ..kernels.tiles import BIAS_ADD, BIAS_BOOL, BIAS_NONE
@@ -203,7 +203,7 @@ class _Layout:
 
 
 def attention_forward(q, k, v, opts: AttnOptions, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
-                      max_seqlen_k=0, sparse=None, seqused_k=None, block_table=None):
+                      max_seqlen_k=0, sparse=None, seqused_k=None, block_table=None, fp8=None):
     """Returns (out, lse): out like q (with v's head dim), lse (batch, nheads, seqlen_q) fp32.
 
     Varlen: q (total_q, nheads, d), k/v (total_k, nheads_k, d) given with
@@ -212,19 +212,24 @@ def attention_forward(q, k, v, opts: AttnOptions, cu_seqlens_q=None, cu_seqlens_
     ``block_table``: int32 (batch, max_pages), k/v paged (num_pages, page_size,
     nheads_k, d) (see the forward kernel). ``sparse``: a ``BlockMask``
     (block-sparse attention; not with varlen).
+    ``fp8``: for float8_e4m3fn q, k, v, ``(q_descale, k_descale, v_descale, out_dtype)``:
+    contiguous fp32 descales ``(batch, nheads_k)``, q's and k's optionally with a third
+    dimension of one scale per FP8_SCALE_BLOCK rows; out is then ``out_dtype``.
     """
     varlen = cu_seqlens_q is not None
     if varlen:
         q = q.unsqueeze(0)
         if block_table is None:
             k, v = k.unsqueeze(0), v.unsqueeze(0)
-    out = empty_output(q, v.shape[-1])
+    descales = (q, q, q) if fp8 is None else fp8[:3]
+    out = empty_output(q, v.shape[-1], None if fp8 is None else fp8[3])
     lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), device=q.device, dtype=torch.float32)
     sinks = q if opts.sinks is None else opts.sinks
     call = (q, k, v, out, lse, *_option_tensors(q, opts, cu_seqlens_q, cu_seqlens_k), sinks, seqused_k, block_table,
-            opts.seed)
+            opts.seed, *descales)
     key = None if sparse is not None else plan_key(
-        "fwd", (q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table), opts, (max_seqlen_q, max_seqlen_k))
+        "fwd", (q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, out, *descales), opts,
+        (max_seqlen_q, max_seqlen_k))
     run_planned(key, call, lambda build_only: _forward_steps(q, k, v, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                       max_seqlen_k, sparse, call, build_only))
     if varlen:
@@ -246,6 +251,14 @@ def _forward_steps(q, k, v, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
              | _forward_features(q, k, v, keys_per_row))
     if paged:
         const["KV_DESC"] = 0  # rows found through the block table: pointer loads
+    fp8 = q.dtype == torch.float8_e4m3fn
+    if fp8:
+        q_descale, k_descale = call[13], call[14]
+        const |= dict(FP8=True, Q_SCALE_BLOCKS=q_descale.dim() == 3, K_SCALE_BLOCKS=k_descale.dim() == 3,
+                      SCALE_BLOCK=FP8_SCALE_BLOCK, EXACT_FP8=interpreting())
+        descale_strides = (*q_descale.stride()[:2], *k_descale.stride()[:2], call[15].stride(0))
+    else:
+        descale_strides = (0, 0, 0, 0, 0)
     block_d, block_dv = const["BLOCK_D"], const["BLOCK_DV"]
     # launch-table names: "_tma" with descriptors, "_causal" for a causal mask alone, "_window"
     # with a left window bound, "_short" when the rows see fewer than SHORT_KEYS keys
@@ -266,7 +279,7 @@ def _forward_steps(q, k, v, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     table_geometry = (block_table.stride(0), block_table.shape[1]) if paged else (0, 0)
 
     def build(cfg, call):
-        q, k, v, out, lse, cu_q, cu_k, bias, alibi, sinks, seqused, table, seed = call
+        q, k, v, out, lse, cu_q, cu_k, bias, alibi, sinks, seqused, table, seed, q_ds, k_ds, v_ds = call
         if host_desc:
             from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -275,7 +288,8 @@ def _forward_steps(q, k, v, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
         return (q, k, v, out, lse, cu_q, cu_k, bias, alibi, sinks, *before_seed, seed, fixed_max,
                 *_tile_lists(lay.sparse_fwd, q),
                 tail_heads(cdiv(lay.seqlen_q, cfg.block_m), lay.batch * lay.nheads, causal, q.device),
-                q if seqused is None else seqused, q if table is None else table, *table_geometry)
+                q if seqused is None else seqused, q if table is None else table, *table_geometry,
+                q_ds, k_ds, v_ds, *descale_strides)
 
     step = launch_kernel(name, attn_fwd_kernel, lambda c: (cdiv(lay.seqlen_q, c.block_m) * lay.batch * lay.nheads,),
                    lambda cfg: build(cfg, call), const, q, max(block_d, block_dv), (lay.seqlen_q, lay.seqlen_k),
