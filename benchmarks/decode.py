@@ -12,6 +12,14 @@ together they are at least 4x the L2 cache: the numbers are device-memory
 numbers, not L2 ones. The effective bandwidth is the bytes of K and V the
 step must read over its time, compared with a device-to-device copy
 measured in the same run.
+
+``--kv-fp8`` adds the FP8 cache table: one decoding step (batch 1, the heads
+and head dim above) against a bf16 cache and against a float8_e4m3fn cache of
+the same length (``--fp8-lens``, 32k to 128k keys by default), contiguous and
+paged, and the ratio of the two times (the fp8 cache reads half the bytes).
+``--sweep-cache-dtype fp8`` runs the tile sweeps on an fp8 cache.
+
+    python benchmarks/decode.py --kv-fp8 --skip-table --out results/decode_fp8
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 import flashtile
 
 L2_BYTES = 60 * 2**20
+FP8 = torch.float8_e4m3fn
 
 
 def copy_bandwidth() -> float:
@@ -48,8 +57,12 @@ def time_ms(fn, eager: bool) -> float:
 class Step:
     """Inputs of one decoding step, in ``copies`` independent sets."""
 
-    def __init__(self, batch, cache_len, nheads, nheads_k, head_dim, seqlen_q, page_size, dtype=torch.bfloat16):
-        kv_bytes = 2 * batch * cache_len * nheads_k * head_dim * torch.finfo(dtype).bits // 8
+    def __init__(self, batch, cache_len, nheads, nheads_k, head_dim, seqlen_q, page_size, dtype=torch.bfloat16,
+                 cache_dtype=None):
+        """``cache_dtype``: the cache's dtype, q's ``dtype`` by default, or float8_e4m3fn
+        (then with fp32 descales (batch, nheads_k))."""
+        cache_dtype = dtype if cache_dtype is None else cache_dtype
+        kv_bytes = 2 * batch * cache_len * nheads_k * head_dim * torch.finfo(cache_dtype).bits // 8
         self.kv_bytes = kv_bytes
         self.copies = max(1, math.ceil(4 * L2_BYTES / kv_bytes))
         dev = "cuda"
@@ -57,6 +70,11 @@ class Step:
         self.lens = torch.full((batch,), cache_len, dtype=torch.int32, device=dev)
         self.caches = []
         self.tables = []
+        self.descales = {}
+        if cache_dtype == FP8:
+            # random normal values stored as e4m3 with a scale of 1/64 per (sequence, kv head)
+            self.descales = dict(k_descale=torch.full((batch, nheads_k), 1 / 64, device=dev),
+                                 v_descale=torch.full((batch, nheads_k), 1 / 64, device=dev))
         for _ in range(self.copies):
             if page_size is None:
                 shape = (batch, cache_len, nheads_k, head_dim)
@@ -66,14 +84,15 @@ class Step:
                 shape = (pages, page_size, nheads_k, head_dim)
                 # pages of a sequence scattered over the pool, as after a while of serving
                 table = torch.randperm(pages, device=dev).int().reshape(batch, -1)
-            self.caches.append(tuple(torch.randn(shape, device=dev, dtype=dtype) for _ in range(2)))
+            self.caches.append(tuple(torch.randn(shape, device=dev, dtype=dtype).mul_(64 if self.descales else 1)
+                                     .to(cache_dtype) for _ in range(2)))
             self.tables.append(table)
 
     def flashtile(self, num_splits=0):
         def fn():
             for q, (k, v), table in zip(self.q, self.caches, self.tables):
                 flashtile.flash_attn_with_kvcache(q, k, v, cache_seqlens=self.lens, block_table=table,
-                                                  num_splits=num_splits)
+                                                  num_splits=num_splits, **self.descales)
         return fn
 
 
@@ -138,8 +157,10 @@ def sweep(args, bandwidth, page_size=None) -> list[dict]:
     if page_size is None:
         cases.append((64, args.batch64_cache_len))
     rows = []
+    cache_dtype = FP8 if args.sweep_cache_dtype == "fp8" else None
     for batch, cache_len in cases:
-        step = Step(batch, cache_len, args.nheads, args.nheads_k, args.head_dim, args.seqlen_q, page_size)
+        step = Step(batch, cache_len, args.nheads, args.nheads_k, args.head_dim, args.seqlen_q, page_size,
+                    cache_dtype=cache_dtype)
         for block_n, warps, stages in tiles:
             decode_api.decode_config = lambda rows_, *a, bn=block_n, w=warps, st=stages, **kw: LaunchConfig(
                 min(128, max(16, 1 << (max(rows_, 1) - 1).bit_length())), bn, w, st)
@@ -154,7 +175,8 @@ def sweep(args, bandwidth, page_size=None) -> list[dict]:
                 except Exception as exc:  # a config that does not fit
                     print(batch, cache_len, block_n, warps, stages, splits, "failed:", str(exc).splitlines()[0][:80])
                     continue
-                rows.append(dict(page_size=page_size, batch=batch, cache_len=cache_len, block_n=block_n, warps=warps,
+                rows.append(dict(page_size=page_size, cache_dtype=args.sweep_cache_dtype, batch=batch,
+                                 cache_len=cache_len, block_n=block_n, warps=warps,
                                  stages=stages, splits=splits, us=ms * 1e3,
                                  bw_frac=step.kv_bytes / (ms * 1e-3) / bandwidth))
                 print(f"sweep page={page_size} batch={batch} L={cache_len} BLOCK_N={block_n} warps={warps} "
@@ -213,6 +235,33 @@ def setting_sweep(args, bandwidth, setting: str, values: list) -> list[dict]:
             torch.cuda.empty_cache()
     setattr(decode_api, setting, default)
     launch_plans.clear_caches()
+    return rows
+
+
+def fp8_table(args, bandwidth) -> list[dict]:
+    """One decoding step at batch 1 with a bf16 cache and with a float8_e4m3fn cache, at
+    the cache lengths of ``--fp8-lens``, contiguous and paged (``--page-sizes``): the two
+    times (heuristic split count, the same tiles table) and their ratio."""
+    rows = []
+    for cache_len in [int(n) for n in args.fp8_lens.split(",")]:
+        for page_size in [None] + args.page_sizes:
+            row = dict(batch=1, cache_len=cache_len, page_size=page_size, nheads=args.nheads, nheads_k=args.nheads_k,
+                       head_dim=args.head_dim, seqlen_q=args.seqlen_q)
+            for name, cache_dtype in (("bf16", None), ("fp8", FP8)):
+                step = Step(1, cache_len, args.nheads, args.nheads_k, args.head_dim, args.seqlen_q, page_size,
+                            cache_dtype=cache_dtype)
+                fn = step.flashtile(0)
+                fn()
+                ms = time_ms(fn, args.eager) / step.copies
+                row[name + "_us"] = ms * 1e3
+                row[name + "_bw_frac"] = step.kv_bytes / (ms * 1e-3) / bandwidth
+                del step
+                torch.cuda.empty_cache()
+            row["fp8_speedup"] = row["bf16_us"] / row["fp8_us"]
+            rows.append(row)
+            print(f"fp8 cache: L={cache_len} page={page_size}: bf16 {row['bf16_us']:.1f} us "
+                  f"({100 * row['bf16_bw_frac']:.1f}% bw), fp8 {row['fp8_us']:.1f} us "
+                  f"({100 * row['fp8_bw_frac']:.1f}% bw): {row['fp8_speedup']:.2f}x", flush=True)
     return rows
 
 
@@ -276,7 +325,12 @@ def main():
     parser.add_argument("--sweep-lens", default="8192,32768,131072", help="cache lengths of the sweeps (batch 1)")
     parser.add_argument("--tiles", default="128x4x3,64x4x3,64x4x5", help="BLOCK_NxWARPSxSTAGES of the sweeps")
     parser.add_argument("--splits", default="0,16,32", help="split counts of the sweeps (0: the heuristic)")
-    parser.add_argument("--skip-table", action="store_true", help="only the sweeps")
+    parser.add_argument("--skip-table", action="store_true", help="only the sweeps (and the fp8 table)")
+    parser.add_argument("--kv-fp8", action="store_true", help="also time a step with a bf16 cache against one with "
+                        "a float8_e4m3fn cache at --fp8-lens (batch 1), and their ratio")
+    parser.add_argument("--fp8-lens", default="32768,65536,131072", help="cache lengths of the fp8 table")
+    parser.add_argument("--sweep-cache-dtype", choices=("bf16", "fp8"), default="bf16",
+                        help="the cache dtype of --sweep / --sweep-paged")
     parser.add_argument("--combine-warps", default="", help="also time the step with these warps of the combine "
                         "kernel (e.g. 1,2,4), at the cache lengths of --sweep-lens and the --splits counts")
     parser.add_argument("--merge-ab", action="store_true", help="also time the step with the splits merged by the "
@@ -308,8 +362,9 @@ def main():
     combine_rows = setting_sweep(args, bandwidth, "COMBINE_WARPS", [int(w) for w in args.combine_warps.split(",")]) \
         if args.combine_warps else []
     merge_rows = setting_sweep(args, bandwidth, "MERGE_IN_KERNEL", [True, False]) if args.merge_ab else []
+    fp8_rows = fp8_table(args, bandwidth) if args.kv_fp8 else []
     (out / "decode.json").write_text(json.dumps(dict(meta=meta, rows=rows, sweep=sweep_rows, sweep_paged=paged_rows,
-                                                     combine=combine_rows, merge=merge_rows), indent=1))
+                                                     combine=combine_rows, merge=merge_rows, fp8=fp8_rows), indent=1))
     if rows:
         save_plot(rows, providers, out / "decode.png",
               f"decoding, batch 1, {args.nheads}/{args.nheads_k} heads, d={args.head_dim}, bf16 ({meta['gpu']})")

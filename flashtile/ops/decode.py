@@ -8,6 +8,11 @@ or paged ``(num_pages, page_size, nheads_k, d)`` with an int32
 ``block_table`` ``(batch, max_pages)``. Sequence ``b`` attends to keys
 ``[leftpad[b], cache_seqlens[b] + seqlen_new)`` of its cache; causal, window
 and ALiBi positions are aligned to the bottom-right corner.
+
+An fp8 cache (float8_e4m3fn) comes with fp32 descales ``k_descale``,
+``v_descale`` ``(batch, nheads_k)``: the real key ``j`` of kv head ``h`` of
+sequence ``b`` is ``k_cache[...] * k_descale[b, h]`` (``b`` the call's batch
+index, also with ``cache_batch_idx``), and likewise for the values.
 """
 
 from __future__ import annotations
@@ -39,9 +44,15 @@ def _empty_lse(q: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
     return sinks.float().reshape(1, -1, 1).expand(shape).clone()
 
 
+def _dequantised(rows: torch.Tensor, descale: torch.Tensor | None, b: int) -> torch.Tensor:
+    """Cache rows ``(n, nheads_k, d)`` as stored, or fp8 ones times sequence ``b``'s descales, in fp32."""
+    return rows if descale is None else rows.float() * descale[b].float()[None, :, None]
+
+
 def _decode_tiled(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi, seqlen_new,
-                  softmax_scale, window_left, window_right, softcap, sinks):
-    """The same attention with the tiled PyTorch path, one sequence at a time."""
+                  softmax_scale, window_left, window_right, softcap, sinks, k_descale=None, v_descale=None):
+    """The same attention with the tiled PyTorch path, one sequence at a time (an fp8
+    cache dequantised to fp32 first)."""
     batch, seqlen_q, nheads, _ = q.shape
     out = empty_output(q, v_cache.shape[-1]).zero_()
     lse = _empty_lse(q, sinks)
@@ -51,8 +62,8 @@ def _decode_tiled(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_tab
         first, stop = firsts[b], lengths[b]
         if stop <= first or seqlen_q == 0:
             continue
-        k = cache_rows(k_cache, b, stop, cache_batch_idx, block_table)[first:]
-        v = cache_rows(v_cache, b, stop, cache_batch_idx, block_table)[first:]
+        k = _dequantised(cache_rows(k_cache, b, stop, cache_batch_idx, block_table)[first:], k_descale, b)
+        v = _dequantised(cache_rows(v_cache, b, stop, cache_batch_idx, block_table)[first:], v_descale, b)
         slopes = None if alibi is None else (alibi[b] if alibi.dim() == 2 else alibi).float()[None]
         opts = AttnOptions(softmax_scale, (stop - first) - seqlen_q, window_left, window_right, softcap, slopes,
                            sinks=None if sinks is None else sinks.float())
@@ -65,15 +76,16 @@ def _attn_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                  cache_batch_idx: torch.Tensor | None, block_table: torch.Tensor | None, leftpad: torch.Tensor | None,
                  alibi: torch.Tensor | None, seqlen_new: int, softmax_scale: float, window_left: int,
                  window_right: int, softcap: float, num_splits: int,
-                 sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 sinks: torch.Tensor | None = None, k_descale: torch.Tensor | None = None,
+                 v_descale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     if q.numel() == 0:
         return empty_output(q, v_cache.shape[-1]).zero_(), _empty_lse(q, sinks)
     if q.is_cuda or interpreting():
         return decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi,
                              seqlen_new, softmax_scale, window_left, window_right, softcap, num_splits,
-                             None if sinks is None else sinks.float())
+                             None if sinks is None else sinks.float(), k_descale, v_descale)
     return _decode_tiled(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi,
-                         seqlen_new, softmax_scale, window_left, window_right, softcap, sinks)
+                         seqlen_new, softmax_scale, window_left, window_right, softcap, sinks, k_descale, v_descale)
 
 
 attn_decode_op = torch.library.custom_op("flashtile::attn_decode", mutates_args=())(_attn_decode)
@@ -81,7 +93,7 @@ attn_decode_op = torch.library.custom_op("flashtile::attn_decode", mutates_args=
 
 @attn_decode_op.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi, seqlen_new, softmax_scale,
-      window_left, window_right, softcap, num_splits, sinks=None):
+      window_left, window_right, softcap, num_splits, sinks=None, k_descale=None, v_descale=None):
     return empty_output(q, v_cache.shape[-1]), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 

@@ -33,13 +33,14 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 @triton.jit
 def attn_decode_kernel(
-    Q, K, V, Out, Lse, CacheSeqlens, CacheBatchIdx, BlockTable, Leftpad, Alibi, Sinks, MergedOut, MergedLse, Counters,
+    Q, K, V, Out, Lse, CacheSeqlens, CacheBatchIdx, BlockTable, Leftpad, Alibi, Sinks, KDescale, VDescale,
+    MergedOut, MergedLse, Counters,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh, stride_osplit,
     stride_lb, stride_lh, stride_lsplit,
-    stride_tb, stride_ab, stride_mb, stride_ms, stride_mh, stride_mlb, stride_mlh,
+    stride_tb, stride_ab, stride_kdb, stride_kdh, stride_vdb, stride_vdh, stride_mb, stride_ms, stride_mh, stride_mlb, stride_mlh,
     nheads_k, seqlen_q, seqlen_new, group_size, max_pages, window_left, window_right,
     qk_scale, softcap_in, softcap_out,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -47,7 +48,7 @@ def attn_decode_kernel(
     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_LOOKUP: tl.constexpr = False,
     MERGE: tl.constexpr = False, BLOCK_S: tl.constexpr = 1, MERGE_ROWS: tl.constexpr = 1,
-    HAS_SINKS: tl.constexpr = False,
+    HAS_SINKS: tl.constexpr = False, KV_FP8: tl.constexpr = False,
 ):
     """Grid: (batch * nheads_k, num_splits, cdiv(seqlen_q * group_size, BLOCK_M)).
 
@@ -67,6 +68,11 @@ def attn_decode_kernel(
     BLOCK_S: a power of two >= num_splits; MERGE_ROWS: rows merged at once.
     HAS_SINKS: Sinks holds one fp32 logit per query head (attention sinks),
     counted once, by split 0, as a key of value zero.
+    KV_FP8: K and V hold float8_e4m3fn values whose real values are ``value *
+    descale``, with fp32 descales ``KDescale[b, hk]`` / ``VDescale[b, hk]`` (``b``
+    the sequence of this call, not its cache row): the tiles are converted to q's
+    compute dtype, the key descale is folded into the score scale and the value
+    descale multiplies each split's output (before the merge, which is linear).
     """
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -110,6 +116,11 @@ def attn_decode_kernel(
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
+    if KV_FP8:
+        # one key descale per (sequence, kv head): folded into the scale of the scores
+        k_descale = tl.load(KDescale + b * stride_kdb + hk * stride_kdh)
+        qk_scale = qk_scale * k_descale
+        softcap_in = softcap_in * k_descale
     alibi_slope = 0.0
     if HAS_ALIBI:
         alibi_slope = tl.load(Alibi + b * stride_ab + head, mask=row_ok, other=0.0)[:, None]
@@ -161,7 +172,11 @@ def attn_decode_kernel(
             v_rows = cols.to(tl.int64) * stride_vs
         k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=col_ok[:, None] & d_ok, other=0.0)
         v = tl.load(v_base + v_rows[:, None] + offs_dv[None, :], mask=col_ok[:, None] & dv_ok, other=0.0)
-        if UPCAST:
+        if KV_FP8:
+            # fp8 tiles in q's compute dtype (fp16/bf16, or fp32 under UPCAST or for fp32 q)
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
+        elif UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s, _ = tile_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), rows, cols[None, :], seqlen_q,
@@ -187,6 +202,8 @@ def attn_decode_kernel(
     # rows that saw no key of this split: output 0, LSE -inf
     seen = l_i > 0.0
     acc = acc / tl.where(seen, l_i, 1.0)[:, None]
+    if KV_FP8:
+        acc = acc * tl.load(VDescale + b * stride_vdb + hk * stride_vdh)
     lse = tl.where(seen, m_i * LN2 + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
     o_ptrs = (Out + split.to(tl.int64) * stride_osplit + b.to(tl.int64) * stride_ob + tok[:, None] * stride_os
               + head[:, None] * stride_oh + offs_dv[None, :])

@@ -132,7 +132,7 @@ def _decode_setup(q, k_cache, v_cache, block_table, num_splits):
     block_dv = block_d_of(v_cache.shape[-1])
     cfg = decode_config(seqlen_q * (nheads // nheads_k), max(block_d_of(head_dim), block_dv), q.element_size(),
                         capability_of(q.device),
-                        k_cache.shape[1] if paged else 0)
+                        k_cache.shape[1] if paged else 0, kv_elem_size=k_cache.element_size())
     m_blocks = cdiv(seqlen_q * (nheads // nheads_k), cfg.block_m)
     if num_splits <= 0:
         num_splits = num_splits_heuristic(batch * nheads_k * m_blocks, capacity, q.device)
@@ -154,7 +154,7 @@ def _decode_steps(call, cfg, num_splits, row_lookup, merge, seqlen_new, softmax_
     its merge layout, or None), the combine kernel's, run (or with ``build_only`` only built)
     for ``call``: (steps, builders), as launch plans take them."""
     (q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi, out, lse, part_out, part_lse,
-     _, sinks) = call
+     _, sinks, k_descale, v_descale) = call
     batch, seqlen_q, nheads, head_dim = q.shape
     nheads_k = k_cache.shape[2]
     block_d = block_d_of(head_dim)
@@ -167,7 +167,9 @@ def _decode_steps(call, cfg, num_splits, row_lookup, merge, seqlen_new, softmax_
     softcap_div = softcap if softcap > 0 else 1.0
     scalars = (*q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *o_strides, *l_strides,
                0 if block_table is None else block_table.stride(0),
-               0 if alibi is None or alibi.dim() == 1 else alibi.stride(0), *out.stride()[:3], *lse.stride()[:2],
+               0 if alibi is None or alibi.dim() == 1 else alibi.stride(0),
+               *((0, 0) if k_descale is None else k_descale.stride()), *((0, 0) if v_descale is None else v_descale.stride()),
+               *out.stride()[:3], *lse.stride()[:2],
                nheads_k, seqlen_q, seqlen_new, nheads // nheads_k, block_table.shape[1] if paged else 0,
                window_left, window_right, softmax_scale * LOG2E, softmax_scale / softcap_div, softcap_div * LOG2E)
     constexprs = dict(
@@ -176,17 +178,18 @@ def _decode_steps(call, cfg, num_splits, row_lookup, merge, seqlen_new, softmax_
         MASK_RIGHT=window_right >= 0, SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None,
         UPCAST=interpreting() and q.dtype == torch.bfloat16, DOT_PRECISION=dot_precision(q.dtype, q.device),
         ROW_LOOKUP=row_lookup, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-        HAS_SINKS=sinks is not None)
+        HAS_SINKS=sinks is not None, KV_FP8=k_descale is not None)
     if merge is not None:
         constexprs.update(MERGE=True, BLOCK_S=merge[0], MERGE_ROWS=merge[1])
     grid = (batch * nheads_k, num_splits, cdiv(seqlen_q * (nheads // nheads_k), cfg.block_m))
 
     def build_split(cfg, call):
         (q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi, o, l, po, pl, counters,
-         sinks) = call
+         sinks, kd, vd) = call
         return (q, k_cache, v_cache, po, pl, cache_seqlens, q if cache_batch_idx is None else cache_batch_idx,
                 q if block_table is None else block_table, q if leftpad is None else leftpad,
-                q if alibi is None else alibi, q if sinks is None else sinks, o, l,
+                q if alibi is None else alibi, q if sinks is None else sinks, q if kd is None else kd,
+                q if vd is None else vd, o, l,
                 cache_seqlens if counters is None else counters, *scalars)
 
     # shared memory: fewer pipeline stages while the compiler says they do not fit
@@ -221,12 +224,15 @@ def _decode_steps(call, cfg, num_splits, row_lookup, merge, seqlen_new, softmax_
 
 
 def decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi,
-                  seqlen_new, softmax_scale, window_left, window_right, softcap, num_splits, sinks=None):
+                  seqlen_new, softmax_scale, window_left, window_right, softcap, num_splits, sinks=None,
+                  k_descale=None, v_descale=None):
     """(out, lse) of the cached attention (arguments as ``flashtile.ops.decode``); ``sinks``:
-    fp32 ``(nheads,)`` attention-sink logits, or None."""
+    fp32 ``(nheads,)`` attention-sink logits, or None; ``k_descale``, ``v_descale``: fp32
+    ``(batch, nheads_k)`` descales of a float8_e4m3fn cache (real value = stored value x
+    descale, row ``b`` for sequence ``b`` of the call), or None for a cache in q's dtype."""
     # a call with the layout, options and split request of an earlier one replays its launches
     key = layout_key("decode", (q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi,
-                                sinks),
+                                sinks, k_descale, v_descale),
                      (seqlen_new, softmax_scale, window_left, window_right, softcap, num_splits))
     setup = plan_setups.get(key)
     if setup is None:
@@ -249,7 +255,7 @@ def decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_tab
         part_out = torch.empty((splits, *out.shape), device=q.device, dtype=torch.float32)
         part_lse = torch.empty((splits, *lse.shape), device=q.device, dtype=torch.float32)
     call = (q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi, out, lse, part_out,
-            part_lse, counters, sinks)
+            part_lse, counters, sinks, k_descale, v_descale)
     run_planned(key, call, lambda build_only: _decode_steps(call, cfg, splits, row_lookup, merge, seqlen_new,
                                                       softmax_scale, window_left, window_right, softcap, build_only))
     return out, lse

@@ -200,16 +200,25 @@ def sparse_constexprs(kernel: str, cfg: LaunchConfig, capability: tuple[int, int
 
 
 def decode_config(rows: int, block_d: int, elem_size: int, capability: tuple[int, int] | None,
-                  page_size: int = 0) -> LaunchConfig:
+                  page_size: int = 0, kv_elem_size: int | None = None) -> LaunchConfig:
     """Tiles of the split-KV decoding kernel for ``rows = seqlen_q * group_size``
     query rows per (batch, kv head) and a cache with pages of ``page_size``
     rows (0: contiguous). It streams the cache, so BLOCK_M is as small as the
-    rows allow (a dot needs 16) and BLOCK_N keeps a few K/V tiles in flight."""
+    rows allow (a dot needs 16) and BLOCK_N keeps a few K/V tiles in flight.
+    ``elem_size``: bytes of q's (the compute) dtype; ``kv_elem_size``: bytes of
+    a cache element (1 for an fp8 cache; default ``elem_size``)."""
     block_m = min(128, max(16, 1 << (max(rows, 1) - 1).bit_length()))
     if capability is None:
         return LaunchConfig(block_m, 32, 4, 1)
     num_warps = 8 if block_m >= 128 else 4
     wide = block_d <= 128 and elem_size <= 2
+    if capability[0] == 9 and block_m <= 64 and kv_elem_size == 1 and elem_size <= 2:
+        # fp8 cache (not measured yet: benchmarks/decode.py --kv-fp8 --sweep): a tile in
+        # shared memory is half the bytes of a 16-bit one, converted to 16 bits in registers.
+        # Head dim 256 takes 64-key tiles (the registers of a 16-bit 128 x 128 tile, the
+        # shared memory of a 16-bit 32 x 256 one); 5 stages for contiguous caches as for
+        # paged ones keep about as many bytes in flight as the 16-bit tiles' 3 stages
+        return LaunchConfig(block_m, 128 if wide else 64, num_warps, 5)
     if capability[0] == 9 and block_m <= 64:
         # 128-key tiles, 3 stages for a contiguous cache; a paged one (a page lookup before
         # each tile's loads, which takes half of the stages) wants more loads in flight: 5
