@@ -31,6 +31,7 @@ def _inputs(batch=2, seqlen_q=200, seqlen_k=77, nheads=4, nheads_k=2, d=64, dtyp
 
 @pytest.mark.skipif(_fp8_forward_available(), reason="the FP8 forward is there")
 def test_missing_fp8_forward_is_named():
+    """Before any quantising, so nothing runs for nothing."""
     q, k, v = _inputs(seqlen_q=8, seqlen_k=8, d=16)
     with pytest.raises(NotImplementedError, match="flashtile: flash_attn_fp8_func needs the FP8 forward"):
         flash_attn_fp8_func(q, k, v)
@@ -73,6 +74,27 @@ def test_defaults_and_out_dtype():
     assert out.dtype == torch.float16
     assert torch.equal(out, flash_attn_fp8_func(q, k, v, softmax_scale=1 / math.sqrt(40)))
     assert flash_attn_fp8_func(q, k, v, out_dtype=torch.float32).dtype == torch.float32
+
+
+@pytest.mark.parametrize("scaling", ["tensor", "head", "block"])
+@pytest.mark.parametrize("incoherent", [False, True])
+def test_wiring_with_a_stand_in_forward(monkeypatch, scaling, incoherent):
+    """Against a stand-in for the FP8 forward (dequantise, then fp64 attention; the real
+    forward where it exists): the arguments reach flash_attn_func as its contract says,
+    the rotation cancels in the scores, the default scale is 1/sqrt(headdim) and the
+    output dtype q's, GQA and ragged blocks included."""
+    from fp8_stand_in import install_stand_in
+
+    install_stand_in(monkeypatch)
+    q, k, v = _inputs(nheads=6, nheads_k=2, d=40, seqlen_q=150, seqlen_k=131, dtype=torch.float32)
+    for kw in (dict(), dict(causal=True), dict(window_size=(30, 5), softcap=15.0, softmax_scale=0.3)):
+        out = flash_attn_fp8_func(q, k, v, scaling=scaling, incoherent=incoherent, **kw)
+        assert out.dtype == torch.float32 and out.shape == q.shape
+        ref = attention_ref(q, k, v, compute_dtype=torch.float64, **kw)
+        err = out.double() - ref
+        assert err.norm() <= 0.1 * ref.norm() and err.abs().max() <= 0.25 * ref.abs().max(), kw
+    assert flash_attn_fp8_func(q.half(), k.half(), v.half()).dtype == torch.float16
+    assert flash_attn_fp8_func(q, k, v, out_dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
 @pytest.mark.gpu
