@@ -88,7 +88,7 @@ def hadamard_matrix(d: int, seed: int = 0, device: torch.device | str | None = N
         raise FlashtileValueError(f"flashtile: d must be between 1 and 256, got {d}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise FlashtileTypeError(f"flashtile: seed must be an int, got {type(seed).__name__}")
-    signed, colscale = rotation_parts(d, seed)
+    signed, _ = rotation_parts(d, seed)
     r = signed.double() * (1.0 / torch.tensor([math.sqrt(n) for n in hadamard_blocks(d) for _ in range(n)],
                                               dtype=torch.float64))
     return r.to(device=device, dtype=dtype)

@@ -49,7 +49,7 @@ def test_missing_fp8_forward_is_named(driver, tmp_path):
 
 
 def test_outlier_inputs(driver):
-    q, k, v = driver.make_inputs("outliers", 1, 8, 2, 16, "cpu", n_outliers=3)
+    q, _, v = driver.make_inputs("outliers", 1, 8, 2, 16, "cpu", n_outliers=3)
     n, _, _ = driver.make_inputs("normal", 1, 8, 2, 16, "cpu")
     ratio = (q.float().abs().amax((0, 1, 2)) / n.float().abs().amax((0, 1, 2)))
     assert (ratio > 9).sum() == 3 and torch.equal(v, driver.make_inputs("normal", 1, 8, 2, 16, "cpu")[2])

@@ -10,7 +10,7 @@ chunks of ``BLOCK_R`` rows. A chunk is loaded, upcast to fp32 and, with
 rotation's entries without their normalisation (+-1 and 0, exact in every
 dtype), so 16-bit rows are multiplied in their own dtype with no rounding of
 the products, and ``COLSCALE`` (``1 / sqrt(size of the Hadamard block)`` per
-column) is applied to the fp32 result.
+column) is applied to the fp32 result. Both are loaded once per program.
 
 ``PHASE`` (constexpr):
 
@@ -39,11 +39,12 @@ _TINY = tl.constexpr(1.1754943508222875e-38)
 
 
 @triton.jit
-def _rows(X, x_base, r0, n_rows, group, stride_xs, stride_xh, R, COLSCALE,
+def _rows(X, x_base, r0, n_rows, group, stride_xs, stride_xh, rot, cscale,
           HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ROTATE: tl.constexpr,
           DOT_FP32: tl.constexpr):
     """Rows ``r0 .. r0 + BLOCK_R`` of a block (row ``r`` is position ``r // group``,
-    head ``r % group``), rotated, in fp32; their offsets and mask."""
+    head ``r % group``), rotated (``rot``: the +-1 matrix, ``cscale``: its column
+    scales, both loaded once per program), in fp32; and their mask."""
     rows = r0 + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     offs = x_base + (rows // group).to(tl.int64)[:, None] * stride_xs + (rows % group)[:, None] * stride_xh \
@@ -51,16 +52,14 @@ def _rows(X, x_base, r0, n_rows, group, stride_xs, stride_xh, R, COLSCALE,
     ok = (rows < n_rows)[:, None] & (cols < HEAD_DIM)[None, :]
     x = tl.load(X + offs, mask=ok, other=0.0)
     if ROTATE:
-        r_offs = tl.arange(0, BLOCK_D)
-        rot = tl.load(R + r_offs[:, None] * BLOCK_D + r_offs[None, :])
         if DOT_FP32:
             acc = tl.dot(x.to(tl.float32), rot, input_precision="ieee")
         else:
-            acc = tl.dot(x, rot.to(x.dtype))  # +-1 and 0: exact products, fp32 sums
-        y = acc * tl.load(COLSCALE + cols)[None, :]
+            acc = tl.dot(x, rot)  # +-1 and 0 in x's dtype: exact products, fp32 sums
+        y = acc * cscale[None, :]
     else:
         y = x.to(tl.float32)
-    return y, offs, ok
+    return y, ok
 
 
 @triton.jit
@@ -83,33 +82,42 @@ def quantize_kernel(X, Y, R, COLSCALE, AMAX, DESCALE,
     x_base = b.to(tl.int64) * stride_xb + start.to(tl.int64) * stride_xs + (hk * group).to(tl.int64) * stride_xh
     y_base = b.to(tl.int64) * stride_yb + start.to(tl.int64) * stride_ys + (hk * group).to(tl.int64) * stride_yh
     n_blocks = tl.num_programs(0)
+    if ROTATE:
+        r_offs = tl.arange(0, BLOCK_D)
+        rot = tl.load(R + r_offs[:, None] * BLOCK_D + r_offs[None, :])
+        if not DOT_FP32:
+            rot = rot.to(X.dtype.element_ty)
+        cscale = tl.load(COLSCALE + r_offs)
+    else:
+        rot = 0.0
+        cscale = 0.0
 
     if PHASE != 1:
         amax = tl.max(tl.zeros([BLOCK_R], dtype=tl.float32), 0)
         for r0 in range(0, n_rows, BLOCK_R):
-            y, _, _ = _rows(X, x_base, r0, n_rows, group, stride_xs, stride_xh, R, COLSCALE,
-                            HEAD_DIM, BLOCK_R, BLOCK_D, ROTATE, DOT_FP32)
+            y, _ = _rows(X, x_base, r0, n_rows, group, stride_xs, stride_xh, rot, cscale,
+                         HEAD_DIM, BLOCK_R, BLOCK_D, ROTATE, DOT_FP32)
             amax = tl.maximum(amax, tl.max(tl.max(tl.abs(y), 1), 0))
         if PHASE == 0:
             tl.store(AMAX + pid_bh * n_blocks + blk, amax)
         else:
             descale = tl.where(amax > 0, tl.maximum(tl.div_rn(amax, E4M3_MAX), _TINY), 1.0)
             tl.store(DESCALE + pid_bh * n_blocks + blk, descale)
-            _quantize_rows(X, Y, x_base, y_base, n_rows, group, stride_xs, stride_xh, stride_ys, stride_yh, R,
-                           COLSCALE, descale, HEAD_DIM, BLOCK_R, BLOCK_D, ROTATE, DOT_FP32, EXACT)
+            _quantize_rows(X, Y, x_base, y_base, n_rows, group, stride_xs, stride_xh, stride_ys, stride_yh, rot,
+                           cscale, descale, HEAD_DIM, BLOCK_R, BLOCK_D, ROTATE, DOT_FP32, EXACT)
     else:
         descale = tl.load(DESCALE + b * stride_db + hk * stride_dh + blk * stride_dn)
-        _quantize_rows(X, Y, x_base, y_base, n_rows, group, stride_xs, stride_xh, stride_ys, stride_yh, R,
-                       COLSCALE, descale, HEAD_DIM, BLOCK_R, BLOCK_D, ROTATE, DOT_FP32, EXACT)
+        _quantize_rows(X, Y, x_base, y_base, n_rows, group, stride_xs, stride_xh, stride_ys, stride_yh, rot,
+                       cscale, descale, HEAD_DIM, BLOCK_R, BLOCK_D, ROTATE, DOT_FP32, EXACT)
 
 
 @triton.jit
-def _quantize_rows(X, Y, x_base, y_base, n_rows, group, stride_xs, stride_xh, stride_ys, stride_yh, R, COLSCALE,
+def _quantize_rows(X, Y, x_base, y_base, n_rows, group, stride_xs, stride_xh, stride_ys, stride_yh, rot, cscale,
                    descale, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
                    ROTATE: tl.constexpr, DOT_FP32: tl.constexpr, EXACT: tl.constexpr):
     for r0 in range(0, n_rows, BLOCK_R):
-        y, _, ok = _rows(X, x_base, r0, n_rows, group, stride_xs, stride_xh, R, COLSCALE,
-                         HEAD_DIM, BLOCK_R, BLOCK_D, ROTATE, DOT_FP32)
+        y, ok = _rows(X, x_base, r0, n_rows, group, stride_xs, stride_xh, rot, cscale,
+                      HEAD_DIM, BLOCK_R, BLOCK_D, ROTATE, DOT_FP32)
         rows = r0 + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_D)
         y_offs = y_base + (rows // group).to(tl.int64)[:, None] * stride_ys + (rows % group)[:, None] * stride_yh \

@@ -46,7 +46,7 @@ def quantize_triton(x: torch.Tensor, nheads_k: int, rotation: torch.Tensor | Non
     interp = interpreting()
     kw = dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=max(16, min(128, 8192 // block_d)), SCALE_BLOCK=FP8_SCALE_BLOCK,
               ROTATE=rotate, DOT_FP32=x.dtype == torch.float32 or interp, EXACT=interp,
-              num_warps=4 if block_d <= 64 else 8)
+              num_warps=4 if block_d <= 64 else 8, num_stages=2 if block_d >= 256 else 3)
     grid = (blocks, batch * nheads_k)
 
     def launch(amax, descale, strides, phase):
