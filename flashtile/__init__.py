@@ -28,6 +28,10 @@ following one path down:
 * ``ops/``: ``torch.library`` custom ops with autograd; each picks a backend;
 * ``masks/``: ``BlockMask`` and its builders;
 * ``backends/``: the Triton kernels and their launchers, and the tiled PyTorch path;
+* ``fp8/``: the FP8 front end (``flashtile.fp8``, imported on its own):
+  ``quantize_qkv`` (FP8 q, k, v with per-tensor, per-head or per-block
+  scales, optionally after a random Hadamard rotation of q and k),
+  ``hadamard_matrix`` and ``flash_attn_fp8_func``;
 * ``testing/``: the materialised oracle (``flashtile.testing.attention_ref``);
   the library never imports it.
 """

@@ -30,6 +30,15 @@ FP8_MAX = 448.0
 FP8_SCALE_BLOCK = 128
 
 
+def fp8_descale(amax: torch.Tensor) -> torch.Tensor:
+    """The descale of values whose largest magnitude is ``amax`` (fp32): ``amax /
+    FP8_MAX``, at least fp32's smallest normal, and 1 where ``amax`` is 0 (an
+    all-zero block), so it is always finite and positive. The FP8 kernels compute
+    the same in the same order."""
+    tiny = torch.finfo(torch.float32).tiny
+    return torch.where(amax > 0, (amax / FP8_MAX).clamp_min(tiny), torch.ones_like(amax))
+
+
 def empty_output(q: torch.Tensor, head_dim_v: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The attention output's buffer: q's shape with the value head dim ``head_dim_v``, its
     dimensions in q's memory order (``torch.empty_like(q)`` where the head dims agree), in
