@@ -14,6 +14,8 @@ There is no backward pass: gradients through FP8 inputs raise
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..backends.torch_tiled import attention_tiled_forward
@@ -34,6 +36,17 @@ def dequantize(x: torch.Tensor, descale: torch.Tensor) -> torch.Tensor:
         rows = torch.arange(x.shape[1], device=x.device) // FP8_SCALE_BLOCK
         scale = descale[:, :, rows].transpose(1, 2)[..., None]
     return x.float() * scale.float().repeat_interleave(group, dim=2)
+
+
+def sequence_major(v: torch.Tensor) -> torch.Tensor:
+    """``v`` ``(batch, seqlen, nheads_k, d)`` (or ``(total, nheads_k, d)``) with the sequence
+    dimension contiguous (a copy unless it is already): on Hopper the FP8 product P V takes
+    V that way (its reduction dimension innermost), as FlashAttention-3 transposes V too."""
+    seq = v.dim() - 3
+    if v.stride(seq) == 1 and v.shape[seq] > 1:
+        return v
+    order = [i for i in range(v.dim()) if i != seq] + [seq]  # (..., nheads_k, d, seqlen)
+    return v.permute(order).contiguous().permute([order.index(i) for i in range(v.dim())])
 
 
 def _attn_fwd_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_descale: torch.Tensor,
@@ -95,7 +108,12 @@ def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_descale: 
                   out_dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 attention on checked inputs (see the module docstring). Returns (out, lse),
     out in ``out_dtype``. The other arguments are those of ``ops.attention.attention``."""
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    # FLASHTILE_FP8_V=row keeps V as given (experiments: the cost of the other layout)
+    if _use_triton(q) and block_table is None and os.environ.get("FLASHTILE_FP8_V") != "row":
+        v = sequence_major(v)
+    elif v.stride(-1) != 1:
+        v = v.contiguous()
     q_descale, k_descale, v_descale = (d.float().contiguous() for d in (q_descale, k_descale, v_descale))
     return attn_fwd_fp8(q, k, v, q_descale, k_descale, v_descale, cu_seqlens_q, cu_seqlens_k, alibi, max_seqlen_q,
                         max_seqlen_k, softmax_scale, diag, window[0], window[1], softcap, sinks, seqused_k,

@@ -91,7 +91,9 @@ def _softmax_pv(acc, l_i, m_i, qk, v, rows, cols, seqlen_q, seqlen_k, diag, wind
             v = v.to(tl.float16)
         acc = masked_pv(acc, p, v, allowed, DOT_PRECISION)
     elif FP8:
-        acc = tl.dot(to_e4m3(p, EXACT_FP8), v, acc, input_precision=DOT_PRECISION)
+        # 0 <= p <= 1: the plain cast needs no saturation (under the interpreter it needs EXACT)
+        p8 = to_e4m3(p, True) if EXACT_FP8 else p.to(tl.float8e4nv)
+        acc = tl.dot(p8, v, acc, input_precision=DOT_PRECISION)
     else:
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_i
@@ -309,7 +311,7 @@ def attn_fwd_kernel(
     qk_scale, softcap_in, softcap_out, dropout_p, dropout_scale, seed, fixed_max,
     FullList, PartList, Patterns, sparse_sb, sparse_sh, full_row, part_row, tail_bh,
     SeqUsedK, BlockTable, stride_tb, max_pages,
-    QDescale, KDescale, VDescale, stride_qdb, stride_qdh, stride_kdb, stride_kdh, stride_vdb,
+    QDescale, KDescale, VDescale, stride_qdb, stride_qdh, stride_kdb, stride_kdh, stride_vdb, stride_vd,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -367,6 +369,8 @@ def attn_fwd_kernel(
     then, with Q_SCALE_BLOCKS, one per SCALE_BLOCK query rows of the sequence;
     KDescale likewise (K_SCALE_BLOCKS: one per SCALE_BLOCK keys); VDescale at ``b *
     stride_vdb + h // group_size``, applied to the output. Out has its own dtype.
+    V's head dim has stride ``stride_vd`` (1 but with FP8, where V comes sequence-major:
+    Hopper's FP8 tensor-core product wants the P V product's second operand so).
     EXACT_FP8: round P to e4m3 in integer arithmetic first (see kernels/fp8.py).
     """
     tl.static_assert(not (HAS_SINKS and FIXED_MAX), "sinks need the running row max")
@@ -421,7 +425,7 @@ def attn_fwd_kernel(
                                               block_shape=[BLOCK_N, BLOCK_DV])
         else:
             k_src = k_base + offs_n[:, None] * stride_ks + offs_d[None, :]
-            v_src = v_base + offs_n[:, None] * stride_vs + offs_dv[None, :]
+            v_src = v_base + offs_n[:, None] * stride_vs + offs_dv[None, :] * stride_vd
     # host descriptors span the whole tensor: varlen batches are one sequence of all tokens
     desc_b = 0 if IS_VARLEN else b
     bias_base = Bias + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh

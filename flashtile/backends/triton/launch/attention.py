@@ -256,9 +256,11 @@ def _forward_steps(q, k, v, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
         q_descale, k_descale = call[13], call[14]
         const |= dict(FP8=True, Q_SCALE_BLOCKS=q_descale.dim() == 3, K_SCALE_BLOCKS=k_descale.dim() == 3,
                       SCALE_BLOCK=FP8_SCALE_BLOCK, EXACT_FP8=interpreting())
-        descale_strides = (*q_descale.stride()[:2], *k_descale.stride()[:2], call[15].stride(0))
+        descale_strides = (*q_descale.stride()[:2], *k_descale.stride()[:2], call[15].stride(0), v.stride(-1))
+        if v.stride(-1) != 1:
+            const["KV_DESC"] = 0  # sequence-major V (see ops/fp8.py): pointer loads
     else:
-        descale_strides = (0, 0, 0, 0, 0)
+        descale_strides = (0, 0, 0, 0, 0, 1)
     block_d, block_dv = const["BLOCK_D"], const["BLOCK_DV"]
     # launch-table names: "_tma" with descriptors, "_causal" for a causal mask alone, "_window"
     # with a left window bound, "_short" when the rows see fewer than SHORT_KEYS keys
