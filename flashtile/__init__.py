@@ -37,6 +37,7 @@ following one path down:
 """
 
 from .backends.triton.launch.autotune import set_autotune
+from .backends.triton.launch.invariant import batch_invariant, set_batch_invariant
 from .errors import FlashtileTypeError, FlashtileValueError
 from .interface.block_sparse import block_sparse_attention, block_sparse_attn_func
 from .interface.cosine_sim import flash_cosine_sim_attention, l2norm_tensors
@@ -79,6 +80,7 @@ __all__ = [
     "FlashtileValueError",
     "KVCache",
     "and_masks",
+    "batch_invariant",
     "apply_rotary_emb",
     "bigbird_block_mask",
     "block_sparse_attention",
@@ -102,6 +104,7 @@ __all__ = [
     "pad_input",
     "scaled_dot_product_attention",
     "set_autotune",
+    "set_batch_invariant",
     "strided_block_mask",
     "unpad_input",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..backends.triton.launch.index_stats import index_stats
+from ..backends.triton.launch.invariant import SPLIT_KEYS, batch_invariant
 from ..errors import FlashtileTypeError, FlashtileValueError
 from ..ops.decode import attn_decode, cache_rows
 from ..ops.rotary import rotary as rotary_op
@@ -311,6 +312,9 @@ def flash_attn_with_kvcache(
     leftpad = None if cache_leftpad is None else _int32_vector("cache_leftpad", cache_leftpad, batch, q.device)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise FlashtileValueError(f"flashtile: num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
+    if num_splits > 0 and batch_invariant():
+        raise FlashtileValueError(f"flashtile: num_splits must be 0 in batch-invariant mode (each split takes "
+                                  f"{SPLIT_KEYS} keys of a sequence), got {num_splits}")
     window = _window(window_size, bool(causal))
     check_softcap(softcap)
     check_alibi(alibi_slopes, batch, nheads, q.device)

@@ -31,6 +31,7 @@ import torch
 from ..backends.torch_tiled import attention_tiled_backward, attention_tiled_forward
 from ..backends.triton.launch import attention as launch
 from ..backends.triton.launch.device import interpreting
+from ..backends.triton.launch.invariant import batch_invariant
 from ..options import AttnOptions, empty_output
 from .decode import cache_rows
 
@@ -44,8 +45,10 @@ def _pytorch_cpu_serves(q: torch.Tensor, v: torch.Tensor, opts: AttnOptions, var
     flashtile defines it: dense, no mask, bias, ALiBi, softcap, dropout, window or
     fixed offset; causal only where its top-left alignment is flashtile's diagonal
     (then every row sees key 0, so no row is empty). It is faster than the tiled
-    path on the CPU; the tiled path keeps everything else."""
-    return (not varlen and opts.bias is None and opts.alibi is None and opts.softcap == 0 and opts.dropout_p == 0
+    path on the CPU; the tiled path keeps everything else, and every call in
+    batch-invariant mode (its sums then run in the same order for dense and packed
+    batches)."""
+    return (not varlen and not batch_invariant() and opts.bias is None and opts.alibi is None and opts.softcap == 0 and opts.dropout_p == 0
             and opts.fixed_max is None and opts.block_mask is None and opts.sinks is None and opts.window_left < 0
             and (opts.window_right < 0 or (opts.window_right == 0 and opts.diag_offset == 0))
             and q.dtype in (torch.float32, torch.bfloat16, torch.float16) and v.shape[-1] == q.shape[-1])

@@ -42,7 +42,7 @@ def attn_decode_kernel(
     stride_lb, stride_lh, stride_lsplit,
     stride_tb, stride_ab, stride_kdb, stride_kdh, stride_vdb, stride_vdh, stride_mb, stride_ms, stride_mh, stride_mlb, stride_mlh,
     nheads_k, seqlen_q, seqlen_new, group_size, max_pages, window_left, window_right,
-    qk_scale, softcap_in, softcap_out,
+    qk_scale, softcap_in, softcap_out, split_tiles,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -108,7 +108,8 @@ def attn_decode_kernel(
         hi = tl.minimum(hi, tok_hi + diag + window_right + 1)
     lo = tl.maximum(lo, 0) // BLOCK_N * BLOCK_N
     n_tiles = tl.maximum(tl.cdiv(hi - lo, BLOCK_N), 0)
-    tiles_per_split = tl.cdiv(n_tiles, num_splits)
+    # an even share of the tiles, or (split_tiles > 0, batch-invariant mode) a fixed number
+    tiles_per_split = tl.where(split_tiles > 0, split_tiles, tl.cdiv(n_tiles, num_splits))
     start = lo + split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, hi)
 

@@ -14,6 +14,7 @@ import triton
 
 from . import autotune
 from .device import capability_of
+from .invariant import batch_invariant
 from .table import LaunchConfig, launch_configs, sparse_constexprs
 
 
@@ -49,18 +50,22 @@ def launch_kernel(name: str, kernel, grid_fn, args, constexprs: dict, tensor: to
     that depend on the tile sizes, such as host-built tensor descriptors).
     Block-sparse launches (SPARSE) cap the tiles at the mask's block size, of
     which they are then divisors (all are powers of two), and take no two-halves configs.
-    Returns the ``KernelLaunch`` it ran; ``build_only``: the step it would run now, not run."""
+    Returns the ``KernelLaunch`` it ran; ``build_only``: the step it would run now, not run.
+    In batch-invariant mode (``.invariant``) forward launches keep one key tile."""
     capability = capability_of(tensor.device)
-    tuning = capability is not None and autotune.enabled()
+    invariant = name.startswith("fwd") and batch_invariant()
+    tuning = capability is not None and autotune.enabled() and not invariant
     # each call site builds ``constexprs`` in a fixed order: no need to sort it
     key = (name, block_d, tensor.dtype, capability, tuple(constexprs.items()),
-           tuple(map(autotune.size_bucket, seqlens)) if tuning else None)
+           tuple(map(autotune.size_bucket, seqlens)) if tuning else None, invariant)
     if name in forced_configs:
         candidates = [forced_configs[name]]
     elif key in _chosen:
         candidates = [_chosen[key]]
     else:
         candidates = launch_configs(name, block_d, tensor.element_size(), capability)
+        if invariant:
+            candidates = invariant_configs(candidates, block_d, tensor.element_size(), capability)
     if constexprs.get("SPARSE"):
         # the tiles' own entries (two halves were measured on dense attention only)
         candidates = list(dict.fromkeys(
@@ -98,6 +103,17 @@ def launch_kernel(name: str, kernel, grid_fn, args, constexprs: dict, tensor: to
         _last[name] = cfg
         return launched
     raise RuntimeError(f"flashtile: no launch configuration of kernel '{name}' fits this GPU") from error
+
+
+def invariant_configs(candidates: list[LaunchConfig], block_d: int, elem_size: int,
+                      capability: tuple[int, int] | None) -> list[LaunchConfig]:
+    """``candidates`` of a forward launch in batch-invariant mode: those with the key tile
+    of the plain forward entry (``"fwd"``) for this head dim, dtype and GPU, then the
+    others with their key tile replaced by it (a row's result depends on the key tile
+    only, not on the query tile, the warps, the stages or the loads)."""
+    block_n = launch_configs("fwd", block_d, elem_size, capability)[0].block_n
+    same = [c for c in candidates if c.block_n == block_n]
+    return list(dict.fromkeys(same + [c._replace(block_n=block_n) for c in candidates]))
 
 
 def _autotune_key(name, kernel, block_d, tensor, capability, constexprs, buckets) -> str:

@@ -19,6 +19,7 @@ from .choose import KernelLaunch
 from .device import LOG2E, block_d_of, capability_of, cdiv, dot_precision, interpreting, next_power_of_2, sm_count
 from .plans import layout_key, plan_setups, register_cache, run_planned
 from ....options import empty_output
+from .invariant import SPLIT_KEYS, batch_invariant
 from .table import decode_config
 
 MAX_SPLITS = 128
@@ -124,7 +125,8 @@ _fitting_stages: dict[tuple, int] = register_cache({})
 
 
 def _decode_setup(q, k_cache, v_cache, block_table, num_splits):
-    """(launch config, number of splits, page lookup per row, merge layout or None) of one call."""
+    """(launch config, number of splits, page lookup per row, merge layout or None, key tiles
+    of each split or 0: as many as an even share gives) of one call."""
     batch, seqlen_q, nheads, head_dim = q.shape
     nheads_k = k_cache.shape[2]
     paged = block_table is not None
@@ -134,6 +136,15 @@ def _decode_setup(q, k_cache, v_cache, block_table, num_splits):
                         capability_of(q.device),
                         k_cache.shape[1] if paged else 0, kv_elem_size=k_cache.element_size())
     m_blocks = cdiv(seqlen_q * (nheads // nheads_k), cfg.block_m)
+    if batch_invariant():
+        # parts of SPLIT_KEYS keys, as many as the cache holds: nothing depends on the batch
+        # (the interface refuses a num_splits here)
+        num_splits = cdiv(capacity, SPLIT_KEYS)
+        if num_splits > MAX_SPLITS:
+            raise NotImplementedError(f"flashtile: batch-invariant decoding of caches of more than "
+                                      f"{MAX_SPLITS * SPLIT_KEYS} keys")
+        return cfg, num_splits, False, merge_layout(num_splits, block_dv, cfg.block_m,
+                                                    seqlen_q * (nheads // nheads_k)), SPLIT_KEYS // cfg.block_n
     if num_splits <= 0:
         num_splits = num_splits_heuristic(batch * nheads_k * m_blocks, capacity, q.device)
     num_splits = max(1, min(num_splits, MAX_SPLITS, cdiv(capacity, cfg.block_n)))
@@ -145,11 +156,11 @@ def _decode_setup(q, k_cache, v_cache, block_table, num_splits):
         cfg = cfg._replace(block_n=min(cfg.block_n, 64), num_stages=min(cfg.num_stages, 3))
         row_lookup = True
     return cfg, num_splits, row_lookup, merge_layout(num_splits, block_dv, cfg.block_m,
-                                                     seqlen_q * (nheads // nheads_k))
+                                                     seqlen_q * (nheads // nheads_k)), 0
 
 
 def _decode_steps(call, cfg, num_splits, row_lookup, merge, seqlen_new, softmax_scale, window_left, window_right,
-                  softcap, build_only):
+                  softcap, build_only, split_tiles=0):
     """The split kernel's launch and, with several splits not merged by it (``merge``:
     its merge layout, or None), the combine kernel's, run (or with ``build_only`` only built)
     for ``call``: (steps, builders), as launch plans take them."""
@@ -171,7 +182,8 @@ def _decode_steps(call, cfg, num_splits, row_lookup, merge, seqlen_new, softmax_
                *((0, 0) if k_descale is None else k_descale.stride()), *((0, 0) if v_descale is None else v_descale.stride()),
                *out.stride()[:3], *lse.stride()[:2],
                nheads_k, seqlen_q, seqlen_new, nheads // nheads_k, block_table.shape[1] if paged else 0,
-               window_left, window_right, softmax_scale * LOG2E, softmax_scale / softcap_div, softcap_div * LOG2E)
+               window_left, window_right, softmax_scale * LOG2E, softmax_scale / softcap_div, softcap_div * LOG2E,
+               split_tiles)
     constexprs = dict(
         HEAD_DIM=head_dim, BLOCK_D=block_d, HEAD_DIM_V=head_dim_v, BLOCK_DV=block_dv, PAGE_SIZE=k_cache.shape[1] if paged else 0,
         HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFTPAD=leftpad is not None, MASK_LEFT=window_left >= 0,
@@ -238,7 +250,7 @@ def decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_tab
     if setup is None:
         setup = _decode_setup(q, k_cache, v_cache, block_table, num_splits)
     plan_setups[key] = setup  # a replayed call skips the heuristics too
-    cfg, splits, row_lookup, merge = setup
+    cfg, splits, row_lookup, merge, split_tiles = setup
     counters = None
     if merge is not None:
         batch, seqlen_q, nheads, _ = q.shape
@@ -257,6 +269,7 @@ def decode_triton(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_tab
     call = (q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, leftpad, alibi, out, lse, part_out,
             part_lse, counters, sinks, k_descale, v_descale)
     run_planned(key, call, lambda build_only: _decode_steps(call, cfg, splits, row_lookup, merge, seqlen_new,
-                                                      softmax_scale, window_left, window_right, softcap, build_only))
+                                                      softmax_scale, window_left, window_right, softcap, build_only,
+                                                      split_tiles))
     return out, lse
 

@@ -15,6 +15,7 @@ from . import autotune
 from . import choose
 from .choose import KernelLaunch
 from .device import scratch_allocator
+from .invariant import batch_invariant
 
 
 # The FLASHTILE_* switches of the environment (experiments: FLASHTILE_FWD_TMA, _FWD_WS,
@@ -61,7 +62,8 @@ def layout_key(kind: str, tensors: tuple, extra: tuple) -> tuple:
     # Triton launches on the current device; fp32 dot products follow PyTorch's TF32 setting
     device = torch.cuda.current_device() if first.is_cuda else None
     tf32 = torch.backends.cuda.matmul.allow_tf32 if first.dtype == torch.float32 else None
-    return (kind, autotune._enabled, device, tf32, first.device, *map(_tensor_key, tensors), *extra)
+    return (kind, autotune._enabled, batch_invariant(), device, tf32, first.device, *map(_tensor_key, tensors),
+            *extra)
 
 
 def plan_key(kind: str, tensors: tuple, opts: AttnOptions, extra: tuple) -> tuple | None:
