@@ -22,8 +22,6 @@ import argparse
 import json
 import math
 import os
-import pathlib
-import sysconfig
 import time
 
 import torch
@@ -32,22 +30,8 @@ from torch import nn
 
 from flashtile import flash_cosine_sim_attention
 
-
-def load_corpus(limit_bytes: int) -> torch.Tensor:
-    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    chunks, size = [], 0
-    for path in sorted(root.rglob("*.py")):
-        if "site-packages" in path.parts:
-            continue
-        try:
-            data = path.read_bytes()
-        except OSError:
-            continue
-        chunks.append(data)
-        size += len(data)
-        if size >= limit_bytes:
-            break
-    return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
+# the same corpus as the GPT example beside this file
+from train_gpt import load_corpus
 
 
 class Attention(nn.Module):
