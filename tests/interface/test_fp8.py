@@ -188,3 +188,15 @@ def test_gpu(blocks, causal, head_dim):
     q8, k8, v8, qd, kd, vd = (t.cuda() for t in (q8, k8, v8, qd, kd, vd))
     out = flash_attn_func(q8, k8, v8, causal=causal, q_descale=qd, k_descale=kd, v_descale=vd)
     _check(out.cpu(), *(t.cpu() for t in (q8, k8, v8, qd, kd, vd)), causal=causal)
+
+
+@pytest.mark.parametrize("blocks", [False, True], ids=["per_head", "per_block"])
+def test_tensor_descriptors(monkeypatch, blocks):
+    """K and the sequence-major V through tensor descriptors (the Hopper default from 1k
+    keys a row): 160 keys, so the descriptors cover whole 16-byte rows of V's transpose."""
+    from helpers import set_switch
+
+    set_switch(monkeypatch, "FLASHTILE_FWD_TMA", "1")
+    q8, k8, v8, qd, kd, vd = _inputs(2, 70, 160, 4, 2, 32, blocks, seed=4)
+    out = flash_attn_func(q8, k8, v8, causal=True, q_descale=qd, k_descale=kd, v_descale=vd)
+    _check(out, q8, k8, v8, qd, kd, vd, causal=True)

@@ -116,7 +116,7 @@ def _fwd_tiles(acc, l_i, m_i, q, acc_b, l_b, m_b, q_b, k_src, v_src, stride_ks, 
                table=0, max_pages=0, stride_kp=0, stride_vp=0, PAGE_SIZE: tl.constexpr = 0,
                q_scale=1.0, q_scale_b=1.0, k_scales=0, FP8: tl.constexpr = False,
                K_SCALE_BLOCKS: tl.constexpr = False, SCALE_BLOCK: tl.constexpr = 128,
-               EXACT_FP8: tl.constexpr = False):
+               EXACT_FP8: tl.constexpr = False, V_SEQ_MAJOR: tl.constexpr = False):
     """Accumulate key tiles [start, end) into (acc, l_i, m_i) of the query rows
     ``offs_m`` and, with TWO_HALVES, into (acc_b, l_b, m_b) of the rows ``offs_m_b``
     (``q_b``); otherwise the ``_b`` arguments are unused and returned as given.
@@ -179,7 +179,10 @@ def _fwd_tiles(acc, l_i, m_i, q, acc_b, l_b, m_b, q_b, k_src, v_src, stride_ks, 
             v = tl.load(v_src + v_rows[:, None] + offs_dv[None, :], mask=v_ok, other=0.0)
         elif KV_DESC == 1:
             k = k_src.load([start_n, 0])
-            v = v_src.load([start_n, 0])
+            if V_SEQ_MAJOR:
+                v = tl.trans(v_src.load([0, start_n]))
+            else:
+                v = v_src.load([start_n, 0])
         elif KV_DESC == 2:
             k = k_src.load([desc_b, desc_row + start_n, desc_h, 0]).reshape([BLOCK_N, BLOCK_D])
             v = v_src.load([desc_b, desc_row + start_n, desc_h, 0]).reshape([BLOCK_N, BLOCK_DV])
@@ -322,7 +325,7 @@ def attn_fwd_kernel(
     SPARSE_STAGES: tl.constexpr = 0, TWO_HALVES: tl.constexpr = False, HAS_SINKS: tl.constexpr = False,
     HAS_SEQUSED: tl.constexpr = False, PAGE_SIZE: tl.constexpr = 0,
     FP8: tl.constexpr = False, Q_SCALE_BLOCKS: tl.constexpr = False, K_SCALE_BLOCKS: tl.constexpr = False,
-    SCALE_BLOCK: tl.constexpr = 128, EXACT_FP8: tl.constexpr = False,
+    SCALE_BLOCK: tl.constexpr = 128, EXACT_FP8: tl.constexpr = False, V_SEQ_MAJOR: tl.constexpr = False,
 ):
     """Grid: (cdiv(max_seqlen_q, BLOCK_M) * batch * nheads,), the last ``tail_bh``
     (batch, head) pairs issued longest first (see ``program_tile``).
@@ -370,7 +373,9 @@ def attn_fwd_kernel(
     KDescale likewise (K_SCALE_BLOCKS: one per SCALE_BLOCK keys); VDescale at ``b *
     stride_vdb + h // group_size``, applied to the output. Out has its own dtype.
     V's head dim has stride ``stride_vd`` (1 but with FP8, where V comes sequence-major:
-    Hopper's FP8 tensor-core product wants the P V product's second operand so).
+    Hopper's FP8 tensor-core product wants the P V product's second operand so);
+    V_SEQ_MAJOR says so to the tensor descriptors (KV_DESC = 1), which then read
+    [BLOCK_DV, BLOCK_N] tiles of V's transpose.
     EXACT_FP8: round P to e4m3 in integer arithmetic first (see kernels/fp8.py).
     """
     tl.static_assert(not (HAS_SINKS and FIXED_MAX), "sinks need the running row max")
@@ -421,8 +426,12 @@ def attn_fwd_kernel(
             # bulk tensor copies of [BLOCK_N, BLOCK_D] tiles; bounds give zero fill
             k_src = tl.make_tensor_descriptor(k_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_ks, 1],
                                               block_shape=[BLOCK_N, BLOCK_D])
-            v_src = tl.make_tensor_descriptor(v_base, shape=[seqlen_k, HEAD_DIM_V], strides=[stride_vs, 1],
-                                              block_shape=[BLOCK_N, BLOCK_DV])
+            if V_SEQ_MAJOR:
+                v_src = tl.make_tensor_descriptor(v_base, shape=[HEAD_DIM_V, seqlen_k], strides=[stride_vd, 1],
+                                                  block_shape=[BLOCK_DV, BLOCK_N])
+            else:
+                v_src = tl.make_tensor_descriptor(v_base, shape=[seqlen_k, HEAD_DIM_V], strides=[stride_vs, 1],
+                                                  block_shape=[BLOCK_N, BLOCK_DV])
         else:
             k_src = k_base + offs_n[:, None] * stride_ks + offs_d[None, :]
             v_src = v_base + offs_n[:, None] * stride_vs + offs_dv[None, :] * stride_vd
@@ -471,7 +480,7 @@ def attn_fwd_kernel(
                                        tile_list + 1, Patterns, q_blk * SPARSE_BM, SPARSE, SPARSE_BM, SPARSE_BN,
                                        SPARSE_STAGES, TWO_HALVES, q_scale=q_scale, q_scale_b=q_scale_b,
                                        k_scales=k_scales, FP8=FP8, K_SCALE_BLOCKS=K_SCALE_BLOCKS,
-                                       SCALE_BLOCK=SCALE_BLOCK, EXACT_FP8=EXACT_FP8)
+                                       SCALE_BLOCK=SCALE_BLOCK, EXACT_FP8=EXACT_FP8, V_SEQ_MAJOR=V_SEQ_MAJOR)
     else:
         lo, full_lo, full_hi, hi = key_ranges(start_m, seqlen_k, diag, window_left, window_right,
                                               BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT)
@@ -497,7 +506,7 @@ def attn_fwd_kernel(
                                            stride_kp=stride_kb, stride_vp=stride_vb, PAGE_SIZE=PAGE_SIZE,
                                            q_scale=q_scale, q_scale_b=q_scale_b, k_scales=k_scales, FP8=FP8,
                                            K_SCALE_BLOCKS=K_SCALE_BLOCKS, SCALE_BLOCK=SCALE_BLOCK,
-                                           EXACT_FP8=EXACT_FP8)
+                                           EXACT_FP8=EXACT_FP8, V_SEQ_MAJOR=V_SEQ_MAJOR)
 
     if FP8:
         acc = acc * v_scale

@@ -258,7 +258,14 @@ def _forward_steps(q, k, v, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
                       SCALE_BLOCK=FP8_SCALE_BLOCK, EXACT_FP8=interpreting())
         descale_strides = (*q_descale.stride()[:2], *k_descale.stride()[:2], call[15].stride(0), v.stride(-1))
         if v.stride(-1) != 1:
-            const["KV_DESC"] = 0  # sequence-major V (see ops/fp8.py): pointer loads
+            # sequence-major V (see ops/fp8.py): descriptors over its transpose where K takes them and
+            # every (batch, kv head) of V starts 16-byte aligned (not packed batches), else pointer loads
+            const["V_SEQ_MAJOR"] = True
+            v_aligned = (not varlen and v.data_ptr() % 16 == 0
+                         and all(st % 16 == 0 for i, st in enumerate(v.stride()) if i != 1))
+            kv_desc = _descriptor_mode("FLASHTILE_FWD_TMA", DEFAULT_FWD_TMA, keys_per_row, FWD_TMA_MIN_KEYS,
+                                       k.shape[-3], k)
+            const["KV_DESC"] = min(kv_desc, 1) if v_aligned and not paged else 0
     else:
         descale_strides = (0, 0, 0, 0, 0, 1)
     block_d, block_dv = const["BLOCK_D"], const["BLOCK_DV"]
