@@ -78,7 +78,10 @@ def main():
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--causal", type=int, default=0)
     ap.add_argument("--window", default="-1,-1", help="left,right")
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "fp8"],
+                    help="fp8: e4m3 q, k, v with per-head descales (--fp8-v: V's layout), forward only")
+    ap.add_argument("--fp8-v", default="seq", choices=["seq", "row"],
+                    help="FP8 V sequence-major (as the launcher passes it) or as given")
     ap.add_argument("--pass", dest="passes", default="fwd",
                     help="fwd, bwd, decode (one token of 32 query heads / 8 kv heads against a cache of "
                          "--seqlen keys in 16 splits; --page-size for a paged one), sparse (block-sparse "
@@ -110,16 +113,24 @@ def main():
 
 def compile_passes(args, launch_attention, decode, AttnOptions) -> None:
     """Run the launchers of the passes ``args.passes`` (compiling, not launching)."""
-    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[args.dtype]
+    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32, fp8=torch.float8_e4m3fn)[args.dtype]
     shape = (args.batch, args.seqlen, args.heads, args.head_dim)
-    q, k, v = (torch.randn(shape, dtype=dtype) for _ in range(3))
+    q, k, v = (torch.randn(shape).to(dtype) for _ in range(3))
+    fp8 = None
+    if dtype == torch.float8_e4m3fn:
+        from flashtile.ops.fp8 import sequence_major
+
+        descale = torch.ones(args.batch, args.heads)
+        fp8 = (descale, descale, descale, torch.bfloat16)
+        if args.fp8_v == "seq":
+            v = sequence_major(v)
     left, right = map(int, args.window.split(","))
     if args.causal:
         right = 0
     opts = AttnOptions(softmax_scale=args.head_dim ** -0.5, window_left=left, window_right=right)
     passes = args.passes.split(",")
     if "fwd" in passes:
-        out, lse = launch_attention.attention_forward(q, k, v, opts)
+        out, lse = launch_attention.attention_forward(q, k, v, opts, fp8=fp8)
     if "bwd" in passes:
         out, lse = torch.randn_like(q), torch.randn(args.batch, args.heads, args.seqlen)
         launch_attention.attention_backward(torch.randn_like(q), q, k, v, out, lse, opts)
@@ -154,8 +165,10 @@ def report(args) -> None:
     """Registers, spills and shared memory of every compiled launch; PTX and TTGIR with --dump."""
     for i, (name, switches, kernel) in enumerate(compiled):
         on = {k: v for k, v in switches.items() if v not in (False, 0, None) and not k.startswith("num_")}
+        ptx = kernel.asm["ptx"]
+        mmas = sorted(set(re.findall(r"(wgmma\.mma_async\S*|mma\.sync\S*)", ptx)))
         print(f"{name}: shared {kernel.metadata.shared} B, {_resource_usage(kernel)}, "
-              f"warps {switches.get('num_warps')}, stages {switches.get('num_stages')}; {on}")
+              f"warps {switches.get('num_warps')}, stages {switches.get('num_stages')}; {on}; matmuls {mmas}")
         if args.dump:
             folder = Path(args.dump)
             folder.mkdir(parents=True, exist_ok=True)
