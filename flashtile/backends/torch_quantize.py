@@ -38,7 +38,7 @@ def reduce_amax(amax: torch.Tensor, scaling: str) -> torch.Tensor:
     if scaling == "block":
         return amax
     batch, nheads_k, blocks = amax.shape
-    if blocks == 0:
+    if amax.numel() == 0:  # no rows (or no sequences): the descales of an all-zero block
         return amax.new_zeros(batch, nheads_k)
     if scaling == "head":
         return amax.amax(-1)

@@ -142,6 +142,32 @@ def _check_kvcache(case, draw_lengths, paged_page, num_splits, seqlen_new, devic
         assert err <= 2 * base + rounding_floor(ref, dtype), f"sequence {i}: error {err:.3e} vs pytorch {base:.3e}"
 
 
+def _check_fp8(case, scaling, incoherent, device="cpu"):
+    """FP8 forward of quantised inputs against fp64 attention of the dequantised ones: within
+    the e4m3 rounding of P (2**-4 of the largest |v|) and the output dtype's rounding."""
+    from flashtile.fp8 import quantize_qkv
+    from flashtile.ops.fp8 import dequantize
+
+    q, k, v = _inputs(case, device)
+    h = q.shape[2]
+    kw = dict(causal=case["causal"], window_size=case["window"], softcap=case["softcap"])
+    if case["alibi"]:
+        kw["alibi_slopes"] = torch.rand(h, device=device) * 0.3
+    sinks = _sinks(case, device)
+    q8, k8, v8, qd, kd, vd = quantize_qkv(q, k, v, scaling=scaling, incoherent=incoherent)
+    out = flashtile.flash_attn_func(q8, k8, v8, sinks=sinks, q_descale=qd, k_descale=kd, v_descale=vd,
+                                    out_dtype=case["dtype"], **kw)
+    assert out.dtype == case["dtype"] and out.shape == (*q.shape[:3], v.shape[-1])
+    if out.numel() == 0:
+        return
+    qf, kf, vf = (dequantize(t, d).double() for t, d in ((q8, qd), (k8, kd), (v8, vd)))
+    ref = attention_ref(qf, kf, vf, sinks=sinks, softmax_scale=case["head_dim"] ** -0.5, **kw)
+    vmax = vf.abs().amax().item() if vf.numel() else 0.0
+    bound = 2.0**-4 * vmax + 2 * torch.finfo(case["dtype"]).eps * ref.abs().amax().item() + 1e-6
+    assert out.isfinite().all()
+    assert max_err(out, ref) <= 1.25 * bound, f"error {max_err(out, ref):.3e} above the e4m3 bound {bound:.3e}"
+
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -176,11 +202,27 @@ def test_fuzz_kvcache(case, lengths, page, num_splits, seqlen_new, interpret, mo
     _check_kvcache(case, lengths, page, num_splits, seqlen_new)
 
 
+@fuzz(15)
+@given(case=cases(70, [1, 16, 40, 64], DTYPES), scaling=st.sampled_from(["tensor", "head", "block"]),
+       incoherent=st.booleans(), interpret=st.booleans())
+def test_fuzz_fp8(case, scaling, incoherent, interpret, monkeypatch_env):
+    monkeypatch_env("1" if interpret else "0")  # the FP8 kernel under the interpreter, or the tiled path
+    _check_fp8(case, scaling, incoherent)
+
+
 @pytest.mark.gpu
 @fuzz(200)
 @given(case=cases(2000, list(range(1, 257)), [torch.float16, torch.bfloat16]))
 def test_fuzz_gpu(case):
     _check_dense(case, "cuda")
+
+
+@pytest.mark.gpu
+@fuzz(100)
+@given(case=cases(3000, list(range(1, 257)), [torch.float16, torch.bfloat16]),
+       scaling=st.sampled_from(["tensor", "head", "block"]), incoherent=st.booleans())
+def test_fuzz_fp8_gpu(case, scaling, incoherent):
+    _check_fp8(case, scaling, incoherent, "cuda")
 
 
 @pytest.mark.gpu
