@@ -32,7 +32,7 @@ def compile_gluon(kernels=("simple", "ws", "pingpong"), head_dims=(128,), causal
     from flashtile.backends.triton.launch import device
     from flashtile.backends.triton.launch.gluon import gluon_forward
 
-    torch_dtype = dict(bf16=torch.bfloat16, fp16=torch.float16)[dtype]
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     saved = (driver._active, JITFunction.run, device.ASSUMED_CAPABILITY)
     driver.set_active(sm90_compile._HostOnlyDriver())
     JITFunction.run = sm90_compile._compile_only
@@ -54,10 +54,12 @@ def compile_gluon(kernels=("simple", "ws", "pingpong"), head_dims=(128,), causal
 def describe(name: str, switches: dict, kernel) -> str:
     ptx = kernel.asm["ptx"]
     mmas = sorted(set(re.findall(r"wgmma\.mma_async\S*", ptx)))
-    regs = sorted(set(re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32 (\d+)", ptx)))
+    regs = sorted({int(r) for r in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx)})
+    threads = re.search(r"\.reqntid (\d+)", ptx)
     on = {k: v for k, v in switches.items() if k in ("HEAD_D", "CAUSAL", "PINGPONG", "STAGES", "BLOCK_M", "BLOCK_N")}
     return (f"{name}: shared {kernel.metadata.shared} B, {sm90_compile._resource_usage(kernel)}, "
-            f"warps {switches.get('num_warps')}, setmaxnreg {regs}; {on}; matmuls {mmas}")
+            f"warps {switches.get('num_warps')} ({threads.group(1) if threads else '?'} threads), setmaxnreg {regs}; "
+            f"{on}; matmuls {mmas}")
 
 
 def main():

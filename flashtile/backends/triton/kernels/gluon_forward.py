@@ -202,3 +202,110 @@ def _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, it, pred, BLOCK_N: 
     tma.async_copy_global_to_shared(k_desc, [it * BLOCK_N, 0], k_bars.index(st), k_smem.index(st), pred=pred)
     mbarrier.expect(v_bars.index(st), v_desc.block_type.nbytes, pred=pred)
     tma.async_copy_global_to_shared(v_desc, [it * BLOCK_N, 0], v_bars.index(st), v_smem.index(st), pred=pred)
+
+
+@gluon.jit
+def _ws_producer(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, empty_bars, n_blocks, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr):
+    """Producer partition: K/V tile ``it`` into stage ``it % STAGES`` once both
+    consumers have released that stage's previous tile."""
+    for it in range(n_blocks):
+        st = it % STAGES
+        # a fresh barrier counts as having completed the phase before phase 0
+        mbarrier.wait(empty_bars.index(st), ((it // STAGES) & 1) ^ 1)
+        _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, it, True, BLOCK_N, STAGES)
+
+
+@gluon.jit
+def _ws_consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, lse_rows,
+                 start_m, n_blocks, seqlen_q, seqlen_k, diag, qk_scale, WG: gl.constexpr, ROWS: gl.constexpr,
+                 BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                 PINGPONG: gl.constexpr):
+    """Consumer warpgroup ``WG`` (0: the default partition, 1: a worker): query rows
+    [start_m + WG * ROWS, + ROWS) against every K/V tile of the program's block."""
+    dtype: gl.constexpr = q_desc.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row0 = start_m + WG * ROWS
+    q_buf = q_smem.index(WG)
+    q_bar = q_bars.index(WG)
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [row0, 0], q_bar, q_buf)
+    _, n_full = _key_blocks(row0, seqlen_k, diag, ROWS, BLOCK_N, CAUSAL)
+
+    m_i = gl.full([ROWS], -float("inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.full([ROWS], 0.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([ROWS, HEAD_D], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    mbarrier.wait(q_bar, 0)
+
+    for it in range(n_blocks):
+        st = it % STAGES
+        phase = (it // STAGES) & 1
+        mbarrier.wait(k_bars.index(st), phase)
+        if PINGPONG:
+            # take turns issuing QK^T: warpgroup 0 goes first, then each waits for the other's issue
+            mbarrier.wait(turn_bars.index(WG), (it & 1) ^ (1 - WG))
+        s = warpgroup_mma(q_buf, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(turn_bars.index(1 - WG), count=1)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        if it >= n_full:
+            p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, it * BLOCK_N, row0, seqlen_k, diag, qk_scale, True,
+                                                 CAUSAL, ROWS, BLOCK_N)
+        else:
+            p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, it * BLOCK_N, row0, seqlen_k, diag, qk_scale, False,
+                                                 CAUSAL, ROWS, BLOCK_N)
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        p16 = gl.convert_layout(p.to(dtype), p_layout)
+        mbarrier.wait(v_bars.index(st), phase)
+        acc = warpgroup_mma(p16, v_smem.index(st), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(empty_bars.index(st), count=1)
+
+    _finish_rows(acc, m_i, l_i, q_buf, o_desc, lse_rows, row0, 0, seqlen_q, o_layout, ROWS)
+
+
+@gluon.jit
+def gluon_fwd_ws(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks,
+                 stride_kh, stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, nheads, group, seqlen_q,
+                 seqlen_k, diag, qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                 STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                 PRODUCER_REGS: gl.constexpr):
+    """Warp-specialised: run with num_warps=4 (consumer warpgroup 0, the default
+    partition); a worker warpgroup is consumer 1, a one-warp worker the producer."""
+    ROWS: gl.constexpr = BLOCK_M // 2
+    start_m, q_desc, k_desc, v_desc, o_desc, lse_rows = _program_slices(
+        q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+        stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, nheads, group, seqlen_q, seqlen_k, BLOCK_M,
+        ROWS, BLOCK_N, HEAD_D, CAUSAL)
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_D], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], v_desc.layout)
+    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_bars.index(i), count=1)
+        mbarrier.init(turn_bars.index(i), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_bars.index(i), count=1)
+        mbarrier.init(v_bars.index(i), count=1)
+        mbarrier.init(empty_bars.index(i), count=2)  # one arrive per consumer warpgroup
+    n_blocks, _ = _key_blocks(start_m, seqlen_k, diag, BLOCK_M, BLOCK_N, CAUSAL)
+
+    gl.warp_specialize([
+        (_ws_consumer, (q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars,
+                        lse_rows, start_m, n_blocks, seqlen_q, seqlen_k, diag, qk_scale, 0, ROWS, BLOCK_N, HEAD_D,
+                        STAGES, CAUSAL, PINGPONG)),
+        (_ws_consumer, (q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars,
+                        lse_rows, start_m, n_blocks, seqlen_q, seqlen_k, diag, qk_scale, 1, ROWS, BLOCK_N, HEAD_D,
+                        STAGES, CAUSAL, PINGPONG)),
+        (_ws_producer, (k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, empty_bars, n_blocks, BLOCK_N, STAGES)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
