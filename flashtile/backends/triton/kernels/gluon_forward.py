@@ -79,11 +79,12 @@ def _softmax_update(s, m_i, l_i, col0, start_m, seqlen_k, diag, qk_scale, MASK: 
             ok = ok & (cols[None, :] <= rows[:, None] + diag)
         s = gl.where(ok, s, -float("inf"))
     m_new = gl.maximum(m_i, gl.max(s, axis=1))
+    m_sub = m_new
     if MASK:
-        # a row that has seen no key yet keeps m = -inf: subtract 0 instead (p = 0, alpha = 1)
-        m_new = gl.where(m_new == -float("inf"), 0.0, m_new)
-    p = gl.exp2(s - m_new[:, None])
-    alpha = gl.exp2(m_i - m_new)
+        # a row that has seen no key yet keeps m = -inf; subtract 0 instead (p = 0, alpha = 0)
+        m_sub = gl.where(m_new == -float("inf"), 0.0, m_new)
+    p = gl.exp2(s - m_sub[:, None])
+    alpha = gl.exp2(m_i - m_sub)
     l_new = l_i * alpha + gl.sum(p, axis=1)
     return p, alpha, m_new, l_new
 
