@@ -68,7 +68,7 @@ def main():
     ap.add_argument("--head-dim", default="128", help="64, 128 or 64,128")
     ap.add_argument("--causal", default="0,1")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
-    ap.add_argument("--dump", default=None, help="folder for .ptx, .ttgir and .sass-free .llir of each kernel")
+    ap.add_argument("--dump", default=None, help="folder for the .ptx and .ttgir of each kernel")
     args = ap.parse_args()
     start = time.time()
     records = compile_gluon(tuple(args.kernel.split(",")), tuple(int(d) for d in args.head_dim.split(",")),

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import check_attention
 
 from flashtile.backends.triton.launch import device as launch_device
 from flashtile.backends.triton.launch import gluon as launch_gluon
 from flashtile.options import AttnOptions
-from helpers import check_attention
 
 ROOT = Path(__file__).resolve().parents[3]
 
