@@ -20,6 +20,7 @@ from ..kernels.tiles import BIAS_ADD, BIAS_BOOL, BIAS_NONE
 from .choose import launch_kernel
 from .device import (LOG2E, block_d_of, capability_of, cdiv, dot_precision, env_flag, interpreting,
                      scratch_allocator, tail_heads, tma_compatible)
+from .gluon import gluon_attention_forward, gluon_forward_supported
 from .plans import plan_key, run_planned
 from .table import split_dkdv
 
@@ -216,6 +217,8 @@ def attention_forward(q, k, v, opts: AttnOptions, cu_seqlens_q=None, cu_seqlens_
     contiguous fp32 descales ``(batch, nheads_k)``, q's and k's optionally with a third
     dimension of one scale per FP8_SCALE_BLOCK rows; out is then ``out_dtype``.
     """
+    if gluon_forward_supported(q, k, v, opts, cu_seqlens_q, cu_seqlens_k, sparse, seqused_k, block_table, fp8):
+        return gluon_attention_forward(q, k, v, opts)  # opt-in Hopper kernels (FLASHTILE_GLUON=1)
     varlen = cu_seqlens_q is not None
     if varlen:
         q = q.unsqueeze(0)

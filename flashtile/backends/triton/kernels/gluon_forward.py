@@ -1,0 +1,312 @@
+"""FlashAttention forward for Hopper (sm90) in Triton's Gluon dialect
+(FlashAttention-3 structure). A prototype: opt-in (FLASHTILE_GLUON=1) until a
+GPU run has checked and timed it.
+
+Same contract as the Triton forward (``forward.py``): q, k, v of shape
+(batch, seqlen, nheads, headdim) with a contiguous last dimension (other
+strides free), GQA (query head ``h`` reads key/value head ``h // group``),
+bf16 / fp16, online softmax in base 2 with ``log2(e)`` folded into the
+scale; the output in q's dtype and the natural-log LSE (batch, nheads,
+seqlen_q) in fp32. Causal masking is flash_attn's bottom-right alignment:
+query ``i`` sees keys ``j <= i + diag`` with ``diag = seqlen_k - seqlen_q``
+(passed in). Rows that see no key get output 0 and LSE -inf.
+
+Tiles move by TMA through tensor descriptors built in the kernel over one
+(batch, head) slice ``[seqlen, headdim]`` (strides free, rows past the end
+read as zero and are not written), so the host needs a scratch allocator
+(``triton.set_allocator``) for them.
+
+Two kernels:
+
+* ``gluon_fwd_simple``: one partition of NUM_WARPS warps (8: two warpgroups
+  sharing one 128-row query block); K/V tiles in a ring of STAGES buffers that
+  the same warps refill with TMA as soon as a tile's matmuls have retired;
+  ``warpgroup_mma`` (async) for QK^T and PV.
+* ``gluon_fwd_ws``: warp-specialised. A producer partition (1 warp, few
+  registers) streams K/V tiles into the ring, and two consumer warpgroups
+  (the default partition and one worker, many registers) each own 64 of the
+  block's 128 query rows; every K/V stage is released when both consumers
+  have arrived on its ``empty`` barrier. With PINGPONG the consumers take
+  turns issuing their matmuls (an mbarrier handshake per K/V tile) so that
+  one's softmax runs while the other's matmuls occupy the tensor cores.
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+LN2 = gl.constexpr(0.6931471805599453)
+
+
+@gluon.jit
+def _slice_descriptor(base, b, h, stride_b, stride_s, stride_h, seqlen, BLOCK: gl.constexpr,
+                      HEAD_D: gl.constexpr):
+    """TMA descriptor over the [seqlen, HEAD_D] rows of (batch b, head h)."""
+    layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    ptr = base + b.to(gl.int64) * stride_b + h.to(gl.int64) * stride_h
+    return tma.make_tensor_descriptor(ptr, shape=[seqlen, HEAD_D], strides=[stride_s, 1],
+                                      block_shape=[BLOCK, HEAD_D], layout=layout)
+
+
+@gluon.jit
+def _key_blocks(start_m, seqlen_k, diag, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """K/V tiles the query rows [start_m, start_m + BLOCK_M) visit: (all, unmasked)."""
+    if CAUSAL:
+        last = gl.minimum(seqlen_k, gl.maximum(start_m + BLOCK_M + diag, 0))
+        full = gl.minimum(seqlen_k, gl.maximum(start_m + diag + 1, 0)) // BLOCK_N
+    else:
+        last = seqlen_k
+        full = seqlen_k // BLOCK_N
+    return gl.cdiv(last, BLOCK_N), full
+
+
+@gluon.jit
+def _softmax_update(s, m_i, l_i, col0, start_m, seqlen_k, diag, qk_scale, MASK: gl.constexpr,
+                    CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """One tile of the online softmax (base 2). Returns (p fp32, alpha, m_new, l_new)."""
+    s = s * qk_scale
+    if MASK:
+        rows = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s.type.layout))
+        cols = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s.type.layout))
+        ok = cols[None, :] < seqlen_k
+        if CAUSAL:
+            ok = ok & (cols[None, :] <= rows[:, None] + diag)
+        s = gl.where(ok, s, -float("inf"))
+    m_new = gl.maximum(m_i, gl.max(s, axis=1))
+    m_sub = m_new
+    if MASK:
+        # a row that has seen no key yet keeps m = -inf; subtract 0 instead (p = 0, alpha = 0)
+        m_sub = gl.where(m_new == -float("inf"), 0.0, m_new)
+    p = gl.exp2(s - m_sub[:, None])
+    alpha = gl.exp2(m_i - m_sub)
+    l_new = l_i * alpha + gl.sum(p, axis=1)
+    return p, alpha, m_new, l_new
+
+
+@gluon.jit
+def _finish_rows(acc, m_i, l_i, o_smem, o_desc, lse_ptr, start_m, row0, seqlen_q, o_layout: gl.constexpr,
+                 BLOCK_M: gl.constexpr):
+    """Normalise the output, store it by TMA (rows past seqlen_q are clipped) and the LSE."""
+    empty = l_i == 0.0
+    l_safe = gl.where(empty, 1.0, l_i)
+    acc = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
+    lse = gl.where(empty, -float("inf"), (m_i + gl.log2(l_safe)) * LN2)
+    rows = start_m + row0 + gl.arange(0, BLOCK_M, layout=m_i.type.layout)
+    gl.store(lse_ptr + rows, lse, mask=rows < seqlen_q)
+    o_smem.store(acc.to(o_desc.dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [start_m + row0, 0], o_smem)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _program_slices(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks,
+                    stride_kh, stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, nheads, group,
+                    seqlen_q, seqlen_k, BLOCK_M: gl.constexpr, Q_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr,
+                    HEAD_D: gl.constexpr, CAUSAL: gl.constexpr):
+    """This program's query block, descriptors and LSE row pointer. Causal blocks
+    run the longest (last) query blocks first."""
+    pid_m = gl.program_id(0)
+    if CAUSAL:
+        pid_m = gl.num_programs(0) - 1 - pid_m
+    bh = gl.program_id(1)
+    b = bh // nheads
+    h = bh % nheads
+    hk = h // group
+    q_desc = _slice_descriptor(q_ptr, b, h, stride_qb, stride_qs, stride_qh, seqlen_q, Q_BLOCK, HEAD_D)
+    o_desc = _slice_descriptor(o_ptr, b, h, stride_ob, stride_os, stride_oh, seqlen_q, Q_BLOCK, HEAD_D)
+    k_desc = _slice_descriptor(k_ptr, b, hk, stride_kb, stride_ks, stride_kh, seqlen_k, BLOCK_N, HEAD_D)
+    v_desc = _slice_descriptor(v_ptr, b, hk, stride_vb, stride_vs, stride_vh, seqlen_k, BLOCK_N, HEAD_D)
+    lse_rows = lse_ptr + bh.to(gl.int64) * seqlen_q
+    return pid_m * BLOCK_M, q_desc, k_desc, v_desc, o_desc, lse_rows
+
+
+@gluon.jit
+def gluon_fwd_simple(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks,
+                     stride_kh, stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, nheads, group,
+                     seqlen_q, seqlen_k, diag, qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                     HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, NUM_WARPS: gl.constexpr):
+    start_m, q_desc, k_desc, v_desc, o_desc, lse_rows = _program_slices(
+        q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+        stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, nheads, group, seqlen_q, seqlen_k, BLOCK_M,
+        BLOCK_M, BLOCK_N, HEAD_D, CAUSAL)
+    dtype: gl.constexpr = q_desc.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, HEAD_D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_D], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_bars.index(i), count=1)
+        mbarrier.init(v_bars.index(i), count=1)
+
+    n_blocks, n_full = _key_blocks(start_m, seqlen_k, diag, BLOCK_M, BLOCK_N, CAUSAL)
+
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [start_m, 0], q_bar, q_smem)
+    for i in gl.static_range(STAGES):
+        _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, i, i < n_blocks, BLOCK_N, STAGES)
+
+    m_i = gl.full([BLOCK_M], -float("inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    mbarrier.wait(q_bar, 0)
+
+    for it in range(n_blocks):
+        st = it % STAGES
+        phase = (it // STAGES) & 1
+        mbarrier.wait(k_bars.index(st), phase)
+        s = warpgroup_mma(q_smem, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        if it >= n_full:
+            p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, it * BLOCK_N, start_m, seqlen_k, diag, qk_scale, True,
+                                                 CAUSAL, BLOCK_M, BLOCK_N)
+        else:
+            p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, it * BLOCK_N, start_m, seqlen_k, diag, qk_scale,
+                                                 False, CAUSAL, BLOCK_M, BLOCK_N)
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        p16 = gl.convert_layout(p.to(dtype), p_layout)
+        mbarrier.wait(v_bars.index(st), phase)
+        acc = warpgroup_mma(p16, v_smem.index(st), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        # both matmuls that read stage st retired: refill it
+        _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, it + STAGES, it + STAGES < n_blocks, BLOCK_N,
+                 STAGES)
+
+    _finish_rows(acc, m_i, l_i, q_smem, o_desc, lse_rows, start_m, 0, seqlen_q, o_layout, BLOCK_M)
+    mbarrier.invalidate(q_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(k_bars.index(i))
+        mbarrier.invalidate(v_bars.index(i))
+
+
+@gluon.jit
+def _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, it, pred, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """TMA loads of K/V tile ``it`` into stage ``it % STAGES`` (skipped when not ``pred``)."""
+    st = it % STAGES
+    mbarrier.expect(k_bars.index(st), k_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(k_desc, [it * BLOCK_N, 0], k_bars.index(st), k_smem.index(st), pred=pred)
+    mbarrier.expect(v_bars.index(st), v_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(v_desc, [it * BLOCK_N, 0], v_bars.index(st), v_smem.index(st), pred=pred)
+
+
+@gluon.jit
+def _ws_producer(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, empty_bars, n_blocks, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr):
+    """Producer partition: K/V tile ``it`` into stage ``it % STAGES`` once both
+    consumers have released that stage's previous tile."""
+    for it in range(n_blocks):
+        st = it % STAGES
+        # a fresh barrier counts as having completed the phase before phase 0
+        mbarrier.wait(empty_bars.index(st), ((it // STAGES) & 1) ^ 1)
+        _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, it, True, BLOCK_N, STAGES)
+
+
+@gluon.jit
+def _ws_consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, lse_rows,
+                 start_m, n_blocks, seqlen_q, seqlen_k, diag, qk_scale, WG: gl.constexpr, ROWS: gl.constexpr,
+                 BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                 PINGPONG: gl.constexpr):
+    """Consumer warpgroup ``WG`` (0: the default partition, 1: a worker): query rows
+    [start_m + WG * ROWS, + ROWS) against every K/V tile of the program's block."""
+    dtype: gl.constexpr = q_desc.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row0 = start_m + WG * ROWS
+    q_buf = q_smem.index(WG)
+    q_bar = q_bars.index(WG)
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [row0, 0], q_bar, q_buf)
+    _, n_full = _key_blocks(row0, seqlen_k, diag, ROWS, BLOCK_N, CAUSAL)
+
+    m_i = gl.full([ROWS], -float("inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.full([ROWS], 0.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([ROWS, HEAD_D], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    mbarrier.wait(q_bar, 0)
+
+    for it in range(n_blocks):
+        st = it % STAGES
+        phase = (it // STAGES) & 1
+        mbarrier.wait(k_bars.index(st), phase)
+        if PINGPONG:
+            # take turns issuing QK^T: warpgroup 0 goes first, then each waits for the other's issue
+            mbarrier.wait(turn_bars.index(WG), (it & 1) ^ (1 - WG))
+        s = warpgroup_mma(q_buf, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(turn_bars.index(1 - WG), count=1)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        if it >= n_full:
+            p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, it * BLOCK_N, row0, seqlen_k, diag, qk_scale, True,
+                                                 CAUSAL, ROWS, BLOCK_N)
+        else:
+            p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, it * BLOCK_N, row0, seqlen_k, diag, qk_scale, False,
+                                                 CAUSAL, ROWS, BLOCK_N)
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        p16 = gl.convert_layout(p.to(dtype), p_layout)
+        mbarrier.wait(v_bars.index(st), phase)
+        acc = warpgroup_mma(p16, v_smem.index(st), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(empty_bars.index(st), count=1)
+
+    _finish_rows(acc, m_i, l_i, q_buf, o_desc, lse_rows, row0, 0, seqlen_q, o_layout, ROWS)
+
+
+@gluon.jit
+def gluon_fwd_ws(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks,
+                 stride_kh, stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, nheads, group, seqlen_q,
+                 seqlen_k, diag, qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                 STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                 PRODUCER_REGS: gl.constexpr):
+    """Warp-specialised: run with num_warps=4 (consumer warpgroup 0, the default
+    partition); a worker warpgroup is consumer 1, a one-warp worker the producer."""
+    ROWS: gl.constexpr = BLOCK_M // 2
+    start_m, q_desc, k_desc, v_desc, o_desc, lse_rows = _program_slices(
+        q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+        stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, nheads, group, seqlen_q, seqlen_k, BLOCK_M,
+        ROWS, BLOCK_N, HEAD_D, CAUSAL)
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_D], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], v_desc.layout)
+    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_bars.index(i), count=1)
+        mbarrier.init(turn_bars.index(i), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_bars.index(i), count=1)
+        mbarrier.init(v_bars.index(i), count=1)
+        mbarrier.init(empty_bars.index(i), count=2)  # one arrive per consumer warpgroup
+    n_blocks, _ = _key_blocks(start_m, seqlen_k, diag, BLOCK_M, BLOCK_N, CAUSAL)
+
+    gl.warp_specialize([
+        (_ws_consumer, (q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars,
+                        lse_rows, start_m, n_blocks, seqlen_q, seqlen_k, diag, qk_scale, 0, ROWS, BLOCK_N, HEAD_D,
+                        STAGES, CAUSAL, PINGPONG)),
+        (_ws_consumer, (q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars,
+                        lse_rows, start_m, n_blocks, seqlen_q, seqlen_k, diag, qk_scale, 1, ROWS, BLOCK_N, HEAD_D,
+                        STAGES, CAUSAL, PINGPONG)),
+        (_ws_producer, (k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, empty_bars, n_blocks, BLOCK_N, STAGES)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

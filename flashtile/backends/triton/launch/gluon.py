@@ -1,0 +1,108 @@
+"""Launcher of the Gluon (Hopper, FlashAttention-3 structure) forward kernels,
+and the rule of when they apply.
+
+Opt-in: ``FLASHTILE_GLUON=1`` in the environment, on compute capability 9.0
+only, until a GPU run has checked and timed them. ``FLASHTILE_GLUON_KERNEL``
+picks the kernel: ``ws`` (warp-specialised producer and two consumer
+warpgroups, the default), ``pingpong`` (the same with the consumers taking
+turns at the tensor cores) or ``simple`` (one partition, TMA ring refilled by
+the computing warps). Everything the kernels do not take falls back to the
+Triton forward.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from ....options import AttnOptions
+from .device import LOG2E, capability_of, cdiv, scratch_allocator, tma_compatible
+
+GLUON_HEAD_DIMS = (64, 128)
+GLUON_DTYPES = (torch.bfloat16, torch.float16)
+KERNELS = ("ws", "pingpong", "simple")
+# (BLOCK_M, BLOCK_N, STAGES) per head dim; BLOCK_M is the program's query block
+# (two warpgroups of BLOCK_M / 2 rows in every kernel)
+TILES = {64: (128, 128, 3), 128: (128, 128, 2)}
+# warp-specialised kernels: registers of the consumer worker and of the producer;
+# the default partition (the other consumer) gets what is left of maxnreg
+WS_REGS = (240, 24)
+WS_MAXNREG = 168
+
+
+def _kernel_choice() -> str:
+    name = os.environ.get("FLASHTILE_GLUON_KERNEL", "ws")
+    return name if name in KERNELS else "ws"
+
+
+def gluon_forward_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts: AttnOptions,
+                            cu_seqlens_q=None, cu_seqlens_k=None, sparse=None, seqused_k=None, block_table=None,
+                            fp8=None) -> bool:
+    """True when the Gluon forward computes this call (else the Triton forward does)."""
+    if os.environ.get("FLASHTILE_GLUON") != "1":
+        return False
+    if capability_of(q.device) != (9, 0):
+        return False
+    if any(x is not None for x in (cu_seqlens_q, cu_seqlens_k, sparse, seqused_k, block_table, fp8)):
+        return False
+    if q.dtype not in GLUON_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return False
+    batch, seqlen_q, nheads, head_dim = q.shape
+    if head_dim not in GLUON_HEAD_DIMS or k.shape[-1] != head_dim or v.shape[-1] != head_dim:
+        return False
+    if k.shape != v.shape or k.shape[0] != batch or nheads % k.shape[2] != 0:
+        return False
+    if seqlen_q == 0 or k.shape[1] == 0:
+        return False
+    if any(t.stride(-1) != 1 for t in (q, k, v)) or not tma_compatible(q, k, v):
+        return False
+    causal = opts.window_left < 0 and opts.window_right == 0
+    plain = opts.window_left < 0 and opts.window_right < 0
+    if not (causal or plain):
+        return False
+    if (opts.softcap != 0.0 or opts.alibi is not None or opts.bias is not None or opts.dropout_p != 0.0
+            or opts.fixed_max is not None or opts.block_mask is not None or opts.sinks is not None):
+        return False
+    return True
+
+
+def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
+                  diag_offset: int | None = None, kernel: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of dense attention with the Gluon kernels; ``diag_offset`` (query
+    ``i`` sees keys ``j <= i + diag_offset`` when causal) defaults to flash_attn's
+    bottom-right alignment ``seqlen_k - seqlen_q``."""
+    from ..kernels import gluon_forward as kernels
+
+    batch, seqlen_q, nheads, head_dim = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    if diag_offset is None:
+        diag_offset = seqlen_k - seqlen_q
+    kernel = kernel or _kernel_choice()
+    out = torch.empty_like(q)
+    if out.stride(-1) != 1 or not tma_compatible(out):
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, nheads, seqlen_q), device=q.device, dtype=torch.float32)
+    block_m, block_n, stages = TILES[head_dim]
+    if q.is_cuda:
+        # the kernels build their TMA descriptors in a global scratch buffer
+        triton.set_allocator(scratch_allocator)
+    args = (q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], nheads,
+            nheads // nheads_k, seqlen_q, seqlen_k, diag_offset, softmax_scale * LOG2E)
+    grid = (cdiv(seqlen_q, block_m), batch * nheads)
+    if kernel == "simple":
+        kernels.gluon_fwd_simple[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=head_dim, STAGES=stages,
+                                       CAUSAL=bool(causal), NUM_WARPS=8, num_warps=8)
+    else:
+        kernels.gluon_fwd_ws[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=head_dim, STAGES=stages,
+                                   CAUSAL=bool(causal), PINGPONG=kernel == "pingpong", CONSUMER_REGS=WS_REGS[0],
+                                   PRODUCER_REGS=WS_REGS[1], num_warps=4, maxnreg=WS_MAXNREG)
+    return out, lse
+
+
+def gluon_attention_forward(q, k, v, opts: AttnOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attention_forward``'s call for the options ``gluon_forward_supported`` accepted."""
+    return gluon_forward(q, k, v, opts.softmax_scale, opts.window_right == 0, diag_offset=opts.diag_offset)

@@ -1,0 +1,269 @@
+"""The Gluon (Hopper) forward: when ``attention_forward`` takes it (opt-in,
+FLASHTILE_GLUON=1, compute capability 9.0, the options it implements) and
+when it falls back to the Triton forward; its sm90 compilation on the host;
+on a GPU, its accuracy and determinism against the reference."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import check_attention
+
+from flashtile.backends.triton.launch import device as launch_device
+from flashtile.backends.triton.launch import gluon as launch_gluon
+from flashtile.options import AttnOptions
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _qkv(seqlen_q=256, seqlen_k=256, heads=(16, 4), head_dim=128, dtype=torch.bfloat16, device="cpu"):
+    q = torch.randn(2, seqlen_q, heads[0], head_dim, dtype=dtype, device=device)
+    k = torch.randn(2, seqlen_k, heads[1], head_dim, dtype=dtype, device=device)
+    v = torch.randn(2, seqlen_k, heads[1], head_dim, dtype=dtype, device=device)
+    return q, k, v
+
+
+@pytest.fixture
+def hopper(monkeypatch):
+    monkeypatch.setattr(launch_device, "ASSUMED_CAPABILITY", (9, 0))
+    monkeypatch.setenv("FLASHTILE_GLUON", "1")
+
+
+def _opts(head_dim=128, **kw):
+    return AttnOptions(softmax_scale=head_dim ** -0.5, **kw)
+
+
+def test_gluon_is_opt_in(monkeypatch):
+    q, k, v = _qkv()
+    monkeypatch.setattr(launch_device, "ASSUMED_CAPABILITY", (9, 0))
+    monkeypatch.delenv("FLASHTILE_GLUON", raising=False)
+    assert not launch_gluon.gluon_forward_supported(q, k, v, _opts())
+    monkeypatch.setenv("FLASHTILE_GLUON", "0")
+    assert not launch_gluon.gluon_forward_supported(q, k, v, _opts())
+    monkeypatch.setenv("FLASHTILE_GLUON", "1")
+    assert launch_gluon.gluon_forward_supported(q, k, v, _opts())
+
+
+@pytest.mark.parametrize("capability", [None, (8, 0), (8, 9), (10, 0), (12, 0)])
+def test_gluon_only_on_sm90(monkeypatch, capability):
+    monkeypatch.setenv("FLASHTILE_GLUON", "1")
+    monkeypatch.setattr(launch_device, "ASSUMED_CAPABILITY", capability)
+    q, k, v = _qkv()
+    assert not launch_gluon.gluon_forward_supported(q, k, v, _opts())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gluon_takes_plain_and_causal(hopper, causal, head_dim, dtype):
+    q, k, v = _qkv(seqlen_q=77, seqlen_k=1000, head_dim=head_dim, dtype=dtype)
+    opts = _opts(head_dim, window_right=0 if causal else -1, diag_offset=1000 - 77)
+    assert launch_gluon.gluon_forward_supported(q, k, v, opts)
+
+
+def test_gluon_refuses_what_it_does_not_implement(hopper):
+    q, k, v = _qkv()
+    base = _opts()
+    assert launch_gluon.gluon_forward_supported(q, k, v, base)
+    refused = {
+        "window": base._replace(window_left=64, window_right=0),
+        "right window": base._replace(window_right=16),
+        "left window only": base._replace(window_left=64),
+        "softcap": base._replace(softcap=30.0),
+        "alibi": base._replace(alibi=torch.ones(2, 16)),
+        "bias": base._replace(bias=torch.zeros(2, 16, 256, 256)),
+        "dropout": base._replace(dropout_p=0.1),
+        "fixed_max": base._replace(fixed_max=10.0),
+        "block_mask": base._replace(block_mask=object()),
+        "sinks": base._replace(sinks=torch.zeros(16)),
+    }
+    for name, opts in refused.items():
+        assert not launch_gluon.gluon_forward_supported(q, k, v, opts), name
+    cu = torch.tensor([0, 256], dtype=torch.int32)
+    extra = {
+        "varlen": dict(cu_seqlens_q=cu, cu_seqlens_k=cu),
+        "block-sparse": dict(sparse=object()),
+        "seqused_k": dict(seqused_k=torch.full((2, ), 256, dtype=torch.int32)),
+        "paged": dict(block_table=torch.zeros(2, 4, dtype=torch.int32)),
+        "fp8": dict(fp8=(None, None, None, torch.bfloat16)),
+    }
+    for name, kw in extra.items():
+        assert not launch_gluon.gluon_forward_supported(q, k, v, base, **kw), name
+
+
+def test_gluon_refuses_other_tensors(hopper):
+    opts = _opts()
+    q, k, v = _qkv()
+    for name, (a, b, c) in {
+            "fp32": (q.float(), k.float(), v.float()),
+            "fp8": (q.to(torch.float8_e4m3fn), k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)),
+            "mixed dtypes": (q, k.half(), v.half()),
+            "head dim 96": _qkv(head_dim=96),
+            "head dim 256": _qkv(head_dim=256),
+            "value head dim": (q, k, torch.randn(2, 256, 4, 64, dtype=torch.bfloat16)),
+            "heads not a multiple": _qkv(heads=(16, 3)),
+            "unaligned row stride": (q, torch.randn(2, 256, 4, 132, dtype=torch.bfloat16)[..., :128],
+                                     torch.randn(2, 256, 4, 132, dtype=torch.bfloat16)[..., :128]),
+            "unaligned base": (torch.randn(2 * 256 * 16 * 128 + 1, dtype=torch.bfloat16)[1:].view(2, 256, 16, 128),
+                               k, v),
+            "strided last dim": (q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v),
+    }.items():
+        assert not launch_gluon.gluon_forward_supported(a, b, c, opts), name
+    # free strides otherwise: (batch, heads, seqlen, dim) storage seen as (batch, seqlen, heads, dim)
+    qt = torch.randn(2, 16, 256, 128, dtype=torch.bfloat16).transpose(1, 2)
+    assert launch_gluon.gluon_forward_supported(qt, k, v, opts)
+
+
+def test_attention_forward_dispatches_to_gluon(hopper, monkeypatch):
+    """attention_forward returns the Gluon result when supported and falls back otherwise."""
+    from flashtile.backends.triton.launch import attention as launch_attention
+
+    calls = []
+    marker = (torch.zeros(1), torch.zeros(1))
+
+    def fake(q, k, v, opts):
+        calls.append(opts)
+        return marker
+
+    monkeypatch.setattr(launch_attention, "gluon_attention_forward", fake)
+    q, k, v = _qkv()
+    assert launch_attention.attention_forward(q, k, v, _opts(window_right=0)) is marker
+    assert len(calls) == 1
+    # refused: not routed (the Triton path is not run here; its own tests cover it)
+    monkeypatch.setattr(launch_attention, "run_planned", lambda *a, **kw: None)
+    out, lse = launch_attention.attention_forward(q, k, v, _opts(softcap=5.0))
+    assert len(calls) == 1 and out.shape == q.shape and lse.shape == (2, 16, 256)
+
+
+def test_gluon_causal_alignment_is_bottom_right(monkeypatch):
+    """The launcher passes flash_attn's bottom-right diagonal offset."""
+    seen = {}
+
+    def fake(q, k, v, scale, causal, diag_offset=None, kernel=None):
+        seen.update(causal=causal, diag=diag_offset)
+        return None, None
+
+    monkeypatch.setattr(launch_gluon, "gluon_forward", fake)
+    q, k, v = _qkv(seqlen_q=77, seqlen_k=1000)
+    launch_gluon.gluon_attention_forward(q, k, v, _opts(window_right=0, diag_offset=923))
+    assert seen == dict(causal=True, diag=923)
+
+
+def _load_compile_tool():
+    spec = importlib.util.spec_from_file_location("gluon_compile", ROOT / "benchmarks" / "tools" / "gluon_compile.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gluon_kernels_compile_for_sm90_on_the_host():
+    """Both kernels, head dim 128, causal: compiled for sm90 without a GPU (about
+    5 s on two CPU cores), no register spills, within Hopper's 227 KiB of shared memory."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        pytest.skip("compiles for sm90; not under the interpreter")
+    tool = _load_compile_tool()
+    records = tool.compile_gluon(kernels=("simple", "ws"), head_dims=(128, ), causals=(True, ), seqlen=256)
+    assert [name for name, _, _ in records] == ["gluon_fwd_simple", "gluon_fwd_ws"]
+    for name, _, kernel in records:
+        usage = tool.sm90_compile._resource_usage(kernel)
+        assert "stack 0 B" in usage, (name, usage)
+        assert kernel.metadata.shared <= 227 * 1024, name
+        assert "wgmma.mma_async" in kernel.asm["ptx"], name
+    assert "setmaxnreg" in records[1][2].asm["ptx"]
+
+
+# --- GPU: accuracy against the reference and determinism (Hopper only) ---
+
+def _on_hopper():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+def _lse_ref(q, k, scale, causal):
+    """Natural-log LSE (batch, heads, seqlen_q) in float64, -inf for rows that see no key."""
+    group = q.shape[2] // k.shape[2]
+    kk = k.double().repeat_interleave(group, dim=2)
+    s = torch.einsum("bihd,bjhd->bhij", q.double(), kk) * scale
+    if causal:
+        sq, sk = q.shape[1], k.shape[1]
+        i = torch.arange(sq, device=q.device)[:, None]
+        j = torch.arange(sk, device=q.device)[None, :]
+        s = s.masked_fill(j > i + sk - sq, -math.inf)
+    return torch.logsumexp(s, dim=-1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", launch_gluon.KERNELS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seqlens", [(77, 77), (1000, 1000), (1500, 1500), (4096, 4096), (77, 1500), (1500, 77)])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gluon_forward_accuracy(kernel, causal, seqlens, head_dim, dtype):
+    if not _on_hopper():
+        pytest.skip("Gluon forward kernels are built for sm90")
+    seqlen_q, seqlen_k = seqlens
+    batch = 1 if max(seqlens) >= 4096 else 2
+    q = torch.randn(batch, seqlen_q, 16, head_dim, dtype=dtype, device="cuda")
+    k = torch.randn(batch, seqlen_k, 4, head_dim, dtype=dtype, device="cuda")
+    v = torch.randn(batch, seqlen_k, 4, head_dim, dtype=dtype, device="cuda")
+    scale = head_dim ** -0.5
+    lse = {}
+
+    def fn(q, k, v):
+        out, lse["gluon"] = launch_gluon.gluon_forward(q, k, v, scale, causal, kernel=kernel)
+        return out
+
+    check_attention(fn, q, k, v, backward=False, causal=causal)
+    ref = _lse_ref(q, k, scale, causal)
+    finite = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(lse["gluon"]), finite)  # rows that see no key: -inf
+    torch.testing.assert_close(lse["gluon"][finite].double(), ref[finite], atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", launch_gluon.KERNELS)
+def test_gluon_forward_rows_without_keys_and_strides(kernel):
+    """Causal with seqlen_q > seqlen_k (the first rows see no key: output 0, LSE -inf)
+    on (batch, heads, seqlen, dim) storage."""
+    if not _on_hopper():
+        pytest.skip("Gluon forward kernels are built for sm90")
+    q = torch.randn(2, 16, 300, 128, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
+    k = torch.randn(2, 4, 200, 128, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
+    v = torch.randn(2, 4, 200, 128, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
+    out, lse = launch_gluon.gluon_forward(q, k, v, 128 ** -0.5, True, kernel=kernel)
+    assert torch.all(out[:, :100] == 0) and torch.all(lse[:, :, :100] == -math.inf)
+    check_attention(lambda q, k, v: launch_gluon.gluon_forward(q, k, v, 128 ** -0.5, True, kernel=kernel)[0], q, k,
+                    v, backward=False, causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", launch_gluon.KERNELS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_gluon_forward_is_deterministic(kernel, causal):
+    if not _on_hopper():
+        pytest.skip("Gluon forward kernels are built for sm90")
+    q, k, v = _qkv(seqlen_q=1500, seqlen_k=1500, device="cuda")
+    first = launch_gluon.gluon_forward(q, k, v, 128 ** -0.5, causal, kernel=kernel)
+    for _ in range(3):
+        again = launch_gluon.gluon_forward(q, k, v, 128 ** -0.5, causal, kernel=kernel)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+@pytest.mark.gpu
+def test_flash_attn_func_takes_gluon_when_opted_in(monkeypatch):
+    if not _on_hopper():
+        pytest.skip("Gluon forward kernels are built for sm90")
+    import flashtile
+
+    q, k, v = _qkv(seqlen_q=1000, seqlen_k=1000, device="cuda")
+    monkeypatch.setenv("FLASHTILE_GLUON", "0")
+    triton_out = flashtile.flash_attn_func(q, k, v, causal=True)
+    monkeypatch.setenv("FLASHTILE_GLUON", "1")
+    gluon_out = flashtile.flash_attn_func(q, k, v, causal=True)
+    direct, _ = launch_gluon.gluon_forward(q, k, v, 128 ** -0.5, True)
+    assert torch.equal(gluon_out, direct)
+    torch.testing.assert_close(gluon_out, triton_out, atol=2e-2, rtol=2e-2)
