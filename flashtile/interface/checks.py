@@ -68,6 +68,19 @@ def is_fp8_call(q, k, v, descales: dict, out_dtype) -> bool:
     return False
 
 
+def check_descale(name: str, t: torch.Tensor, shapes: list[tuple[int, ...]], device, what: str = "") -> None:
+    """An FP8 descale: an fp32 tensor of one of ``shapes`` on ``device`` (``what`` says
+    what the dimensions are, in messages)."""
+    check_tensor(name, t)
+    if t.dtype != torch.float32:
+        raise FlashtileTypeError(f"flashtile: {name} must be float32, got {t.dtype}")
+    if tuple(t.shape) not in shapes:
+        accepted = " or ".join(str(s) for s in shapes)
+        raise FlashtileValueError(f"flashtile: {name} must have shape {accepted}{what}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise FlashtileValueError(f"flashtile: {name} is on {t.device}, the inputs on {device}")
+
+
 def check_fp8_descales(q_descale, k_descale, v_descale, out_dtype, batch: int, nheads_k: int, seqlen_q: int,
                        seqlen_k: int, device) -> torch.dtype:
     """The descales of FP8 inputs: fp32 ``(batch, nheads_k)``, q's and k's optionally with one
@@ -78,19 +91,12 @@ def check_fp8_descales(q_descale, k_descale, v_descale, out_dtype, batch: int, n
         if t is None:
             raise FlashtileValueError(f"flashtile: float8_e4m3fn inputs need q_descale, k_descale and v_descale "
                                       f"(fp32, (batch, nheads_k) = ({batch}, {nheads_k})); {name} is missing")
-        check_tensor(name, t)
-        if t.dtype != torch.float32:
-            raise FlashtileTypeError(f"flashtile: {name} must be float32, got {t.dtype}")
         shapes = [(batch, nheads_k)]
+        what = " (batch, nheads_k)"
         if seqlen is not None:
             shapes.append((batch, nheads_k, -(-seqlen // FP8_SCALE_BLOCK)))
-        if tuple(t.shape) not in shapes:
-            accepted = " or ".join(str(s) for s in shapes)
-            raise FlashtileValueError(f"flashtile: {name} must have shape {accepted} (batch, nheads_k"
-                                      f"{'[, blocks of ' + str(FP8_SCALE_BLOCK) + ' rows]' if seqlen is not None else ''}"
-                                      f"), got {tuple(t.shape)}")
-        if t.device != device:
-            raise FlashtileValueError(f"flashtile: {name} is on {t.device}, the inputs on {device}")
+            what = f" (batch, nheads_k[, blocks of {FP8_SCALE_BLOCK} rows])"
+        check_descale(name, t, shapes, device, what)
     if out_dtype is None:
         return torch.bfloat16
     if out_dtype not in SUPPORTED_DTYPES:

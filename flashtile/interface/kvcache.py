@@ -19,6 +19,7 @@ from ..options import FP8_MAX
 from .checks import (
     SUPPORTED_DTYPES,
     check_alibi,
+    check_descale,
     check_device,
     check_scale,
     check_sinks,
@@ -133,14 +134,7 @@ def _check_descales(k_descale, v_descale, fp8: bool, batch: int, nheads_k: int, 
         if t is None:
             raise FlashtileValueError(f"flashtile: a float8_e4m3fn cache needs {name}, fp32 (batch = {batch}, "
                                       f"nheads_k = {nheads_k}): the real value is the cached value times {name}")
-        check_tensor(name, t)
-        if t.dtype != torch.float32:
-            raise FlashtileTypeError(f"flashtile: {name} must be float32, got {t.dtype}")
-        if tuple(t.shape) != (batch, nheads_k):
-            raise FlashtileValueError(f"flashtile: {name} must have shape (batch = {batch}, nheads_k = {nheads_k}), "
-                                      f"got {tuple(t.shape)}")
-        if t.device != device:
-            raise FlashtileValueError(f"flashtile: {name} is on {t.device}, q on {device}")
+        check_descale(name, t, [(batch, nheads_k)], device, " (batch, nheads_k)")
 
 
 def _check_values(cache_seqlens, seqlen_new, capacity, leftpad, cache_batch_idx, batch_cache, block_table,

@@ -359,7 +359,7 @@ def test_fp8_bad_arguments():
         flash_attn_with_kvcache(q, cache, cache, cache_seqlens=lens, k_descale=d)
     with pytest.raises(ValueError, match="k_descale is for float8_e4m3fn caches only"):
         flash_attn_with_kvcache(q, cache.float(), cache.float(), cache_seqlens=lens, k_descale=d, v_descale=d)
-    with pytest.raises(ValueError, match=r"k_descale must have shape \(batch = 2, nheads_k = 2\), got \(2,\)"):
+    with pytest.raises(ValueError, match=r"k_descale must have shape \(2, 2\) \(batch, nheads_k\), got \(2,\)"):
         flash_attn_with_kvcache(q, cache, cache, cache_seqlens=lens, k_descale=d[0], v_descale=d)
     with pytest.raises(TypeError, match="v_descale must be float32, got torch.float16"):
         flash_attn_with_kvcache(q, cache, cache, cache_seqlens=lens, k_descale=d, v_descale=d.half())
