@@ -147,7 +147,8 @@ def compile_passes(args, launch_attention, decode, AttnOptions) -> None:
         out = flashtile.block_sparse_attn_func(qs, ks, vs, mask)
         out.backward(torch.randn_like(out))
     if "decode" in passes:
-        qd = torch.randn(args.batch, 1, 32, args.head_dim, dtype=dtype)
+        # an fp8 run decodes bf16 queries against an e4m3 cache
+        qd = torch.randn(args.batch, 1, 32, args.head_dim, dtype=torch.bfloat16 if fp8 else dtype)
         seqlens = torch.full((args.batch,), args.seqlen, dtype=torch.int32)
         table = None
         if args.page_size:
@@ -156,9 +157,10 @@ def compile_passes(args, launch_attention, decode, AttnOptions) -> None:
             table = torch.arange(args.batch * pages, dtype=torch.int32).view(args.batch, pages)
         else:
             cache = (args.batch, args.seqlen, 8, args.head_dim)
-        kc, vc = torch.randn(cache, dtype=dtype), torch.randn(cache, dtype=dtype)
+        kc, vc = torch.randn(cache).to(dtype), torch.randn(cache).to(dtype)
+        descales = (torch.ones(args.batch, 8), torch.ones(args.batch, 8)) if fp8 else (None, None)
         decode.decode_triton(qd, kc, vc, seqlens, None, table, None, None, 0, args.head_dim ** -0.5, -1, -1,
-                             0.0, 16)
+                             0.0, 16, None, *descales)
 
 
 def report(args) -> None:
