@@ -39,6 +39,7 @@ import torch.distributed as dist
 from ..errors import FlashtileTypeError, FlashtileValueError
 from ..interface.checks import (
     as_max_seqlen,
+    check_alibi,
     check_qkv,
     check_scale,
     check_softcap,
@@ -92,10 +93,24 @@ def _visibility(qc: Chunk, kc: Chunk, left: int, right: int) -> str:
     return "partial"
 
 
-def plan_blocks(q_chunks: list[Chunk], k_chunks: list[Chunk], window: tuple[int, int]) -> list[Block]:
-    """The attention calls of one ring step: the queries of ``q_chunks`` against the
-    keys of ``k_chunks``, under ``window = (left, right)`` in global positions."""
+def _positional_blocks(q_chunks: list[Chunk], k_chunks: list[Chunk], window: tuple[int, int]) -> list[Block]:
+    """``plan_blocks`` where the scores depend on the distance of positions (ALiBi): one call
+    per pair of chunks that sees anything, its diagonal offset the chunks' global offset."""
     left, right = window
+    return [Block(slice(qc.local_start, qc.local_start + qc.length), slice(kc.local_start, kc.local_start + kc.length),
+                  qc.global_start - kc.global_start,
+                  _UNBOUNDED if _visibility(qc, kc, left, right) == "full" else window)
+            for qc in q_chunks for kc in k_chunks if _visibility(qc, kc, left, right) != "empty"]
+
+
+def plan_blocks(q_chunks: list[Chunk], k_chunks: list[Chunk], window: tuple[int, int],
+                positional: bool = False) -> list[Block]:
+    """The attention calls of one ring step: the queries of ``q_chunks`` against the
+    keys of ``k_chunks``, under ``window = (left, right)`` in global positions.
+    ``positional``: every call's diagonal offset is exact (ALiBi), not only where a mask needs it."""
+    left, right = window
+    if positional:
+        return _positional_blocks(q_chunks, k_chunks, window)
     if left < 0 and right < 0:  # no mask: one call
         return [Block(_rows(q_chunks), _rows(k_chunks), 0, _UNBOUNDED)]
     if q_chunks == k_chunks and left < 0 and right == 0:
@@ -154,13 +169,16 @@ class _Settings(NamedTuple):
     scale: float
     softcap: float
     steps: list[list[Block]]  # the blocks of each ring step
+    alibi: torch.Tensor | None = None  # fp32 ALiBi slopes, (nheads,) or (batch, nheads)
 
 
-def plan_steps(ring: Ring, layout: str, local_len: int, window: tuple[int, int]) -> list[list[Block]]:
-    """The blocks of each step for this rank: at step ``t`` it holds the keys of rank ``rank - t``."""
+def plan_steps(ring: Ring, layout: str, local_len: int, window: tuple[int, int],
+               positional: bool = False) -> list[list[Block]]:
+    """The blocks of each step for this rank: at step ``t`` it holds the keys of rank ``rank - t``
+    (``positional``: see ``plan_blocks``)."""
     q_chunks = shard_chunks(layout, ring.rank, ring.world_size, local_len)
     return [plan_blocks(q_chunks, shard_chunks(layout, (ring.rank - step) % ring.world_size, ring.world_size,
-                                               local_len), window)
+                                               local_len), window, positional)
             for step in range(ring.world_size)]
 
 
@@ -241,7 +259,7 @@ def _exchange(s: _Settings, tensors: list[torch.Tensor]):
 def _block_forward(q, k, v, b: Block, s: _Settings):
     """(out, lse) of one block; batched tensors (a packed batch as a batch of one)."""
     if b.packed is None:
-        return attn_fwd(q[:, b.q_rows], k[:, b.k_rows], v[:, b.k_rows], None, None, None, None, None, 0, 0,
+        return attn_fwd(q[:, b.q_rows], k[:, b.k_rows], v[:, b.k_rows], None, None, None, s.alibi, None, 0, 0,
                         s.scale, b.diag, *b.window, s.softcap, 0.0)
     p = b.packed
     out, lse = attn_fwd(q[0], k[0], v[0], p.cu_q, p.cu_k, None, None, None, p.max_q, p.max_k, s.scale, 0,
@@ -253,7 +271,7 @@ def _block_backward(dout, q, k, v, out, lse, b: Block, s: _Settings):
     """(dq, dk, dv) of one block, as :func:`_block_forward`."""
     if b.packed is None:
         return attn_bwd(dout[:, b.q_rows], q[:, b.q_rows], k[:, b.k_rows], v[:, b.k_rows], out[:, b.q_rows],
-                        lse[:, :, b.q_rows].contiguous(), None, None, None, None, None, 0, 0, s.scale, b.diag,
+                        lse[:, :, b.q_rows].contiguous(), None, None, None, s.alibi, None, 0, 0, s.scale, b.diag,
                         *b.window, s.softcap, 0.0, False)[:3]
     p = b.packed
     grads = attn_bwd(dout[0], q[0], k[0], v[0], out[0], lse[0], p.cu_q, p.cu_k, None, None, None, p.max_q, p.max_k,
@@ -376,7 +394,10 @@ def ring_flash_attn_func(
             sequence, -1 for unbounded; key blocks outside every query's window
             are not computed (they still travel).
         softcap: if > 0, scores become ``softcap * tanh(scores / softcap)``.
-        alibi_slopes: not supported (``NotImplementedError``).
+        alibi_slopes: fp32 ``(nheads,)`` or ``(batch, nheads)``; adds ``-slope *
+            |i - j|`` for positions ``i``, ``j`` of the whole sequence, as
+            ``flash_attn_func`` on it (every pair of chunks then runs as a call
+            of its own, its diagonal offset the chunks' distance).
         dropout_p: must be 0 (``NotImplementedError`` otherwise).
         deterministic: accepted for compatibility; the result is always
             deterministic.
@@ -392,8 +413,7 @@ def ring_flash_attn_func(
     check_qkv(q, k, v, _LAYOUT)
     group = check_group(group, "ring_flash_attn_func")
     layout = check_layout(layout)
-    if alibi_slopes is not None:
-        raise not_yet("alibi_slopes in ring_flash_attn_func")
+    check_alibi(alibi_slopes, q.shape[0], q.shape[2], q.device)
     if dropout_p != 0:
         raise not_yet(f"dropout_p={dropout_p!r} in ring_flash_attn_func (only 0)")
     if k.shape[1] != q.shape[1]:
@@ -406,7 +426,9 @@ def ring_flash_attn_func(
     check_softcap(softcap)
     scale = check_scale("softmax_scale", softmax_scale, q.shape[-1])
     ring = Ring(group)
-    settings = _Settings(ring, scale, float(softcap), plan_steps(ring, layout, q.shape[1], window))
+    alibi = None if alibi_slopes is None else alibi_slopes.float()
+    settings = _Settings(ring, scale, float(softcap),
+                         plan_steps(ring, layout, q.shape[1], window, positional=alibi is not None), alibi)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out, lse = _RingAttention.apply(q, k, v, settings)
     return (out, lse, None) if return_attn_probs else out

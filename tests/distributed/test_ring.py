@@ -65,6 +65,12 @@ OPTION_CASES = [
     (2, "contiguous", True, torch.float32, {"softcap": 1.5, "softmax_scale": 0.3}, False),
     (2, "zigzag", True, torch.bfloat16, {}, True),
     (3, "zigzag", False, torch.float32, {"window_size": (7, 3)}, True),
+    # ALiBi over positions of the whole sequence: every pair of chunks at its own offset
+    (2, "zigzag", True, torch.float32, {"alibi_slopes": torch.tensor([0.3, 0.05])}, False),
+    (3, "zigzag", False, torch.bfloat16, {"alibi_slopes": torch.tensor([[0.2, 0.1], [0.02, 0.4]])}, False),
+    (3, "contiguous", True, torch.float32, {"alibi_slopes": torch.tensor([0.25, 0.5]), "window_size": (9, 0)},
+     False),
+    (2, "zigzag", False, torch.float32, {"alibi_slopes": torch.tensor([0.3, 0.1])}, True),
 ]
 
 
@@ -113,8 +119,8 @@ def errors_case():
         ring_flash_attn_func(q, q, q, layout="striped")
     with pytest.raises(ValueError, match="group"):
         ring_flash_attn_func(q, q, q, group="world")
-    with pytest.raises(NotImplementedError, match="alibi_slopes"):
-        ring_flash_attn_func(q, q, q, alibi_slopes=torch.ones(2))
+    with pytest.raises(ValueError, match="alibi_slopes must have shape"):
+        ring_flash_attn_func(q, q, q, alibi_slopes=torch.ones(3))
     with pytest.raises(NotImplementedError, match="dropout_p"):
         ring_flash_attn_func(q, q, q, dropout_p=0.1)
     with pytest.raises(TypeError, match="dtype"):
