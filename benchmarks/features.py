@@ -1,8 +1,8 @@
 """What the options cost and save, on a GPU: variable-length packing against a
 padded batch, sliding window against full attention, attention sinks against
 the same call without them, a value head dim unlike q/k's against the dense
-kernel, varlen over a paged cache against contiguous keys, and the plain kernels with and without the
-option switches compiled in.
+kernel, varlen over a paged cache against contiguous keys, batch-invariant mode against the
+default launches, and the plain kernels with and without the option switches compiled in.
 
     python benchmarks/features.py --out results/features.json
 
@@ -188,11 +188,53 @@ def paged_varlen(page_sizes=(16, 64, 256), batch=8, new_tokens=(512, 2048), cach
     return rows
 
 
+def batch_invariant_cost(head_dims=(64, 128), seqlens=(2048, 8192, 16384), tokens=16384,
+                         decode_shapes=((1, 32768), (16, 8192), (64, 4096)), rounds=2):
+    """Batch-invariant mode (``flashtile.set_batch_invariant``) against the default launches:
+    the forward (bf16, hidden 2048, causal and not) and one decoding step (32 query / 8 kv
+    heads of 128, bf16, batch x cache length). Each variant is timed ``rounds`` times,
+    alternating, its best median kept."""
+    rows = []
+
+    def timed(fn):
+        times = {False: [], True: []}
+        for _ in range(rounds):
+            for mode in (False, True):
+                flashtile.set_batch_invariant(mode)
+                times[mode].append(bench(fn, False))
+        flashtile.set_batch_invariant(False)
+        return min(times[False]), min(times[True])
+
+    for head_dim in head_dims:
+        nheads = 2048 // head_dim
+        for seqlen in seqlens:
+            batch = max(1, tokens // seqlen)
+            q, k, v = (torch.randn(batch, seqlen, nheads, head_dim, device="cuda", dtype=torch.bfloat16)
+                       for _ in range(3))
+            for causal in (False, True):
+                default, invariant = timed(lambda: flashtile.flash_attn_func(q, k, v, causal=causal))
+                row = dict(kind="forward", head_dim=head_dim, seqlen=seqlen, batch=batch, causal=causal,
+                           default_ms=default, invariant_ms=invariant, cost=invariant / default - 1)
+                rows.append(row)
+                print(row, flush=True)
+    for batch, cache in decode_shapes:
+        q = torch.randn(batch, 1, 32, 128, device="cuda", dtype=torch.bfloat16)
+        k_cache, v_cache = (torch.randn(batch, cache, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        lengths = torch.full((batch,), cache - 1, dtype=torch.int32, device="cuda")
+        default, invariant = timed(lambda: flashtile.flash_attn_with_kvcache(q, k_cache, v_cache,
+                                                                             cache_seqlens=lengths))
+        row = dict(kind="decode", batch=batch, cache=cache, default_ms=default, invariant_ms=invariant,
+                   cost=invariant / default - 1)
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="features.json")
-    ap.add_argument("--parts", default="varlen,window,sinks,head_dim_v,paged",
-                    help="comma list of varlen, window, sinks, head_dim_v, paged")
+    ap.add_argument("--parts", default="varlen,window,sinks,head_dim_v,paged,batch_invariant",
+                    help="comma list of varlen, window, sinks, head_dim_v, paged, batch_invariant")
     args = ap.parse_args()
     parts = args.parts.split(",")
     result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__)
@@ -206,6 +248,8 @@ def main():
         result["head_dim_v"] = value_head_dim()
     if "paged" in parts:
         result["paged_varlen"] = paged_varlen()
+    if "batch_invariant" in parts:
+        result["batch_invariant"] = batch_invariant_cost()
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 

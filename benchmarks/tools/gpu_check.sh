@@ -32,9 +32,16 @@ for step in "$@"; do
     cosine-train) python3 examples/train_cosine_sim.py --steps 300 --seqlen 8192 --batch 4 --val-every 100 \
                     --generate 256 --out "$OUT/train_cosine_sim" 2>&1 | tee "$OUT/cosine_train.log" ;;
     host) python3 benchmarks/host_overhead.py --grid 2>&1 | tee "$OUT/host.log" ;;
+    fp8) python3 benchmarks/fp8.py --speed --out "$OUT/fp8.json" 2>&1 | tee "$OUT/fp8.log"
+         python3 benchmarks/decode.py --kv-fp8 --skip-table --out "$OUT/decode_fp8" 2>&1 | tee "$OUT/decode_fp8.log" ;;
+    gluon) python3 benchmarks/tools/gluon_bench.py --head-dim 128 --seqlens 1024,2048,4096,8192,16384 --causal 0,1 \
+             2>&1 | tee "$OUT/gluon.log" ;;
+    ring) python3 benchmarks/ring_step.py --out "$OUT/ring_step.json" 2>&1 | tee "$OUT/ring_step.log" ;;
+    train) python3 benchmarks/train.py --out "$OUT/train.json" 2>&1 | tee "$OUT/train.log" ;;
+    fuzz) FLASHTILE_FUZZ_EXAMPLES=2000 python3 -m pytest -q -m gpu -n 8 tests/fuzz 2>&1 | tee "$OUT/fuzz.log" | tail -5 ;;
     models) python3 benchmarks/models.py --out "$OUT/models.json" 2>&1 | tee "$OUT/models.log" ;;
     tune) python3 benchmarks/tools/tune.py 2>&1 | tee "$OUT/tune.log" ;;
-    *) echo "unknown step: $step (tests bench bench-graph flex features decode sparse cosine cosine-train host models tune)"
+    *) echo "unknown step: $step (tests bench bench-graph flex features decode sparse cosine cosine-train host models tune fp8 gluon ring train fuzz)"
        exit 2 ;;
   esac
 done
