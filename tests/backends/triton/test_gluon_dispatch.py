@@ -94,6 +94,14 @@ def test_gluon_refuses_what_it_does_not_implement(hopper):
     }
     for name, kw in extra.items():
         assert not launch_gluon.gluon_forward_supported(q, k, v, base, **kw), name
+    # batch-invariant mode: the Triton forward's key tile for every call
+    import flashtile
+
+    previous = flashtile.set_batch_invariant(True)
+    try:
+        assert not launch_gluon.gluon_forward_supported(q, k, v, base)
+    finally:
+        flashtile.set_batch_invariant(previous)
 
 
 def test_gluon_refuses_other_tensors(hopper):

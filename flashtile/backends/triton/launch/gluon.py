@@ -19,6 +19,7 @@ import triton
 
 from ....options import AttnOptions
 from .device import LOG2E, capability_of, cdiv, scratch_allocator, tma_compatible
+from .invariant import batch_invariant
 
 GLUON_HEAD_DIMS = (64, 128)
 GLUON_DTYPES = (torch.bfloat16, torch.float16)
@@ -42,6 +43,8 @@ def gluon_forward_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
                             fp8=None) -> bool:
     """True when the Gluon forward computes this call (else the Triton forward does)."""
     if os.environ.get("FLASHTILE_GLUON") != "1":
+        return False
+    if batch_invariant():  # its key tiles are not the Triton forward's: packed calls would differ
         return False
     if capability_of(q.device) != (9, 0):
         return False
