@@ -32,7 +32,8 @@ for step in "$@"; do
     cosine-train) python3 examples/train_cosine_sim.py --steps 300 --seqlen 8192 --batch 4 --val-every 100 \
                     --generate 256 --out "$OUT/train_cosine_sim" 2>&1 | tee "$OUT/cosine_train.log" ;;
     host) python3 benchmarks/host_overhead.py --grid 2>&1 | tee "$OUT/host.log" ;;
-    fp8) python3 benchmarks/fp8.py --speed --out "$OUT/fp8.json" 2>&1 | tee "$OUT/fp8.log"
+    fp8) python3 benchmarks/tools/fp8_sweep.py --out "$OUT/fp8_sweep.json" 2>&1 | tee "$OUT/fp8_sweep.log"
+         python3 benchmarks/fp8.py --speed --out "$OUT/fp8.json" 2>&1 | tee "$OUT/fp8.log"
          python3 benchmarks/decode.py --kv-fp8 --skip-table --out "$OUT/decode_fp8" 2>&1 | tee "$OUT/decode_fp8.log" ;;
     gluon) python3 benchmarks/tools/gluon_bench.py --head-dim 128 --seqlens 1024,2048,4096,8192,16384 --causal 0,1 \
              2>&1 | tee "$OUT/gluon.log" ;;
