@@ -125,3 +125,21 @@ def packed_ref(lens_q, lens_k, alibi_slopes=None, **kw):
                                       alibi_slopes=slopes, **kw, **ref_kw)[0])
         return torch.cat(outs)
     return ref
+
+
+def load_script(relative_path: str):
+    """A script of the repository (e.g. ``benchmarks/fp8.py``) imported as a module, for the
+    tests of benchmarks; a generator for module-scoped fixtures (removed from sys.modules after)."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / relative_path
+    spec = importlib.util.spec_from_file_location("script_" + path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]

@@ -1,25 +1,15 @@
 """benchmarks/fp8.py: the accuracy part at its smallest sizes on the CPU."""
 
-import importlib.util
 import json
-import pathlib
-import sys
 
 import pytest
 import torch
-
-
-PATH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "fp8.py"
+from helpers import load_script
 
 
 @pytest.fixture(scope="module")
 def driver():
-    spec = importlib.util.spec_from_file_location("benchmarks_fp8", PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield from load_script("benchmarks/fp8.py")
 
 
 def test_accuracy_on_cpu(driver, tmp_path):

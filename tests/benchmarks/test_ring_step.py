@@ -1,24 +1,15 @@
 """benchmarks/ring_step.py at its CPU size: one rank's ring steps are planned, run and
 timed, and every row carries the figures the cost model takes."""
 
-import importlib.util
 import json
-import pathlib
-import sys
 
-PATH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "ring_step.py"
+from helpers import load_script
 
 
 def test_small_run(tmp_path):
-    spec = importlib.util.spec_from_file_location("benchmarks_ring_step", PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        out = tmp_path / "ring_step.json"
+    out = tmp_path / "ring_step.json"
+    for module in load_script("benchmarks/ring_step.py"):
         assert module.main(["--small", "--out", str(out)]) == 0
-    finally:
-        del sys.modules[spec.name]
     rows = json.loads(out.read_text())["rows"]
     assert {(r["causal"], r["step"]) for r in rows} == {(c, s) for c in (False, True) for s in (0, 1)}
     for row in rows:

@@ -2,24 +2,14 @@
 memory, halving when even the first try did not fit, stopping at the cap), and a
 tiny sweep on the CPU through real child processes."""
 
-import importlib.util
 import json
-import pathlib
-import sys
 
 import pytest
-
-PATH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "train.py"
-
+from helpers import load_script
 
 @pytest.fixture(scope="module")
 def driver():
-    spec = importlib.util.spec_from_file_location("benchmarks_train", PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield from load_script("benchmarks/train.py")
 
 
 def test_longest_context_search(driver, tmp_path, monkeypatch):
