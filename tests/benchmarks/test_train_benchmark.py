@@ -7,6 +7,7 @@ import json
 import pytest
 from helpers import load_script
 
+
 @pytest.fixture(scope="module")
 def driver():
     yield from load_script("benchmarks/train.py")
