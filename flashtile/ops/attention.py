@@ -26,6 +26,8 @@ additive ``bias``) instead of a running row max.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..backends.torch_tiled import attention_tiled_backward, attention_tiled_forward
@@ -63,11 +65,17 @@ def _pytorch_cpu_forward(q, k, v, opts: AttnOptions):
     return _like(out.transpose(1, 2), q), lse.contiguous()
 
 
-def _pytorch_cpu_backward(dout, q, k, v, out, lse, opts: AttnOptions):
+def _pytorch_cpu_backward(dout, q, k, v, out, lse, opts: AttnOptions, exact_strides: bool = True):
+    """(dq, dk, dv) from the op's backward, which returns them ``(batch, seqlen, nheads,
+    headdim)``-contiguous whatever q, k and v's strides; ``exact_strides`` copies them
+    into those of q, k and v (as the registered op's fake implementation promises).
+    Eager calls keep them as they come, as PyTorch's own SDPA does: three copies fewer
+    for inputs in the SDPA layout."""
     grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         *(t.transpose(1, 2) for t in (dout, q, k, v, out)), lse, 0.0, opts.window_right == 0,
         scale=opts.softmax_scale)
-    return tuple(_like(g.transpose(1, 2), t) for t, g in zip((q, k, v), grads))
+    grads = tuple(g.transpose(1, 2) for g in grads)
+    return tuple(_like(g, t) for t, g in zip((q, k, v), grads)) if exact_strides else grads
 
 
 def _may_leak(result: torch.Tensor, opts: AttnOptions) -> bool:
@@ -204,10 +212,11 @@ def _attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
              bias: torch.Tensor | None, alibi: torch.Tensor | None, seed: torch.Tensor | None,
              max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, diag: int, window_left: int,
              window_right: int, softcap: float, dropout_p: float, bias_grad: bool,
-             sinks: torch.Tensor | None = None, seqused_k: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+             sinks: torch.Tensor | None = None, seqused_k: torch.Tensor | None = None, *,
+             exact_strides: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv, dbias, dsinks); dbias has bias's shape and dtype, or is empty unless
-    ``bias_grad``; dsinks has sinks's shape and dtype, or is empty without sinks."""
+    ``bias_grad``; dsinks has sinks's shape and dtype, or is empty without sinks. dq, dk and
+    dv have q, k and v's strides, or with ``exact_strides=False`` (eager calls) may not."""
     varlen = cu_seqlens_q is not None
     bias_grad = bias_grad and bias is not None
     def no_grad():  # an empty output of its own (outputs of a custom op may not alias)
@@ -225,7 +234,7 @@ def _attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                                               cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                               seqused_k=seqused_k)
     elif _pytorch_cpu_serves(q, v, opts, varlen) and not _may_leak(
-            (grads := _pytorch_cpu_backward(dout, q, k, v, out, lse, opts))[0], opts):
+            (grads := _pytorch_cpu_backward(dout, q, k, v, out, lse, opts, exact_strides))[0], opts):
         (dq, dk, dv), dbias = grads, None
     elif not varlen:
         dq, dk, dv, dbias, dsinks = attention_tiled_backward(dout, q, k, v, out, lse, opts, bias_grad)
@@ -252,7 +261,8 @@ attn_bwd = torch.library.custom_op("flashtile::attn_bwd", mutates_args=())(_attn
 
 @attn_bwd.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, bias, alibi, seed, max_seqlen_q, max_seqlen_k,
-      softmax_scale, diag, window_left, window_right, softcap, dropout_p, bias_grad, sinks=None, seqused_k=None):
+      softmax_scale, diag, window_left, window_right, softcap, dropout_p, bias_grad, sinks=None, seqused_k=None,
+      exact_strides=True):
     dbias = torch.empty_like(bias) if bias_grad and bias is not None else q.new_empty(0)
     dsinks = q.new_empty(0) if sinks is None else torch.empty_like(sinks)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias, dsinks
@@ -305,7 +315,7 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        return _backward(ctx, dout, dlse, bwd=_attn_bwd)
+        return _backward(ctx, dout, dlse, bwd=functools.partial(_attn_bwd, exact_strides=False))
 
 
 def dropout_seed(dropout_p: float) -> torch.Tensor | None:
