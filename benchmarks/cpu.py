@@ -1,8 +1,9 @@
 """flashtile on the CPU against PyTorch's SDPA as a user calls it (both on the same
 ``(batch, heads, seqlen, headdim)`` tensors; flashtile's flash_attn function on
 its own layout beside them), alternated in one
-process over several rounds (a shared CPU's speed drifts between runs), median
-of the rounds; beside them the options only flashtile has on the CPU (sliding
+process over several rounds in a new order each round (a shared CPU's speed
+drifts between runs), median of the rounds, and the median of the rounds'
+flashtile / SDPA ratios; beside them the options only flashtile has on the CPU (sliding
 window, softcap, ALiBi), which take its tiled path.
 
     python benchmarks/cpu.py --seqlens 1024,4096 --out bench_results/cpu.json
@@ -14,6 +15,7 @@ import argparse
 import json
 import os
 import pathlib
+import random
 import statistics
 import time
 
@@ -40,10 +42,11 @@ def main():
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--out", default="bench_results/cpu.json")
     args = ap.parse_args()
     rows = []
+    order = random.Random(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, {args.heads} heads, "
           f"head dim {args.head_dim}; median of {args.rounds} alternating rounds, ms")
     for dtype_name in args.dtypes.split(","):
@@ -67,11 +70,13 @@ def main():
                     for name, fn in fns.items():  # warm-up
                         timed(fn, mode == "fwd_bwd")
                     for _ in range(args.rounds):
-                        for name, fn in fns.items():
-                            times[name].append(timed(fn, mode == "fwd_bwd"))
+                        # a new order each round: no function always runs right after another
+                        for name in order.sample(list(fns), len(fns)):
+                            times[name].append(timed(fns[name], mode == "fwd_bwd"))
                     med = {name: statistics.median(t) for name, t in times.items()}
-                    row = dict(dtype=dtype_name, seqlen=s, causal=causal, mode=mode, ms=med,
-                               ratio=med["flashtile"] / med["sdpa"])
+                    # the ratio of each round's pair, whose two calls saw the same load, then their median
+                    ratio = statistics.median(a / b for a, b in zip(times["flashtile"], times["sdpa"]))
+                    row = dict(dtype=dtype_name, seqlen=s, causal=causal, mode=mode, ms=med, ratio=ratio)
                     rows.append(row)
                     print(f"{dtype_name} s={s} {'causal' if causal else 'full'} {mode}: " +
                           ", ".join(f"{n} {m:.1f}" for n, m in med.items()) + f"; flashtile / sdpa {row['ratio']:.3f}x",

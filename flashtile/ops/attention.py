@@ -27,6 +27,7 @@ additive ``bias``) instead of a running row max.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -84,12 +85,13 @@ def _may_leak(result: torch.Tensor, opts: AttnOptions) -> bool:
     as NaN, so such a call is recomputed on the tiled path, where they add nothing. A NaN
     anywhere makes the sum NaN: one reduction, 15x cheaper than ``isnan().any()`` (a
     non-finite sum from Inf inputs only costs the recomputation)."""
-    return opts.window_right >= 0 and not bool(torch.isfinite(result.sum()))
+    return opts.window_right >= 0 and not math.isfinite(result.sum().item())
 
 
 def _like(result: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``result`` in ``t``'s strides (those ``torch.empty_like(t)`` has), copied only if needed."""
-    if result.stride() == torch.empty_like(t, device="meta").stride():
+    # a dense t keeps its strides in empty_like: the meta tensor only for the others
+    if result.stride() == t.stride() or result.stride() == torch.empty_like(t, device="meta").stride():
         return result
     return torch.empty_like(t).copy_(result)
 
