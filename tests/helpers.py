@@ -77,6 +77,21 @@ def check_attention(fn, q, k, v, *, backward=True, fwd_factor=2.0, bwd_factor=3.
         assert err <= bwd_factor * base + floor, f"d{name} error {err:.3e} vs pytorch {base:.3e}"
 
 
+def check_out_lse(out, lse, ref, ref_lse, low, low_lse, dtype) -> None:
+    """The accuracy rule on a decoding call's output and (if not None) its LSE
+    ``(batch, nheads, seqlen_q)``: ``ref`` the reference in high precision, ``low``
+    PyTorch's attention in ``dtype`` (the baseline); rows without keys agree on -inf."""
+    assert not torch.isnan(out).any()
+    err, base = max_err(out, ref), max_err(low, ref)
+    assert err <= 2 * base + rounding_floor(ref, dtype), f"error {err:.3e} vs pytorch {base:.3e}"
+    if lse is not None:
+        assert lse.shape == (out.shape[0], out.shape[2], out.shape[1]) and lse.dtype == torch.float32
+        finite = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isfinite(lse), finite)
+        err, base = max_err(lse[finite], ref_lse[finite]), max_err(low_lse[finite], ref_lse[finite])
+        assert err <= 2 * base + 1e-4, f"LSE error {err:.3e} vs pytorch {base:.3e}"
+
+
 def force_forward_config(monkeypatch, cfg) -> None:
     """Launch every forward kernel call with the LaunchConfig ``cfg``, whatever
     launch-table name it takes (e.g. to force the two-halves schedule)."""
