@@ -90,6 +90,28 @@ def _softmax_update(s, m_i, l_i, col0, start_m, seqlen_k, diag, qk_scale, MASK: 
 
 
 @gluon.jit
+def _attend_tile(s, acc, m_i, l_i, v_tile, v_bar, phase, it, n_full, row0, seqlen_k, diag, qk_scale,
+                 CAUSAL: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, o_layout: gl.constexpr,
+                 p_layout: gl.constexpr):
+    """Key tile ``it`` after its scores ``s``: the online softmax (bounds and causal
+    mask only past the ``n_full`` unmasked tiles), the rescaled accumulator, and
+    ``P V`` once the V tile has landed (``v_bar`` in ``phase``), P fed from registers.
+    Returns (acc, m_i, l_i)."""
+    if it >= n_full:
+        p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, it * BLOCK_N, row0, seqlen_k, diag, qk_scale, True,
+                                             CAUSAL, ROWS, BLOCK_N)
+    else:
+        p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, it * BLOCK_N, row0, seqlen_k, diag, qk_scale, False,
+                                             CAUSAL, ROWS, BLOCK_N)
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    p16 = gl.convert_layout(p.to(v_tile.dtype), p_layout)
+    mbarrier.wait(v_bar, phase)
+    acc = warpgroup_mma(p16, v_tile, acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    return acc, m_i, l_i
+
+
+@gluon.jit
 def _finish_rows(acc, m_i, l_i, o_smem, o_desc, lse_ptr, start_m, row0, seqlen_q, o_layout: gl.constexpr,
                  BLOCK_M: gl.constexpr):
     """Normalise the output, store it by TMA (rows past seqlen_q are clipped) and the LSE."""
@@ -173,17 +195,8 @@ def gluon_fwd_simple(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, stride_qb, stride_qs, 
         mbarrier.wait(k_bars.index(st), phase)
         s = warpgroup_mma(q_smem, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-        if it >= n_full:
-            p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, it * BLOCK_N, start_m, seqlen_k, diag, qk_scale, True,
-                                                 CAUSAL, BLOCK_M, BLOCK_N)
-        else:
-            p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, it * BLOCK_N, start_m, seqlen_k, diag, qk_scale,
-                                                 False, CAUSAL, BLOCK_M, BLOCK_N)
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-        p16 = gl.convert_layout(p.to(dtype), p_layout)
-        mbarrier.wait(v_bars.index(st), phase)
-        acc = warpgroup_mma(p16, v_smem.index(st), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        acc, m_i, l_i = _attend_tile(s, acc, m_i, l_i, v_smem.index(st), v_bars.index(st), phase, it, n_full, start_m,
+                                     seqlen_k, diag, qk_scale, CAUSAL, BLOCK_M, BLOCK_N, o_layout, p_layout)
         # both matmuls that read stage st retired: refill it
         _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, it + STAGES, it + STAGES < n_blocks, BLOCK_N,
                  STAGES)
@@ -224,7 +237,6 @@ def _ws_consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars,
                  PINGPONG: gl.constexpr):
     """Consumer warpgroup ``WG`` (0: the default partition, 1: a worker): query rows
     [start_m + WG * ROWS, + ROWS) against every K/V tile of the program's block."""
-    dtype: gl.constexpr = q_desc.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -254,17 +266,8 @@ def _ws_consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars,
         if PINGPONG:
             mbarrier.arrive(turn_bars.index(1 - WG), count=1)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-        if it >= n_full:
-            p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, it * BLOCK_N, row0, seqlen_k, diag, qk_scale, True,
-                                                 CAUSAL, ROWS, BLOCK_N)
-        else:
-            p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, it * BLOCK_N, row0, seqlen_k, diag, qk_scale, False,
-                                                 CAUSAL, ROWS, BLOCK_N)
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-        p16 = gl.convert_layout(p.to(dtype), p_layout)
-        mbarrier.wait(v_bars.index(st), phase)
-        acc = warpgroup_mma(p16, v_smem.index(st), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        acc, m_i, l_i = _attend_tile(s, acc, m_i, l_i, v_smem.index(st), v_bars.index(st), phase, it, n_full, row0,
+                                     seqlen_k, diag, qk_scale, CAUSAL, ROWS, BLOCK_N, o_layout, p_layout)
         mbarrier.arrive(empty_bars.index(st), count=1)
 
     _finish_rows(acc, m_i, l_i, q_buf, o_desc, lse_rows, row0, 0, seqlen_q, o_layout, ROWS)
