@@ -344,6 +344,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: 
     """
     # the kernels need a contiguous head dim; other strides are read as they are
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    fwd = attn_fwd if torch.compiler.is_compiling() else _EagerAttention.apply
+    if torch.compiler.is_compiling():
+        fwd = attn_fwd
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias, sinks)):
+        fwd = _EagerAttention.apply
+    else:  # nothing to differentiate: no autograd node (it costs more than the rest of a short call)
+        fwd = _attn_fwd
     return fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, bias, alibi, seed, max_seqlen_q, max_seqlen_k,
                softmax_scale, diag, window[0], window[1], softcap, dropout_p, fixed_max, sinks, seqused_k, block_table)
