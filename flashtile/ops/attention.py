@@ -281,22 +281,26 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, bias, alibi, seed, sinks, seqused_k)
     ctx.scalars = tuple(inputs[_SCALARS])
-    ctx.n_inputs = len(inputs)
+    ctx.n_inputs, ctx.has_sinks = len(inputs), sinks is not None
     ctx.mark_non_differentiable(lse)
     # the LSE takes no gradient: no zeros made for it (one launch less per backward)
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dout, dlse, bwd=attn_bwd):
+def _input_grads(ctx, dout, bias_grad: bool, bwd):
+    """(dq, dk, dv, dbias, dsinks) from the saved context, by ``bwd`` (an ``attn_bwd``)."""
     q, k, v, out, lse, cu_q, cu_k, bias, alibi, seed, sinks, seqused_k = ctx.saved_tensors
     if dout is None:  # the output took no part in the loss
         dout = torch.zeros_like(out)
-    bias_grad = bias is not None and ctx.needs_input_grad[_BIAS]
-    dq, dk, dv, dbias, dsinks = bwd(dout, q, k, v, out, lse, cu_q, cu_k, bias, alibi, seed, *ctx.scalars,
-                                    bias_grad, sinks, seqused_k)
+    return bwd(dout, q, k, v, out, lse, cu_q, cu_k, bias, alibi, seed, *ctx.scalars, bias_grad, sinks, seqused_k)
+
+
+def _backward(ctx, dout, dlse):
+    bias_grad = ctx.needs_input_grad[_BIAS]
+    dq, dk, dv, dbias, dsinks = _input_grads(ctx, dout, bias_grad, attn_bwd)
     grads = [dq, dk, dv] + [None] * (ctx.n_inputs - 3)
     grads[_BIAS] = dbias if bias_grad else None
-    if sinks is not None:
+    if ctx.has_sinks:
         grads[_SINKS] = dsinks
     return tuple(grads)
 
@@ -307,17 +311,24 @@ attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 class _EagerAttention(torch.autograd.Function):
     """The same forward and backward as the registered ops, without the op
     dispatch (tens of microseconds per call, which short sequences notice).
-    Used outside ``torch.compile``; traced graphs use the ops."""
+    Used outside ``torch.compile``; traced graphs use the ops. ``inputs`` are
+    the op's arguments; the tensors among them that take gradients come first on
+    their own as well (autograd looks at those only: fewer arguments, less time)."""
 
     @staticmethod
-    def forward(ctx, *inputs):
+    def forward(ctx, q, k, v, bias, sinks, inputs):
         output = _attn_fwd(*inputs)
         _setup_context(ctx, inputs, output)
         return output
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        return _backward(ctx, dout, dlse, bwd=functools.partial(_attn_bwd, exact_strides=False))
+        _, _, _, bias_grad, sinks_grad, _ = ctx.needs_input_grad
+        dq, dk, dv, dbias, dsinks = _input_grads(ctx, dout, bias_grad, _eager_bwd)
+        return dq, dk, dv, dbias if bias_grad else None, dsinks if sinks_grad else None, None
+
+
+_eager_bwd = functools.partial(_attn_bwd, exact_strides=False)
 
 
 def dropout_seed(dropout_p: float) -> torch.Tensor | None:
@@ -344,11 +355,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: 
     """
     # the kernels need a contiguous head dim; other strides are read as they are
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    inputs = (q, k, v, cu_seqlens_q, cu_seqlens_k, bias, alibi, seed, max_seqlen_q, max_seqlen_k, softmax_scale, diag,
+              window[0], window[1], softcap, dropout_p, fixed_max, sinks, seqused_k, block_table)
     if torch.compiler.is_compiling():
-        fwd = attn_fwd
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias, sinks)):
-        fwd = _EagerAttention.apply
-    else:  # nothing to differentiate: no autograd node (it costs more than the rest of a short call)
-        fwd = _attn_fwd
-    return fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, bias, alibi, seed, max_seqlen_q, max_seqlen_k,
-               softmax_scale, diag, window[0], window[1], softcap, dropout_p, fixed_max, sinks, seqused_k, block_table)
+        return attn_fwd(*inputs)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias, sinks)):
+        return _EagerAttention.apply(q, k, v, bias, sinks, inputs)
+    return _attn_fwd(*inputs)  # nothing to differentiate: no autograd node (it costs more than the rest of a short call)
