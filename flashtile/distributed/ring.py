@@ -64,18 +64,21 @@ class Packed(NamedTuple):
     cu_k: torch.Tensor
     max_q: int
     max_k: int
+    alibi: torch.Tensor | None = None  # per-document ALiBi slopes, one row per document of the call
 
 
 class Block(NamedTuple):
     """One attention call of a ring step: local query rows against local rows of
     the key/value block held, with the op's diagonal offset and window; or, with
     ``packed``, every row as the documents of a varlen call (each aligned
-    bottom-right, so diag is implied by its lengths)."""
+    bottom-right, so diag is implied by its lengths). ``document``: in a packed
+    batch, the document whose rows the block holds."""
     q_rows: slice
     k_rows: slice
     diag: int
     window: tuple[int, int]
     packed: Packed | None = None
+    document: int = 0
 
 
 def _rows(chunks: list[Chunk]) -> slice:
@@ -169,7 +172,8 @@ class _Settings(NamedTuple):
     scale: float
     softcap: float
     steps: list[list[Block]]  # the blocks of each ring step
-    alibi: torch.Tensor | None = None  # fp32 ALiBi slopes, (nheads,) or (batch, nheads)
+    alibi: torch.Tensor | None = None  # fp32 ALiBi slopes, (nheads,) or (batch, nheads) ((ndocs, nheads) if varlen)
+    varlen: bool = False  # a packed batch of documents, run as a batch of one
 
 
 def plan_steps(ring: Ring, layout: str, local_len: int, window: tuple[int, int],
@@ -193,41 +197,51 @@ def _document_chunks(layout: str, rank: int, world_size: int, lengths: list[int]
     return documents
 
 
-def _bottom_right(b: Block) -> bool:
-    """Whether a varlen call (each document aligned bottom-right) computes the block exactly."""
-    return b.window == _UNBOUNDED or b.diag == (b.k_rows.stop - b.k_rows.start) - (b.q_rows.stop - b.q_rows.start)
+def _bottom_right(b: Block, positional: bool) -> bool:
+    """Whether a varlen call (each document aligned bottom-right) computes the block exactly
+    (``positional``: the scores depend on the distance of positions, so even without a mask)."""
+    return (b.window == _UNBOUNDED and not positional
+            or b.diag == (b.k_rows.stop - b.k_rows.start) - (b.q_rows.stop - b.q_rows.start))
 
 
-def _pack(blocks: list[Block], local_len: int, device) -> Block:
+def _pack(blocks: list[Block], local_len: int, device, slopes: torch.Tensor | None = None) -> Block:
     """Blocks of disjoint, increasing query rows and key rows, all of one window, as one
     varlen call over every row: the rows between them become documents without keys
     (their output is zero and their LSE -inf, which the merge leaves out) or without
-    queries (their gradients are zero)."""
-    cu_q, cu_k = [0], [0]
+    queries (their gradients are zero). ``slopes``: per-document ALiBi slopes
+    ``(ndocs, nheads)``, gathered into one row per document of the call."""
+    cu_q, cu_k, documents = [0], [0], []
 
-    def add(q_stop: int, k_stop: int) -> None:
+    def add(q_stop: int, k_stop: int, document: int = 0) -> None:
         if q_stop > cu_q[-1] or k_stop > cu_k[-1]:
             cu_q.append(q_stop)
             cu_k.append(k_stop)
+            documents.append(document)
 
     for b in blocks:
         add(b.q_rows.start, cu_k[-1])  # queries that see no key of this call
         add(cu_q[-1], b.k_rows.start)  # keys that no query of this call sees
-        add(b.q_rows.stop, b.k_rows.stop)
+        add(b.q_rows.stop, b.k_rows.stop, b.document)
     add(local_len, cu_k[-1])
     add(cu_q[-1], local_len)
     longest_q = max(b - a for a, b in pairwise(cu_q))
     longest_k = max(b - a for a, b in pairwise(cu_k))
     cu_q_t, cu_k_t = (torch.tensor(offsets, dtype=torch.int32, device=device) for offsets in (cu_q, cu_k))
-    return Block(slice(None), slice(None), 0, blocks[0].window, Packed(cu_q_t, cu_k_t, longest_q, longest_k))
+    alibi = None if slopes is None else slopes[torch.tensor(documents, device=slopes.device)]
+    return Block(slice(None), slice(None), 0, blocks[0].window, Packed(cu_q_t, cu_k_t, longest_q, longest_k, alibi))
 
 
-def plan_varlen_steps(ring: Ring, layout: str, lengths: list[int], window: tuple[int, int], device
-                      ) -> list[list[Block]]:
+def plan_varlen_steps(ring: Ring, layout: str, lengths: list[int], window: tuple[int, int], device,
+                      slopes: torch.Tensor | None = None) -> list[list[Block]]:
     """The blocks of each step for this rank's shard of a packed batch of documents of
     ``lengths`` (global): each document's blocks as :func:`plan_blocks` plans them, gathered
     into as few varlen calls as the documents allow; a block with a window that the
-    bottom-right alignment of a varlen call cannot place stays a call of its own."""
+    bottom-right alignment of a varlen call cannot place stays a call of its own.
+    ``slopes``: ALiBi slopes, ``(nheads,)`` or per document ``(ndocs, nheads)``; every
+    call's diagonal offset is then exact (only the blocks whose chunks are aligned
+    bottom-right share a call)."""
+    positional = slopes is not None
+    per_document = positional and slopes.dim() == 2
     local_len = sum(lengths) // ring.world_size
     q_documents = _document_chunks(layout, ring.rank, ring.world_size, lengths)
     steps = []
@@ -235,11 +249,12 @@ def plan_varlen_steps(ring: Ring, layout: str, lengths: list[int], window: tuple
         k_documents = _document_chunks(layout, (ring.rank - step) % ring.world_size, ring.world_size, lengths)
         calls: list[list[Block]] = []  # each: blocks for one varlen call
         single: list[Block] = []
-        for q_chunks, k_chunks in zip(q_documents, k_documents):
+        for document, (q_chunks, k_chunks) in enumerate(zip(q_documents, k_documents)):
             if not q_chunks[0].length:
                 continue  # an empty document
-            for b in plan_blocks(q_chunks, k_chunks, window):
-                if not _bottom_right(b):
+            for b in plan_blocks(q_chunks, k_chunks, window, positional):
+                b = b._replace(document=document)
+                if not _bottom_right(b, positional):
                     single.append(b)
                     continue
                 call = next((c for c in calls if c[-1].window == b.window and c[-1].q_rows.stop <= b.q_rows.start
@@ -248,7 +263,7 @@ def plan_varlen_steps(ring: Ring, layout: str, lengths: list[int], window: tuple
                     calls.append([b])
                 else:
                     call.append(b)
-        steps.append([_pack(c, local_len, device) for c in calls] + single)
+        steps.append([_pack(c, local_len, device, slopes if per_document else None) for c in calls] + single)
     return steps
 
 
@@ -256,13 +271,23 @@ def _exchange(s: _Settings, tensors: list[torch.Tensor]):
     return s.ring.exchange(tensors) if s.ring.world_size > 1 else _Ready(tensors)
 
 
+def _slopes(b: Block, s: _Settings) -> torch.Tensor | None:
+    """The ALiBi slopes of a block's call: a packed call's own rows; a packed batch's
+    per-document slopes, the row of the block's document (the batch is a batch of one)."""
+    if b.packed is not None:
+        return s.alibi if b.packed.alibi is None else b.packed.alibi
+    if s.alibi is not None and s.varlen and s.alibi.dim() == 2:
+        return s.alibi[b.document]
+    return s.alibi
+
+
 def _block_forward(q, k, v, b: Block, s: _Settings):
     """(out, lse) of one block; batched tensors (a packed batch as a batch of one)."""
     if b.packed is None:
-        return attn_fwd(q[:, b.q_rows], k[:, b.k_rows], v[:, b.k_rows], None, None, None, s.alibi, None, 0, 0,
+        return attn_fwd(q[:, b.q_rows], k[:, b.k_rows], v[:, b.k_rows], None, None, None, _slopes(b, s), None, 0, 0,
                         s.scale, b.diag, *b.window, s.softcap, 0.0)
     p = b.packed
-    out, lse = attn_fwd(q[0], k[0], v[0], p.cu_q, p.cu_k, None, None, None, p.max_q, p.max_k, s.scale, 0,
+    out, lse = attn_fwd(q[0], k[0], v[0], p.cu_q, p.cu_k, None, _slopes(b, s), None, p.max_q, p.max_k, s.scale, 0,
                         *b.window, s.softcap, 0.0)
     return out[None], lse[None]
 
@@ -271,11 +296,11 @@ def _block_backward(dout, q, k, v, out, lse, b: Block, s: _Settings):
     """(dq, dk, dv) of one block, as :func:`_block_forward`."""
     if b.packed is None:
         return attn_bwd(dout[:, b.q_rows], q[:, b.q_rows], k[:, b.k_rows], v[:, b.k_rows], out[:, b.q_rows],
-                        lse[:, :, b.q_rows].contiguous(), None, None, None, s.alibi, None, 0, 0, s.scale, b.diag,
-                        *b.window, s.softcap, 0.0, False)[:3]
+                        lse[:, :, b.q_rows].contiguous(), None, None, None, _slopes(b, s), None, 0, 0, s.scale,
+                        b.diag, *b.window, s.softcap, 0.0, False)[:3]
     p = b.packed
-    grads = attn_bwd(dout[0], q[0], k[0], v[0], out[0], lse[0], p.cu_q, p.cu_k, None, None, None, p.max_q, p.max_k,
-                     s.scale, 0, *b.window, s.softcap, 0.0, False)
+    grads = attn_bwd(dout[0], q[0], k[0], v[0], out[0], lse[0], p.cu_q, p.cu_k, None, _slopes(b, s), None, p.max_q,
+                     p.max_k, s.scale, 0, *b.window, s.softcap, 0.0, False)
     return tuple(g[None] for g in grads[:3])
 
 
@@ -446,6 +471,7 @@ def ring_flash_attn_varlen_func(
     softmax_scale: float | None = None,
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
     return_attn_probs: bool = False,
 ):
     """Exact attention over a packed batch of documents sharded across the ranks of
@@ -478,6 +504,9 @@ def ring_flash_attn_varlen_func(
         window_size: ``(left, right)`` sliding window in positions within each
             document, -1 for unbounded.
         softcap: if > 0, scores become ``softcap * tanh(scores / softcap)``.
+        alibi_slopes: fp32 ``(nheads,)`` or per document ``(ndocs, nheads)``; adds
+            ``-slope * |i - j|`` for positions ``i``, ``j`` within a document. A
+            ring step then makes one call per pair of chunks whose offsets differ.
         return_attn_probs: also return this rank's LSE and ``None``.
 
     Returns:
@@ -506,7 +535,10 @@ def ring_flash_attn_varlen_func(
     window = _window(window_size, bool(causal))
     check_softcap(softcap)
     scale = check_scale("softmax_scale", softmax_scale, q.shape[-1])
-    settings = _Settings(ring, scale, float(softcap), plan_varlen_steps(ring, layout, lengths, window, q.device))
+    check_alibi(alibi_slopes, len(lengths), q.shape[1], q.device)
+    alibi = None if alibi_slopes is None else alibi_slopes.float()
+    settings = _Settings(ring, scale, float(softcap), plan_varlen_steps(ring, layout, lengths, window, q.device, alibi),
+                         alibi, varlen=True)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     # a packed batch runs as a batch of one
     out, lse = _RingAttention.apply(q[None], k[None], v[None], settings)

@@ -50,7 +50,9 @@ def _gather(x, cu_seqlens, layout):
     return varlen_unshard(shards, cu_seqlens, layout)
 
 
-def varlen_case(seed, layout, causal, dtype, nheads, nheads_k, headdim, lengths, interpret=False, **options):
+def varlen_case(seed, layout, causal, dtype, nheads, nheads_k, headdim, lengths, interpret=False, alibi=None,
+                **options):
+    """``alibi``: None, "heads" (slopes (nheads,)) or "documents" (slopes (ndocs, nheads))."""
     from cluster import set_backend_env
 
     set_backend_env(interpret)
@@ -59,6 +61,10 @@ def varlen_case(seed, layout, causal, dtype, nheads, nheads_k, headdim, lengths,
     total = sum(lengths)
     q = torch.randn(total, nheads, headdim, dtype=dtype, device=device())
     k, v = (torch.randn(total, nheads_k, headdim, dtype=dtype, device=device()) for _ in range(2))
+    slopes = None
+    if alibi is not None:
+        slopes = torch.rand(nheads if alibi == "heads" else (len(lengths), nheads), device=device())
+        options["alibi_slopes"] = slopes
 
     def ring(q, k, v):
         shards = (_ScatterDocuments.apply(t, cu_seqlens, layout) for t in (q, k, v))
@@ -66,7 +72,9 @@ def varlen_case(seed, layout, causal, dtype, nheads, nheads_k, headdim, lengths,
                                           layout=layout, **options)
         return _GatherDocuments.apply(out, cu_seqlens, layout)
 
-    check_attention(ring, q, k, v, ref_fn=packed_ref(lengths, lengths), causal=causal, **options)
+    ref_options = {name: value for name, value in options.items() if name != "alibi_slopes"}
+    check_attention(ring, q, k, v, ref_fn=packed_ref(lengths, lengths, alibi_slopes=slopes), causal=causal,
+                    **ref_options)
 
 
 # (world_size, layout, causal, dtype, nheads, nheads_k, document lengths, options, interpret)
@@ -83,6 +91,11 @@ CASES = [
     (4, "contiguous", False, torch.float32, 2, 2, [16, 24], {"window_size": (3, 6)}, False),
     (2, "zigzag", True, torch.float32, 2, 1, [12, 4, 8], {}, True),
     (2, "contiguous", False, torch.float32, 2, 1, [8, 12], {"window_size": (2, 3)}, True),
+    # ALiBi: one call per pair of chunks at a distance, the aligned pairs packed
+    (2, "zigzag", True, torch.float32, 4, 2, [12, 4, 20], {"alibi": "heads"}, False),
+    (4, "contiguous", False, torch.bfloat16, 2, 1, [8, 16], {"alibi": "documents"}, False),
+    (2, "zigzag", False, torch.float32, 2, 2, [8, 12], {"alibi": "documents", "window_size": (3, 2)}, False),
+    (2, "contiguous", True, torch.float32, 2, 1, [4, 8], {"alibi": "heads"}, True),
 ]
 
 
