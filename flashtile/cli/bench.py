@@ -202,6 +202,10 @@ def _rss_kib(field_name: str) -> int:
     return 0
 
 
+CPU_TIMED_MS = 500.0
+CPU_MAX_REPS = 100
+
+
 def _cpu_child(provider: str, case: Case, mode: str, reps: int, threads: int, conn) -> None:
     """Runs in a process of its own so that its peak resident memory is its own, with
     the caller's number of threads (torch.set_num_threads before the benchmark)."""
@@ -210,7 +214,9 @@ def _cpu_child(provider: str, case: Case, mode: str, reps: int, threads: int, co
     timed = _timed_fn(mode, fn, inputs)
     base = _rss_kib("VmRSS")
     times = []
-    for _ in range(reps + 1):
+    # a warm-up call, then at least ``reps`` timed calls and more while they add up to less
+    # than CPU_TIMED_MS (short calls on a shared CPU vary by tens of percent from call to call)
+    while len(times) < reps + 1 or (sum(times[1:]) < CPU_TIMED_MS and len(times) <= CPU_MAX_REPS):
         t0 = time.perf_counter()
         timed()
         times.append((time.perf_counter() - t0) * 1e3)
