@@ -36,7 +36,7 @@ def timed(fn, backward: bool) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def main():
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seqlens", default="1024,4096")
     ap.add_argument("--dtypes", default="fp32,bf16")
@@ -44,7 +44,7 @@ def main():
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--out", default="bench_results/cpu.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     rows = []
     order = random.Random(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, {args.heads} heads, "
@@ -85,7 +85,8 @@ def main():
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(dict(torch=torch.__version__, threads=torch.get_num_threads(), heads=args.heads,
                                     head_dim=args.head_dim, rounds=args.rounds, rows=rows), indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
