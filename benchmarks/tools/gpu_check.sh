@@ -38,11 +38,16 @@ for step in "$@"; do
     gluon) python3 benchmarks/tools/gluon_bench.py --head-dim 128 --seqlens 1024,2048,4096,8192,16384 --causal 0,1 \
              2>&1 | tee "$OUT/gluon.log" ;;
     ring) python3 benchmarks/ring_step.py --out "$OUT/ring_step.json" 2>&1 | tee "$OUT/ring_step.log" ;;
+    cp-scaling)  # several GPUs: the NCCL tests, then ring and Ulysses scaling against one GPU
+      python3 -m pytest -q -m gpu --tb=line tests/distributed > "$OUT/cp_tests.log" 2>&1; tail -5 "$OUT/cp_tests.log"
+      python3 benchmarks/ring_scaling.py --out "$OUT/ring_scaling.json" 2>&1 | tee "$OUT/ring_scaling.log"
+      python3 benchmarks/ring_scaling.py --method ulysses --out "$OUT/ulysses_scaling.json" 2>&1 \
+        | tee "$OUT/ulysses_scaling.log" ;;
     train) python3 benchmarks/train.py --out "$OUT/train.json" 2>&1 | tee "$OUT/train.log" ;;
     fuzz) FLASHTILE_FUZZ_EXAMPLES=2000 python3 -m pytest -q -m gpu -n 8 tests/fuzz 2>&1 | tee "$OUT/fuzz.log" | tail -5 ;;
     models) python3 benchmarks/models.py --out "$OUT/models.json" 2>&1 | tee "$OUT/models.log" ;;
     tune) python3 benchmarks/tools/tune.py 2>&1 | tee "$OUT/tune.log" ;;
-    *) echo "unknown step: $step (tests bench bench-graph flex features decode sparse cosine cosine-train host models tune fp8 gluon ring train fuzz)"
+    *) echo "unknown step: $step (tests bench bench-graph flex features decode sparse cosine cosine-train host models tune fp8 gluon ring cp-scaling train fuzz)"
        exit 2 ;;
   esac
 done
