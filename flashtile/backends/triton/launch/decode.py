@@ -187,7 +187,9 @@ def _decode_steps(call, cfg, num_splits, row_lookup, merge, seqlen_new, softmax_
     constexprs = dict(
         HEAD_DIM=head_dim, BLOCK_D=block_d, HEAD_DIM_V=head_dim_v, BLOCK_DV=block_dv, PAGE_SIZE=k_cache.shape[1] if paged else 0,
         HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFTPAD=leftpad is not None, MASK_LEFT=window_left >= 0,
-        MASK_RIGHT=window_right >= 0, SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None,
+        # query t sees keys up to t + seqlen_k - seqlen_q + window_right: every key once window_right
+        # >= seqlen_q - 1 (a causal step of one token), and the mask's product is then skipped
+        MASK_RIGHT=0 <= window_right < seqlen_q - 1, SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None,
         UPCAST=interpreting() and q.dtype == torch.bfloat16, DOT_PRECISION=dot_precision(q.dtype, q.device),
         ROW_LOOKUP=row_lookup, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
         HAS_SINKS=sinks is not None, KV_FP8=k_descale is not None)
