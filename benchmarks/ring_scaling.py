@@ -13,9 +13,10 @@ with ``--rank``), joined by a process group over TCP on this host.
 A rank's time is the wall time from a barrier to its own backward's end (the
 device synchronised); a run's time is the slowest rank's, the median over
 ``--reps`` runs after one warm-up. Where one rank does not hold the whole
-sequence (out of memory), the one-rank time is extrapolated from the
-longest sequence it held as attention's cost grows, with the square of the
-length (marked ``"extrapolated"``). Efficiency = one-rank time / (W x W-rank time).
+sequence (out of memory, or longer than ``--one-rank-max-tokens``), the
+one-rank time is extrapolated from the longest sequence it held as
+attention's cost grows, with the square of the length (marked
+``"extrapolated"``). Efficiency = one-rank time / (W x W-rank time).
 """
 
 from __future__ import annotations
@@ -62,7 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--causal", type=int, choices=[0, 1], default=1)
     ap.add_argument("--layout", choices=["zigzag", "contiguous"], default="zigzag")
     ap.add_argument("--method", choices=["ring", "ulysses"], default="ring")
-    ap.add_argument("--reps", type=int, default=3, help="timed runs per cell (after one warm-up)")
+    ap.add_argument("--reps", type=int, default=2, help="timed runs per cell (after one warm-up)")
+    ap.add_argument("--one-rank-max-tokens", type=int, default=524288,
+                    help="longest sequence timed on one rank (longer ones extrapolated: a 1M-token causal "
+                         "forward+backward takes over a minute on one H100)")
     ap.add_argument("--small", action="store_true",
                     help="CPU-sized run: gloo, 1 and 2 ranks, 256 tokens, 4 heads (2 kv) of 16, fp32")
     ap.add_argument("--out", default=None, help="JSON file of the results")
@@ -113,6 +117,9 @@ def _rank_main(args) -> None:
     rows = []
     for tokens in cfg["tokens"]:
         local = tokens // world
+        if world == 1 and tokens > args.one_rank_max_tokens:
+            rows.append(dict(tokens=tokens, local_tokens=local, ms=None))
+            continue
         torch.manual_seed(rank)  # random shards: the time does not depend on the values
         try:
             q, k, v = (torch.randn(1, local, h, cfg["head_dim"], device=device, dtype=dtype).requires_grad_()
@@ -158,7 +165,8 @@ def _rank_argv(args) -> list[str]:
     """The arguments a rank is started with: the run's settings (not its output file)."""
     argv = ["--worlds", ",".join(map(str, args.worlds)), "--tokens", ",".join(map(str, args.tokens)),
             "--heads", str(args.heads), "--kv-heads", str(args.kv_heads), "--head-dim", str(args.head_dim),
-            "--causal", str(args.causal), "--layout", args.layout, "--method", args.method, "--reps", str(args.reps)]
+            "--causal", str(args.causal), "--layout", args.layout, "--method", args.method, "--reps", str(args.reps),
+            "--one-rank-max-tokens", str(args.one_rank_max_tokens)]
     return argv + (["--small"] if args.small else [])
 
 
