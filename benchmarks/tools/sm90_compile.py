@@ -159,7 +159,7 @@ def compile_passes(args, launch_attention, decode, AttnOptions) -> None:
             cache = (args.batch, args.seqlen, 8, args.head_dim)
         kc, vc = torch.randn(cache).to(dtype), torch.randn(cache).to(dtype)
         descales = (torch.ones(args.batch, 8), torch.ones(args.batch, 8)) if fp8 else (None, None)
-        decode.decode_triton(qd, kc, vc, seqlens, None, table, None, None, 0, args.head_dim ** -0.5, -1, -1,
+        decode.decode_triton(qd, kc, vc, seqlens, None, table, None, None, 0, args.head_dim ** -0.5, left, right,
                              0.0, 16, None, *descales)
 
 

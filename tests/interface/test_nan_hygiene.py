@@ -153,6 +153,38 @@ def test_kvcache(backend, paged):
         assert max_err(out[b:b + 1], ref) <= 1e-5
 
 
+@pytest.mark.parametrize("seqlen_q", [1, 4])
+@pytest.mark.parametrize("kw", [dict(causal=True, window_size=(37, 0)), dict(window_size=(100, 2)),
+                                dict(causal=True)], ids=str)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_kvcache_window(backend, seqlen_q, kw, num_splits):
+    # decoding over many key tiles: the keys just outside every row's window (and far outside it)
+    # are NaN or Inf, the tiles inside it clean; then one key inside the window of one row only
+    lengths = torch.tensor([300, 170], dtype=torch.int32)
+    q = torch.randn(2, seqlen_q, 4, 32)
+    k, v = torch.randn(2, 300, 2, 32), torch.randn(2, 300, 2, 32)
+    left = kw.get("window_size", (-1, -1))[0]
+    for b, n in enumerate(lengths.tolist()):
+        if left >= 0:
+            first_seen = n - seqlen_q - left  # the left edge of the first query's window
+            for pos in (3, first_seen - 1):
+                k[b, pos], v[b, pos] = float("nan"), float("inf")
+        k[b, n:], v[b, n:] = float("nan"), float("nan")  # past cache_seqlens
+    call = dict(cache_seqlens=lengths, num_splits=num_splits, **kw)
+    out = flash_attn_with_kvcache(q, k, v, **call)
+    assert out.isfinite().all()
+    for b, n in enumerate(lengths.tolist()):
+        ref = attention_ref(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n], compute_dtype=torch.float64, **kw)
+        assert max_err(out[b:b + 1], ref) <= 1e-5
+    if seqlen_q > 1:  # a NaN value the last query sees and the first does not (causal: right of it)
+        n = int(lengths[0])
+        v[0, n - 1, 0, 5] = float("nan")
+        out = flash_attn_with_kvcache(q, k, v, **call)
+        ref = attention_ref(q[:1], k[:1, :n], v[:1, :n], compute_dtype=torch.float64, **kw)
+        assert torch.equal(out[:1].isfinite().all(-1), ref.isfinite().all(-1))
+        assert max_err(out[:1][ref.isfinite()], ref[ref.isfinite()]) <= 1e-5
+
+
 # --- on a CUDA GPU with the compiled kernels (marker ``gpu``) ---------------------------
 
 @pytest.mark.gpu

@@ -32,6 +32,76 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def _decode_tiles(acc, l_i, m_i, q, k_base, v_base, table, tile_lo, tile_hi, rows, offs_n, offs_d, offs_dv, d_ok,
+                  dv_ok, seqlen_q, seqlen_k, diag, first_key, window_left, window_right, max_pages, qk_scale,
+                  softcap_in, softcap_out, alibi_slope, Q, stride_kb, stride_ks, stride_vb, stride_vs,
+                  BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, ROW_LOOKUP: tl.constexpr,
+                  MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+                  SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, KV_FP8: tl.constexpr, UPCAST: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, EDGE: tl.constexpr):
+    """Accumulate the key tiles [tile_lo, tile_hi) into (acc, l_i, m_i) of the rows ``rows``
+    (query tokens) of attn_decode_kernel; the MASK_* / HAS_LEFTPAD switches mask by
+    position (keys past ``seqlen_k`` are always masked). EDGE: a loop of one or two tiles
+    (a program's rows span at most BLOCK_M tokens), not pipelined."""
+    for start_n in tl.range(tile_lo, tile_hi, BLOCK_N, num_stages=1 if EDGE else None):
+        cols = start_n + offs_n
+        col_ok = cols < seqlen_k
+        if PAGE_SIZE % BLOCK_N == 0 and PAGE_SIZE > 0 and not ROW_LOOKUP:
+            # the tile lies in one page (start_n is a multiple of BLOCK_N): one lookup (a scalar
+            # load, which measured 2-6% faster with splits and 23% slower without: ROW_LOOKUP)
+            page = tl.load(table + start_n // PAGE_SIZE).to(tl.int64)
+            k_rows = page * stride_kb + (start_n % PAGE_SIZE + offs_n) * stride_ks
+            v_rows = page * stride_vb + (start_n % PAGE_SIZE + offs_n) * stride_vs
+        elif PAGE_SIZE > 0 and BLOCK_N % PAGE_SIZE == 0 and (PAGE_SIZE & (PAGE_SIZE - 1)) == 0 and not ROW_LOOKUP:
+            # pages smaller than a tile: one id per page, broadcast over the page's rows
+            pg = start_n // PAGE_SIZE + tl.arange(0, BLOCK_N // PAGE_SIZE)
+            page = tl.load(table + pg, mask=(pg * PAGE_SIZE < seqlen_k) & (pg < max_pages), other=0).to(tl.int64)
+            # pages x rows of a page: row p * PAGE_SIZE + r is page p's row r
+            page_of_row = tl.sum(tl.where(offs_n[:, None] // PAGE_SIZE == tl.arange(0, BLOCK_N // PAGE_SIZE)[None, :],
+                                          page[None, :], 0), 1)
+            k_rows = page_of_row * stride_kb + (offs_n % PAGE_SIZE) * stride_ks
+            v_rows = page_of_row * stride_vb + (offs_n % PAGE_SIZE) * stride_vs
+        elif PAGE_SIZE > 0:
+            # pages not dividing a tile, or ROW_LOOKUP: look up the page of every row
+            page = tl.load(table + cols // PAGE_SIZE, mask=col_ok & (cols // PAGE_SIZE < max_pages), other=0)
+            k_rows = page.to(tl.int64) * stride_kb + (cols % PAGE_SIZE) * stride_ks
+            v_rows = page.to(tl.int64) * stride_vb + (cols % PAGE_SIZE) * stride_vs
+        else:
+            k_rows = cols.to(tl.int64) * stride_ks
+            v_rows = cols.to(tl.int64) * stride_vs
+        k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=col_ok[:, None] & d_ok, other=0.0)
+        v = tl.load(v_base + v_rows[:, None] + offs_dv[None, :], mask=col_ok[:, None] & dv_ok, other=0.0)
+        if KV_FP8:
+            # fp8 tiles in q's compute dtype (fp16/bf16, or fp32 under UPCAST or for fp32 q)
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
+        elif UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s, _ = tile_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), rows, cols[None, :], seqlen_q,
+                           seqlen_k, diag, qk_scale, softcap_in, softcap_out, alibi_slope, Q, 0, 0,
+                           SOFTCAP, HAS_ALIBI, BIAS_NONE, False)
+        allowed = tile_mask(rows, cols[None, :], seqlen_k, diag, window_left, window_right, MASK_LEFT, MASK_RIGHT)
+        if HAS_LEFTPAD:
+            allowed = allowed & (cols[None, :] >= first_key)
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row may have seen no key yet: keep the exponent finite
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASK_LEFT or MASK_RIGHT or HAS_LEFTPAD:
+            # keys inside the cache that a row of the tile does not see add nothing, NaN included
+            acc = masked_pv(acc * alpha[:, None], p, v, allowed, DOT_PRECISION)
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    return acc, l_i, m_i
+
+
+@triton.jit
 def attn_decode_kernel(
     Q, K, V, Out, Lse, CacheSeqlens, CacheBatchIdx, BlockTable, Leftpad, Alibi, Sinks, KDescale, VDescale,
     MergedOut, MergedLse, Counters,
@@ -131,6 +201,7 @@ def attn_decode_kernel(
         k_base = K + hk * stride_kh
         v_base = V + hk * stride_vh
     else:
+        table = BlockTable  # unused
         cache_b = b
         if HAS_BATCH_IDX:
             cache_b = tl.load(CacheBatchIdx + b)
@@ -145,60 +216,38 @@ def attn_decode_kernel(
         l_i = tl.where(first, 1.0, l_i)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     rows = tok[:, None]
-    for start_n in range(start, end, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < seqlen_k
-        if PAGE_SIZE % BLOCK_N == 0 and PAGE_SIZE > 0 and not ROW_LOOKUP:
-            # the tile lies in one page (start_n is a multiple of BLOCK_N): one lookup (a scalar
-            # load, which measured 2-6% faster with splits and 23% slower without: ROW_LOOKUP)
-            page = tl.load(table + start_n // PAGE_SIZE).to(tl.int64)
-            k_rows = page * stride_kb + (start_n % PAGE_SIZE + offs_n) * stride_ks
-            v_rows = page * stride_vb + (start_n % PAGE_SIZE + offs_n) * stride_vs
-        elif PAGE_SIZE > 0 and BLOCK_N % PAGE_SIZE == 0 and (PAGE_SIZE & (PAGE_SIZE - 1)) == 0 and not ROW_LOOKUP:
-            # pages smaller than a tile: one id per page, broadcast over the page's rows
-            pg = start_n // PAGE_SIZE + tl.arange(0, BLOCK_N // PAGE_SIZE)
-            page = tl.load(table + pg, mask=(pg * PAGE_SIZE < seqlen_k) & (pg < max_pages), other=0).to(tl.int64)
-            # pages x rows of a page: row p * PAGE_SIZE + r is page p's row r
-            page_of_row = tl.sum(tl.where(offs_n[:, None] // PAGE_SIZE == tl.arange(0, BLOCK_N // PAGE_SIZE)[None, :],
-                                          page[None, :], 0), 1)
-            k_rows = page_of_row * stride_kb + (offs_n % PAGE_SIZE) * stride_ks
-            v_rows = page_of_row * stride_vb + (offs_n % PAGE_SIZE) * stride_vs
-        elif PAGE_SIZE > 0:
-            # pages not dividing a tile, or ROW_LOOKUP: look up the page of every row
-            page = tl.load(table + cols // PAGE_SIZE, mask=col_ok & (cols // PAGE_SIZE < max_pages), other=0)
-            k_rows = page.to(tl.int64) * stride_kb + (cols % PAGE_SIZE) * stride_ks
-            v_rows = page.to(tl.int64) * stride_vb + (cols % PAGE_SIZE) * stride_vs
+    # tiles [mid_lo, mid_hi) are seen whole by every row of the program (no causal, window or
+    # left-padding mask there): they skip the NaN-safe product, which the edge tiles around
+    # them take (phases 0 and 2; only phase 1 exists without such masks)
+    ANY_MASK: tl.constexpr = MASK_LEFT or MASK_RIGHT or HAS_LEFTPAD
+    mid_lo = start
+    mid_hi = end
+    if ANY_MASK:
+        seen_from = first_key
+        if MASK_LEFT:
+            seen_from = tl.maximum(seen_from, tok_hi + diag - window_left)
+        seen_to = end
+        if MASK_RIGHT:
+            seen_to = tl.minimum(seen_to, tok_lo + diag + window_right + 1)
+        mid_lo = tl.minimum(tl.maximum(start, tl.cdiv(tl.maximum(seen_from, 0), BLOCK_N) * BLOCK_N), end)
+        mid_hi = tl.maximum(mid_lo, tl.minimum(end, tl.maximum(seen_to, 0) // BLOCK_N * BLOCK_N))
+        if not MASK_RIGHT:
+            mid_hi = end  # a partial last tile needs only the bounds
+    for phase in tl.static_range(3):
+        if phase == 0:
+            tile_lo, tile_hi = start, mid_lo
+        elif phase == 1:
+            tile_lo, tile_hi = mid_lo, mid_hi
         else:
-            k_rows = cols.to(tl.int64) * stride_ks
-            v_rows = cols.to(tl.int64) * stride_vs
-        k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=col_ok[:, None] & d_ok, other=0.0)
-        v = tl.load(v_base + v_rows[:, None] + offs_dv[None, :], mask=col_ok[:, None] & dv_ok, other=0.0)
-        if KV_FP8:
-            # fp8 tiles in q's compute dtype (fp16/bf16, or fp32 under UPCAST or for fp32 q)
-            k = k.to(q.dtype)
-            v = v.to(q.dtype)
-        elif UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s, _ = tile_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), rows, cols[None, :], seqlen_q,
-                           seqlen_k, diag, qk_scale, softcap_in, softcap_out, alibi_slope, Q, 0, 0,
-                           SOFTCAP, HAS_ALIBI, BIAS_NONE, False)
-        allowed = tile_mask(rows, cols[None, :], seqlen_k, diag, window_left, window_right, MASK_LEFT, MASK_RIGHT)
-        if HAS_LEFTPAD:
-            allowed = allowed & (cols[None, :] >= first_key)
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row may have seen no key yet: keep the exponent finite
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if MASK_LEFT or MASK_RIGHT or HAS_LEFTPAD:
-            # keys inside the cache that a row does not see (causal, window, left padding) add nothing
-            acc = masked_pv(acc * alpha[:, None], p, v, allowed, DOT_PRECISION)
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+            tile_lo, tile_hi = mid_hi, end
+        if ANY_MASK or phase == 1:
+            acc, l_i, m_i = _decode_tiles(
+                acc, l_i, m_i, q, k_base, v_base, table, tile_lo, tile_hi, rows, offs_n, offs_d, offs_dv, d_ok,
+                dv_ok, seqlen_q, seqlen_k, diag, first_key, window_left, window_right, max_pages, qk_scale,
+                softcap_in, softcap_out, alibi_slope, Q, stride_kb, stride_ks, stride_vb, stride_vs,
+                BLOCK_N, PAGE_SIZE, ROW_LOOKUP, MASK_LEFT and phase != 1, MASK_RIGHT and phase != 1,
+                HAS_LEFTPAD and phase != 1,
+                SOFTCAP, HAS_ALIBI, KV_FP8, UPCAST, DOT_PRECISION, phase != 1)
 
     # rows that saw no key of this split: output 0, LSE -inf
     seen = l_i > 0.0
