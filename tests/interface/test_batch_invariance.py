@@ -29,21 +29,30 @@ def invariant():
 @pytest.mark.parametrize("capability", [(9, 0), (8, 0)], ids=["sm90", "sm80"])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("elem_size", [1, 2, 4])
-def test_one_key_tile_for_every_forward_launch(capability, head_dim, elem_size):
+def test_one_config_for_every_forward_launch(capability, head_dim, elem_size):
     """Every forward launch-table name (descriptors or not, causal, window, short rows:
-    chosen from the batch's longest rows) starts, in batch-invariant mode, with a config
-    of one key tile. Without the mode the table's tiles differ between names."""
+    chosen from the batch's longest rows) runs, in batch-invariant mode, the plain
+    forward entry's configs: one key tile and one query tile (a causal mask's masked
+    tiles follow the query tile). Without the mode the table's tiles differ between names."""
     firsts = {name: launch_configs(name, head_dim, elem_size, capability)[0]
               for name in launch_attention.FORWARD_NAMES}
-    chosen = {name: invariant_configs(launch_configs(name, head_dim, elem_size, capability), head_dim, elem_size,
-                                      capability)[0] for name in launch_attention.FORWARD_NAMES}
-    assert len({c.block_n for c in chosen.values()}) == 1
-    # the mode keeps each entry's other choices where it can (query tile, warps, stages)
-    for name, cfg in chosen.items():
-        if firsts[name].block_n == cfg.block_n:
-            assert cfg == firsts[name]
+    chosen = {name: invariant_configs(head_dim, elem_size, capability) for name in launch_attention.FORWARD_NAMES}
+    assert all(configs == chosen["fwd"] for configs in chosen.values())
+    assert chosen["fwd"][0] == firsts["fwd"]
     if capability == (9, 0) and head_dim in (64, 128) and elem_size == 2:
-        assert len({c.block_n for c in firsts.values()}) > 1  # what the mode is for
+        assert len({(c.block_m, c.block_n) for c in firsts.values()}) > 1  # what the mode is for
+
+
+def test_loads_do_not_follow_the_longest_rows(invariant, monkeypatch):
+    """Descriptors or pointer loads: chosen on Hopper from the rows' key count, except in the mode."""
+    monkeypatch.setattr(launch_attention, "capability_of", lambda device: (9, 0))
+    q, k, v = (torch.randn(1, 256, 2, 64, dtype=torch.bfloat16) for _ in range(3))
+    short = launch_attention._forward_features(q, k, v, keys_per_row=8)
+    long = launch_attention._forward_features(q, k, v, keys_per_row=1 << 20)
+    assert short["KV_DESC"] == long["KV_DESC"]
+    flashtile.set_batch_invariant(False)
+    assert launch_attention._forward_features(q, k, v, keys_per_row=8)["KV_DESC"] == 0
+    assert launch_attention._forward_features(q, k, v, keys_per_row=1 << 20)["KV_DESC"] > 0
 
 
 def test_mode_switch():

@@ -21,6 +21,7 @@ from .choose import launch_kernel
 from .device import (LOG2E, block_d_of, capability_of, cdiv, dot_precision, env_flag, interpreting,
                      scratch_allocator, tail_heads, tma_compatible)
 from .gluon import gluon_attention_forward, gluon_forward_supported
+from .invariant import batch_invariant
 from .plans import plan_key, run_planned
 from .table import split_dkdv
 
@@ -67,6 +68,8 @@ def _forward_features(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys_pe
     hopper = capability is not None and capability[0] >= 9
     warp_spec = env_flag("FLASHTILE_FWD_WS")
     warp_spec = hopper and DEFAULT_FWD_WS if warp_spec is None else warp_spec and capability is not None
+    if batch_invariant():
+        keys_per_row = FWD_TMA_MIN_KEYS  # the loads must not depend on the batch's longest rows
     kv_desc = _descriptor_mode("FLASHTILE_FWD_TMA", DEFAULT_FWD_TMA, keys_per_row, FWD_TMA_MIN_KEYS, k.shape[-3],
                                k, v)
     if q.element_size() > 2 and "FLASHTILE_FWD_TMA" not in os.environ:
@@ -266,7 +269,8 @@ def _forward_steps(q, k, v, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
             const["V_SEQ_MAJOR"] = True
             v_aligned = (not varlen and v.data_ptr() % 16 == 0
                          and all(st % 16 == 0 for i, st in enumerate(v.stride()) if i != 1))
-            kv_desc = _descriptor_mode("FLASHTILE_FWD_TMA", DEFAULT_FWD_TMA, keys_per_row, FWD_TMA_MIN_KEYS,
+            kv_desc = _descriptor_mode("FLASHTILE_FWD_TMA", DEFAULT_FWD_TMA,
+                                       FWD_TMA_MIN_KEYS if batch_invariant() else keys_per_row, FWD_TMA_MIN_KEYS,
                                        k.shape[-3], k)
             const["KV_DESC"] = min(kv_desc, 1) if v_aligned and not paged else 0
     else:

@@ -51,7 +51,7 @@ def launch_kernel(name: str, kernel, grid_fn, args, constexprs: dict, tensor: to
     Block-sparse launches (SPARSE) cap the tiles at the mask's block size, of
     which they are then divisors (all are powers of two), and take no two-halves configs.
     Returns the ``KernelLaunch`` it ran; ``build_only``: the step it would run now, not run.
-    In batch-invariant mode (``.invariant``) forward launches keep one key tile."""
+    In batch-invariant mode (``.invariant``) forward launches run one config list."""
     capability = capability_of(tensor.device)
     invariant = name.startswith("fwd") and batch_invariant()
     tuning = capability is not None and autotune.enabled() and not invariant
@@ -65,7 +65,7 @@ def launch_kernel(name: str, kernel, grid_fn, args, constexprs: dict, tensor: to
     else:
         candidates = launch_configs(name, block_d, tensor.element_size(), capability)
         if invariant:
-            candidates = invariant_configs(candidates, block_d, tensor.element_size(), capability)
+            candidates = invariant_configs(block_d, tensor.element_size(), capability)
     if constexprs.get("SPARSE"):
         # the tiles' own entries (two halves were measured on dense attention only)
         candidates = list(dict.fromkeys(
@@ -105,15 +105,15 @@ def launch_kernel(name: str, kernel, grid_fn, args, constexprs: dict, tensor: to
     raise RuntimeError(f"flashtile: no launch configuration of kernel '{name}' fits this GPU") from error
 
 
-def invariant_configs(candidates: list[LaunchConfig], block_d: int, elem_size: int,
-                      capability: tuple[int, int] | None) -> list[LaunchConfig]:
-    """``candidates`` of a forward launch in batch-invariant mode: those with the key tile
-    of the plain forward entry (``"fwd"``) for this head dim, dtype and GPU, then the
-    others with their key tile replaced by it (a row's result depends on the key tile
-    only, not on the query tile, the warps, the stages or the loads)."""
-    block_n = launch_configs("fwd", block_d, elem_size, capability)[0].block_n
-    same = [c for c in candidates if c.block_n == block_n]
-    return list(dict.fromkeys(same + [c._replace(block_n=block_n) for c in candidates]))
+def invariant_configs(block_d: int, elem_size: int, capability: tuple[int, int] | None) -> list[LaunchConfig]:
+    """The configs of every forward launch in batch-invariant mode: those of the launch
+    table's plain forward entry (``"fwd"``) for this head dim, dtype and GPU, whichever
+    entry the batch's rows would pick. A row's sums depend on the key tile (the order
+    of its keys) and, under a causal or window mask, on the query tile too: it decides
+    which key tiles go through the masked loop, whose rounding differs from the
+    unmasked one (on an H100, fixing the key tile alone left a causal sequence at head
+    dim 128 different packed and alone)."""
+    return launch_configs("fwd", block_d, elem_size, capability)
 
 
 def _autotune_key(name, kernel, block_d, tensor, capability, constexprs, buckets) -> str:
