@@ -114,10 +114,13 @@ _SM90_FP32 = {
 # Hopper, 1-byte (FP8) inputs, the forward kernel: the 2-byte entries' tiles (two halves of
 # 256 x 64 at head dim 128) spill registers with FP8's extra work (184 B of stack, sm90
 # compile), these do not or least; masked launches (causal, window) carry more code and take
-# 64-key tiles (docs/experiments/2026-12-07-fp8-forward.md). Chosen by compiling, not yet timed.
+# 64-key tiles (docs/experiments/2026-12-07-fp8-forward.md). Chosen by compiling; at head dim
+# 128 the unmasked entry by timing (H100: 128 x 128 tiles in 3 stages 1.18x the 2-stage ones
+# at 4k and 16k; benchmarks/tools/fp8_sweep.py), the others not yet timed.
 _SM90_FP8_FWD = {
     64: [LaunchConfig(128, 128, 8, 3), LaunchConfig(128, 64, 8, 3), LaunchConfig(64, 64, 4, 2)],
-    128: [LaunchConfig(128, 128, 8, 2), LaunchConfig(128, 64, 8, 3), LaunchConfig(64, 64, 4, 2)],
+    128: [LaunchConfig(128, 128, 8, 3), LaunchConfig(128, 128, 8, 2), LaunchConfig(128, 64, 8, 3),
+          LaunchConfig(64, 64, 4, 2)],
     256: [LaunchConfig(128, 64, 8, 3), LaunchConfig(64, 64, 4, 3), LaunchConfig(64, 64, 4, 2)],
 }
 _SM90_FP8_FWD_MASKED = {
