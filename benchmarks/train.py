@@ -225,11 +225,44 @@ def print_summary(results: dict) -> None:
         console.print(table)
 
 
+def save_plot(results: dict, path: Path) -> None:
+    """The same-seed loss curves (the context part's shortest context) and tokens/s per context."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [c for c in results["cells"] if c["part"] == "context"]
+    contexts = sorted({c["seq_len"] for c in cells})
+    device = next((c["device"] for c in results["cells"] if c.get("device")), "?")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for c in cells:
+        if c["seq_len"] == min(contexts, default=0) and c.get("loss"):
+            left.plot(range(1, len(c["loss"]) + 1), c["loss"], label=c["attention"], linewidth=1)
+    left.set(xlabel="step", ylabel="training loss", title=f"same seed and data, {min(contexts, default=0)} tokens")
+    left.legend()
+    attentions = list(dict.fromkeys(c["attention"] for c in cells))
+    width = 0.8 / max(len(attentions), 1)
+    for i, a in enumerate(attentions):
+        rates = [next((c["tokens_per_s"] / 1e3 for c in cells if c["attention"] == a and c["seq_len"] == s
+                       and c["status"] == "ok"), 0) for s in contexts]
+        right.bar([j + i * width for j in range(len(contexts))], rates, width, label=a)
+    right.set_xticks([j + 0.4 - width / 2 for j in range(len(contexts))], [f"{s // 1024}k" for s in contexts])
+    right.set(xlabel="context", ylabel="thousand tokens/s (0: out of memory)", ylim=(0, None),
+              title=f"{results['meta']['config']} model, {results['meta']['tokens_per_step']} tokens a step")
+    right.legend(fontsize=8)
+    fig.suptitle(f"Training throughput and loss, {device}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("bench_results/train.json"), help="the JSON of every cell")
     p.add_argument("--summary", type=Path, default=None, help="print the tables of this JSON and stop")
+    p.add_argument("--plot", type=Path, default=None, help="also draw the loss curves and tokens/s in this PNG")
     p.add_argument("--attentions", type=_attentions, default=list(ATTENTIONS), help="comma list")
     p.add_argument("--contexts", type=_ints, default=[1024, 4096, 16384], help="comma list of context lengths")
     p.add_argument("--tokens", type=_positive, default=16384, help="tokens a step in the context part")
@@ -251,11 +284,16 @@ def main(argv=None) -> int:
     if args.summary is not None:
         if not args.summary.is_file():
             p.error(f"argument --summary: {str(args.summary)!r} is not a file")
-        print_summary(json.loads(args.summary.read_text()))
-        return 0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    print_summary(sweep(args))
-    print(f"wrote {args.out}")
+        results = json.loads(args.summary.read_text())
+        print_summary(results)
+    else:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        results = sweep(args)
+        print_summary(results)
+        print(f"wrote {args.out}")
+    if args.plot is not None:
+        save_plot(results, args.plot)
+        print(f"wrote {args.plot}")
     return 0
 
 
