@@ -5,7 +5,7 @@
     python benchmarks/tools/gluon_bench.py --head-dim 64 --kernels ws,simple
 
 Each row: TFLOP/s of the Triton forward (``attention_forward`` with
-FLASHTILE_GLUON unset) and of each Gluon kernel, and the largest difference of
+FLASHTILE_GLUON=0) and of each Gluon kernel, and the largest difference of
 each Gluon output from the Triton one (a quick sanity check; the tests hold the
 accuracy rule). Total tokens stay about 16k (batch = 16k / seqlen), 16 heads.
 """
@@ -34,7 +34,7 @@ def main():
     from flashtile.options import AttnOptions
 
     assert torch.cuda.get_device_capability() == (9, 0), "the Gluon kernels are built for sm90"
-    os.environ.pop("FLASHTILE_GLUON", None)
+    os.environ["FLASHTILE_GLUON"] = "0"  # the baseline: the Triton forward
     heads, heads_k = map(int, args.heads.split(","))
     d = args.head_dim
     kernels = args.kernels.split(",")

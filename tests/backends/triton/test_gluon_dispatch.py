@@ -1,5 +1,6 @@
-"""The Gluon (Hopper) forward: when ``attention_forward`` takes it (opt-in,
-FLASHTILE_GLUON=1, compute capability 9.0, the options it implements) and
+"""The Gluon (Hopper) forward: when ``attention_forward`` takes it (by default
+where it measured faster, FLASHTILE_GLUON=1/0 to force it, compute capability 9.0,
+the options it implements) and
 when it falls back to the Triton forward; its sm90 compilation on the host;
 on a GPU, its accuracy and determinism against the reference."""
 
@@ -38,15 +39,26 @@ def _opts(head_dim=128, **kw):
     return AttnOptions(softmax_scale=head_dim ** -0.5, **kw)
 
 
-def test_gluon_is_opt_in(monkeypatch):
-    q, k, v = _qkv()
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("seqlen_k", [1024, 8192])
+def test_gluon_default_where_it_measured_faster(monkeypatch, causal, head_dim, seqlen_k):
+    """Unset: head dim 128, causal or rows of GLUON_MIN_KEYS keys and more; 1: always; 0: never."""
+    q, k, v = _qkv(seqlen_q=64, seqlen_k=seqlen_k, heads=(2, 1), head_dim=head_dim)
+    opts = _opts(head_dim, window_right=0 if causal else -1, diag_offset=seqlen_k - 64)
     monkeypatch.setattr(launch_device, "ASSUMED_CAPABILITY", (9, 0))
     monkeypatch.delenv("FLASHTILE_GLUON", raising=False)
-    assert not launch_gluon.gluon_forward_supported(q, k, v, _opts())
+    expected = head_dim == 128 and (causal or seqlen_k >= launch_gluon.GLUON_MIN_KEYS)
+    assert launch_gluon.gluon_forward_supported(q, k, v, opts) == expected
     monkeypatch.setenv("FLASHTILE_GLUON", "0")
-    assert not launch_gluon.gluon_forward_supported(q, k, v, _opts())
+    assert not launch_gluon.gluon_forward_supported(q, k, v, opts)
     monkeypatch.setenv("FLASHTILE_GLUON", "1")
-    assert launch_gluon.gluon_forward_supported(q, k, v, _opts())
+    assert launch_gluon.gluon_forward_supported(q, k, v, opts)
+
+
+def test_no_gluon_without_gluon_in_triton(hopper, monkeypatch):
+    monkeypatch.setattr(launch_gluon, "_gluon_importable", lambda: False)
+    assert not launch_gluon.gluon_forward_supported(*_qkv(), _opts())
 
 
 @pytest.mark.parametrize("capability", [None, (8, 0), (8, 9), (10, 0), (12, 0)])

@@ -1,6 +1,6 @@
 """FlashAttention forward for Hopper (sm90) in Triton's Gluon dialect
-(FlashAttention-3 structure). A prototype: opt-in (FLASHTILE_GLUON=1) until a
-GPU run has checked and timed it.
+(FlashAttention-3 structure). Taken by default where it measured faster than
+the Triton forward (``launch/gluon.py`` says where).
 
 Same contract as the Triton forward (``forward.py``): q, k, v of shape
 (batch, seqlen, nheads, headdim) with a contiguous last dimension (other

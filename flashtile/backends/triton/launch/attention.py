@@ -221,7 +221,7 @@ def attention_forward(q, k, v, opts: AttnOptions, cu_seqlens_q=None, cu_seqlens_
     dimension of one scale per FP8_SCALE_BLOCK rows; out is then ``out_dtype``.
     """
     if gluon_forward_supported(q, k, v, opts, cu_seqlens_q, cu_seqlens_k, sparse, seqused_k, block_table, fp8):
-        return gluon_attention_forward(q, k, v, opts)  # opt-in Hopper kernels (FLASHTILE_GLUON=1)
+        return gluon_attention_forward(q, k, v, opts)  # Hopper kernels where they measured faster (see gluon.py)
     varlen = cu_seqlens_q is not None
     if varlen:
         q = q.unsqueeze(0)

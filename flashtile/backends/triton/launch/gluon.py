@@ -1,8 +1,13 @@
 """Launcher of the Gluon (Hopper, FlashAttention-3 structure) forward kernels,
 and the rule of when they apply.
 
-Opt-in: ``FLASHTILE_GLUON=1`` in the environment, on compute capability 9.0
-only, until a GPU run has checked and timed them. ``FLASHTILE_GLUON_KERNEL``
+On compute capability 9.0 only, and by default only where a GPU run measured
+the warp-specialised kernel faster than the Triton forward (H100, bf16, head
+dim 128: causal 1.05-1.55x at 1k-16k, full attention 1.05x at 16k but 0.95-0.99x
+at 1k-4k; docs/experiments/2026-12-07-gluon-forward.md): head dim 128, causal
+at any length or rows of ``GLUON_MIN_KEYS`` keys or more. ``FLASHTILE_GLUON=1``
+takes it for every call it supports (head dim 64 too), ``FLASHTILE_GLUON=0``
+never. ``FLASHTILE_GLUON_KERNEL``
 picks the kernel: ``ws`` (warp-specialised producer and two consumer
 warpgroups, the default), ``pingpong`` (the same with the consumers taking
 turns at the tensor cores) or ``simple`` (one partition, TMA ring refilled by
@@ -12,6 +17,8 @@ Triton forward.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 
 import torch
@@ -27,6 +34,8 @@ KERNELS = ("ws", "pingpong", "simple")
 # (BLOCK_M, BLOCK_N, STAGES) per head dim; BLOCK_M is the program's query block
 # (two warpgroups of BLOCK_M / 2 rows in every kernel)
 TILES = {64: (128, 128, 3), 128: (128, 128, 2)}
+# full (non-causal) attention takes the Gluon forward by default from this many keys a row
+GLUON_MIN_KEYS = 8192
 # warp-specialised kernels: registers of the consumer worker and of the producer;
 # the default partition (the other consumer) gets what is left of maxnreg
 WS_REGS = (240, 24)
@@ -42,7 +51,8 @@ def gluon_forward_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
                             cu_seqlens_q=None, cu_seqlens_k=None, sparse=None, seqused_k=None, block_table=None,
                             fp8=None) -> bool:
     """True when the Gluon forward computes this call (else the Triton forward does)."""
-    if os.environ.get("FLASHTILE_GLUON") != "1":
+    choice = os.environ.get("FLASHTILE_GLUON")
+    if choice == "0" or not _gluon_importable():
         return False
     if batch_invariant():  # its key tiles are not the Triton forward's: packed calls would differ
         return False
@@ -69,6 +79,19 @@ def gluon_forward_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
         return False
     if (opts.softcap != 0.0 or opts.alibi is not None or opts.bias is not None or opts.dropout_p != 0.0
             or opts.fixed_max is not None or opts.block_mask is not None or opts.sinks is not None):
+        return False
+    if choice == "1":
+        return True
+    # by default: where it measured faster (see the module docstring)
+    return head_dim == 128 and (causal or k.shape[1] >= GLUON_MIN_KEYS)
+
+
+@functools.cache
+def _gluon_importable() -> bool:
+    """Whether this Triton has Gluon (``triton.experimental.gluon``) with what the kernels use."""
+    try:
+        importlib.import_module("..kernels.gluon_forward", __package__)
+    except ImportError:
         return False
     return True
 
