@@ -39,6 +39,11 @@ def quantize_triton(x: torch.Tensor, nheads_k: int, rotation: torch.Tensor | Non
     blocks = cdiv(seqlen, FP8_SCALE_BLOCK)
     block_d = block_d_of(d)
     rotate = rotation is not None
+    if rotate and x.dtype == torch.float32 and block_d >= 256 and not interpreting():
+        # the fp32 rotation of a 256-wide head (256 KiB) does not fit an SM's shared memory next to
+        # the rows: rotate first (fp64 products and sums, rounded once to fp32), then quantise
+        x = (x.double() @ rotation.double() * colscale.double()).float()
+        rotate = False
     if rotate:
         r, c = padded_rotation(rotation, colscale, block_d)
     else:
