@@ -10,6 +10,21 @@ def _line(name: str, text: str) -> None:
     print(f"{name + ':':<24}{text}")
 
 
+def _gluon_line() -> str:
+    """Which forward calls take the Gluon (warp-specialised) kernels on this sm90 GPU."""
+    from flashtile.backends.triton.launch import gluon
+
+    choice = os.environ.get("FLASHTILE_GLUON")
+    if not gluon._gluon_importable():
+        return "the Triton forward (this Triton has no Gluon)"
+    if choice == "0":
+        return "the Triton forward (FLASHTILE_GLUON=0)"
+    if choice == "1":
+        return "the Gluon kernels for every dense bf16/fp16 call at head dim 64 or 128 (FLASHTILE_GLUON=1)"
+    return (f"the Gluon kernels at head dim 128 for causal calls and full attention from "
+            f"{gluon.GLUON_MIN_KEYS} keys (where they measured faster; FLASHTILE_GLUON=1/0 for always/never)")
+
+
 def print_info() -> None:
     import torch
 
@@ -38,6 +53,8 @@ def print_info() -> None:
                                                          "more, the Hopper launch table" if hopper else
                                                          ": pointer loads, the conservative launch table "
                                                          "(tuned on Hopper only)"))
+            if (major, minor) == (9, 0):
+                _line("Hopper forward", _gluon_line())
     else:
         _line("device", f"CPU only ({torch.get_num_threads()} threads); no CUDA GPU"
               + (" (this torch is a CPU build)" if torch.version.cuda is None else ""))

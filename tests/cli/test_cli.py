@@ -47,6 +47,18 @@ def test_info(capsys):
     assert "torch" in out and "CPU tensors" in out and "launch configurations" in out
 
 
+@pytest.mark.parametrize("choice, expected", [(None, "head dim 128 for causal calls"), ("1", "FLASHTILE_GLUON=1"),
+                                               ("0", "FLASHTILE_GLUON=0")])
+def test_info_says_which_hopper_forward(monkeypatch, choice, expected):
+    from flashtile.cli import info
+
+    if choice is None:
+        monkeypatch.delenv("FLASHTILE_GLUON", raising=False)
+    else:
+        monkeypatch.setenv("FLASHTILE_GLUON", choice)
+    assert expected in info._gluon_line()
+
+
 def test_check_passes_here(monkeypatch, capsys):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the CPU path, as `flashtile check` runs on a CPU machine
     assert main(["check", "--device", "cpu"]) == 0
