@@ -226,13 +226,10 @@ def attn_decode_kernel(
         seen_from = first_key
         if MASK_LEFT:
             seen_from = tl.maximum(seen_from, tok_hi + diag - window_left)
-        seen_to = end
-        if MASK_RIGHT:
-            seen_to = tl.minimum(seen_to, tok_lo + diag + window_right + 1)
         mid_lo = tl.minimum(tl.maximum(start, tl.cdiv(tl.maximum(seen_from, 0), BLOCK_N) * BLOCK_N), end)
-        mid_hi = tl.maximum(mid_lo, tl.minimum(end, tl.maximum(seen_to, 0) // BLOCK_N * BLOCK_N))
-        if not MASK_RIGHT:
-            mid_hi = end  # a partial last tile needs only the bounds
+        if MASK_RIGHT:  # else up to the end: a partial last tile needs only the bounds
+            seen_to = tl.minimum(end, tok_lo + diag + window_right + 1)
+            mid_hi = tl.maximum(mid_lo, tl.minimum(end, tl.maximum(seen_to, 0) // BLOCK_N * BLOCK_N))
     for phase in tl.static_range(3):
         if phase == 0:
             tile_lo, tile_hi = start, mid_lo

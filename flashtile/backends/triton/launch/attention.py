@@ -61,6 +61,12 @@ def _descriptor_mode(env_name: str, default: int, keys_per_row: int, min_keys: i
     return mode
 
 
+def _load_keys(keys_per_row: int) -> int:
+    """The keys a row sees, as the forward's choice of loads takes it: in batch-invariant mode
+    a fixed count (the loads must not depend on the batch's longest rows)."""
+    return FWD_TMA_MIN_KEYS if batch_invariant() else keys_per_row
+
+
 def _forward_features(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys_per_row: int) -> dict:
     """KV_DESC (see ``_descriptor_mode``, FLASHTILE_FWD_TMA) and WARP_SPECIALIZE
     (FLASHTILE_FWD_WS = 0 or 1) for the forward kernel."""
@@ -68,10 +74,8 @@ def _forward_features(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys_pe
     hopper = capability is not None and capability[0] >= 9
     warp_spec = env_flag("FLASHTILE_FWD_WS")
     warp_spec = hopper and DEFAULT_FWD_WS if warp_spec is None else warp_spec and capability is not None
-    if batch_invariant():
-        keys_per_row = FWD_TMA_MIN_KEYS  # the loads must not depend on the batch's longest rows
-    kv_desc = _descriptor_mode("FLASHTILE_FWD_TMA", DEFAULT_FWD_TMA, keys_per_row, FWD_TMA_MIN_KEYS, k.shape[-3],
-                               k, v)
+    kv_desc = _descriptor_mode("FLASHTILE_FWD_TMA", DEFAULT_FWD_TMA, _load_keys(keys_per_row), FWD_TMA_MIN_KEYS,
+                               k.shape[-3], k, v)
     if q.element_size() > 2 and "FLASHTILE_FWD_TMA" not in os.environ:
         # 4-byte tiles through descriptors ran far slower than pointer loads on Hopper
         # (docs/experiments/2026-11-22-cosine-sim-block-sparse.md)
@@ -269,9 +273,8 @@ def _forward_steps(q, k, v, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
             const["V_SEQ_MAJOR"] = True
             v_aligned = (not varlen and v.data_ptr() % 16 == 0
                          and all(st % 16 == 0 for i, st in enumerate(v.stride()) if i != 1))
-            kv_desc = _descriptor_mode("FLASHTILE_FWD_TMA", DEFAULT_FWD_TMA,
-                                       FWD_TMA_MIN_KEYS if batch_invariant() else keys_per_row, FWD_TMA_MIN_KEYS,
-                                       k.shape[-3], k)
+            kv_desc = _descriptor_mode("FLASHTILE_FWD_TMA", DEFAULT_FWD_TMA, _load_keys(keys_per_row),
+                                       FWD_TMA_MIN_KEYS, k.shape[-3], k)
             const["KV_DESC"] = min(kv_desc, 1) if v_aligned and not paged else 0
     else:
         descale_strides = (0, 0, 0, 0, 0, 1)
