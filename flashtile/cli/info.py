@@ -21,8 +21,9 @@ def _gluon_line() -> str:
         return "the Triton forward (FLASHTILE_GLUON=0)"
     if choice == "1":
         return "the Gluon kernels for every dense bf16/fp16 call at head dim 64 or 128 (FLASHTILE_GLUON=1)"
-    return (f"the Gluon kernels at head dim 128 for causal calls and full attention from "
-            f"{gluon.GLUON_MIN_KEYS} keys (where they measured faster; FLASHTILE_GLUON=1/0 for always/never)")
+    keys = ", ".join(f"head dim {d} from {n} keys" for d, n in gluon.GLUON_MIN_KEYS.items())
+    return (f"the Gluon kernels for full attention at {keys} (where they measured faster; causal calls "
+            f"take the Triton forward; FLASHTILE_GLUON=1/0 for always/never)")
 
 
 def print_info() -> None:

@@ -41,14 +41,14 @@ def _opts(head_dim=128, **kw):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("seqlen_k", [1024, 8192])
+@pytest.mark.parametrize("seqlen_k", [512, 1024, 8192])
 def test_gluon_default_where_it_measured_faster(monkeypatch, causal, head_dim, seqlen_k):
-    """Unset: head dim 128, causal or rows of GLUON_MIN_KEYS keys and more; 1: always; 0: never."""
+    """Unset: full attention with rows of GLUON_MIN_KEYS keys or more; 1: always; 0: never."""
     q, k, v = _qkv(seqlen_q=64, seqlen_k=seqlen_k, heads=(2, 1), head_dim=head_dim)
     opts = _opts(head_dim, window_right=0 if causal else -1, diag_offset=seqlen_k - 64)
     monkeypatch.setattr(launch_device, "ASSUMED_CAPABILITY", (9, 0))
     monkeypatch.delenv("FLASHTILE_GLUON", raising=False)
-    expected = head_dim == 128 and (causal or seqlen_k >= launch_gluon.GLUON_MIN_KEYS)
+    expected = not causal and seqlen_k >= launch_gluon.GLUON_MIN_KEYS[head_dim]
     assert launch_gluon.gluon_forward_supported(q, k, v, opts) == expected
     monkeypatch.setenv("FLASHTILE_GLUON", "0")
     assert not launch_gluon.gluon_forward_supported(q, k, v, opts)

@@ -1,13 +1,17 @@
 """Launcher of the Gluon (Hopper, FlashAttention-3 structure) forward kernels,
 and the rule of when they apply.
 
-On compute capability 9.0 only, and by default only where a GPU run measured
-the warp-specialised kernel faster than the Triton forward (H100, bf16, head
-dim 128: causal 1.05-1.55x at 1k-16k, full attention 1.05x at 16k but 0.95-0.99x
-at 1k-4k; docs/experiments/2026-12-07-gluon-forward.md): head dim 128, causal
-at any length or rows of ``GLUON_MIN_KEYS`` keys or more. ``FLASHTILE_GLUON=1``
-takes it for every call it supports (head dim 64 too), ``FLASHTILE_GLUON=0``
-never. ``FLASHTILE_GLUON_KERNEL``
+On compute capability 9.0 only, and by default only for full (non-causal)
+attention where a GPU run measured the warp-specialised kernel faster than the
+Triton forward (H100, bf16; docs/experiments/2026-12-07-gluon-forward.md):
+head dim 64 from ``GLUON_MIN_KEYS[64]`` keys a row (1.11-1.18x at 1k-16k),
+head dim 128 from ``GLUON_MIN_KEYS[128]`` (1.05x at 16k, 0.95-0.99x at 1k-4k).
+Causal calls stay on the Triton forward although the kernel is faster there
+(1.05-1.55x at head dim 128): its diagonal tiles multiply the masked keys' V
+by zero, so a NaN or Inf in a value a row does not see would reach that row,
+which the Triton forward's masked product rules out. ``FLASHTILE_GLUON=1``
+takes it for every call it supports (causal included, without that
+guarantee), ``FLASHTILE_GLUON=0`` never. ``FLASHTILE_GLUON_KERNEL``
 picks the kernel: ``ws`` (warp-specialised producer and two consumer
 warpgroups, the default), ``pingpong`` (the same with the consumers taking
 turns at the tensor cores) or ``simple`` (one partition, TMA ring refilled by
@@ -35,7 +39,7 @@ KERNELS = ("ws", "pingpong", "simple")
 # (two warpgroups of BLOCK_M / 2 rows in every kernel)
 TILES = {64: (128, 128, 3), 128: (128, 128, 2)}
 # full (non-causal) attention takes the Gluon forward by default from this many keys a row
-GLUON_MIN_KEYS = 8192
+GLUON_MIN_KEYS = {64: 1024, 128: 8192}
 # warp-specialised kernels: registers of the consumer worker and of the producer;
 # the default partition (the other consumer) gets what is left of maxnreg
 WS_REGS = (240, 24)
@@ -82,8 +86,8 @@ def gluon_forward_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
         return False
     if choice == "1":
         return True
-    # by default: where it measured faster (see the module docstring)
-    return head_dim == 128 and (causal or k.shape[1] >= GLUON_MIN_KEYS)
+    # by default: full attention where it measured faster (see the module docstring)
+    return plain and k.shape[1] >= GLUON_MIN_KEYS[head_dim]
 
 
 @functools.cache
