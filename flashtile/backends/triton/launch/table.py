@@ -40,8 +40,10 @@ class LaunchConfig(NamedTuple):
 _SM90 = {
     # two halves (halves=True) let a half's P V product run under the other half's softmax
     # (docs/experiments/2026-12-01-halves-schedule.md)
+    # head dim 64: 128 x 64 tiles on 8 warps measured 1.06-1.46x the two halves of 128 x 128
+    # (H100, 2k-16k, full and causal; docs/experiments/2026-12-07-batch-invariant-cost.md)
     "fwd_tma": {
-        64: [LaunchConfig(128, 128, 4, 3, halves=True), LaunchConfig(128, 128, 4, 3), LaunchConfig(64, 64, 4, 2)],
+        64: [LaunchConfig(128, 64, 8, 3), LaunchConfig(128, 128, 4, 3, halves=True), LaunchConfig(64, 64, 4, 2)],
         128: [LaunchConfig(128, 128, 8, 3), LaunchConfig(128, 64, 8, 3), LaunchConfig(64, 64, 4, 2)],
         256: [LaunchConfig(64, 64, 4, 3), LaunchConfig(128, 64, 8, 2), LaunchConfig(64, 64, 4, 2)],
     },
