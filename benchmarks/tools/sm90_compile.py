@@ -88,7 +88,8 @@ def main():
     ap.add_argument("--pass", dest="passes", default="fwd",
                     help="fwd, bwd, decode (one token of 32 query heads / 8 kv heads against a cache of "
                          "--seqlen keys in 16 splits; --page-size for a paged one), sparse (block-sparse "
-                         "forward and backward, a causal band of 300 keys in 128 x 128 blocks), or a list: fwd,bwd")
+                         "forward and backward, a causal band of 300 keys in 128 x 128 blocks), paged (varlen "
+                         "forward over a paged cache, --page-size keys a page, default 256), or a list: fwd,bwd")
     ap.add_argument("--page-size", type=int, default=0)
     ap.add_argument("--dump", default=None, help="folder for .ptx and .ttgir of each launch")
     ap.add_argument("--force", action="append", default=[], metavar="NAME=BMxBNxWARPSxSTAGES[h]",
@@ -134,6 +135,15 @@ def compile_passes(args, launch_attention, decode, AttnOptions) -> None:
     passes = args.passes.split(",")
     if "fwd" in passes:
         out, lse = launch_attention.attention_forward(q, k, v, opts, fp8=fp8)
+    if "paged" in passes:
+        # varlen prefill over a paged cache of --page-size keys a page (the sequences' keys)
+        page = args.page_size or 256
+        pages = -(-args.seqlen // page)
+        kc, vc = (torch.randn(args.batch * pages, page, args.heads, args.head_dim).to(dtype) for _ in range(2))
+        table = torch.arange(args.batch * pages, dtype=torch.int32).view(args.batch, pages)
+        cu = torch.arange(args.batch + 1, dtype=torch.int32) * args.seqlen
+        launch_attention.attention_forward(q.flatten(0, 1), kc, vc, opts, cu, cu, args.seqlen, args.seqlen,
+                                           block_table=table)
     if "bwd" in passes:
         out, lse = torch.randn_like(q), torch.randn(args.batch, args.heads, args.seqlen)
         launch_attention.attention_backward(torch.randn_like(q), q, k, v, out, lse, opts)

@@ -53,6 +53,39 @@ def test_paged(backend, page_size, causal):
         assert max_err(out[None, cq[b]:cq[b + 1]], ref) <= 2 * max_err(low, ref) + rounding_floor(ref, dtype)
 
 
+@pytest.mark.parametrize("page_size", [64, 192, 256])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_paged_descriptors(monkeypatch, page_size, causal):
+    """Pages of a multiple of 64 keys are read through tensor descriptors over the stacked
+    pages where contiguous keys would take descriptors (on Hopper from 1k keys a row; forced
+    here under the interpreter), key tiles within a page; the NaN in rows past a sequence's
+    keys stays out."""
+    from helpers import set_switch
+
+    from flashtile.backends.triton.launch import choose
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    set_switch(monkeypatch, "FLASHTILE_FWD_TMA", "1")
+    monkeypatch.setattr(choose, "_last", {})
+    lens_q, lens_k = [13, 40, 0, 57], [70, 0, 30, 300]
+    dtype = torch.bfloat16
+    ks, vs, k_cache, v_cache, table = paged_cache(lens_k, page_size, 2, 48, 40, dtype)
+    q = torch.randn(sum(lens_q), 4, 48, dtype=dtype)
+    out = flash_attn_varlen_func(q, k_cache, v_cache, cu(lens_q), cu(lens_k), max(lens_q), max(lens_k),
+                                 causal=causal, block_table=table)
+    name = "fwd_tma" + ("_causal" if causal else "") + "_short"
+    assert choose.chosen_config(name) is not None, "the descriptor launch should have run"
+    assert page_size % choose.chosen_config(name).block_n == 0
+    cq = cu(lens_q).tolist()
+    for b in range(len(lens_q)):
+        if lens_q[b] == 0:
+            continue
+        args = (q[None, cq[b]:cq[b + 1]], ks[b][None], vs[b][None])
+        ref = attention_ref(*args, causal=causal, compute_dtype=torch.float64)
+        low = attention_ref(*args, causal=causal, upcast=False)
+        assert max_err(out[None, cq[b]:cq[b + 1]], ref) <= 2 * max_err(low, ref) + rounding_floor(ref, dtype)
+
+
 def test_paged_options_and_seqused(backend):
     # window, softcap, ALiBi, sinks, a value head dim of its own, and seqused_k shorter than the pages
     lens_q, lens_k, used = [20, 9, 31], [64, 64, 64], [50, 0, 64]

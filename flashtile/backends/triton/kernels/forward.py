@@ -169,14 +169,21 @@ def _fwd_tiles(acc, l_i, m_i, q, acc_b, l_b, m_b, q_b, k_src, v_src, stride_ks, 
                 page = tl.load(table + kv_rows // PAGE_SIZE,
                                mask=(kv_rows < seqlen_k) & (kv_rows // PAGE_SIZE < max_pages), other=0).to(tl.int64)
                 in_page = kv_rows % PAGE_SIZE
-            k_rows = page * stride_kp + in_page * stride_ks
-            v_rows = page * stride_vp + in_page * stride_vs
-            k_ok, v_ok = d_ok, dv_ok
-            if MASKED:
-                k_ok = (kv_rows[:, None] < seqlen_k) & d_ok
-                v_ok = (kv_rows[:, None] < seqlen_k) & dv_ok
-            k = tl.load(k_src + k_rows[:, None] + offs_d[None, :], mask=k_ok, other=0.0)
-            v = tl.load(v_src + v_rows[:, None] + offs_dv[None, :], mask=v_ok, other=0.0)
+            if KV_DESC == 1 and PAGE_SIZE % BLOCK_N == 0:
+                # descriptors over the stacked pages (see the kernel): the tile is rows of one page;
+                # its rows past seqlen_k hold whatever the page holds, which masked_pv keeps out
+                row = (page * PAGE_SIZE + start_n % PAGE_SIZE).to(tl.int32)
+                k = k_src.load([row, 0])
+                v = v_src.load([row, 0])
+            else:
+                k_rows = page * stride_kp + in_page * stride_ks
+                v_rows = page * stride_vp + in_page * stride_vs
+                k_ok, v_ok = d_ok, dv_ok
+                if MASKED:
+                    k_ok = (kv_rows[:, None] < seqlen_k) & d_ok
+                    v_ok = (kv_rows[:, None] < seqlen_k) & dv_ok
+                k = tl.load(k_src + k_rows[:, None] + offs_d[None, :], mask=k_ok, other=0.0)
+                v = tl.load(v_src + v_rows[:, None] + offs_dv[None, :], mask=v_ok, other=0.0)
         elif KV_DESC == 1:
             k = k_src.load([start_n, 0])
             if V_SEQ_MAJOR:
@@ -313,7 +320,7 @@ def attn_fwd_kernel(
     nheads, group_size, max_seqlen_q, max_seqlen_k, diag_offset, window_left, window_right,
     qk_scale, softcap_in, softcap_out, dropout_p, dropout_scale, seed, fixed_max,
     FullList, PartList, Patterns, sparse_sb, sparse_sh, full_row, part_row, tail_bh,
-    SeqUsedK, BlockTable, stride_tb, max_pages,
+    SeqUsedK, BlockTable, stride_tb, max_pages, num_pages,
     QDescale, KDescale, VDescale, stride_qdb, stride_qdh, stride_kdb, stride_kdh, stride_vdb, stride_vd,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -366,6 +373,10 @@ def attn_fwd_kernel(
     (num_pages, PAGE_SIZE, nheads_k, dim) with page strides ``stride_kb`` /
     ``stride_vb``, sequence ``b``'s key ``j`` in page ``BlockTable[b * stride_tb
     + j // PAGE_SIZE]`` (``max_pages`` a row); CuSeqlensK then only gives lengths.
+    With KV_DESC = 1 the ``num_pages`` pages must lie ``PAGE_SIZE`` rows apart
+    (``stride_kb == PAGE_SIZE * stride_ks``, likewise V): tensor descriptors then
+    span the stacked pages of the program's kv head, and tiles of BLOCK_N
+    dividing PAGE_SIZE are read through them (other tiles take pointer loads).
 
     FP8: Q, K, V are float8_e4m3fn, real values being the stored ones times their
     descales (fp32): QDescale at ``b * stride_qdb + (h // group_size) * stride_qdh``,
@@ -379,7 +390,8 @@ def attn_fwd_kernel(
     EXACT_FP8: round P to e4m3 in integer arithmetic first (see kernels/fp8.py).
     """
     tl.static_assert(not (HAS_SINKS and FIXED_MAX), "sinks need the running row max")
-    tl.static_assert(PAGE_SIZE == 0 or (IS_VARLEN and KV_DESC == 0 and not SPARSE), "paged K/V: varlen, pointer loads")
+    tl.static_assert(PAGE_SIZE == 0 or (IS_VARLEN and KV_DESC <= 1 and not SPARSE and not V_SEQ_MAJOR),
+                     "paged K/V: varlen, pointer loads or in-kernel descriptors")
     pid_m, pid_bh = program_tile(max_seqlen_q, BLOCK_M, MASK_RIGHT and not MASK_LEFT, tail_bh)
     b = pid_bh // nheads
     h = pid_bh % nheads
@@ -416,6 +428,11 @@ def attn_fwd_kernel(
         k_src = K + hk * stride_kh
         v_src = V + hk * stride_vh
         table = BlockTable + b.to(tl.int64) * stride_tb
+        if KV_DESC == 1 and PAGE_SIZE % BLOCK_N == 0:
+            k_src = tl.make_tensor_descriptor(k_src, shape=[num_pages * PAGE_SIZE, HEAD_DIM], strides=[stride_ks, 1],
+                                              block_shape=[BLOCK_N, BLOCK_D])
+            v_src = tl.make_tensor_descriptor(v_src, shape=[num_pages * PAGE_SIZE, HEAD_DIM_V],
+                                              strides=[stride_vs, 1], block_shape=[BLOCK_N, BLOCK_DV])
     elif KV_DESC == 2:
         k_src = K
         v_src = V

@@ -61,6 +61,23 @@ def _descriptor_mode(env_name: str, default: int, keys_per_row: int, min_keys: i
     return mode
 
 
+def _paged_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys_per_row: int) -> int:
+    """KV_DESC of a forward over a paged cache ``(num_pages, page_size, nheads_k, dim)``: 1
+    (descriptors over the stacked pages, key tiles capped at the page; see ``choose``)
+    where contiguous K/V would take descriptors, 16-bit pages of a multiple of 64 keys lie
+    ``page_size`` rows apart and their rows fit int32; else 0 (pointer loads, rows found
+    through the block table one by one)."""
+    num_pages, page_size = k.shape[0], k.shape[1]
+    stacked = (page_size % 64 == 0 and q.element_size() == 2 and num_pages * page_size < 2**31
+               and all(t.stride(0) == page_size * t.stride(1) for t in (k, v)))
+    if not stacked or _descriptor_mode("FLASHTILE_FWD_TMA", DEFAULT_FWD_TMA, _load_keys(keys_per_row),
+                                       FWD_TMA_MIN_KEYS, num_pages * page_size, k, v) == 0:
+        return 0
+    if q.is_cuda:
+        triton.set_allocator(scratch_allocator)  # in-kernel descriptors (see _descriptor_mode)
+    return 1
+
+
 def _load_keys(keys_per_row: int) -> int:
     """The keys a row sees, as the forward's choice of loads takes it: in batch-invariant mode
     a fixed count (the loads must not depend on the batch's longest rows)."""
@@ -260,7 +277,7 @@ def _forward_steps(q, k, v, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
                               HAS_SEQUSED=seqused_k is not None, PAGE_SIZE=k.shape[1] if paged else 0)
              | _forward_features(q, k, v, keys_per_row))
     if paged:
-        const["KV_DESC"] = 0  # rows found through the block table: pointer loads
+        const["KV_DESC"] = _paged_descriptors(q, k, v, keys_per_row)
     fp8 = q.dtype == torch.float8_e4m3fn
     if fp8:
         q_descale, k_descale = call[13], call[14]
@@ -295,7 +312,7 @@ def _forward_steps(q, k, v, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
                    *lay.scores, *lay.dropout)
     fixed_max = 0.0 if lay.fixed_max is None else lay.fixed_max
     host_desc = const["KV_DESC"] == 2
-    table_geometry = (block_table.stride(0), block_table.shape[1]) if paged else (0, 0)
+    table_geometry = (block_table.stride(0), block_table.shape[1], k.shape[0]) if paged else (0, 0, 0)
 
     def build(cfg, call):
         q, k, v, out, lse, cu_q, cu_k, bias, alibi, sinks, seqused, table, seed, q_ds, k_ds, v_ds = call

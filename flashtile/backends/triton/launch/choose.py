@@ -72,6 +72,12 @@ def launch_kernel(name: str, kernel, grid_fn, args, constexprs: dict, tensor: to
             c._replace(block_m=min(c.block_m, constexprs["SPARSE_BM"]), block_n=min(c.block_n, constexprs["SPARSE_BN"]))
             for c in candidates if not c.halves))
 
+    if constexprs.get("PAGE_SIZE") and constexprs.get("KV_DESC"):
+        # descriptors over a paged cache read tiles within one page: key tiles of at most the
+        # largest power of two dividing the page
+        page_tile = constexprs["PAGE_SIZE"] & -constexprs["PAGE_SIZE"]
+        candidates = list(dict.fromkeys(c._replace(block_n=min(c.block_n, page_tile)) for c in candidates))
+
     def kwargs(cfg: LaunchConfig) -> dict:
         sparse = sparse_constexprs(name, cfg, capability) if constexprs.get("SPARSE") else {}
         halves = dict(TWO_HALVES=True) if cfg.halves and name.startswith("fwd") else {}  # a forward kernel switch
