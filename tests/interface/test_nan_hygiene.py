@@ -10,7 +10,7 @@ from."""
 
 import pytest
 import torch
-from helpers import cu, max_err, rounding_floor
+from helpers import check_rows, cu, max_err, poison, rounding_floor
 
 from flashtile import (
     BlockMask,
@@ -20,24 +20,6 @@ from flashtile import (
     flash_attn_with_kvcache,
 )
 from flashtile.testing import attention_ref
-
-
-def poison(t: torch.Tensor, positions, value=float("nan")) -> torch.Tensor:
-    """``t`` (seqlen on dim 1, or dim 0 for 3-D packed tensors) with ``value`` at ``positions``."""
-    t = t.clone()
-    dim = 1 if t.dim() == 4 else 0
-    for p in positions:
-        t.select(dim, p).fill_(value)
-    return t
-
-
-def check_rows(out: torch.Tensor, ref: torch.Tensor, low: torch.Tensor, dtype: torch.dtype) -> None:
-    """The same rows are non-finite, and the finite rows meet the accuracy rule."""
-    bad, bad_ref = ~out.isfinite(), ~ref.isfinite()
-    assert torch.equal(bad.any(-1), bad_ref.any(-1)), (
-        f"non-finite rows differ: {bad.any(-1).sum().item()} against the oracle's {bad_ref.any(-1).sum().item()}")
-    keep = ~bad_ref.any(-1, keepdim=True).expand_as(ref)
-    assert max_err(out[keep], ref[keep]) <= 2 * max_err(low[keep], ref[keep]) + rounding_floor(ref[keep], dtype)
 
 
 @pytest.mark.parametrize("kw", [dict(causal=True), dict(window_size=(24, 0)), dict(window_size=(8, 8)),

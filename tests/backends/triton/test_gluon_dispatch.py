@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import check_attention
+from helpers import check_attention, check_rows, poison
 
 from flashtile.backends.triton.launch import device as launch_device
 from flashtile.backends.triton.launch import gluon as launch_gluon
 from flashtile.options import AttnOptions
+from flashtile.testing import attention_ref
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -287,3 +288,23 @@ def test_flash_attn_func_takes_gluon_when_opted_in(monkeypatch):
     direct, _ = launch_gluon.gluon_forward(q, k, v, 128 ** -0.5, True)
     assert torch.equal(gluon_out, direct)
     torch.testing.assert_close(gluon_out, triton_out, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", launch_gluon.KERNELS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seqlens", [(1000, 1000), (300, 1000), (1000, 1037)])
+def test_gluon_forward_nan_hygiene(kernel, causal, seqlens):
+    """A key whose value is NaN (or Inf) reaches exactly the rows that see it: rows of
+    the same diagonal tile before it stay finite, as in the oracle."""
+    if not _on_hopper():
+        pytest.skip("Gluon forward kernels are built for sm90")
+    seqlen_q, seqlen_k = seqlens
+    q = torch.randn(2, seqlen_q, 8, 128, dtype=torch.bfloat16, device="cuda")
+    k = poison(torch.randn(2, seqlen_k, 2, 128, dtype=torch.bfloat16, device="cuda"), [seqlen_k - 300])
+    v = poison(poison(torch.randn(2, seqlen_k, 2, 128, dtype=torch.bfloat16, device="cuda"), [seqlen_k - 300]),
+               [seqlen_k - 700], float("inf"))
+    out, _ = launch_gluon.gluon_forward(q, k, v, 128 ** -0.5, causal, kernel=kernel)
+    kw = dict(causal=causal)
+    check_rows(out, attention_ref(q, k, v, compute_dtype=torch.float64, **kw),
+               attention_ref(q, k, v, upcast=False, **kw), torch.bfloat16)

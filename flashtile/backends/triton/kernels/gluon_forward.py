@@ -90,24 +90,79 @@ def _softmax_update(s, m_i, l_i, col0, start_m, seqlen_k, diag, qk_scale, MASK: 
 
 
 @gluon.jit
-def _attend_tile(s, acc, m_i, l_i, v_tile, v_bar, phase, it, n_full, row0, seqlen_k, diag, qk_scale,
-                 CAUSAL: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, o_layout: gl.constexpr,
-                 p_layout: gl.constexpr):
+def _count_bad(v_tile, CHUNK: gl.constexpr, BLOCK_N: gl.constexpr, v_layout: gl.constexpr):
+    """Non-finite values (NaN, +-Inf) in the V tile in shared memory, read CHUNK rows at a time."""
+    n = 0
+    for r in gl.static_range(0, BLOCK_N, CHUNK):
+        x = v_tile.slice(r, CHUNK, dim=0).load(v_layout)
+        bad = (x != x) | (gl.abs(x) == float("inf"))  # noqa: PLR0124 (NaN test)
+        n += gl.sum(gl.sum(bad.to(gl.int32), axis=1), axis=0)
+    return n
+
+
+@gluon.jit
+def _sanitize(v_tile, k_tile, CHUNK: gl.constexpr, BLOCK_N: gl.constexpr, v_layout: gl.constexpr):
+    """V's non-finite values zeroed in place, and the K tile's buffer (its scores are done)
+    overwritten with where they were, as 0 / 1."""
+    for r in gl.static_range(0, BLOCK_N, CHUNK):
+        v_rows = v_tile.slice(r, CHUNK, dim=0)
+        x = v_rows.load(v_layout)
+        bad = (x != x) | (gl.abs(x) == float("inf"))  # noqa: PLR0124 (NaN test)
+        v_rows.store(gl.where(bad, 0.0, x).to(x.dtype))
+        k_tile.slice(r, CHUNK, dim=0).store(bad.to(x.dtype))
+    fence_async_shared()
+
+
+@gluon.jit
+def _attend_tile(s, acc, m_i, l_i, v_tile, k_tile, v_bar, check_bar, phase, it, n_full, row0, seqlen_k, diag,
+                 qk_scale, CAUSAL: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, o_layout: gl.constexpr,
+                 p_layout: gl.constexpr, v_layout: gl.constexpr, SYNC: gl.constexpr):
     """Key tile ``it`` after its scores ``s``: the online softmax (bounds and causal
     mask only past the ``n_full`` unmasked tiles), the rescaled accumulator, and
     ``P V`` once the V tile has landed (``v_bar`` in ``phase``), P fed from registers.
-    Returns (acc, m_i, l_i)."""
+    Returns (acc, m_i, l_i).
+
+    Masked tiles are NaN-safe as the Triton forward's (``masked_pv``): a key a row does
+    not see adds nothing to it, NaN and Inf in its value included (``0 * NaN`` is NaN).
+    Their V tile is checked for non-finite values; where there are any (rarely), V's are
+    zeroed in shared memory before the product, their positions written over the K
+    tile (whose scores are done), and the output columns in which a row sees one become
+    NaN (a second product: the row's mask times those positions). With SYNC (two consumer
+    warpgroups sharing the tile) both have read V and finished with K at ``check_bar``
+    before either writes; both write the same values."""
     if it >= n_full:
         p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, it * BLOCK_N, row0, seqlen_k, diag, qk_scale, True,
                                              CAUSAL, ROWS, BLOCK_N)
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        p16 = gl.convert_layout(p.to(v_tile.dtype), p_layout)
+        mbarrier.wait(v_bar, phase)
+        n_bad = _count_bad(v_tile, 32, BLOCK_N, v_layout)
+        if SYNC:
+            mbarrier.arrive(check_bar, count=1)
+            mbarrier.wait(check_bar, (it - n_full) & 1)
+        if n_bad > 0:
+            _sanitize(v_tile, k_tile, 32, BLOCK_N, v_layout)
+        acc = warpgroup_mma(p16, v_tile, acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        if n_bad > 0:
+            rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, p.type.layout))
+            cols = it * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, p.type.layout))
+            seen = (cols[None, :] < seqlen_k) & (rows[:, None] >= 0)  # (rows >= 0: to the tile's shape)
+            if CAUSAL:
+                seen = seen & (cols[None, :] <= rows[:, None] + diag)
+            seen16 = gl.convert_layout(seen.to(v_tile.dtype), p_layout)
+            hits = warpgroup_mma(seen16, k_tile, gl.zeros_like(acc), use_acc=False,
+                                 is_async=True)
+            hits = warpgroup_mma_wait(num_outstanding=0, deps=(hits, ))
+            acc = gl.where(hits > 0, float("nan"), acc)
     else:
         p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, it * BLOCK_N, row0, seqlen_k, diag, qk_scale, False,
                                              CAUSAL, ROWS, BLOCK_N)
-    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-    p16 = gl.convert_layout(p.to(v_tile.dtype), p_layout)
-    mbarrier.wait(v_bar, phase)
-    acc = warpgroup_mma(p16, v_tile, acc, is_async=True)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        p16 = gl.convert_layout(p.to(v_tile.dtype), p_layout)
+        mbarrier.wait(v_bar, phase)
+        acc = warpgroup_mma(p16, v_tile, acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     return acc, m_i, l_i
 
 
@@ -164,6 +219,7 @@ def gluon_fwd_simple(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, stride_qb, stride_qs, 
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                        instr_shape=[16, HEAD_D, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    v_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NUM_WARPS, 1], [1, 0])
 
     q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_D], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], k_desc.layout)
@@ -195,8 +251,9 @@ def gluon_fwd_simple(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, stride_qb, stride_qs, 
         mbarrier.wait(k_bars.index(st), phase)
         s = warpgroup_mma(q_smem, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-        acc, m_i, l_i = _attend_tile(s, acc, m_i, l_i, v_smem.index(st), v_bars.index(st), phase, it, n_full, start_m,
-                                     seqlen_k, diag, qk_scale, CAUSAL, BLOCK_M, BLOCK_N, o_layout, p_layout)
+        acc, m_i, l_i = _attend_tile(s, acc, m_i, l_i, v_smem.index(st), k_smem.index(st), v_bars.index(st), q_bar,
+                                     phase, it, n_full, start_m, seqlen_k, diag, qk_scale, CAUSAL, BLOCK_M, BLOCK_N,
+                                     o_layout, p_layout, v_layout, False)
         # both matmuls that read stage st retired: refill it
         _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, it + STAGES, it + STAGES < n_blocks, BLOCK_N,
                  STAGES)
@@ -231,23 +288,26 @@ def _ws_producer(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, empty_bars, n_b
 
 
 @gluon.jit
-def _ws_consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, lse_rows,
-                 start_m, n_blocks, seqlen_q, seqlen_k, diag, qk_scale, WG: gl.constexpr, ROWS: gl.constexpr,
-                 BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                 PINGPONG: gl.constexpr):
+def _ws_consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, check_bar,
+                 lse_rows, start_m, n_blocks, seqlen_q, seqlen_k, diag, qk_scale, WG: gl.constexpr,
+                 ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
+                 CAUSAL: gl.constexpr, PINGPONG: gl.constexpr):
     """Consumer warpgroup ``WG`` (0: the default partition, 1: a worker): query rows
-    [start_m + WG * ROWS, + ROWS) against every K/V tile of the program's block."""
+    [start_m + WG * ROWS, + ROWS) against every K/V tile of the program's block. Both
+    consumers take the block's masked tiles (those of the upper one) as masked, so that
+    they meet at ``check_bar`` on the same tiles (see ``_attend_tile``)."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD_D, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    v_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     row0 = start_m + WG * ROWS
     q_buf = q_smem.index(WG)
     q_bar = q_bars.index(WG)
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [row0, 0], q_bar, q_buf)
-    _, n_full = _key_blocks(row0, seqlen_k, diag, ROWS, BLOCK_N, CAUSAL)
+    _, n_full = _key_blocks(start_m, seqlen_k, diag, 2 * ROWS, BLOCK_N, CAUSAL)
 
     m_i = gl.full([ROWS], -float("inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
     l_i = gl.full([ROWS], 0.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
@@ -266,8 +326,9 @@ def _ws_consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars,
         if PINGPONG:
             mbarrier.arrive(turn_bars.index(1 - WG), count=1)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-        acc, m_i, l_i = _attend_tile(s, acc, m_i, l_i, v_smem.index(st), v_bars.index(st), phase, it, n_full, row0,
-                                     seqlen_k, diag, qk_scale, CAUSAL, ROWS, BLOCK_N, o_layout, p_layout)
+        acc, m_i, l_i = _attend_tile(s, acc, m_i, l_i, v_smem.index(st), k_smem.index(st), v_bars.index(st),
+                                     check_bar, phase, it, n_full, row0, seqlen_k, diag, qk_scale, CAUSAL, ROWS,
+                                     BLOCK_N, o_layout, p_layout, v_layout, True)
         mbarrier.arrive(empty_bars.index(st), count=1)
 
     _finish_rows(acc, m_i, l_i, q_buf, o_desc, lse_rows, row0, 0, seqlen_q, o_layout, ROWS)
@@ -295,6 +356,8 @@ def gluon_fwd_ws(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, stride_qb, stride_qs, stri
     k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    check_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(check_bar, count=2)  # one arrive per consumer warpgroup
     for i in gl.static_range(2):
         mbarrier.init(q_bars.index(i), count=1)
         mbarrier.init(turn_bars.index(i), count=1)
@@ -306,10 +369,10 @@ def gluon_fwd_ws(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, stride_qb, stride_qs, stri
 
     gl.warp_specialize([
         (_ws_consumer, (q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars,
-                        lse_rows, start_m, n_blocks, seqlen_q, seqlen_k, diag, qk_scale, 0, ROWS, BLOCK_N, HEAD_D,
+                        check_bar, lse_rows, start_m, n_blocks, seqlen_q, seqlen_k, diag, qk_scale, 0, ROWS, BLOCK_N, HEAD_D,
                         STAGES, CAUSAL, PINGPONG)),
         (_ws_consumer, (q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars,
-                        lse_rows, start_m, n_blocks, seqlen_q, seqlen_k, diag, qk_scale, 1, ROWS, BLOCK_N, HEAD_D,
+                        check_bar, lse_rows, start_m, n_blocks, seqlen_q, seqlen_k, diag, qk_scale, 1, ROWS, BLOCK_N, HEAD_D,
                         STAGES, CAUSAL, PINGPONG)),
         (_ws_producer, (k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, empty_bars, n_blocks, BLOCK_N, STAGES)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

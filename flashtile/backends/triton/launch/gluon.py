@@ -6,12 +6,14 @@ attention where a GPU run measured the warp-specialised kernel faster than the
 Triton forward (H100, bf16; docs/experiments/2026-12-07-gluon-forward.md):
 head dim 64 from ``GLUON_MIN_KEYS[64]`` keys a row (1.11-1.18x at 1k-16k),
 head dim 128 from ``GLUON_MIN_KEYS[128]`` (1.05x at 16k, 0.95-0.99x at 1k-4k).
-Causal calls stay on the Triton forward although the kernel is faster there
-(1.05-1.55x at head dim 128): its diagonal tiles multiply the masked keys' V
-by zero, so a NaN or Inf in a value a row does not see would reach that row,
-which the Triton forward's masked product rules out. ``FLASHTILE_GLUON=1``
-takes it for every call it supports (causal included, without that
-guarantee), ``FLASHTILE_GLUON=0`` never. ``FLASHTILE_GLUON_KERNEL``
+Causal calls stay on the Triton forward although the kernel measured faster
+there (1.05-1.55x at head dim 128): in that run its diagonal tiles let a NaN
+or Inf value of a key reach rows that do not see it. The kernels' masked
+tiles now check V for non-finite values and take a NaN-safe product where
+there are any (``_attend_tile``); causal calls return to the Gluon kernel by
+default once that has passed the GPU tests and been timed.
+``FLASHTILE_GLUON=1`` takes it for every call it supports, causal included,
+``FLASHTILE_GLUON=0`` never. ``FLASHTILE_GLUON_KERNEL``
 picks the kernel: ``ws`` (warp-specialised producer and two consumer
 warpgroups, the default), ``pingpong`` (the same with the consumers taking
 turns at the tensor cores) or ``simple`` (one partition, TMA ring refilled by
