@@ -79,13 +79,17 @@ def _pytorch_cpu_backward(dout, q, k, v, out, lse, opts: AttnOptions, exact_stri
     return tuple(_like(g, t) for t, g in zip((q, k, v), grads)) if exact_strides else grads
 
 
-def _may_leak(result: torch.Tensor, opts: AttnOptions) -> bool:
-    """Whether a causal result of PyTorch's CPU kernel holds NaN: its product of the
-    probabilities with V (and of dS with K) takes ``0 * NaN`` from keys a row does not see
-    as NaN, so such a call is recomputed on the tiled path, where they add nothing. A NaN
-    anywhere makes the sum NaN: one reduction, 15x cheaper than ``isnan().any()`` (a
-    non-finite sum from Inf inputs only costs the recomputation)."""
-    return opts.window_right >= 0 and not math.isfinite(result.sum().item())
+def _may_leak(opts: AttnOptions, *rows: torch.Tensor) -> bool:
+    """Whether a causal result of PyTorch's CPU kernel may hold NaN leaked from positions
+    a row does not see: its products of the probabilities with V, of dS with K and Q, and
+    of P with dO take ``0 * NaN`` (or ``0 * Inf``) there as NaN, so such a call is
+    recomputed on the tiled path, where they add nothing. The kernel serves causal calls
+    only with seqlen_q == seqlen_k, where the last query row sees every key and key 0 is
+    seen by every row: a non-finite value that could leak anywhere makes the output's last
+    row, dQ's last row, or dK's or dV's first row non-finite. So ``rows`` are those rows,
+    whose sums are checked (a non-finite sum from other causes only costs the
+    recomputation)."""
+    return opts.window_right >= 0 and not all(math.isfinite(r.sum().item()) for r in rows if r.numel())
 
 
 def _like(result: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -171,7 +175,7 @@ def _attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
                                         seqused_k=seqused_k, block_table=block_table)
     if _pytorch_cpu_serves(q, v, opts, varlen):
         out, lse = _pytorch_cpu_forward(q, k, v, opts)
-        if not _may_leak(out, opts):
+        if not _may_leak(opts, out[:, -1:]):
             return out, lse
     if not varlen:
         return attention_tiled_forward(q, k, v, opts)
@@ -236,7 +240,8 @@ def _attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                                               cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                               seqused_k=seqused_k)
     elif _pytorch_cpu_serves(q, v, opts, varlen) and not _may_leak(
-            (grads := _pytorch_cpu_backward(dout, q, k, v, out, lse, opts, exact_strides))[0], opts):
+            opts, *((grads := _pytorch_cpu_backward(dout, q, k, v, out, lse, opts, exact_strides))[0][:, -1:],
+                    grads[1][:, :1], grads[2][:, :1])):
         (dq, dk, dv), dbias = grads, None
     elif not varlen:
         dq, dk, dv, dbias, dsinks = attention_tiled_backward(dout, q, k, v, out, lse, opts, bias_grad)

@@ -50,6 +50,39 @@ def test_dense_gradient_of_rows(backend):
     assert max_err(dq[:, :120], dq_ref) <= 1e-4 * dq_ref.abs().max().item()
 
 
+@pytest.mark.parametrize("where", ["k", "v", "dout"])
+def test_dense_through_the_fused_cpu_kernel(monkeypatch, where):
+    """A non-finite key, value or dO row reaches the output and dQ of exactly the rows
+    that see it, as on the tiled path: PyTorch's fused CPU kernel (which dense causal CPU
+    calls take) would spread a key's or value's through ``0 * NaN`` to rows that do not,
+    and the call then goes to the tiled path."""
+    from flashtile import set_batch_invariant
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 150, 2, 32) for _ in range(3))
+    dout = torch.randn(1, 150, 2, 32)
+    dict(dout=dout, k=k, v=v)[where][:, 60] = float("nan")
+
+    def run():
+        qs = q.clone().requires_grad_()
+        out = flash_attn_func(qs, k, v, causal=True)
+        return out.detach(), torch.autograd.grad(out, qs, dout)[0]
+
+    fused = run()
+    previous = set_batch_invariant(True)  # every CPU call on the tiled path
+    try:
+        tiled = run()
+    finally:
+        set_batch_invariant(previous)
+    for name, f, t in list(zip(["out", "dq"], fused, tiled))[where == "dout":]:
+        bad_rows = (~t.isfinite()).any(-1).any(-1)[0]
+        assert bad_rows.any(), "the test should have rows that see the poisoned position"
+        assert not bad_rows[:60].any(), f"{name}: rows before 60 do not see it"
+        assert torch.equal(f.isfinite(), t.isfinite()), f"{name}: non-finite positions differ"
+        assert max_err(f[t.isfinite()], t[t.isfinite()]) <= 1e-5
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_varlen_neighbours(backend, causal):
     # a poisoned sequence in a packed batch touches none of its neighbours
