@@ -122,15 +122,16 @@ def _attend_tile(s, acc, m_i, l_i, v_tile, k_tile, v_bar, check_bar, phase, it, 
     ``P V`` once the V tile has landed (``v_bar`` in ``phase``), P fed from registers.
     Returns (acc, m_i, l_i).
 
-    Masked tiles are NaN-safe as the Triton forward's (``masked_pv``): a key a row does
-    not see adds nothing to it, NaN and Inf in its value included (``0 * NaN`` is NaN).
+    Causal masked tiles are NaN-safe as the Triton forward's (``masked_pv``): a key a row
+    does not see adds nothing to it, NaN and Inf in its value included (``0 * NaN`` is NaN);
+    full attention has no such key (the last tile's missing keys read as zeros).
     Their V tile is checked for non-finite values; where there are any (rarely), V's are
     zeroed in shared memory before the product, their positions written over the K
     tile (whose scores are done), and the output columns in which a row sees one become
     NaN (a second product: the row's mask times those positions). With SYNC (two consumer
     warpgroups sharing the tile) both have read V and finished with K at ``check_bar``
     before either writes; both write the same values."""
-    if it >= n_full:
+    if CAUSAL and it >= n_full:
         p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, it * BLOCK_N, row0, seqlen_k, diag, qk_scale, True,
                                              CAUSAL, ROWS, BLOCK_N)
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
@@ -156,8 +157,12 @@ def _attend_tile(s, acc, m_i, l_i, v_tile, k_tile, v_bar, check_bar, phase, it, 
             hits = warpgroup_mma_wait(num_outstanding=0, deps=(hits, ))
             acc = gl.where(hits > 0, float("nan"), acc)
     else:
-        p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, it * BLOCK_N, row0, seqlen_k, diag, qk_scale, False,
-                                             CAUSAL, ROWS, BLOCK_N)
+        if it >= n_full:  # full attention's last, partial tile: TMA reads the keys past the end as zeros
+            p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, it * BLOCK_N, row0, seqlen_k, diag, qk_scale, True,
+                                                 CAUSAL, ROWS, BLOCK_N)
+        else:
+            p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, it * BLOCK_N, row0, seqlen_k, diag, qk_scale, False,
+                                                 CAUSAL, ROWS, BLOCK_N)
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
         p16 = gl.convert_layout(p.to(v_tile.dtype), p_layout)
         mbarrier.wait(v_bar, phase)
@@ -357,7 +362,8 @@ def gluon_fwd_ws(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, stride_qb, stride_qs, stri
     v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     check_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    mbarrier.init(check_bar, count=2)  # one arrive per consumer warpgroup
+    if CAUSAL:  # the NaN-safe masked tiles' meeting point (see _attend_tile)
+        mbarrier.init(check_bar, count=2)  # one arrive per consumer warpgroup
     for i in gl.static_range(2):
         mbarrier.init(q_bars.index(i), count=1)
         mbarrier.init(turn_bars.index(i), count=1)

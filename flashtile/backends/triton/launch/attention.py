@@ -64,13 +64,14 @@ def _descriptor_mode(env_name: str, default: int, keys_per_row: int, min_keys: i
 def _paged_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys_per_row: int) -> int:
     """KV_DESC of a forward over a paged cache ``(num_pages, page_size, nheads_k, dim)``: 1
     (descriptors over the stacked pages, key tiles capped at the page; see ``choose``)
-    where contiguous K/V would take descriptors, 16-bit pages of a multiple of 64 keys lie
+    where contiguous K/V would take descriptors (by default only with FLASHTILE_FWD_TMA=1
+    until it has run on a GPU: DEFAULT_PAGED_TMA), 16-bit pages of a multiple of 64 keys lie
     ``page_size`` rows apart and their rows fit int32; else 0 (pointer loads, rows found
     through the block table one by one)."""
     num_pages, page_size = k.shape[0], k.shape[1]
     stacked = (page_size % 64 == 0 and q.element_size() == 2 and num_pages * page_size < 2**31
                and all(t.stride(0) == page_size * t.stride(1) for t in (k, v)))
-    if not stacked or _descriptor_mode("FLASHTILE_FWD_TMA", DEFAULT_FWD_TMA, _load_keys(keys_per_row),
+    if not stacked or _descriptor_mode("FLASHTILE_FWD_TMA", DEFAULT_PAGED_TMA, _load_keys(keys_per_row),
                                        FWD_TMA_MIN_KEYS, num_pages * page_size, k, v) == 0:
         return 0
     if q.is_cuda:
@@ -106,6 +107,9 @@ def _forward_features(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys_pe
 # (docs/experiments/2026-11-22-h100-kernels.md, 2026-11-23-h200-host-tiles.md). The backward's:
 DEFAULT_FWD_TMA = 1
 DEFAULT_BWD_TMA = 1
+# paged prefill through descriptors over the stacked pages (``_paged_descriptors``): opt-in
+# (FLASHTILE_FWD_TMA=1) until GPU-tested and timed
+DEFAULT_PAGED_TMA = 0
 TMA_MIN_KEYS = 2048
 # head dims above 64 carry larger tiles per key and gain from fewer keys a row; head dim 64 does not
 TMA_MIN_KEYS_WIDE = 1024
