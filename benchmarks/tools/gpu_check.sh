@@ -23,6 +23,10 @@ for step in "$@"; do
             --out "$OUT/flex" > "$OUT/bench_flex.log" 2>&1
           python3 benchmarks/tools/summarize.py --baseline flex "$OUT/flex/bench.json" ;;
     features) python3 benchmarks/features.py --out "$OUT/features.json" 2>&1 | tee "$OUT/features.log" ;;
+    paged)  # paged prefill against contiguous keys: pointer loads (the default), then descriptors over the pages
+      python3 benchmarks/features.py --parts paged --out "$OUT/paged.json" 2>&1 | tee "$OUT/paged.log"
+      FLASHTILE_FWD_TMA=1 python3 benchmarks/features.py --parts paged --out "$OUT/paged_tma.json" 2>&1 \
+        | tee "$OUT/paged_tma.log" ;;
     decode) python3 benchmarks/decode.py --page-sizes 16,64,256 --out "$OUT/decode" 2>&1 | tee "$OUT/decode.log" ;;
     sparse) python3 benchmarks/sparse_density.py --long 65536,131072 --out "$OUT/block_sparse" 2>&1 \
               | tee "$OUT/block_sparse.log" ;;
@@ -35,8 +39,12 @@ for step in "$@"; do
     fp8) python3 benchmarks/tools/fp8_sweep.py --out "$OUT/fp8_sweep.json" 2>&1 | tee "$OUT/fp8_sweep.log"
          python3 benchmarks/fp8.py --speed --out "$OUT/fp8.json" 2>&1 | tee "$OUT/fp8.log"
          python3 benchmarks/decode.py --kv-fp8 --skip-table --out "$OUT/decode_fp8" 2>&1 | tee "$OUT/decode_fp8.log" ;;
-    gluon) python3 benchmarks/tools/gluon_bench.py --head-dim 128 --seqlens 1024,2048,4096,8192,16384 --causal 0,1 \
-             2>&1 | tee "$OUT/gluon.log" ;;
+    gluon)  # the Gluon kernels' GPU tests (NaN-safe causal tiles included), then their timing at head dims 128 and 64
+      python3 -m pytest -q -m gpu -n 8 --tb=line tests/backends/triton/test_gluon_dispatch.py 2>&1 | tail -5
+      python3 benchmarks/tools/gluon_bench.py --head-dim 128 --seqlens 1024,2048,4096,8192,16384 --causal 0,1 \
+        2>&1 | tee "$OUT/gluon.log"
+      python3 benchmarks/tools/gluon_bench.py --head-dim 64 --seqlens 1024,4096,16384 --causal 0,1 \
+        2>&1 | tee "$OUT/gluon64.log" ;;
     ring) python3 benchmarks/ring_step.py --out "$OUT/ring_step.json" 2>&1 | tee "$OUT/ring_step.log" ;;
     cp-scaling)  # several GPUs: the NCCL tests, then ring and Ulysses scaling against one GPU
       python3 -m pytest -q -m gpu --tb=line tests/distributed > "$OUT/cp_tests.log" 2>&1; tail -5 "$OUT/cp_tests.log"
@@ -47,7 +55,7 @@ for step in "$@"; do
     fuzz) FLASHTILE_FUZZ_EXAMPLES=2000 python3 -m pytest -q -m gpu -n 8 tests/fuzz 2>&1 | tee "$OUT/fuzz.log" | tail -5 ;;
     models) python3 benchmarks/models.py --out "$OUT/models.json" 2>&1 | tee "$OUT/models.log" ;;
     tune) python3 benchmarks/tools/tune.py 2>&1 | tee "$OUT/tune.log" ;;
-    *) echo "unknown step: $step (tests bench bench-graph flex features decode sparse cosine cosine-train host models tune fp8 gluon ring cp-scaling train fuzz)"
+    *) echo "unknown step: $step (tests bench bench-graph flex features paged decode sparse cosine cosine-train host models tune fp8 gluon ring cp-scaling train fuzz)"
        exit 2 ;;
   esac
 done
