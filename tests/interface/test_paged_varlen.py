@@ -32,6 +32,19 @@ def paged_cache(lens_k, page_size, nheads_k, d, dv, dtype, spare_pages=3):
     return ks, vs, k_cache, v_cache, table
 
 
+def check_per_sequence(out, q, ks, vs, lens_q, dtype, **kw):
+    """Each sequence's rows of the packed ``out`` against the oracle (options ``kw``) on
+    its own keys ``ks[b]``, ``vs[b]``."""
+    cq = cu(lens_q).tolist()
+    for b in range(len(lens_q)):
+        if lens_q[b] == 0:
+            continue
+        args = (q[None, cq[b]:cq[b + 1]], ks[b][None].to(q.device), vs[b][None].to(q.device))
+        ref = attention_ref(*args, compute_dtype=torch.float64, **kw)
+        low = attention_ref(*args, upcast=False, **kw)
+        assert max_err(out[None, cq[b]:cq[b + 1]], ref) <= 2 * max_err(low, ref) + rounding_floor(ref, dtype)
+
+
 @pytest.mark.parametrize("page_size", [16, 64, 256, 5])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_paged(backend, page_size, causal):
@@ -43,14 +56,7 @@ def test_paged(backend, page_size, causal):
     out, lse, _ = flash_attn_varlen_func(q, k_cache, v_cache, cu(lens_q), cu(lens_k), max(lens_q), max(lens_k),
                                          causal=causal, block_table=table, return_attn_probs=True)
     assert not torch.isnan(out).any()
-    cq = cu(lens_q).tolist()
-    for b in range(len(lens_q)):
-        if lens_q[b] == 0:
-            continue
-        args = (q[None, cq[b]:cq[b + 1]], ks[b][None], vs[b][None])
-        ref = attention_ref(*args, causal=causal, compute_dtype=torch.float64)
-        low = attention_ref(*args, causal=causal, upcast=False)
-        assert max_err(out[None, cq[b]:cq[b + 1]], ref) <= 2 * max_err(low, ref) + rounding_floor(ref, dtype)
+    check_per_sequence(out, q, ks, vs, lens_q, dtype, causal=causal)
 
 
 @pytest.mark.parametrize("page_size", [64, 192, 256])
@@ -76,14 +82,7 @@ def test_paged_descriptors(monkeypatch, page_size, causal):
     name = "fwd_tma" + ("_causal" if causal else "") + "_short"
     assert choose.chosen_config(name) is not None, "the descriptor launch should have run"
     assert page_size % choose.chosen_config(name).block_n == 0
-    cq = cu(lens_q).tolist()
-    for b in range(len(lens_q)):
-        if lens_q[b] == 0:
-            continue
-        args = (q[None, cq[b]:cq[b + 1]], ks[b][None], vs[b][None])
-        ref = attention_ref(*args, causal=causal, compute_dtype=torch.float64)
-        low = attention_ref(*args, causal=causal, upcast=False)
-        assert max_err(out[None, cq[b]:cq[b + 1]], ref) <= 2 * max_err(low, ref) + rounding_floor(ref, dtype)
+    check_per_sequence(out, q, ks, vs, lens_q, dtype, causal=causal)
 
 
 def test_paged_options_and_seqused(backend):
@@ -95,12 +94,7 @@ def test_paged_options_and_seqused(backend):
     sinks = torch.randn(4) * 2
     out = flash_attn_varlen_func(q, k_cache, v_cache, cu(lens_q), cu(lens_k), max(lens_q), 64, block_table=table,
                                  seqused_k=torch.tensor(used, dtype=torch.int32), sinks=sinks, **kw)
-    cq = cu(lens_q).tolist()
-    for b in range(3):
-        args = (q[None, cq[b]:cq[b + 1]], ks[b][None], vs[b][None])
-        ref = attention_ref(*args, sinks=sinks, compute_dtype=torch.float64, **kw)
-        low = attention_ref(*args, sinks=sinks, upcast=False, **kw)
-        assert max_err(out[None, cq[b]:cq[b + 1]], ref) <= 2 * max_err(low, ref) + rounding_floor(ref, torch.bfloat16)
+    check_per_sequence(out, q, ks, vs, lens_q, torch.bfloat16, sinks=sinks, **kw)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -188,14 +182,7 @@ def test_paged_gpu(dtype, head_dim, page_size):
     q, k_cache, v_cache, table = q.cuda(), k_cache.cuda(), v_cache.cuda(), table.cuda()
     out = flash_attn_varlen_func(q, k_cache, v_cache, cu(lens_q).cuda(), cu(lens_k).cuda(), max(lens_q),
                                  max(lens_k), causal=True, block_table=table)
-    cq = cu(lens_q).tolist()
-    for b in range(len(lens_q)):
-        if lens_q[b] == 0:
-            continue
-        args = (q[None, cq[b]:cq[b + 1]], ks[b][None].cuda(), vs[b][None].cuda())
-        ref = attention_ref(*args, causal=True, compute_dtype=torch.float64)
-        low = attention_ref(*args, causal=True, upcast=False)
-        assert max_err(out[None, cq[b]:cq[b + 1]], ref) <= 2 * max_err(low, ref) + rounding_floor(ref, dtype)
+    check_per_sequence(out, q, ks, vs, lens_q, dtype, causal=True)
 
 
 @pytest.mark.gpu
