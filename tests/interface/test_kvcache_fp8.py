@@ -213,6 +213,27 @@ def test_fp8_cache_query_dtypes_rotary(path, dtype):
     case.check(out, lse, causal=True)
 
 
+def test_fp8_bf16_queries_of_any_magnitude(path):
+    """bf16 queries against an fp8 cache compute in fp16 on the GPU kernel, each row scaled
+    by a power of two: rows from 1e-30 to 1e30 (bf16's range, far beyond fp16's) keep the
+    accuracy rule, and a NaN or Inf query row leaves the rows it shares a program with
+    (the other heads of its GQA group) as they are."""
+    case = Fp8Case(batch=2, seqlen_q=2, nheads=8, nheads_k=2, head_dim=40, capacity=90, lengths=[77, 60],
+                   dtype=torch.bfloat16)
+    scales = torch.tensor([1e-30, 1e-6, 3e-3, 1.0, 7.0, 300.0, 7e4, 1e30])
+    case.q = (case.q.float() * scales[None, None, :, None]).bfloat16()
+    out, lse = case.run(return_softmax_lse=True)
+    case.check(out, lse)
+    clean = out.clone()
+    case.q[0, 0, 1] = float("nan")
+    case.q[1, 1, 4, 3] = float("inf")
+    out = case.run()
+    assert out[0, 0, 1].isnan().all() and not out[1, 1, 4].isfinite().all()
+    keep = torch.ones(out.shape[:3], dtype=torch.bool)
+    keep[0, 0, 1] = keep[1, 1, 4] = False
+    assert torch.equal(out[keep], clean[keep])
+
+
 def test_fp8_rows_that_see_no_key(path):
     case = Fp8Case(batch=2, seqlen_q=3, capacity=64, lengths=[0, 2])
     out, lse = case.run(causal=True, return_softmax_lse=True, num_splits=3)

@@ -32,17 +32,19 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _decode_tiles(acc, l_i, m_i, q, k_base, v_base, table, tile_lo, tile_hi, rows, offs_n, offs_d, offs_dv, d_ok,
-                  dv_ok, seqlen_q, seqlen_k, diag, first_key, window_left, window_right, max_pages, qk_scale,
-                  softcap_in, softcap_out, alibi_slope, Q, stride_kb, stride_ks, stride_vb, stride_vs,
+def _decode_tiles(acc, l_i, m_i, q, q_row_scale, k_base, v_base, table, tile_lo, tile_hi, rows, offs_n, offs_d,
+                  offs_dv, d_ok, dv_ok, seqlen_q, seqlen_k, diag, first_key, window_left, window_right, max_pages,
+                  qk_scale, softcap_in, softcap_out, alibi_slope, Q, stride_kb, stride_ks, stride_vb, stride_vs,
                   BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, ROW_LOOKUP: tl.constexpr,
                   MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
                   SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, KV_FP8: tl.constexpr, UPCAST: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, EDGE: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, EDGE: tl.constexpr, FP16_Q: tl.constexpr):
     """Accumulate the key tiles [tile_lo, tile_hi) into (acc, l_i, m_i) of the rows ``rows``
     (query tokens) of attn_decode_kernel; the MASK_* / HAS_LEFTPAD switches mask by
     position (keys past ``seqlen_k`` are always masked). EDGE: a loop of one or two tiles
-    (a program's rows span at most BLOCK_M tokens), not pipelined."""
+    (a program's rows span at most BLOCK_M tokens), not pipelined. FP16_Q: ``q`` is fp16,
+    each row scaled by a power of two that ``q_row_scale`` (BLOCK_M, 1) undoes on the
+    scores (see attn_decode_kernel)."""
     for start_n in tl.range(tile_lo, tile_hi, BLOCK_N, num_stages=1 if EDGE else None):
         cols = start_n + offs_n
         col_ok = cols < seqlen_k
@@ -72,13 +74,16 @@ def _decode_tiles(acc, l_i, m_i, q, k_base, v_base, table, tile_lo, tile_hi, row
         k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=col_ok[:, None] & d_ok, other=0.0)
         v = tl.load(v_base + v_rows[:, None] + offs_dv[None, :], mask=col_ok[:, None] & dv_ok, other=0.0)
         if KV_FP8:
-            # fp8 tiles in q's compute dtype (fp16/bf16, or fp32 under UPCAST or for fp32 q)
+            # fp8 tiles in q's compute dtype (fp16, also for bf16 q: FP16_Q; fp32 for fp32 q or under UPCAST)
             k = k.to(q.dtype)
             v = v.to(q.dtype)
         elif UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s, _ = tile_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), rows, cols[None, :], seqlen_q,
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if FP16_Q:
+            qk = qk * q_row_scale
+        s, _ = tile_scores(qk, rows, cols[None, :], seqlen_q,
                            seqlen_k, diag, qk_scale, softcap_in, softcap_out, alibi_slope, Q, 0, 0,
                            SOFTCAP, HAS_ALIBI, BIAS_NONE, False)
         allowed = tile_mask(rows, cols[None, :], seqlen_k, diag, window_left, window_right, MASK_LEFT, MASK_RIGHT)
@@ -185,7 +190,22 @@ def attn_decode_kernel(
 
     q_ptrs = Q + b.to(tl.int64) * stride_qb + tok[:, None] * stride_qs + head[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok, other=0.0)
-    if UPCAST:
+    # bf16 queries against an e4m3 cache compute in fp16: e4m3 -> fp16 is one conversion per
+    # two values, -> bf16 three (through fp16), which held the FP8 step to about half the
+    # memory bandwidth on an H100. Each row of q is scaled by the power of two that puts its
+    # largest finite |value| at 2^13-2^14 (exact; fp16's 11 bits hold bf16's 8 down to 2^-27
+    # of it), undone on the scores.
+    FP16_Q: tl.constexpr = KV_FP8 and Q.dtype.element_ty == tl.bfloat16
+    q_row_scale = 1.0
+    if FP16_Q:
+        qf = q.to(tl.float32)
+        q_abs = tl.abs(qf)
+        q_max = tl.max(tl.where(q_abs < float("inf"), q_abs, 0.0), 1)  # NaN and Inf: 0
+        e = tl.where(q_max > 0, 14.0 - tl.math.ceil(tl.math.log2(q_max)), 0.0)
+        e = tl.minimum(tl.maximum(e, -120.0), 120.0)
+        q = (qf * tl.math.exp2(e)[:, None]).to(tl.float16)
+        q_row_scale = tl.math.exp2(-e)[:, None]
+    elif UPCAST:
         q = q.to(tl.float32)
     if KV_FP8:
         # one key descale per (sequence, kv head): folded into the scale of the scores
@@ -239,12 +259,13 @@ def attn_decode_kernel(
             tile_lo, tile_hi = mid_hi, end
         if ANY_MASK or phase == 1:
             acc, l_i, m_i = _decode_tiles(
-                acc, l_i, m_i, q, k_base, v_base, table, tile_lo, tile_hi, rows, offs_n, offs_d, offs_dv, d_ok,
+                acc, l_i, m_i, q, q_row_scale, k_base, v_base, table, tile_lo, tile_hi, rows, offs_n, offs_d, offs_dv,
+                d_ok,
                 dv_ok, seqlen_q, seqlen_k, diag, first_key, window_left, window_right, max_pages, qk_scale,
                 softcap_in, softcap_out, alibi_slope, Q, stride_kb, stride_ks, stride_vb, stride_vs,
                 BLOCK_N, PAGE_SIZE, ROW_LOOKUP, MASK_LEFT and phase != 1, MASK_RIGHT and phase != 1,
                 HAS_LEFTPAD and phase != 1,
-                SOFTCAP, HAS_ALIBI, KV_FP8, UPCAST, DOT_PRECISION, phase != 1)
+                SOFTCAP, HAS_ALIBI, KV_FP8, UPCAST, DOT_PRECISION, phase != 1, FP16_Q)
 
     # rows that saw no key of this split: output 0, LSE -inf
     seen = l_i > 0.0
