@@ -175,7 +175,15 @@ def test_bad_input(case, error, match):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("page_size", [16, 64, 256])
-def test_paged_gpu(dtype, head_dim, page_size):
+@pytest.mark.parametrize("loads", ["default", "descriptors"])
+def test_paged_gpu(monkeypatch, dtype, head_dim, page_size, loads):
+    """Causal prefill over a paged cache whose unused rows hold NaN; ``descriptors``: reads
+    through tensor descriptors over the stacked pages (FLASHTILE_FWD_TMA=1; pages of 16 keys
+    keep pointer loads)."""
+    if loads == "descriptors":
+        from helpers import set_switch
+
+        set_switch(monkeypatch, "FLASHTILE_FWD_TMA", "1")
     lens_q, lens_k = [300, 1, 0, 700], [1000, 2000, 77, 700]
     ks, vs, k_cache, v_cache, table = paged_cache(lens_k, page_size, 2, head_dim, head_dim, dtype)
     q = torch.randn(sum(lens_q), 8, head_dim, dtype=dtype)
