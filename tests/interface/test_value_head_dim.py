@@ -127,6 +127,24 @@ def test_bad_value_head_dim(bad_dv):
         flash_attn_func(q, k, torch.randn(1, 8, 2, bad_dv))
 
 
+@pytest.mark.parametrize("dims, refused", [((24, 12), True), ((64, 8), True), ((16, 12), False), ((24, 24), False),
+                                            ((40, 24), False), ((12, 24), False)])
+def test_known_bad_gpu_head_dims_are_refused(dims, refused):
+    """The value head dims that gave wrong results on the GPU (padded to 16 under a larger
+    q/k head dim) raise NotImplementedError for CUDA tensors, and only those."""
+    from types import SimpleNamespace
+
+    from flashtile.backends.triton.launch.attention import _refuse_known_bad_head_dims
+
+    q, v = (SimpleNamespace(is_cuda=True, shape=(1, 8, 2, d)) for d in dims)
+    if refused:
+        with pytest.raises(NotImplementedError, match="value head dim of 16 or less"):
+            _refuse_known_bad_head_dims(q, v)
+    else:
+        _refuse_known_bad_head_dims(q, v)
+    _refuse_known_bad_head_dims(SimpleNamespace(is_cuda=False, shape=q.shape), v)  # the CPU runs them
+
+
 # --- on a CUDA GPU with the compiled kernels (marker ``gpu``) ---------------------------
 
 @pytest.mark.gpu
@@ -149,6 +167,15 @@ def test_value_head_dim_gpu(dtype, dims, kind):
     k = torch.randn(2, 2100, 2, dims[0], device="cuda", dtype=dtype)
     v = torch.randn(2, 2100, 2, dims[1], device="cuda", dtype=dtype)
     check_attention(lambda q, k, v: flash_attn_func(q, k, v, causal=causal), q, k, v, causal=causal)
+
+
+@pytest.mark.gpu
+def test_known_bad_head_dims_refused_gpu():
+    q = torch.randn(1, 100, 4, 24, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 100, 2, 24, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, 100, 2, 12, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(NotImplementedError, match="value head dim of 16 or less"):
+        flash_attn_func(q, k, v, causal=True)
 
 
 @pytest.mark.gpu

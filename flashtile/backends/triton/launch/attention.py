@@ -181,6 +181,16 @@ def _option_tensors(q: torch.Tensor, opts: AttnOptions, cu_seqlens_q, cu_seqlens
             q if opts.alibi is None else opts.alibi)
 
 
+def _refuse_known_bad_head_dims(q: torch.Tensor, v: torch.Tensor) -> None:
+    """On a GPU, value head dims padded to 16 under a larger q/k head dim gave wrong outputs
+    and illegal memory accesses on an H100 (q/k 24 with v 12; the cause is not found yet):
+    refused with a clear error rather than run (Triton's interpreter computes them right)."""
+    if q.is_cuda and v.shape[-1] != q.shape[-1] and block_d_of(v.shape[-1]) == 16 < block_d_of(q.shape[-1]):
+        raise NotImplementedError(
+            f"flashtile: a value head dim of 16 or less ({v.shape[-1]}) under a larger q/k head dim "
+            f"({q.shape[-1]}) is not supported on the GPU yet (it gave wrong results); pad v's head dim to 32")
+
+
 class _Layout:
     """Batch geometry, feature switches and the score arguments shared by the forward, dQ and dK/dV kernels:
     everything but the tensors themselves, so a launch plan (``LaunchPlan``) can keep it.
@@ -188,6 +198,7 @@ class _Layout:
 
     def __init__(self, q, k, v, opts: AttnOptions, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                  sparse=None):
+        _refuse_known_bad_head_dims(q, v)
         self.varlen = cu_seqlens_q is not None
         self.batch = cu_seqlens_q.numel() - 1 if self.varlen else q.shape[0]
         self.nheads, self.nheads_k = q.shape[2], k.shape[2]
