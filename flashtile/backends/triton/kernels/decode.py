@@ -191,10 +191,10 @@ def attn_decode_kernel(
     q_ptrs = Q + b.to(tl.int64) * stride_qb + tok[:, None] * stride_qs + head[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok, other=0.0)
     # bf16 queries against an e4m3 cache compute in fp16: e4m3 -> fp16 is one conversion per
-    # two values, -> bf16 three (through fp16), which held the FP8 step to about half the
-    # memory bandwidth on an H100. Each row of q is scaled by the power of two that puts its
-    # largest finite |value| at 2^13-2^14 (exact; fp16's 11 bits hold bf16's 8 down to 2^-27
-    # of it), undone on the scores.
+    # two values, -> bf16 three (through fp16), the likely bound of the FP8 step, which ran
+    # at about half the memory bandwidth on an H100. Each row of q is scaled by the power of
+    # two that puts its largest finite |value| at 2^13-2^14 (exact; fp16's 11 bits hold
+    # bf16's 8 down to 2^-27 of it), undone on the scores.
     FP16_Q: tl.constexpr = KV_FP8 and Q.dtype.element_ty == tl.bfloat16
     q_row_scale = 1.0
     if FP16_Q:
@@ -260,8 +260,7 @@ def attn_decode_kernel(
         if ANY_MASK or phase == 1:
             acc, l_i, m_i = _decode_tiles(
                 acc, l_i, m_i, q, q_row_scale, k_base, v_base, table, tile_lo, tile_hi, rows, offs_n, offs_d, offs_dv,
-                d_ok,
-                dv_ok, seqlen_q, seqlen_k, diag, first_key, window_left, window_right, max_pages, qk_scale,
+                d_ok, dv_ok, seqlen_q, seqlen_k, diag, first_key, window_left, window_right, max_pages, qk_scale,
                 softcap_in, softcap_out, alibi_slope, Q, stride_kb, stride_ks, stride_vb, stride_vs,
                 BLOCK_N, PAGE_SIZE, ROW_LOOKUP, MASK_LEFT and phase != 1, MASK_RIGHT and phase != 1,
                 HAS_LEFTPAD and phase != 1,
