@@ -79,16 +79,17 @@ def _pytorch_cpu_backward(dout, q, k, v, out, lse, opts: AttnOptions, exact_stri
     return tuple(_like(g, t) for t, g in zip((q, k, v), grads)) if exact_strides else grads
 
 
-def _may_leak(opts: AttnOptions, *rows: torch.Tensor) -> bool:
+def _may_leak(opts: AttnOptions, last=(), first=()) -> bool:
     """Whether a causal result of PyTorch's CPU kernel may hold NaN leaked from positions
     a row does not see: its products of the probabilities with V, of dS with K and Q, and
     of P with dO take ``0 * NaN`` (or ``0 * Inf``) there as NaN, so such a call is
     recomputed on the tiled path, where they add nothing. The kernel serves causal calls
     only with seqlen_q == seqlen_k, where the last query row sees every key and key 0 is
-    seen by every row: a non-finite value that could leak anywhere makes the output's last
-    row, dQ's last row, or dK's or dV's first row non-finite. So ``rows`` are those rows,
-    whose sums are checked (a non-finite sum from other causes only costs the
-    recomputation)."""
+    seen by every row: a non-finite value that could leak anywhere makes the last row of
+    a tensor in ``last`` (the output, dQ) or the first row of one in ``first`` (dK, dV)
+    non-finite; only those rows are summed (a non-finite sum from other causes only costs
+    the recomputation)."""
+    rows = [t[:, -1:] for t in last] + [t[:, :1] for t in first]
     return opts.window_right >= 0 and not all(math.isfinite(r.sum().item()) for r in rows if r.numel())
 
 
@@ -175,7 +176,7 @@ def _attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
                                         seqused_k=seqused_k, block_table=block_table)
     if _pytorch_cpu_serves(q, v, opts, varlen):
         out, lse = _pytorch_cpu_forward(q, k, v, opts)
-        if not _may_leak(opts, out[:, -1:]):
+        if not _may_leak(opts, last=(out,)):
             return out, lse
     if not varlen:
         return attention_tiled_forward(q, k, v, opts)
@@ -240,8 +241,8 @@ def _attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                                               cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                               seqused_k=seqused_k)
     elif _pytorch_cpu_serves(q, v, opts, varlen) and not _may_leak(
-            opts, *((grads := _pytorch_cpu_backward(dout, q, k, v, out, lse, opts, exact_strides))[0][:, -1:],
-                    grads[1][:, :1], grads[2][:, :1])):
+            opts, last=(grads := _pytorch_cpu_backward(dout, q, k, v, out, lse, opts, exact_strides))[:1],
+            first=grads[1:]):
         (dq, dk, dv), dbias = grads, None
     elif not varlen:
         dq, dk, dv, dbias, dsinks = attention_tiled_backward(dout, q, k, v, out, lse, opts, bias_grad)

@@ -114,6 +114,29 @@ def _sanitize(v_tile, k_tile, CHUNK: gl.constexpr, BLOCK_N: gl.constexpr, v_layo
 
 
 @gluon.jit
+def _nan_safe_pv(acc, p, p16, v_tile, k_tile, check_bar, it, n_full, row0, seqlen_k, diag, ROWS: gl.constexpr,
+                 BLOCK_N: gl.constexpr, p_layout: gl.constexpr, v_layout: gl.constexpr, SYNC: gl.constexpr):
+    """``acc + P V`` for a causal masked tile (see ``_attend_tile``), V landed in ``v_tile``."""
+    n_bad = _count_bad(v_tile, 32, BLOCK_N, v_layout)
+    if SYNC:
+        mbarrier.arrive(check_bar, count=1)
+        mbarrier.wait(check_bar, (it - n_full) & 1)
+    if n_bad > 0:
+        _sanitize(v_tile, k_tile, 32, BLOCK_N, v_layout)
+    acc = warpgroup_mma(p16, v_tile, acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    if n_bad > 0:
+        rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, p.type.layout))
+        cols = it * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, p.type.layout))
+        seen = (cols[None, :] < seqlen_k) & (cols[None, :] <= rows[:, None] + diag)
+        hits = warpgroup_mma(gl.convert_layout(seen.to(v_tile.dtype), p_layout), k_tile, gl.zeros_like(acc),
+                             use_acc=False, is_async=True)
+        hits = warpgroup_mma_wait(num_outstanding=0, deps=(hits, ))
+        acc = gl.where(hits > 0, float("nan"), acc)
+    return acc
+
+
+@gluon.jit
 def _attend_tile(s, acc, m_i, l_i, v_tile, k_tile, v_bar, check_bar, phase, it, n_full, row0, seqlen_k, diag,
                  qk_scale, CAUSAL: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, o_layout: gl.constexpr,
                  p_layout: gl.constexpr, v_layout: gl.constexpr, SYNC: gl.constexpr):
@@ -131,41 +154,19 @@ def _attend_tile(s, acc, m_i, l_i, v_tile, k_tile, v_bar, check_bar, phase, it, 
     NaN (a second product: the row's mask times those positions). With SYNC (two consumer
     warpgroups sharing the tile) both have read V and finished with K at ``check_bar``
     before either writes; both write the same values."""
-    if CAUSAL and it >= n_full:
+    if it >= n_full:
         p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, it * BLOCK_N, row0, seqlen_k, diag, qk_scale, True,
                                              CAUSAL, ROWS, BLOCK_N)
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-        p16 = gl.convert_layout(p.to(v_tile.dtype), p_layout)
-        mbarrier.wait(v_bar, phase)
-        n_bad = _count_bad(v_tile, 32, BLOCK_N, v_layout)
-        if SYNC:
-            mbarrier.arrive(check_bar, count=1)
-            mbarrier.wait(check_bar, (it - n_full) & 1)
-        if n_bad > 0:
-            _sanitize(v_tile, k_tile, 32, BLOCK_N, v_layout)
-        acc = warpgroup_mma(p16, v_tile, acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        if n_bad > 0:
-            rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, p.type.layout))
-            cols = it * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, p.type.layout))
-            seen = (cols[None, :] < seqlen_k) & (rows[:, None] >= 0)  # (rows >= 0: to the tile's shape)
-            if CAUSAL:
-                seen = seen & (cols[None, :] <= rows[:, None] + diag)
-            seen16 = gl.convert_layout(seen.to(v_tile.dtype), p_layout)
-            hits = warpgroup_mma(seen16, k_tile, gl.zeros_like(acc), use_acc=False,
-                                 is_async=True)
-            hits = warpgroup_mma_wait(num_outstanding=0, deps=(hits, ))
-            acc = gl.where(hits > 0, float("nan"), acc)
     else:
-        if it >= n_full:  # full attention's last, partial tile: TMA reads the keys past the end as zeros
-            p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, it * BLOCK_N, row0, seqlen_k, diag, qk_scale, True,
-                                                 CAUSAL, ROWS, BLOCK_N)
-        else:
-            p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, it * BLOCK_N, row0, seqlen_k, diag, qk_scale, False,
-                                                 CAUSAL, ROWS, BLOCK_N)
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-        p16 = gl.convert_layout(p.to(v_tile.dtype), p_layout)
-        mbarrier.wait(v_bar, phase)
+        p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, it * BLOCK_N, row0, seqlen_k, diag, qk_scale, False,
+                                             CAUSAL, ROWS, BLOCK_N)
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    p16 = gl.convert_layout(p.to(v_tile.dtype), p_layout)
+    mbarrier.wait(v_bar, phase)
+    if CAUSAL and it >= n_full:
+        acc = _nan_safe_pv(acc, p, p16, v_tile, k_tile, check_bar, it, n_full, row0, seqlen_k, diag, ROWS, BLOCK_N,
+                           p_layout, v_layout, SYNC)
+    else:
         acc = warpgroup_mma(p16, v_tile, acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     return acc, m_i, l_i
