@@ -105,8 +105,9 @@ def _rank_main(args) -> None:
         torch.set_num_threads(1)  # the ranks share the machine's cores
         device = torch.device("cpu")
     # a rank left waiting for a peer that failed gives up instead of hanging
-    dist.init_process_group(cfg["backend"], init_method=f"tcp://127.0.0.1:{args.port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(minutes=10))
+    timeout = datetime.timedelta(minutes=10)
+    store = dist.TCPStore("127.0.0.1", args.port, world, rank == 0, timeout=timeout)  # hosted by rank 0
+    dist.init_process_group(cfg["backend"], store=store, rank=rank, world_size=world, timeout=timeout)
     dtype = getattr(torch, cfg["dtype"])
     attend = ring_flash_attn_func if args.method == "ring" else ulysses_flash_attn_func
 
@@ -159,6 +160,12 @@ def _rank_main(args) -> None:
             json.dump({"world": world, "rows": rows}, f)
     dist.barrier()  # no rank leaves while a peer's transfers may still be in flight
     dist.destroy_process_group()
+    # rank 0 hosts the store: it leaves last, so that no rank loses the store while tearing down
+    # (a rank that did aborted now and then on a loaded machine)
+    if rank:
+        store.set(f"done{rank}", "1")
+    else:
+        store.wait([f"done{r}" for r in range(1, world)])
 
 
 def _rank_argv(args) -> list[str]:
