@@ -89,8 +89,10 @@ def _may_leak(opts: AttnOptions, last=(), first=()) -> bool:
     a tensor in ``last`` (the output, dQ) or the first row of one in ``first`` (dK, dV)
     non-finite; only those rows are summed (a non-finite sum from other causes only costs
     the recomputation)."""
+    if opts.window_right < 0:  # full attention: no position is hidden from a row
+        return False
     rows = [t[:, -1:] for t in last] + [t[:, :1] for t in first]
-    return opts.window_right >= 0 and not all(math.isfinite(r.sum().item()) for r in rows if r.numel())
+    return not all(math.isfinite(r.sum().item()) for r in rows if r.numel())
 
 
 def _like(result: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

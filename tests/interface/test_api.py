@@ -52,6 +52,22 @@ def test_sdpa_matches_torch(causal, lengths):
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_cpu_strides_as_pytorch_gives_them(causal):
+    # dense CPU calls run PyTorch's fused kernel: its output and gradients come back in the strides
+    # PyTorch's own SDPA gives them
+    q, k, v = (torch.randn(2, 4, 70, 32, requires_grad=True) for _ in range(3))
+    out = scaled_dot_product_attention(q, k, v, is_causal=causal)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    assert out.stride() == expected.stride()
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), dout)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
 def test_sdpa_gradients_top_left_causal():
     def fn(q, k, v):  # flash_attn layout in and out, SDPA layout inside
         return scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
