@@ -1,13 +1,17 @@
 """Time the Gluon forward kernels against the Triton forward on a Hopper GPU
-(forward only, dense, bf16, (batch, seqlen, heads, dim) inputs).
+(dense, bf16, (batch, seqlen, heads, dim) inputs); with ``--backward``, the
+backward with dK/dV from the Gluon kernel against the Triton backward.
 
     python benchmarks/tools/gluon_bench.py                          # head dim 128, 1k-16k, causal and not
     python benchmarks/tools/gluon_bench.py --head-dim 64 --kernels ws,simple
+    python benchmarks/tools/gluon_bench.py --backward --head-dim 64,128 --heads 16,16
 
 Each row: TFLOP/s of the Triton forward (``attention_forward`` with
 FLASHTILE_GLUON=0) and of each Gluon kernel, and the largest difference of
 each Gluon output from the Triton one (a quick sanity check; the tests hold the
 accuracy rule). Total tokens stay about 16k (batch = 16k / seqlen), 16 heads.
+Backward rows: TFLOP/s of the backward alone (2.5x the forward's FLOPs) with
+FLASHTILE_GLUON_BWD=0 and =1, and the largest difference of the gradients.
 """
 
 from __future__ import annotations
@@ -21,13 +25,16 @@ import triton
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--head-dim", default="128", help="one head dim (the forward), or several with --backward")
     ap.add_argument("--seqlens", default="1024,2048,4096,8192,16384")
     ap.add_argument("--heads", default="16,16", help="query heads, key/value heads")
     ap.add_argument("--causal", default="0,1")
     ap.add_argument("--kernels", default="ws,pingpong,simple")
     ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--backward", action="store_true", help="time the backward (full attention) instead")
     args = ap.parse_args()
+    if args.backward:
+        return backward(args)
 
     from flashtile.backends.triton.launch import attention as launch_attention
     from flashtile.backends.triton.launch.gluon import gluon_forward
@@ -36,7 +43,7 @@ def main():
     assert torch.cuda.get_device_capability() == (9, 0), "the Gluon kernels are built for sm90"
     os.environ["FLASHTILE_GLUON"] = "0"  # the baseline: the Triton forward
     heads, heads_k = map(int, args.heads.split(","))
-    d = args.head_dim
+    d = int(args.head_dim)
     kernels = args.kernels.split(",")
     print(f"{torch.cuda.get_device_name()}, head dim {d}, heads {heads}/{heads_k}, bf16; TFLOP/s (max |gluon - triton|)")
     print(f"{'causal':>6} {'seqlen':>6} {'batch':>5} {'triton':>8} " + " ".join(f"{k:>18}" for k in kernels))
@@ -61,6 +68,40 @@ def main():
                 speed = tflops(lambda: gluon_forward(q, k, v, d ** -0.5, causal, kernel=kernel))
                 cells.append(f"{speed:>8.1f} ({diff:.1e})")
             print(row + " ".join(f"{c:>18}" for c in cells), flush=True)
+
+
+def backward(args):
+    """The backward of full attention through flash_attn_func, dK/dV by the Triton kernels
+    (FLASHTILE_GLUON_BWD=0) and by the Gluon kernel (=1)."""
+    import flashtile
+
+    assert torch.cuda.get_device_capability() == (9, 0), "the Gluon kernels are built for sm90"
+    heads, heads_k = map(int, args.heads.split(","))
+    print(f"{torch.cuda.get_device_name()}, heads {heads}/{heads_k}, bf16, full attention; backward TFLOP/s "
+          "(max |gluon - triton| of dq, dk, dv)")
+    print(f"{'dim':>4} {'seqlen':>6} {'batch':>5} {'triton':>8} {'gluon dk/dv':>12} {'ratio':>6}  diff")
+    for d in (int(x) for x in args.head_dim.split(",")):
+        for seqlen in (int(s) for s in args.seqlens.split(",")):
+            batch = max(1, args.tokens // seqlen)
+            q = torch.randn(batch, seqlen, heads, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            k = torch.randn(batch, seqlen, heads_k, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            v = torch.randn(batch, seqlen, heads_k, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            out = flashtile.flash_attn_func(q, k, v)
+            dout = torch.randn_like(out)
+            flops = 2.5 * 4 * batch * heads * seqlen * seqlen * d
+            speed, grads = {}, {}
+            for flag in ("0", "1"):
+                os.environ["FLASHTILE_GLUON_BWD"] = flag
+
+                def step():
+                    return torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+
+                grads[flag] = step()
+                speed[flag] = flops / triton.testing.do_bench(step, warmup=50, rep=200) * 1e-9
+            diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(grads["0"], grads["1"]))
+            print(f"{d:>4} {seqlen:>6} {batch:>5} {speed['0']:>8.1f} {speed['1']:>12.1f} "
+                  f"{speed['1'] / speed['0']:>5.2f}x  {diff:.1e}", flush=True)
+    os.environ.pop("FLASHTILE_GLUON_BWD", None)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
-"""Compile the Gluon forward kernels for Hopper (sm90) on a machine without a GPU
-and report each one's registers, spills (stack), shared memory and matmuls.
+"""Compile the Gluon kernels for Hopper (sm90) on a machine without a GPU and
+report each one's registers, spills (stack), shared memory and matmuls.
 
-    python benchmarks/tools/gluon_compile.py                      # every kernel, head dim 128, causal and not
+    python benchmarks/tools/gluon_compile.py                      # every forward kernel, head dim 128, causal and not
     python benchmarks/tools/gluon_compile.py --kernel ws --head-dim 64 --dump /tmp/gluon
+    python benchmarks/tools/gluon_compile.py --kernel dkdv --head-dim 64,128   # the backward's dK/dV kernel
 
 Same host-only driver as ``sm90_compile.py`` (``GPUTarget("cuda", 90, 32)``,
 launches replaced by compilation); CPU tensors go through the real launcher
-``flashtile.backends.triton.launch.gluon.gluon_forward``.
+``flashtile.backends.triton.launch.gluon.gluon_forward`` (and ``gluon_backward_dkdv``
+for the kernel named ``dkdv``, full attention only).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def compile_gluon(kernels=("simple", "ws", "pingpong"), head_dims=(128,), causal
     """Compile the Gluon kernels for sm90 on the host; returns sm90_compile's
     (name, switches, compiled kernel) records."""
     from flashtile.backends.triton.launch import device
-    from flashtile.backends.triton.launch.gluon import gluon_forward
+    from flashtile.backends.triton.launch.gluon import gluon_backward_dkdv, gluon_forward
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     saved = (driver._active, JITFunction.run, device.ASSUMED_CAPABILITY)
@@ -43,6 +45,12 @@ def compile_gluon(kernels=("simple", "ws", "pingpong"), head_dims=(128,), causal
             q = torch.randn(1, seqlen, heads[0], head_dim).to(torch_dtype)
             k, v = (torch.randn(1, seqlen, heads[1], head_dim).to(torch_dtype) for _ in range(2))
             for kernel in kernels:
+                if kernel == "dkdv":
+                    k, v = (torch.randn(1, seqlen, heads[0], head_dim).to(torch_dtype) for _ in range(2))
+                    lse = torch.zeros(1, heads[0], seqlen)
+                    gluon_backward_dkdv(q, k, v, torch.randn_like(q), lse, lse.clone(), torch.empty_like(k),
+                                        torch.empty_like(v), head_dim ** -0.5)
+                    continue
                 for causal in causals:
                     gluon_forward(q, k, v, head_dim ** -0.5, causal, kernel=kernel)
     finally:
@@ -64,7 +72,7 @@ def describe(name: str, switches: dict, kernel) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kernel", default="simple,ws,pingpong")
+    ap.add_argument("--kernel", default="simple,ws,pingpong", help="forward kernels, or dkdv (the backward's)")
     ap.add_argument("--head-dim", default="128", help="64, 128 or 64,128")
     ap.add_argument("--causal", default="0,1")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])

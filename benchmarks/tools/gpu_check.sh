@@ -39,12 +39,15 @@ for step in "$@"; do
     fp8) python3 benchmarks/tools/fp8_sweep.py --out "$OUT/fp8_sweep.json" 2>&1 | tee "$OUT/fp8_sweep.log"
          python3 benchmarks/fp8.py --speed --out "$OUT/fp8.json" 2>&1 | tee "$OUT/fp8.log"
          python3 benchmarks/decode.py --kv-fp8 --skip-table --out "$OUT/decode_fp8" 2>&1 | tee "$OUT/decode_fp8.log" ;;
-    gluon)  # the Gluon kernels' GPU tests (NaN-safe causal tiles included), then their timing at head dims 128 and 64
+    gluon)  # the Gluon kernels' GPU tests (NaN-safe causal tiles and the dK/dV kernel included), then their timing:
+            # the forward at head dims 128 and 64, the backward with the dK/dV kernel against the Triton one
       python3 -m pytest -q -m gpu -n 8 --tb=line tests/backends/triton/test_gluon_dispatch.py 2>&1 | tail -5
       python3 benchmarks/tools/gluon_bench.py --head-dim 128 --seqlens 1024,2048,4096,8192,16384 --causal 0,1 \
         2>&1 | tee "$OUT/gluon.log"
       python3 benchmarks/tools/gluon_bench.py --head-dim 64 --seqlens 1024,4096,16384 --causal 0,1 \
-        2>&1 | tee "$OUT/gluon64.log" ;;
+        2>&1 | tee "$OUT/gluon64.log"
+      python3 benchmarks/tools/gluon_bench.py --backward --head-dim 64,128 --seqlens 1024,4096,16384 \
+        2>&1 | tee "$OUT/gluon_bwd.log" ;;
     ring) python3 benchmarks/ring_step.py --out "$OUT/ring_step.json" 2>&1 | tee "$OUT/ring_step.log" ;;
     cp-scaling)  # several GPUs: the NCCL tests, then ring and Ulysses scaling against one GPU
       python3 -m pytest -q -m gpu --tb=line tests/distributed > "$OUT/cp_tests.log" 2>&1; tail -5 "$OUT/cp_tests.log"

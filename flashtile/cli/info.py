@@ -26,6 +26,14 @@ def _gluon_line() -> str:
             f"take the Triton forward; FLASHTILE_GLUON=1/0 for always/never)")
 
 
+def _gluon_backward_line() -> str:
+    """Which backward calls take the Gluon dK/dV kernel on this sm90 GPU."""
+    if os.environ.get("FLASHTILE_GLUON_BWD") == "1":
+        return ("dK/dV by the Gluon kernel for full attention, one key/value head per query head, head dim 64 or "
+                "128 (FLASHTILE_GLUON_BWD=1); the Triton kernels for the rest")
+    return "the Triton kernels (FLASHTILE_GLUON_BWD=1 for the Gluon dK/dV kernel, not yet measured)"
+
+
 def print_info() -> None:
     import torch
 
@@ -56,6 +64,7 @@ def print_info() -> None:
                                                          "(tuned on Hopper only)"))
             if (major, minor) == (9, 0):
                 _line("Hopper forward", _gluon_line())
+                _line("Hopper backward", _gluon_backward_line())
     else:
         _line("device", f"CPU only ({torch.get_num_threads()} threads); no CUDA GPU"
               + (" (this torch is a CPU build)" if torch.version.cuda is None else ""))

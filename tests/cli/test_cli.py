@@ -59,6 +59,18 @@ def test_info_says_which_hopper_forward(monkeypatch, choice, expected):
     assert expected in info._gluon_line()
 
 
+@pytest.mark.parametrize("choice, expected", [(None, "the Triton kernels (FLASHTILE_GLUON_BWD=1"),
+                                               ("1", "dK/dV by the Gluon kernel")])
+def test_info_says_which_hopper_backward(monkeypatch, choice, expected):
+    from flashtile.cli import info
+
+    if choice is None:
+        monkeypatch.delenv("FLASHTILE_GLUON_BWD", raising=False)
+    else:
+        monkeypatch.setenv("FLASHTILE_GLUON_BWD", choice)
+    assert expected in info._gluon_backward_line()
+
+
 def test_check_passes_here(monkeypatch, capsys):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the CPU path, as `flashtile check` runs on a CPU machine
     assert main(["check", "--device", "cpu"]) == 0

@@ -308,3 +308,87 @@ def test_gluon_forward_nan_hygiene(kernel, causal, seqlens):
     kw = dict(causal=causal)
     check_rows(out, attention_ref(q, k, v, compute_dtype=torch.float64, **kw),
                attention_ref(q, k, v, upcast=False, **kw), torch.bfloat16)
+
+
+# --- the Gluon dK/dV kernel of the backward (opt-in: FLASHTILE_GLUON_BWD=1) ---
+
+def _bwd_supported(q, k, v, opts, **kw):
+    lse = torch.zeros(q.shape[0], q.shape[2], q.shape[1])
+    return launch_gluon.gluon_backward_supported(q, k, v, torch.randn_like(q), lse, opts, **kw)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gluon_backward_only_when_asked(monkeypatch, head_dim, dtype):
+    q, k, v = _qkv(seqlen_q=77, seqlen_k=1000, heads=(4, 4), head_dim=head_dim, dtype=dtype)
+    opts = _opts(head_dim)
+    monkeypatch.setattr(launch_device, "ASSUMED_CAPABILITY", (9, 0))
+    monkeypatch.delenv("FLASHTILE_GLUON_BWD", raising=False)
+    assert not _bwd_supported(q, k, v, opts)
+    monkeypatch.setenv("FLASHTILE_GLUON_BWD", "1")
+    assert _bwd_supported(q, k, v, opts)
+    monkeypatch.setattr(launch_device, "ASSUMED_CAPABILITY", (8, 0))
+    assert not _bwd_supported(q, k, v, opts)
+
+
+def test_gluon_backward_refuses_what_it_does_not_implement(monkeypatch):
+    monkeypatch.setattr(launch_device, "ASSUMED_CAPABILITY", (9, 0))
+    monkeypatch.setenv("FLASHTILE_GLUON_BWD", "1")
+    q, k, v = _qkv(heads=(4, 4))
+    base = _opts()
+    assert _bwd_supported(q, k, v, base)
+    refused = {
+        "causal": (base._replace(window_right=0), {}),
+        "window": (base._replace(window_left=64), {}),
+        "softcap": (base._replace(softcap=30.0), {}),
+        "alibi": (base._replace(alibi=torch.ones(2, 4)), {}),
+        "dropout": (base._replace(dropout_p=0.1), {}),
+        "sinks": (base._replace(sinks=torch.zeros(4)), {}),
+        "bias gradient": (base, dict(bias_grad=True)),
+        "varlen": (base, dict(varlen=True)),
+        "block-sparse": (base, dict(sparse=object())),
+        "seqused_k": (base, dict(seqused_k=torch.full((2, ), 256, dtype=torch.int32))),
+    }
+    for name, (opts, kw) in refused.items():
+        assert not _bwd_supported(q, k, v, opts, **kw), name
+    for name, (a, b, c) in {"GQA": _qkv(heads=(16, 4)), "head dim 96": _qkv(heads=(4, 4), head_dim=96),
+                            "fp32": tuple(t.float() for t in (q, k, v))}.items():
+        assert not _bwd_supported(a, b, c, base), name
+
+
+def test_gluon_backward_kernel_compiles_for_sm90_on_the_host():
+    """Head dims 64 and 128: no register spills, within Hopper's shared memory."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        pytest.skip("compiles for sm90; not under the interpreter")
+    tool = _load_compile_tool()
+    records = tool.compile_gluon(kernels=("dkdv", ), head_dims=(64, 128), seqlen=256)
+    assert [name for name, _, _ in records] == ["gluon_bwd_dkdv"] * 2
+    for name, _, kernel in records:
+        usage = tool.sm90_compile._resource_usage(kernel)
+        assert "stack 0 B" in usage, (name, usage)
+        assert kernel.metadata.shared <= 227 * 1024, name
+        assert "wgmma.mma_async" in kernel.asm["ptx"], name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seqlens", [(77, 77), (1000, 1000), (1500, 1037), (77, 1500), (1500, 77)])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gluon_backward_accuracy(monkeypatch, seqlens, head_dim, dtype):
+    """flash_attn_func's gradients with dK and dV from the Gluon kernel, against the oracle."""
+    if not _on_hopper():
+        pytest.skip("the Gluon kernels are built for sm90")
+    import flashtile
+    from flashtile.backends.triton.launch import attention as launch_attention
+
+    monkeypatch.setenv("FLASHTILE_GLUON_BWD", "1")
+    taken = []
+    real = launch_attention.gluon_backward_dkdv
+    monkeypatch.setattr(launch_attention, "gluon_backward_dkdv", lambda *a: taken.append(1) or real(*a))
+    seqlen_q, seqlen_k = seqlens
+    q = torch.randn(2, seqlen_q, 6, head_dim, dtype=dtype, device="cuda")
+    k = torch.randn(2, seqlen_k, 6, head_dim, dtype=dtype, device="cuda")
+    v = torch.randn(2, seqlen_k, 6, head_dim, dtype=dtype, device="cuda")
+    check_attention(lambda q, k, v: flashtile.flash_attn_func(q, k, v), q, k, v)
+    assert taken  # the Gluon kernel computed dK and dV
+

@@ -20,7 +20,7 @@ from ..kernels.tiles import BIAS_ADD, BIAS_BOOL, BIAS_NONE
 from .choose import launch_kernel
 from .device import (LOG2E, block_d_of, capability_of, cdiv, dot_precision, env_flag, interpreting,
                      scratch_allocator, tail_heads, tma_compatible)
-from .gluon import gluon_attention_forward, gluon_forward_supported
+from .gluon import gluon_attention_forward, gluon_backward_dkdv, gluon_backward_supported, gluon_forward_supported
 from .invariant import batch_invariant
 from .plans import plan_key, run_planned
 from .table import split_dkdv
@@ -375,11 +375,17 @@ def attention_backward(dout, q, k, v, out, lse, opts: AttnOptions, bias_grad: bo
         dbias = torch.zeros(shape, device=q.device, dtype=torch.float32)
     call = (q, k, v, dout, out, lse, delta, dq, dk, dv, q if dbias is None else dbias,
             *_option_tensors(q, opts, cu_seqlens_q, cu_seqlens_k), seqused_k, opts.seed)
+    # the Gluon dK/dV kernel on Hopper where it is asked for (see gluon.py); the Triton dQ kernel then
+    # runs alone and writes delta, which it reads
+    gluon_dkdv = gluon_backward_supported(q, k, v, dout, lse, opts, bias_grad, varlen, sparse, seqused_k)
     key = None if sparse is not None else plan_key(
         "bwd", (q, k, v, dout, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k), opts,
-        (max_seqlen_q, max_seqlen_k, bias_grad))
+        (max_seqlen_q, max_seqlen_k, bias_grad, gluon_dkdv))
     run_planned(key, call, lambda build_only: _backward_steps(q, k, v, opts, bias_grad, cu_seqlens_q, cu_seqlens_k,
-                                                       max_seqlen_q, max_seqlen_k, sparse, call, build_only))
+                                                       max_seqlen_q, max_seqlen_k, sparse, call, build_only,
+                                                       dq_only=gluon_dkdv))
+    if gluon_dkdv:
+        gluon_backward_dkdv(q, k, v, dout, lse, delta, dk, dv, opts.softmax_scale)
     dsinks = None if opts.sinks is None else sinks_grad(opts.sinks, lse, delta)
     if varlen:
         dq, dk, dv = dq.squeeze(0), dk.squeeze(0), dv.squeeze(0)
@@ -395,8 +401,9 @@ def sinks_grad(sinks: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor) -> t
 
 
 def _backward_steps(q, k, v, opts, bias_grad, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sparse,
-                    call, build_only):
-    """The dQ and dK/dV launches, run (or with ``build_only`` only built) for ``call``: (steps, builders)."""
+                    call, build_only, dq_only=False):
+    """The dQ and dK/dV launches, run (or with ``build_only`` only built) for ``call``: (steps, builders).
+    ``dq_only``: the dQ launch alone (another kernel computes dK and dV)."""
     lay = _Layout(q, k, v, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sparse)
     varlen = lay.varlen
     dout, out, lse, dq, dk, dv, dbias = call[3], call[4], call[5], call[7], call[8], call[9], call[10]
@@ -443,7 +450,7 @@ def _backward_steps(q, k, v, opts, bias_grad, cu_seqlens_q, cu_seqlens_k, max_se
     split = env_flag("FLASHTILE_BWD_SPLIT")
     if split is None:
         split = split_dkdv(block_d, q.element_size(), capability_of(q.device))
-    parts = [("dv", 1), ("dk", 2)] if split else [("dkdv", 0)]
+    parts = [] if dq_only else [("dv", 1), ("dk", 2)] if split else [("dkdv", 0)]
     steps = [step_dq] + [
         launch_kernel(name + suffix, attn_bwd_dkdv_kernel, lambda c: (cdiv(lay.seqlen_k, c.block_n) * lay.batch * nheads_k,),
                 lambda cfg: build_dkdv(cfg, call), const | dict(BIAS_GRAD=bias_grad and part != 1, PART=part), q,

@@ -19,6 +19,12 @@ warpgroups, the default), ``pingpong`` (the same with the consumers taking
 turns at the tensor cores) or ``simple`` (one partition, TMA ring refilled by
 the computing warps). Everything the kernels do not take falls back to the
 Triton forward.
+
+The backward's dK/dV kernel (``kernels/gluon_backward.py``) is opt-in,
+``FLASHTILE_GLUON_BWD=1``, until it has passed its GPU tests and been timed
+against the Triton dK/dV kernels (``benchmarks/tools/gluon_bench.py --backward``):
+full attention, one key/value head per query head, head dim 64 or 128; the
+Triton dQ kernel computes dQ and delta beside it.
 """
 
 from __future__ import annotations
@@ -138,3 +144,65 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
 def gluon_attention_forward(q, k, v, opts: AttnOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """``attention_forward``'s call for the options ``gluon_forward_supported`` accepted."""
     return gluon_forward(q, k, v, opts.softmax_scale, opts.window_right == 0, diag_offset=opts.diag_offset)
+
+
+# The Gluon dK/dV kernel (kernels/gluon_backward.py): (BLOCK_M, BLOCK_N, STAGES) per head dim,
+# BLOCK_N keys a program (two warpgroups of BLOCK_N / 2), query tiles of BLOCK_M rows
+BWD_TILES = {64: (64, 128, 3), 128: (64, 128, 2)}
+
+
+def gluon_backward_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
+                             lse: torch.Tensor, opts: AttnOptions, bias_grad: bool = False, varlen: bool = False,
+                             sparse=None, seqused_k=None) -> bool:
+    """True when the Gluon dK/dV kernel computes this backward's dK and dV (the Triton dQ
+    kernel then computes dQ and delta). Opt-in while its GPU test and timing are owed:
+    ``FLASHTILE_GLUON_BWD=1``; full attention, one key/value head per query head, head
+    dim 64 or 128, bf16 / fp16, no other option, on compute capability 9.0."""
+    if os.environ.get("FLASHTILE_GLUON_BWD") != "1" or not _gluon_importable():
+        return False
+    if batch_invariant() or capability_of(q.device) != (9, 0):
+        return False
+    if varlen or sparse is not None or seqused_k is not None or bias_grad:
+        return False
+    if q.dtype not in GLUON_DTYPES or any(t.dtype != q.dtype for t in (k, v, dout)):
+        return False
+    if any(t.dim() != 4 for t in (q, k, v, dout)) or dout.shape != q.shape:
+        return False
+    batch, seqlen_q, nheads, head_dim = q.shape
+    if head_dim not in BWD_TILES or k.shape != v.shape or k.shape[-1] != head_dim:
+        return False
+    if k.shape[0] != batch or k.shape[2] != nheads or seqlen_q == 0 or k.shape[1] == 0:
+        return False
+    if any(t.stride(-1) != 1 for t in (q, k, v, dout)) or not tma_compatible(q, k, v, dout):
+        return False
+    if lse.dim() != 3 or lse.stride(-1) != 1:
+        return False
+    if not (opts.window_left < 0 and opts.window_right < 0):
+        return False
+    return (opts.softcap == 0.0 and opts.alibi is None and opts.bias is None and opts.dropout_p == 0.0
+            and opts.fixed_max is None and opts.block_mask is None and opts.sinks is None)
+
+
+def gluon_backward_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
+                        delta: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, softmax_scale: float) -> None:
+    """Write dK and dV of full attention into ``dk`` and ``dv`` (k's shape) with the Gluon
+    kernel; ``lse`` and ``delta`` (batch, nheads, seqlen_q) fp32, delta as the Triton dQ
+    kernel writes it. ``dk`` / ``dv`` that TMA cannot write are written through buffers."""
+    from ..kernels import gluon_backward as kernels
+
+    batch, seqlen_q, nheads, head_dim = q.shape
+    seqlen_k = k.shape[1]
+    outs = [t if tma_compatible(t) and t.stride(-1) == 1 else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+            for t in (dk, dv)]
+    block_m, block_n, stages = BWD_TILES[head_dim]
+    if q.is_cuda:
+        triton.set_allocator(scratch_allocator)
+    grid = (cdiv(seqlen_k, block_n), batch * nheads)
+    kernels.gluon_bwd_dkdv[grid](
+        q, k, v, dout, outs[0], outs[1], lse, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *dout.stride()[:3], *outs[0].stride()[:3], *outs[1].stride()[:3], *lse.stride()[:2], nheads, seqlen_q,
+        seqlen_k, softmax_scale, softmax_scale * LOG2E, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=head_dim,
+        STAGES=stages, NUM_WARPS=8, num_warps=8)
+    for out, buffer in zip((dk, dv), outs):
+        if buffer is not out:
+            out.copy_(buffer)

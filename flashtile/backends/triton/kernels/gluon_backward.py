@@ -1,0 +1,141 @@
+"""dK and dV of FlashAttention's backward for Hopper (sm90) in Triton's Gluon
+dialect: the heavier half of the backward (four of its seven matmuls), beside
+the Triton dQ kernel, which also writes ``delta = rowsum(dO * O)``.
+
+Contract: q, k, v, dO of shape (batch, seqlen, nheads, headdim) with a
+contiguous last dimension (other strides free), one key/value head per query
+head, bf16 / fp16, full (non-causal) attention; the natural-log LSE and delta
+(batch, nheads, seqlen_q) in fp32 with a contiguous last dimension. dK and dV
+are written in k's dtype; rows past seqlen_k are not written.
+
+One program per (BLOCK_N-key block, batch, head), 8 warps: the two warpgroups
+own 64 keys each (the wgmma layout splits the block's rows between them). K
+and V stay in shared memory; Q and dO tiles of BLOCK_M query rows stream
+through a ring of STAGES buffers by TMA, refilled once a tile's matmuls have
+retired. Per tile, with scores transposed (keys as rows):
+
+    S^T = K Q^T,  P^T = exp2(S^T * qk_scale - lse * log2 e)
+    dV += P^T dO,  dP^T = V dO^T,  dS^T = P^T (dP^T - delta),  dK += dS^T Q
+
+P^T and dS^T are fed to the second products from registers. Query rows past
+seqlen_q read as zeros and take LSE +inf (P = 0): they add nothing.
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+from .gluon_forward import _slice_descriptor
+
+LOG2E = gl.constexpr(1.4426950408889634)
+
+
+@gluon.jit
+def _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, it, pred, BLOCK_M: gl.constexpr,
+               STAGES: gl.constexpr):
+    """TMA loads of the Q and dO tiles ``it`` into stage ``it % STAGES`` (skipped when not ``pred``)."""
+    st = it % STAGES
+    mbarrier.expect(q_bars.index(st), q_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(q_desc, [it * BLOCK_M, 0], q_bars.index(st), q_smem.index(st), pred=pred)
+    mbarrier.expect(do_bars.index(st), do_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(do_desc, [it * BLOCK_M, 0], do_bars.index(st), do_smem.index(st), pred=pred)
+
+
+@gluon.jit
+def gluon_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, stride_qb, stride_qs, stride_qh,
+                   stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_dob, stride_dos,
+                   stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_lb,
+                   stride_lh, nheads, seqlen_q, seqlen_k, softmax_scale, qk_scale, BLOCK_M: gl.constexpr,
+                   BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
+    start_n = gl.program_id(0) * BLOCK_N
+    bh = gl.program_id(1)
+    b = bh // nheads
+    h = bh % nheads
+    q_desc = _slice_descriptor(q_ptr, b, h, stride_qb, stride_qs, stride_qh, seqlen_q, BLOCK_M, HEAD_D)
+    do_desc = _slice_descriptor(do_ptr, b, h, stride_dob, stride_dos, stride_doh, seqlen_q, BLOCK_M, HEAD_D)
+    k_desc = _slice_descriptor(k_ptr, b, h, stride_kb, stride_ks, stride_kh, seqlen_k, BLOCK_N, HEAD_D)
+    v_desc = _slice_descriptor(v_ptr, b, h, stride_vb, stride_vs, stride_vh, seqlen_k, BLOCK_N, HEAD_D)
+    dk_desc = _slice_descriptor(dk_ptr, b, h, stride_dkb, stride_dks, stride_dkh, seqlen_k, BLOCK_N, HEAD_D)
+    dv_desc = _slice_descriptor(dv_ptr, b, h, stride_dvb, stride_dvs, stride_dvh, seqlen_k, BLOCK_N, HEAD_D)
+    row_offset = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
+    lse_rows = lse_ptr + row_offset
+    delta_rows = delta_ptr + row_offset
+    dtype: gl.constexpr = q_desc.dtype
+
+    # scores transposed: BLOCK_N keys x BLOCK_M queries; dK / dV: BLOCK_N keys x HEAD_D
+    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                        instr_shape=[16, BLOCK_M, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                         instr_shape=[16, HEAD_D, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    col_layout: gl.constexpr = gl.SliceLayout(0, st_layout)
+
+    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_D], v_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_D], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_D], do_desc.layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    do_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(q_bars.index(i), count=1)
+        mbarrier.init(do_bars.index(i), count=1)
+
+    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [start_n, 0], kv_bar, k_smem)
+    tma.async_copy_global_to_shared(v_desc, [start_n, 0], kv_bar, v_smem)
+    n_blocks = gl.cdiv(seqlen_q, BLOCK_M)
+    for i in gl.static_range(STAGES):
+        _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, i, i < n_blocks, BLOCK_M, STAGES)
+
+    dk = gl.zeros([BLOCK_N, HEAD_D], gl.float32, layout=acc_layout)
+    dv = gl.zeros([BLOCK_N, HEAD_D], gl.float32, layout=acc_layout)
+    st_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=st_layout)
+    mbarrier.wait(kv_bar, 0)
+
+    for it in range(n_blocks):
+        st = it % STAGES
+        phase = (it // STAGES) & 1
+        cols = it * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_layout)
+        in_range = cols < seqlen_q
+        # rows past seqlen_q: LSE +inf, so that P = 0 there
+        lse2 = gl.load(lse_rows + cols, mask=in_range, other=float("inf")) * LOG2E
+        delta = gl.load(delta_rows + cols, mask=in_range, other=0.0)
+        q_tile = q_smem.index(st)
+        do_tile = do_smem.index(st)
+        mbarrier.wait(q_bars.index(st), phase)
+        s = warpgroup_mma(k_smem, q_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        p = gl.exp2(s * qk_scale - lse2[None, :])
+        mbarrier.wait(do_bars.index(st), phase)
+        dp = warpgroup_mma(v_smem, do_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+        dv = warpgroup_mma(gl.convert_layout(p.to(dtype), a_layout), do_tile, dv, is_async=True)
+        dp, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dp, dv))
+        ds = p * (dp - delta[None, :])
+        dk = warpgroup_mma(gl.convert_layout(ds.to(dtype), a_layout), q_tile, dk, is_async=True)
+        dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk, ))
+        # every matmul that read stage st has retired: refill it
+        _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, it + STAGES, it + STAGES < n_blocks, BLOCK_M,
+                   STAGES)
+
+    # dS is the gradient of the scaled scores: dK takes the softmax scale once, here
+    dk = dk * softmax_scale
+    # K and V are done with: their buffers stage the results for the TMA stores (rows past
+    # seqlen_k are clipped)
+    k_smem.store(dk.to(dtype))
+    v_smem.store(dv.to(dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(dk_desc, [start_n, 0], k_smem)
+    tma.async_copy_shared_to_global(dv_desc, [start_n, 0], v_smem)
+    tma.store_wait(0)
+    mbarrier.invalidate(kv_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(q_bars.index(i))
+        mbarrier.invalidate(do_bars.index(i))
