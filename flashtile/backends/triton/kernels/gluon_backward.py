@@ -110,17 +110,19 @@ def gluon_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_p
         delta = gl.load(delta_rows + cols, mask=in_range, other=0.0)
         q_tile = q_smem.index(st)
         do_tile = do_smem.index(st)
+        # the two products of shared-memory operands first, in flight together
         mbarrier.wait(q_bars.index(st), phase)
         s = warpgroup_mma(k_smem, q_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-        p = gl.exp2(s * qk_scale - lse2[None, :])
         mbarrier.wait(do_bars.index(st), phase)
         dp = warpgroup_mma(v_smem, do_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
-        dv = warpgroup_mma(gl.convert_layout(p.to(dtype), a_layout), do_tile, dv, is_async=True)
-        dp, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dp, dv))
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+        p = gl.exp2(s * qk_scale - lse2[None, :])
+        dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp, ))
         ds = p * (dp - delta[None, :])
+        # then the two accumulating products, P^T and dS^T from registers
+        dv = warpgroup_mma(gl.convert_layout(p.to(dtype), a_layout), do_tile, dv, is_async=True)
         dk = warpgroup_mma(gl.convert_layout(ds.to(dtype), a_layout), q_tile, dk, is_async=True)
-        dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk, ))
+        dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
         # every matmul that read stage st has retired: refill it
         _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, it + STAGES, it + STAGES < n_blocks, BLOCK_M,
                    STAGES)
