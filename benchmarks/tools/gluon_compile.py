@@ -45,11 +45,12 @@ def compile_gluon(kernels=("simple", "ws", "pingpong"), head_dims=(128,), causal
             q = torch.randn(1, seqlen, heads[0], head_dim).to(torch_dtype)
             k, v = (torch.randn(1, seqlen, heads[1], head_dim).to(torch_dtype) for _ in range(2))
             for kernel in kernels:
-                if kernel == "dkdv":
-                    k, v = (torch.randn(1, seqlen, heads[0], head_dim).to(torch_dtype) for _ in range(2))
+                if kernel == "dkdv":  # one key/value head per query head, then GQA
                     lse = torch.zeros(1, heads[0], seqlen)
-                    gluon_backward_dkdv(q, k, v, torch.randn_like(q), lse, lse.clone(), torch.empty_like(k),
-                                        torch.empty_like(v), head_dim ** -0.5)
+                    for kv_heads in (heads[0], heads[1]):
+                        kk, vv = (torch.randn(1, seqlen, kv_heads, head_dim).to(torch_dtype) for _ in range(2))
+                        gluon_backward_dkdv(q, kk, vv, torch.randn_like(q), lse, lse.clone(), torch.empty_like(kk),
+                                            torch.empty_like(vv), head_dim ** -0.5)
                     continue
                 for causal in causals:
                     gluon_forward(q, k, v, head_dim ** -0.5, causal, kernel=kernel)
@@ -64,7 +65,8 @@ def describe(name: str, switches: dict, kernel) -> str:
     mmas = sorted(set(re.findall(r"wgmma\.mma_async\S*", ptx)))
     regs = sorted({int(r) for r in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx)})
     threads = re.search(r"\.reqntid (\d+)", ptx)
-    on = {k: v for k, v in switches.items() if k in ("HEAD_D", "CAUSAL", "PINGPONG", "STAGES", "BLOCK_M", "BLOCK_N")}
+    on = {k: v for k, v in switches.items()
+          if k in ("HEAD_D", "CAUSAL", "PINGPONG", "STAGES", "BLOCK_M", "BLOCK_N", "GQA")}
     return (f"{name}: shared {kernel.metadata.shared} B, {sm90_compile._resource_usage(kernel)}, "
             f"warps {switches.get('num_warps')} ({threads.group(1) if threads else '?'} threads), setmaxnreg {regs}; "
             f"{on}; matmuls {mmas}")

@@ -47,7 +47,9 @@ for step in "$@"; do
       python3 benchmarks/tools/gluon_bench.py --head-dim 64 --seqlens 1024,4096,16384 --causal 0,1 \
         2>&1 | tee "$OUT/gluon64.log"
       python3 benchmarks/tools/gluon_bench.py --backward --head-dim 64,128 --seqlens 1024,4096,16384 \
-        2>&1 | tee "$OUT/gluon_bwd.log" ;;
+        2>&1 | tee "$OUT/gluon_bwd.log"
+      python3 benchmarks/tools/gluon_bench.py --backward --head-dim 128 --seqlens 4096,16384 --heads 16,4 \
+        2>&1 | tee "$OUT/gluon_bwd_gqa.log" ;;
     ring) python3 benchmarks/ring_step.py --out "$OUT/ring_step.json" 2>&1 | tee "$OUT/ring_step.log" ;;
     cp-scaling)  # several GPUs: the NCCL tests, then ring and Ulysses scaling against one GPU
       python3 -m pytest -q -m gpu --tb=line tests/distributed > "$OUT/cp_tests.log" 2>&1; tail -5 "$OUT/cp_tests.log"

@@ -351,18 +351,21 @@ def test_gluon_backward_refuses_what_it_does_not_implement(monkeypatch):
     }
     for name, (opts, kw) in refused.items():
         assert not _bwd_supported(q, k, v, opts, **kw), name
-    for name, (a, b, c) in {"GQA": _qkv(heads=(16, 4)), "head dim 96": _qkv(heads=(4, 4), head_dim=96),
+    for name, (a, b, c) in {"heads not a multiple": _qkv(heads=(16, 3)),
+                            "head dim 96": _qkv(heads=(4, 4), head_dim=96),
                             "fp32": tuple(t.float() for t in (q, k, v))}.items():
         assert not _bwd_supported(a, b, c, base), name
+    assert _bwd_supported(*_qkv(heads=(16, 4)), base)  # GQA
 
 
 def test_gluon_backward_kernel_compiles_for_sm90_on_the_host():
-    """Head dims 64 and 128: no register spills, within Hopper's shared memory."""
+    """Head dims 64 and 128, one key/value head per query head and GQA: no register
+    spills, within Hopper's shared memory."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         pytest.skip("compiles for sm90; not under the interpreter")
     tool = _load_compile_tool()
     records = tool.compile_gluon(kernels=("dkdv", ), head_dims=(64, 128), seqlen=256)
-    assert [name for name, _, _ in records] == ["gluon_bwd_dkdv"] * 2
+    assert [name for name, _, _ in records] == ["gluon_bwd_dkdv"] * 4
     for name, _, kernel in records:
         usage = tool.sm90_compile._resource_usage(kernel)
         assert "stack 0 B" in usage, (name, usage)
@@ -371,10 +374,11 @@ def test_gluon_backward_kernel_compiles_for_sm90_on_the_host():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("heads", [(6, 6), (8, 2)], ids=str)
 @pytest.mark.parametrize("seqlens", [(77, 77), (1000, 1000), (1500, 1037), (77, 1500), (1500, 77)])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gluon_backward_accuracy(monkeypatch, seqlens, head_dim, dtype):
+def test_gluon_backward_accuracy(monkeypatch, heads, seqlens, head_dim, dtype):
     """flash_attn_func's gradients with dK and dV from the Gluon kernel, against the oracle."""
     if not _on_hopper():
         pytest.skip("the Gluon kernels are built for sm90")
@@ -386,9 +390,9 @@ def test_gluon_backward_accuracy(monkeypatch, seqlens, head_dim, dtype):
     real = launch_attention.gluon_backward_dkdv
     monkeypatch.setattr(launch_attention, "gluon_backward_dkdv", lambda *a: taken.append(1) or real(*a))
     seqlen_q, seqlen_k = seqlens
-    q = torch.randn(2, seqlen_q, 6, head_dim, dtype=dtype, device="cuda")
-    k = torch.randn(2, seqlen_k, 6, head_dim, dtype=dtype, device="cuda")
-    v = torch.randn(2, seqlen_k, 6, head_dim, dtype=dtype, device="cuda")
+    q = torch.randn(2, seqlen_q, heads[0], head_dim, dtype=dtype, device="cuda")
+    k = torch.randn(2, seqlen_k, heads[1], head_dim, dtype=dtype, device="cuda")
+    v = torch.randn(2, seqlen_k, heads[1], head_dim, dtype=dtype, device="cuda")
     check_attention(lambda q, k, v: flashtile.flash_attn_func(q, k, v), q, k, v)
     assert taken  # the Gluon kernel computed dK and dV
 

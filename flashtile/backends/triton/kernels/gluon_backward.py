@@ -3,16 +3,16 @@ dialect: the heavier half of the backward (four of its seven matmuls), beside
 the Triton dQ kernel, which also writes ``delta = rowsum(dO * O)``.
 
 Contract: q, k, v, dO of shape (batch, seqlen, nheads, headdim) with a
-contiguous last dimension (other strides free), one key/value head per query
-head, bf16 / fp16, full (non-causal) attention; the natural-log LSE and delta
+contiguous last dimension (other strides free), GQA (query head ``h`` reads
+key/value head ``h // group``), bf16 / fp16, full (non-causal) attention; the natural-log LSE and delta
 (batch, nheads, seqlen_q) in fp32 with a contiguous last dimension. dK and dV
 are written in k's dtype; rows past seqlen_k are not written.
 
-One program per (BLOCK_N-key block, batch, head), 8 warps: the two warpgroups
-own 64 keys each (the wgmma layout splits the block's rows between them). K
-and V stay in shared memory; Q and dO tiles of BLOCK_M query rows stream
-through a ring of STAGES buffers by TMA, refilled once a tile's matmuls have
-retired. Per tile, with scores transposed (keys as rows):
+One program per (BLOCK_N-key block, batch, key/value head), 8 warps: the two
+warpgroups own 64 keys each (the wgmma layout splits the block's rows between
+them). K and V stay in shared memory; Q and dO tiles of BLOCK_M query rows of
+each query head of the group in turn stream through a ring of STAGES buffers
+by TMA, refilled once a tile's matmuls have retired. Per tile, with scores transposed (keys as rows):
 
     S^T = K Q^T,  P^T = exp2(S^T * qk_scale - lse * log2 e)
     dV += P^T dO,  dP^T = V dO^T,  dS^T = P^T (dP^T - delta),  dK += dS^T Q
@@ -37,35 +37,72 @@ LOG2E = gl.constexpr(1.4426950408889634)
 
 
 @gluon.jit
-def _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, it, pred, BLOCK_M: gl.constexpr,
-               STAGES: gl.constexpr):
-    """TMA loads of the Q and dO tiles ``it`` into stage ``it % STAGES`` (skipped when not ``pred``)."""
+def _group_descriptor(base, b, hk, group, stride_b, stride_s, stride_h, seqlen, BLOCK: gl.constexpr,
+                      HEAD_D: gl.constexpr):
+    """TMA descriptor over the [group, seqlen, HEAD_D] rows of the ``group`` query heads
+    of key/value head ``hk`` (batch ``b``); its [1, BLOCK, HEAD_D] boxes land in
+    [BLOCK, HEAD_D] buffers of the same swizzle (``_landing``)."""
+    layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
+    ptr = base + b.to(gl.int64) * stride_b + (hk * group).to(gl.int64) * stride_h
+    return tma.make_tensor_descriptor(ptr, shape=[group, seqlen, HEAD_D], strides=[stride_h, stride_s, 1],
+                                      block_shape=[1, BLOCK, HEAD_D], layout=layout)
+
+
+@gluon.jit
+def _landing(desc, buffer, GQA: gl.constexpr):
+    """``buffer`` as the destination of one of ``desc``'s boxes (a unit leading dim with GQA)."""
+    if GQA:
+        return buffer._reinterpret(buffer.dtype, desc.block_type.shape, desc.layout)
+    else:
+        return buffer
+
+
+@gluon.jit
+def _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, it, n_blocks, pred, BLOCK_M: gl.constexpr,
+               STAGES: gl.constexpr, GQA: gl.constexpr):
+    """TMA loads of the Q and dO tiles of step ``it`` (query head ``it // n_blocks`` of the
+    group, query tile ``it % n_blocks``) into stage ``it % STAGES`` (skipped when not ``pred``)."""
     st = it % STAGES
+    if GQA:
+        at = [it // n_blocks, (it % n_blocks) * BLOCK_M, 0]
+    else:
+        at = [it * BLOCK_M, 0]
     mbarrier.expect(q_bars.index(st), q_desc.block_type.nbytes, pred=pred)
-    tma.async_copy_global_to_shared(q_desc, [it * BLOCK_M, 0], q_bars.index(st), q_smem.index(st), pred=pred)
+    tma.async_copy_global_to_shared(q_desc, at, q_bars.index(st), _landing(q_desc, q_smem.index(st), GQA), pred=pred)
     mbarrier.expect(do_bars.index(st), do_desc.block_type.nbytes, pred=pred)
-    tma.async_copy_global_to_shared(do_desc, [it * BLOCK_M, 0], do_bars.index(st), do_smem.index(st), pred=pred)
+    tma.async_copy_global_to_shared(do_desc, at, do_bars.index(st), _landing(do_desc, do_smem.index(st), GQA),
+                                    pred=pred)
 
 
 @gluon.jit
 def gluon_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, stride_qb, stride_qs, stride_qh,
                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_dob, stride_dos,
                    stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_lb,
-                   stride_lh, nheads, seqlen_q, seqlen_k, softmax_scale, qk_scale, BLOCK_M: gl.constexpr,
-                   BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
+                   stride_lh, nheads_k, group, seqlen_q, seqlen_k, softmax_scale, qk_scale, BLOCK_M: gl.constexpr,
+                   BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, GQA: gl.constexpr,
+                   NUM_WARPS: gl.constexpr):
+    """One program per (key block, batch, key/value head): dK and dV of its keys, summed
+    over the ``group`` query heads that read them (GQA: one descriptor over the group's
+    heads; else group is 1)."""
     start_n = gl.program_id(0) * BLOCK_N
     bh = gl.program_id(1)
-    b = bh // nheads
-    h = bh % nheads
-    q_desc = _slice_descriptor(q_ptr, b, h, stride_qb, stride_qs, stride_qh, seqlen_q, BLOCK_M, HEAD_D)
-    do_desc = _slice_descriptor(do_ptr, b, h, stride_dob, stride_dos, stride_doh, seqlen_q, BLOCK_M, HEAD_D)
-    k_desc = _slice_descriptor(k_ptr, b, h, stride_kb, stride_ks, stride_kh, seqlen_k, BLOCK_N, HEAD_D)
-    v_desc = _slice_descriptor(v_ptr, b, h, stride_vb, stride_vs, stride_vh, seqlen_k, BLOCK_N, HEAD_D)
-    dk_desc = _slice_descriptor(dk_ptr, b, h, stride_dkb, stride_dks, stride_dkh, seqlen_k, BLOCK_N, HEAD_D)
-    dv_desc = _slice_descriptor(dv_ptr, b, h, stride_dvb, stride_dvs, stride_dvh, seqlen_k, BLOCK_N, HEAD_D)
-    row_offset = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
-    lse_rows = lse_ptr + row_offset
-    delta_rows = delta_ptr + row_offset
+    b = bh // nheads_k
+    hk = bh % nheads_k
+    if GQA:
+        q_desc = _group_descriptor(q_ptr, b, hk, group, stride_qb, stride_qs, stride_qh, seqlen_q, BLOCK_M, HEAD_D)
+        do_desc = _group_descriptor(do_ptr, b, hk, group, stride_dob, stride_dos, stride_doh, seqlen_q, BLOCK_M,
+                                    HEAD_D)
+    else:
+        q_desc = _slice_descriptor(q_ptr, b, hk, stride_qb, stride_qs, stride_qh, seqlen_q, BLOCK_M, HEAD_D)
+        do_desc = _slice_descriptor(do_ptr, b, hk, stride_dob, stride_dos, stride_doh, seqlen_q, BLOCK_M, HEAD_D)
+    k_desc = _slice_descriptor(k_ptr, b, hk, stride_kb, stride_ks, stride_kh, seqlen_k, BLOCK_N, HEAD_D)
+    v_desc = _slice_descriptor(v_ptr, b, hk, stride_vb, stride_vs, stride_vh, seqlen_k, BLOCK_N, HEAD_D)
+    dk_desc = _slice_descriptor(dk_ptr, b, hk, stride_dkb, stride_dks, stride_dkh, seqlen_k, BLOCK_N, HEAD_D)
+    dv_desc = _slice_descriptor(dv_ptr, b, hk, stride_dvb, stride_dvs, stride_dvh, seqlen_k, BLOCK_N, HEAD_D)
+    # LSE and delta rows of the group's first query head
+    head_rows = b.to(gl.int64) * stride_lb + (hk * group).to(gl.int64) * stride_lh
+    lse_rows = lse_ptr + head_rows
+    delta_rows = delta_ptr + head_rows
     dtype: gl.constexpr = q_desc.dtype
 
     # scores transposed: BLOCK_N keys x BLOCK_M queries; dK / dV: BLOCK_N keys x HEAD_D
@@ -78,8 +115,9 @@ def gluon_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_p
 
     k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_D], v_desc.layout)
-    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_D], q_desc.layout)
-    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_D], do_desc.layout)
+    # Q and dO tiles as [BLOCK_M, HEAD_D] operands, in K's swizzle
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_D], k_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_D], k_desc.layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     do_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -92,22 +130,24 @@ def gluon_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_p
     tma.async_copy_global_to_shared(k_desc, [start_n, 0], kv_bar, k_smem)
     tma.async_copy_global_to_shared(v_desc, [start_n, 0], kv_bar, v_smem)
     n_blocks = gl.cdiv(seqlen_q, BLOCK_M)
+    n_steps = n_blocks * group  # (query head of the group, query tile)
     for i in gl.static_range(STAGES):
-        _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, i, i < n_blocks, BLOCK_M, STAGES)
+        _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, i, n_blocks, i < n_steps, BLOCK_M, STAGES, GQA)
 
     dk = gl.zeros([BLOCK_N, HEAD_D], gl.float32, layout=acc_layout)
     dv = gl.zeros([BLOCK_N, HEAD_D], gl.float32, layout=acc_layout)
     st_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=st_layout)
     mbarrier.wait(kv_bar, 0)
 
-    for it in range(n_blocks):
+    for it in range(n_steps):
         st = it % STAGES
         phase = (it // STAGES) & 1
-        cols = it * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_layout)
-        in_range = cols < seqlen_q
+        rows = (it % n_blocks) * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_layout)
+        in_range = rows < seqlen_q
+        head = (it // n_blocks).to(gl.int64) * stride_lh
         # rows past seqlen_q: LSE +inf, so that P = 0 there
-        lse2 = gl.load(lse_rows + cols, mask=in_range, other=float("inf")) * LOG2E
-        delta = gl.load(delta_rows + cols, mask=in_range, other=0.0)
+        lse2 = gl.load(lse_rows + head + rows, mask=in_range, other=float("inf")) * LOG2E
+        delta = gl.load(delta_rows + head + rows, mask=in_range, other=0.0)
         q_tile = q_smem.index(st)
         do_tile = do_smem.index(st)
         # the two products of shared-memory operands first, in flight together
@@ -124,8 +164,8 @@ def gluon_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_p
         dk = warpgroup_mma(gl.convert_layout(ds.to(dtype), a_layout), q_tile, dk, is_async=True)
         dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
         # every matmul that read stage st has retired: refill it
-        _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, it + STAGES, it + STAGES < n_blocks, BLOCK_M,
-                   STAGES)
+        _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, it + STAGES, n_blocks, it + STAGES < n_steps,
+                   BLOCK_M, STAGES, GQA)
 
     # dS is the gradient of the scaled scores: dK takes the softmax scale once, here
     dk = dk * softmax_scale

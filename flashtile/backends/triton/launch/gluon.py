@@ -23,8 +23,8 @@ Triton forward.
 The backward's dK/dV kernel (``kernels/gluon_backward.py``) is opt-in,
 ``FLASHTILE_GLUON_BWD=1``, until it has passed its GPU tests and been timed
 against the Triton dK/dV kernels (``benchmarks/tools/gluon_bench.py --backward``):
-full attention, one key/value head per query head, head dim 64 or 128; the
-Triton dQ kernel computes dQ and delta beside it.
+full attention (GQA included), head dim 64 or 128; the Triton dQ kernel
+computes dQ and delta beside it.
 """
 
 from __future__ import annotations
@@ -156,8 +156,8 @@ def gluon_backward_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              sparse=None, seqused_k=None) -> bool:
     """True when the Gluon dK/dV kernel computes this backward's dK and dV (the Triton dQ
     kernel then computes dQ and delta). Opt-in while its GPU test and timing are owed:
-    ``FLASHTILE_GLUON_BWD=1``; full attention, one key/value head per query head, head
-    dim 64 or 128, bf16 / fp16, no other option, on compute capability 9.0."""
+    ``FLASHTILE_GLUON_BWD=1``; full attention (GQA included), head dim 64 or 128,
+    bf16 / fp16, no other option, on compute capability 9.0."""
     if os.environ.get("FLASHTILE_GLUON_BWD") != "1" or not _gluon_importable():
         return False
     if batch_invariant() or capability_of(q.device) != (9, 0):
@@ -171,7 +171,7 @@ def gluon_backward_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     batch, seqlen_q, nheads, head_dim = q.shape
     if head_dim not in BWD_TILES or k.shape != v.shape or k.shape[-1] != head_dim:
         return False
-    if k.shape[0] != batch or k.shape[2] != nheads or seqlen_q == 0 or k.shape[1] == 0:
+    if k.shape[0] != batch or nheads % k.shape[2] != 0 or seqlen_q == 0 or k.shape[1] == 0:
         return False
     if any(t.stride(-1) != 1 for t in (q, k, v, dout)) or not tma_compatible(q, k, v, dout):
         return False
@@ -191,18 +191,19 @@ def gluon_backward_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout:
     from ..kernels import gluon_backward as kernels
 
     batch, seqlen_q, nheads, head_dim = q.shape
-    seqlen_k = k.shape[1]
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
     outs = [t if tma_compatible(t) and t.stride(-1) == 1 else torch.empty(t.shape, dtype=t.dtype, device=t.device)
             for t in (dk, dv)]
     block_m, block_n, stages = BWD_TILES[head_dim]
     if q.is_cuda:
         triton.set_allocator(scratch_allocator)
-    grid = (cdiv(seqlen_k, block_n), batch * nheads)
+    grid = (cdiv(seqlen_k, block_n), batch * nheads_k)
+    group = nheads // nheads_k
     kernels.gluon_bwd_dkdv[grid](
         q, k, v, dout, outs[0], outs[1], lse, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *dout.stride()[:3], *outs[0].stride()[:3], *outs[1].stride()[:3], *lse.stride()[:2], nheads, seqlen_q,
-        seqlen_k, softmax_scale, softmax_scale * LOG2E, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=head_dim,
-        STAGES=stages, NUM_WARPS=8, num_warps=8)
+        *dout.stride()[:3], *outs[0].stride()[:3], *outs[1].stride()[:3], *lse.stride()[:2], nheads_k, group,
+        seqlen_q, seqlen_k, softmax_scale, softmax_scale * LOG2E, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=head_dim,
+        STAGES=stages, GQA=group > 1, NUM_WARPS=8, num_warps=8)
     for out, buffer in zip((dk, dv), outs):
         if buffer is not out:
             out.copy_(buffer)
