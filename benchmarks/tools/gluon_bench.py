@@ -31,7 +31,7 @@ def main():
     ap.add_argument("--causal", default="0,1")
     ap.add_argument("--kernels", default="ws,pingpong,simple")
     ap.add_argument("--tokens", type=int, default=16384)
-    ap.add_argument("--backward", action="store_true", help="time the backward (full attention) instead")
+    ap.add_argument("--backward", action="store_true", help="time the backward instead")
     args = ap.parse_args()
     if args.backward:
         return backward(args)
@@ -71,36 +71,38 @@ def main():
 
 
 def backward(args):
-    """The backward of full attention through flash_attn_func, dK/dV by the Triton kernels
-    (FLASHTILE_GLUON_BWD=0) and by the Gluon kernel (=1)."""
+    """The backward through flash_attn_func (full and causal, ``--causal``), dK/dV by the
+    Triton kernels (FLASHTILE_GLUON_BWD=0) and by the Gluon kernel (=1)."""
     import flashtile
 
     assert torch.cuda.get_device_capability() == (9, 0), "the Gluon kernels are built for sm90"
     heads, heads_k = map(int, args.heads.split(","))
-    print(f"{torch.cuda.get_device_name()}, heads {heads}/{heads_k}, bf16, full attention; backward TFLOP/s "
+    print(f"{torch.cuda.get_device_name()}, heads {heads}/{heads_k}, bf16; backward TFLOP/s "
           "(max |gluon - triton| of dq, dk, dv)")
-    print(f"{'dim':>4} {'seqlen':>6} {'batch':>5} {'triton':>8} {'gluon dk/dv':>12} {'ratio':>6}  diff")
-    for d in (int(x) for x in args.head_dim.split(",")):
-        for seqlen in (int(s) for s in args.seqlens.split(",")):
-            batch = max(1, args.tokens // seqlen)
-            q = torch.randn(batch, seqlen, heads, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-            k = torch.randn(batch, seqlen, heads_k, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-            v = torch.randn(batch, seqlen, heads_k, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-            out = flashtile.flash_attn_func(q, k, v)
-            dout = torch.randn_like(out)
-            flops = 2.5 * 4 * batch * heads * seqlen * seqlen * d
-            speed, grads = {}, {}
-            for flag in ("0", "1"):
-                os.environ["FLASHTILE_GLUON_BWD"] = flag
+    print(f"{'causal':>6} {'dim':>4} {'seqlen':>6} {'batch':>5} {'triton':>8} {'gluon dk/dv':>12} {'ratio':>6}  diff")
+    cases = [(causal, d, seqlen) for causal in (bool(int(c)) for c in args.causal.split(","))
+             for d in (int(x) for x in args.head_dim.split(","))
+             for seqlen in (int(n) for n in args.seqlens.split(","))]
+    for causal, d, seqlen in cases:
+        batch = max(1, args.tokens // seqlen)
+        q = torch.randn(batch, seqlen, heads, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(batch, seqlen, heads_k, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(batch, seqlen, heads_k, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        out = flashtile.flash_attn_func(q, k, v, causal=causal)
+        dout = torch.randn_like(out)
+        flops = 2.5 * 4 * batch * heads * seqlen * seqlen * d / (2 if causal else 1)
+        speed, grads = {}, {}
+        for flag in ("0", "1"):
+            os.environ["FLASHTILE_GLUON_BWD"] = flag
 
-                def step():
-                    return torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+            def step():
+                return torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
 
-                grads[flag] = step()
-                speed[flag] = flops / triton.testing.do_bench(step, warmup=50, rep=200) * 1e-9
-            diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(grads["0"], grads["1"]))
-            print(f"{d:>4} {seqlen:>6} {batch:>5} {speed['0']:>8.1f} {speed['1']:>12.1f} "
-                  f"{speed['1'] / speed['0']:>5.2f}x  {diff:.1e}", flush=True)
+            grads[flag] = step()
+            speed[flag] = flops / triton.testing.do_bench(step, warmup=50, rep=200) * 1e-9
+        diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(grads["0"], grads["1"]))
+        print(f"{int(causal):>6} {d:>4} {seqlen:>6} {batch:>5} {speed['0']:>8.1f} {speed['1']:>12.1f} "
+              f"{speed['1'] / speed['0']:>5.2f}x  {diff:.1e}", flush=True)
     os.environ.pop("FLASHTILE_GLUON_BWD", None)
 
 

@@ -47,10 +47,11 @@ def compile_gluon(kernels=("simple", "ws", "pingpong"), head_dims=(128,), causal
             for kernel in kernels:
                 if kernel == "dkdv":  # one key/value head per query head, then GQA
                     lse = torch.zeros(1, heads[0], seqlen)
-                    for kv_heads in (heads[0], heads[1]):
-                        kk, vv = (torch.randn(1, seqlen, kv_heads, head_dim).to(torch_dtype) for _ in range(2))
-                        gluon_backward_dkdv(q, kk, vv, torch.randn_like(q), lse, lse.clone(), torch.empty_like(kk),
-                                            torch.empty_like(vv), head_dim ** -0.5)
+                    for causal in causals:
+                        for kv_heads in (heads[0], heads[1]):
+                            kk, vv = (torch.randn(1, seqlen, kv_heads, head_dim).to(torch_dtype) for _ in range(2))
+                            gluon_backward_dkdv(q, kk, vv, torch.randn_like(q), lse, lse.clone(),
+                                                torch.empty_like(kk), torch.empty_like(vv), head_dim ** -0.5, causal)
                     continue
                 for causal in causals:
                     gluon_forward(q, k, v, head_dim ** -0.5, causal, kernel=kernel)

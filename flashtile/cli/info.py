@@ -29,8 +29,8 @@ def _gluon_line() -> str:
 def _gluon_backward_line() -> str:
     """Which backward calls take the Gluon dK/dV kernel on this sm90 GPU."""
     if os.environ.get("FLASHTILE_GLUON_BWD") == "1":
-        return ("dK/dV by the Gluon kernel for full attention (GQA included) at head dim 64 or "
-                "128 (FLASHTILE_GLUON_BWD=1); the Triton kernels for the rest")
+        return ("dK/dV by the Gluon kernel for full and causal attention (GQA included) at head dim 64 "
+                "or 128 (FLASHTILE_GLUON_BWD=1); the Triton kernels for the rest")
     return "the Triton kernels (FLASHTILE_GLUON_BWD=1 for the Gluon dK/dV kernel, not yet measured)"
 
 

@@ -4,7 +4,7 @@ the Triton dQ kernel, which also writes ``delta = rowsum(dO * O)``.
 
 Contract: q, k, v, dO of shape (batch, seqlen, nheads, headdim) with a
 contiguous last dimension (other strides free), GQA (query head ``h`` reads
-key/value head ``h // group``), bf16 / fp16, full (non-causal) attention; the natural-log LSE and delta
+key/value head ``h // group``), bf16 / fp16, full attention or causal (bottom-right, ``diag`` given); the natural-log LSE and delta
 (batch, nheads, seqlen_q) in fp32 with a contiguous last dimension. dK and dV
 are written in k's dtype; rows past seqlen_k are not written.
 
@@ -31,7 +31,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .gluon_forward import _slice_descriptor
+from .gluon_forward import _count_bad, _sanitize, _slice_descriptor
 
 LOG2E = gl.constexpr(1.4426950408889634)
 
@@ -58,15 +58,38 @@ def _landing(desc, buffer, GQA: gl.constexpr):
 
 
 @gluon.jit
-def _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, it, n_blocks, pred, BLOCK_M: gl.constexpr,
-               STAGES: gl.constexpr, GQA: gl.constexpr):
-    """TMA loads of the Q and dO tiles of step ``it`` (query head ``it // n_blocks`` of the
-    group, query tile ``it % n_blocks``) into stage ``it % STAGES`` (skipped when not ``pred``)."""
-    st = it % STAGES
-    if GQA:
-        at = [it // n_blocks, (it % n_blocks) * BLOCK_M, 0]
+def _step_tile(it, n_masked, first, full, count, CAUSAL: gl.constexpr):
+    """(query head of the group, query tile) of step ``it``: the masked tiles
+    ``first .. full - 1`` of every head, then the unmasked ones ``full .. count - 1``
+    (without CAUSAL, all ``count`` tiles of every head)."""
+    if CAUSAL:
+        # (at least 1: a branch without steps may still be evaluated)
+        masked_per_head = gl.maximum(full - first, 1)
+        unmasked_per_head = gl.maximum(count - full, 1)
+        if it < n_masked:
+            head = it // masked_per_head
+            tile = first + it % masked_per_head
+        else:
+            j = it - n_masked
+            head = j // unmasked_per_head
+            tile = full + j % unmasked_per_head
     else:
-        at = [it * BLOCK_M, 0]
+        head = it // count
+        tile = it % count
+    return head, tile
+
+
+@gluon.jit
+def _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, it, n_masked, first, full, count, pred,
+               BLOCK_M: gl.constexpr, STAGES: gl.constexpr, GQA: gl.constexpr, CAUSAL: gl.constexpr):
+    """TMA loads of the Q and dO tiles of step ``it`` (``_step_tile``) into stage
+    ``it % STAGES`` (skipped when not ``pred``)."""
+    st = it % STAGES
+    head, tile = _step_tile(it, n_masked, first, full, count, CAUSAL)
+    if GQA:
+        at = [head, tile * BLOCK_M, 0]
+    else:
+        at = [tile * BLOCK_M, 0]
     mbarrier.expect(q_bars.index(st), q_desc.block_type.nbytes, pred=pred)
     tma.async_copy_global_to_shared(q_desc, at, q_bars.index(st), _landing(q_desc, q_smem.index(st), GQA), pred=pred)
     mbarrier.expect(do_bars.index(st), do_desc.block_type.nbytes, pred=pred)
@@ -75,15 +98,104 @@ def _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, it, n_blocks, 
 
 
 @gluon.jit
+def _query_tiles(start_n, seqlen_q, diag, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """(first, full, count): the query tiles that see a key of the block [start_n, +BLOCK_N)
+    are ``first .. count - 1``; from ``full`` on (``first <= full <= count``), every row
+    sees every key of it."""
+    count = gl.cdiv(seqlen_q, BLOCK_M)
+    if CAUSAL:
+        # query m sees key j <= m + diag
+        first = gl.minimum(gl.maximum(start_n - diag, 0) // BLOCK_M, count)
+        full = gl.minimum(gl.maximum(gl.cdiv(gl.maximum(start_n + BLOCK_N - 1 - diag, 0), BLOCK_M), first), count)
+    else:
+        first = 0
+        full = 0
+    return first, full, count
+
+
+@gluon.jit
+def _nan_marks(allowed, bad_tile, acc, a_layout: gl.constexpr):
+    """``acc`` with NaN where a key sees (``allowed``, keys x queries) a query row whose
+    element in that column was non-finite (``bad_tile``: 0 / 1, queries x HEAD_D)."""
+    hits = warpgroup_mma(gl.convert_layout(allowed.to(bad_tile.dtype), a_layout), bad_tile, gl.zeros_like(acc),
+                         use_acc=False, is_async=True)
+    hits = warpgroup_mma_wait(num_outstanding=0, deps=(hits, ))
+    return gl.where(hits > 0, float("nan"), acc)
+
+
+@gluon.jit
+def _dkdv_step(it, dk, dv, k_smem, v_smem, q_smem, do_smem, bad_smem, q_bars, do_bars, q_desc, do_desc, lse_rows,
+               delta_rows, stride_lh, keys, st_zero, n_masked, first, full, count, n_steps, seqlen_q, diag, qk_scale,
+               BLOCK_M: gl.constexpr, STAGES: gl.constexpr, GQA: gl.constexpr, CAUSAL: gl.constexpr,
+               MASKED: gl.constexpr, a_layout: gl.constexpr, col_layout: gl.constexpr, rows_layout: gl.constexpr):
+    """Step ``it``: one Q/dO tile against the block's keys; MASKED for a causal tile whose
+    rows do not all see every key (NaN-safe). Returns (dk, dv)."""
+    dtype: gl.constexpr = q_smem.dtype
+    st = it % STAGES
+    phase = (it // STAGES) & 1
+    head, tile = _step_tile(it, n_masked, first, full, count, CAUSAL)
+    rows = tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_layout)
+    in_range = rows < seqlen_q
+    head_rows = head.to(gl.int64) * stride_lh
+    # rows past seqlen_q: LSE +inf, so that P = 0 there
+    lse2 = gl.load(lse_rows + head_rows + rows, mask=in_range, other=float("inf")) * LOG2E
+    delta = gl.load(delta_rows + head_rows + rows, mask=in_range, other=0.0)
+    q_tile = q_smem.index(st)
+    do_tile = do_smem.index(st)
+    # the two products of shared-memory operands first, in flight together
+    mbarrier.wait(q_bars.index(st), phase)
+    s = warpgroup_mma(k_smem, q_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+    mbarrier.wait(do_bars.index(st), phase)
+    dp = warpgroup_mma(v_smem, do_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+    n_bad = 0
+    if MASKED:
+        # a query row's NaN or Inf (in q, dO, or delta through O) must not reach the keys it
+        # does not see through 0 * NaN in dS or in dV += P^T dO and dK += dS^T Q; counted
+        # here, rarely non-zero
+        n_bad = _count_bad(q_tile, 32, BLOCK_M, rows_layout) + _count_bad(do_tile, 32, BLOCK_M, rows_layout)
+        n_bad += gl.sum(((delta != delta) | (gl.abs(delta) == float("inf"))).to(gl.int32), axis=0)
+    s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+    p = gl.exp2(s * qk_scale - lse2[None, :])
+    if MASKED:
+        p = gl.where(keys[:, None] <= rows[None, :] + diag, p, 0.0)
+    dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp, ))
+    # masked positions: P = 0 and dP - delta finite (unless n_bad), so dS = 0 there
+    ds = p * (dp - delta[None, :])
+    if n_bad > 0:
+        ds = gl.where(keys[:, None] <= rows[None, :] + diag, ds, 0.0)
+        # both warpgroups are done with the raw tiles: zero their non-finite values in place
+        # and keep where they were
+        gl.thread_barrier()
+        _sanitize(q_tile, bad_smem.index(0), 32, BLOCK_M, rows_layout)
+        _sanitize(do_tile, bad_smem.index(1), 32, BLOCK_M, rows_layout)
+        gl.thread_barrier()
+    # then the two accumulating products, P^T and dS^T from registers
+    dv = warpgroup_mma(gl.convert_layout(p.to(dtype), a_layout), do_tile, dv, is_async=True)
+    dk = warpgroup_mma(gl.convert_layout(ds.to(dtype), a_layout), q_tile, dk, is_async=True)
+    dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
+    if n_bad > 0:
+        # a key that sees a non-finite dO value gets NaN in that column of dV, as the raw
+        # product would have given it. dK needs no marks: a row with a non-finite q or dO
+        # value has NaN scores or dP, so dS is NaN wherever it is seen, which reaches
+        # every column of dK through dS^T Q
+        dv = _nan_marks(keys[:, None] <= rows[None, :] + diag, bad_smem.index(1), dv, a_layout)
+    # every matmul that read stage st has retired: refill it
+    _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, it + STAGES, n_masked, first, full, count,
+               it + STAGES < n_steps, BLOCK_M, STAGES, GQA, CAUSAL)
+    return dk, dv
+
+
+@gluon.jit
 def gluon_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, stride_qb, stride_qs, stride_qh,
                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_dob, stride_dos,
                    stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_lb,
-                   stride_lh, nheads_k, group, seqlen_q, seqlen_k, softmax_scale, qk_scale, BLOCK_M: gl.constexpr,
-                   BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, GQA: gl.constexpr,
-                   NUM_WARPS: gl.constexpr):
+                   stride_lh, nheads_k, group, seqlen_q, seqlen_k, diag, softmax_scale, qk_scale,
+                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
+                   GQA: gl.constexpr, CAUSAL: gl.constexpr, NUM_WARPS: gl.constexpr):
     """One program per (key block, batch, key/value head): dK and dV of its keys, summed
     over the ``group`` query heads that read them (GQA: one descriptor over the group's
-    heads; else group is 1)."""
+    heads; else group is 1). CAUSAL: query ``i`` sees keys ``j <= i + diag``; the query
+    tiles before the block's first reader are skipped, and masked tiles are NaN-safe."""
     start_n = gl.program_id(0) * BLOCK_N
     bh = gl.program_id(1)
     b = bh // nheads_k
@@ -97,8 +209,6 @@ def gluon_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_p
         do_desc = _slice_descriptor(do_ptr, b, hk, stride_dob, stride_dos, stride_doh, seqlen_q, BLOCK_M, HEAD_D)
     k_desc = _slice_descriptor(k_ptr, b, hk, stride_kb, stride_ks, stride_kh, seqlen_k, BLOCK_N, HEAD_D)
     v_desc = _slice_descriptor(v_ptr, b, hk, stride_vb, stride_vs, stride_vh, seqlen_k, BLOCK_N, HEAD_D)
-    dk_desc = _slice_descriptor(dk_ptr, b, hk, stride_dkb, stride_dks, stride_dkh, seqlen_k, BLOCK_N, HEAD_D)
-    dv_desc = _slice_descriptor(dv_ptr, b, hk, stride_dvb, stride_dvs, stride_dvh, seqlen_k, BLOCK_N, HEAD_D)
     # LSE and delta rows of the group's first query head
     head_rows = b.to(gl.int64) * stride_lb + (hk * group).to(gl.int64) * stride_lh
     lse_rows = lse_ptr + head_rows
@@ -118,6 +228,9 @@ def gluon_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_p
     # Q and dO tiles as [BLOCK_M, HEAD_D] operands, in K's swizzle
     q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_D], k_desc.layout)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_D], k_desc.layout)
+    # where a causal masked step's Q and dO had non-finite values (see below)
+    bad_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_D], k_desc.layout)
+    rows_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NUM_WARPS, 1], [1, 0])
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     do_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -129,46 +242,39 @@ def gluon_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_p
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(k_desc, [start_n, 0], kv_bar, k_smem)
     tma.async_copy_global_to_shared(v_desc, [start_n, 0], kv_bar, v_smem)
-    n_blocks = gl.cdiv(seqlen_q, BLOCK_M)
-    n_steps = n_blocks * group  # (query head of the group, query tile)
+    first, full, count = _query_tiles(start_n, seqlen_q, diag, BLOCK_M, BLOCK_N, CAUSAL)
+    # steps: (query head of the group, query tile), see _step_tile; none: dK = dV = 0
+    n_masked = (full - first) * group
+    n_steps = (count - first) * group
     for i in gl.static_range(STAGES):
-        _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, i, n_blocks, i < n_steps, BLOCK_M, STAGES, GQA)
+        _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, i, n_masked, first, full, count, i < n_steps,
+                   BLOCK_M, STAGES, GQA, CAUSAL)
+    keys = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, st_layout))
 
     dk = gl.zeros([BLOCK_N, HEAD_D], gl.float32, layout=acc_layout)
     dv = gl.zeros([BLOCK_N, HEAD_D], gl.float32, layout=acc_layout)
     st_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=st_layout)
     mbarrier.wait(kv_bar, 0)
 
-    for it in range(n_steps):
-        st = it % STAGES
-        phase = (it // STAGES) & 1
-        rows = (it % n_blocks) * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_layout)
-        in_range = rows < seqlen_q
-        head = (it // n_blocks).to(gl.int64) * stride_lh
-        # rows past seqlen_q: LSE +inf, so that P = 0 there
-        lse2 = gl.load(lse_rows + head + rows, mask=in_range, other=float("inf")) * LOG2E
-        delta = gl.load(delta_rows + head + rows, mask=in_range, other=0.0)
-        q_tile = q_smem.index(st)
-        do_tile = do_smem.index(st)
-        # the two products of shared-memory operands first, in flight together
-        mbarrier.wait(q_bars.index(st), phase)
-        s = warpgroup_mma(k_smem, q_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
-        mbarrier.wait(do_bars.index(st), phase)
-        dp = warpgroup_mma(v_smem, do_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
-        p = gl.exp2(s * qk_scale - lse2[None, :])
-        dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp, ))
-        ds = p * (dp - delta[None, :])
-        # then the two accumulating products, P^T and dS^T from registers
-        dv = warpgroup_mma(gl.convert_layout(p.to(dtype), a_layout), do_tile, dv, is_async=True)
-        dk = warpgroup_mma(gl.convert_layout(ds.to(dtype), a_layout), q_tile, dk, is_async=True)
-        dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
-        # every matmul that read stage st has retired: refill it
-        _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, it + STAGES, n_blocks, it + STAGES < n_steps,
-                   BLOCK_M, STAGES, GQA)
+    # the masked steps (causal tiles on the diagonal), then the rest: one loop each, so that
+    # the NaN-safe work of the first costs the second no registers
+    if CAUSAL:
+        for it in range(n_masked):
+            dk, dv = _dkdv_step(it, dk, dv, k_smem, v_smem, q_smem, do_smem, bad_smem, q_bars, do_bars, q_desc,
+                                do_desc, lse_rows, delta_rows, stride_lh, keys, st_zero, n_masked, first, full, count,
+                                n_steps, seqlen_q, diag, qk_scale, BLOCK_M, STAGES, GQA, CAUSAL, True, a_layout,
+                                col_layout, rows_layout)
+    for it in range(n_masked, n_steps):
+        dk, dv = _dkdv_step(it, dk, dv, k_smem, v_smem, q_smem, do_smem, bad_smem, q_bars, do_bars, q_desc, do_desc,
+                            lse_rows, delta_rows, stride_lh, keys, st_zero, n_masked, first, full, count, n_steps,
+                            seqlen_q, diag, qk_scale, BLOCK_M, STAGES, GQA, CAUSAL, False, a_layout, col_layout,
+                            rows_layout)
 
     # dS is the gradient of the scaled scores: dK takes the softmax scale once, here
     dk = dk * softmax_scale
+    # (made here: nothing of theirs is live during the loops)
+    dk_desc = _slice_descriptor(dk_ptr, b, hk, stride_dkb, stride_dks, stride_dkh, seqlen_k, BLOCK_N, HEAD_D)
+    dv_desc = _slice_descriptor(dv_ptr, b, hk, stride_dvb, stride_dvs, stride_dvh, seqlen_k, BLOCK_N, HEAD_D)
     # K and V are done with: their buffers stage the results for the TMA stores (rows past
     # seqlen_k are clipped)
     k_smem.store(dk.to(dtype))

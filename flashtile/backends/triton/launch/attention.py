@@ -385,7 +385,8 @@ def attention_backward(dout, q, k, v, out, lse, opts: AttnOptions, bias_grad: bo
                                                        max_seqlen_q, max_seqlen_k, sparse, call, build_only,
                                                        dq_only=gluon_dkdv))
     if gluon_dkdv:
-        gluon_backward_dkdv(q, k, v, dout, lse, delta, dk, dv, opts.softmax_scale)
+        gluon_backward_dkdv(q, k, v, dout, lse, delta, dk, dv, opts.softmax_scale, opts.window_right == 0,
+                            opts.diag_offset)
     dsinks = None if opts.sinks is None else sinks_grad(opts.sinks, lse, delta)
     if varlen:
         dq, dk, dv = dq.squeeze(0), dk.squeeze(0), dv.squeeze(0)

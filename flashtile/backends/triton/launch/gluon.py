@@ -23,8 +23,8 @@ Triton forward.
 The backward's dK/dV kernel (``kernels/gluon_backward.py``) is opt-in,
 ``FLASHTILE_GLUON_BWD=1``, until it has passed its GPU tests and been timed
 against the Triton dK/dV kernels (``benchmarks/tools/gluon_bench.py --backward``):
-full attention (GQA included), head dim 64 or 128; the Triton dQ kernel
-computes dQ and delta beside it.
+full attention and causal (GQA included), head dim 64 or 128; the Triton dQ
+kernel computes dQ and delta beside it.
 """
 
 from __future__ import annotations
@@ -156,8 +156,8 @@ def gluon_backward_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              sparse=None, seqused_k=None) -> bool:
     """True when the Gluon dK/dV kernel computes this backward's dK and dV (the Triton dQ
     kernel then computes dQ and delta). Opt-in while its GPU test and timing are owed:
-    ``FLASHTILE_GLUON_BWD=1``; full attention (GQA included), head dim 64 or 128,
-    bf16 / fp16, no other option, on compute capability 9.0."""
+    ``FLASHTILE_GLUON_BWD=1``; full attention or causal (GQA included), head dim 64 or
+    128, bf16 / fp16, no other option, on compute capability 9.0."""
     if os.environ.get("FLASHTILE_GLUON_BWD") != "1" or not _gluon_importable():
         return False
     if batch_invariant() or capability_of(q.device) != (9, 0):
@@ -177,21 +177,26 @@ def gluon_backward_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         return False
     if lse.dim() != 3 or lse.stride(-1) != 1:
         return False
-    if not (opts.window_left < 0 and opts.window_right < 0):
+    if not (opts.window_left < 0 and opts.window_right <= 0):  # full attention or causal
         return False
     return (opts.softcap == 0.0 and opts.alibi is None and opts.bias is None and opts.dropout_p == 0.0
             and opts.fixed_max is None and opts.block_mask is None and opts.sinks is None)
 
 
 def gluon_backward_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
-                        delta: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, softmax_scale: float) -> None:
-    """Write dK and dV of full attention into ``dk`` and ``dv`` (k's shape) with the Gluon
-    kernel; ``lse`` and ``delta`` (batch, nheads, seqlen_q) fp32, delta as the Triton dQ
-    kernel writes it. ``dk`` / ``dv`` that TMA cannot write are written through buffers."""
+                        delta: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, softmax_scale: float,
+                        causal: bool = False, diag_offset: int | None = None) -> None:
+    """Write dK and dV into ``dk`` and ``dv`` (k's shape) with the Gluon kernel; ``lse``
+    and ``delta`` (batch, nheads, seqlen_q) fp32, delta as the Triton dQ kernel writes it.
+    ``causal``: query ``i`` sees keys ``j <= i + diag_offset`` (default flash_attn's
+    bottom-right ``seqlen_k - seqlen_q``). ``dk`` / ``dv`` that TMA cannot write are
+    written through buffers."""
     from ..kernels import gluon_backward as kernels
 
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    if diag_offset is None:
+        diag_offset = seqlen_k - seqlen_q
     outs = [t if tma_compatible(t) and t.stride(-1) == 1 else torch.empty(t.shape, dtype=t.dtype, device=t.device)
             for t in (dk, dv)]
     block_m, block_n, stages = BWD_TILES[head_dim]
@@ -202,8 +207,8 @@ def gluon_backward_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout:
     kernels.gluon_bwd_dkdv[grid](
         q, k, v, dout, outs[0], outs[1], lse, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *dout.stride()[:3], *outs[0].stride()[:3], *outs[1].stride()[:3], *lse.stride()[:2], nheads_k, group,
-        seqlen_q, seqlen_k, softmax_scale, softmax_scale * LOG2E, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=head_dim,
-        STAGES=stages, GQA=group > 1, NUM_WARPS=8, num_warps=8)
+        seqlen_q, seqlen_k, diag_offset, softmax_scale, softmax_scale * LOG2E, BLOCK_M=block_m, BLOCK_N=block_n,
+        HEAD_D=head_dim, STAGES=stages, GQA=group > 1, CAUSAL=bool(causal), NUM_WARPS=8, num_warps=8)
     for out, buffer in zip((dk, dv), outs):
         if buffer is not out:
             out.copy_(buffer)
