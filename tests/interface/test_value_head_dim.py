@@ -19,7 +19,7 @@ from flashtile import (
 from flashtile.testing import attention_ref
 
 # (q/k head dim, v head dim): MLA's, smaller and larger values, and pairs not powers of two
-PAIRS = [(192, 128), (128, 64), (64, 128), (96, 256), (40, 24)]
+PAIRS = [(192, 128), (128, 64), (64, 128), (96, 256), (40, 24), (24, 12)]
 
 
 def qkv(b, sq, sk, h, hk, d, dv, dtype):
@@ -127,22 +127,25 @@ def test_bad_value_head_dim(bad_dv):
         flash_attn_func(q, k, torch.randn(1, 8, 2, bad_dv))
 
 
-@pytest.mark.parametrize("dims, refused", [((24, 12), True), ((64, 8), True), ((16, 12), False), ((24, 24), False),
-                                            ((40, 24), False), ((12, 24), False)])
-def test_known_bad_gpu_head_dims_are_refused(dims, refused):
-    """The value head dims that gave wrong results on the GPU (padded to 16 under a larger
-    q/k head dim) raise NotImplementedError for CUDA tensors, and only those."""
-    from types import SimpleNamespace
+@pytest.mark.parametrize("dims, block_dv", [((24, 12), 32), ((64, 8), 32), ((16, 12), 16), ((24, 24), 32),
+                                             ((40, 24), 32), ((12, 24), 32), ((128, 16), 32), ((16, 16), 16)])
+def test_value_tile_width(dims, block_dv):
+    """A value head dim whose tile would be 16 wide under a wider q/k tile takes a 32-wide
+    tile (16 wide gave wrong results on an H100); the others their power of two."""
+    from flashtile.backends.triton.launch.attention import block_dv_of
 
-    from flashtile.backends.triton.launch.attention import _refuse_known_bad_head_dims
+    assert block_dv_of(*dims) == block_dv
 
-    q, v = (SimpleNamespace(is_cuda=True, shape=(1, 8, 2, d)) for d in dims)
-    if refused:
-        with pytest.raises(NotImplementedError, match="value head dim of 16 or less"):
-            _refuse_known_bad_head_dims(q, v)
-    else:
-        _refuse_known_bad_head_dims(q, v)
-    _refuse_known_bad_head_dims(SimpleNamespace(is_cuda=False, shape=q.shape), v)  # the CPU runs them
+
+@pytest.mark.parametrize("dims", [(24, 12), (64, 8), (40, 9)], ids=str)
+def test_small_value_head_dims(backend, dims):
+    # the 32-wide value tile of these pairs, forward and backward, dense and varlen
+    q, k, v = qkv(2, 70, 90, 4, 2, *dims, torch.float16)
+    check_attention(lambda q, k, v: flash_attn_func(q, k, v, causal=True), q, k, v, causal=True)
+    lens_q, lens_k = [30, 0, 41], [50, 20, 41]
+    q, k, v = (t[0, :n] for t, n in zip(qkv(1, 71, 111, 4, 2, *dims, torch.float16), (71, 111, 111)))
+    check_attention(lambda q, k, v: flash_attn_varlen_func(q, k, v, cu(lens_q), cu(lens_k), 41, 50, causal=True),
+                    q, k, v, ref_fn=packed_ref(lens_q, lens_k), causal=True)
 
 
 # --- on a CUDA GPU with the compiled kernels (marker ``gpu``) ---------------------------
@@ -167,15 +170,6 @@ def test_value_head_dim_gpu(dtype, dims, kind):
     k = torch.randn(2, 2100, 2, dims[0], device="cuda", dtype=dtype)
     v = torch.randn(2, 2100, 2, dims[1], device="cuda", dtype=dtype)
     check_attention(lambda q, k, v: flash_attn_func(q, k, v, causal=causal), q, k, v, causal=causal)
-
-
-@pytest.mark.gpu
-def test_known_bad_head_dims_refused_gpu():
-    q = torch.randn(1, 100, 4, 24, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(1, 100, 2, 24, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(1, 100, 2, 12, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(NotImplementedError, match="value head dim of 16 or less"):
-        flash_attn_func(q, k, v, causal=True)
 
 
 @pytest.mark.gpu

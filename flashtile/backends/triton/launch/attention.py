@@ -181,14 +181,13 @@ def _option_tensors(q: torch.Tensor, opts: AttnOptions, cu_seqlens_q, cu_seqlens
             q if opts.alibi is None else opts.alibi)
 
 
-def _refuse_known_bad_head_dims(q: torch.Tensor, v: torch.Tensor) -> None:
-    """On a GPU, value head dims padded to 16 under a larger q/k head dim gave wrong outputs
-    and illegal memory accesses on an H100 (q/k 24 with v 12; the cause is not found yet):
-    refused with a clear error rather than run (Triton's interpreter computes them right)."""
-    if q.is_cuda and v.shape[-1] != q.shape[-1] and block_d_of(v.shape[-1]) == 16 < block_d_of(q.shape[-1]):
-        raise NotImplementedError(
-            f"flashtile: a value head dim of 16 or less ({v.shape[-1]}) under a larger q/k head dim "
-            f"({q.shape[-1]}) is not supported on the GPU yet (it gave wrong results); pad v's head dim to 32")
+def block_dv_of(head_dim: int, head_dim_v: int) -> int:
+    """Tile width of the value head dim: its power of two (``block_d_of``), but 32 where
+    that is 16 under a wider q/k tile. A 16-wide value tile with masked columns under a
+    wider key tile gave wrong results and illegal memory accesses on an H100 (q/k 24 with
+    v 12); the same call with a 32-wide value tile computes right there."""
+    block = block_d_of(head_dim_v)
+    return 32 if head_dim_v != head_dim and block == 16 < block_d_of(head_dim) else block
 
 
 class _Layout:
@@ -198,7 +197,6 @@ class _Layout:
 
     def __init__(self, q, k, v, opts: AttnOptions, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                  sparse=None):
-        _refuse_known_bad_head_dims(q, v)
         self.varlen = cu_seqlens_q is not None
         self.batch = cu_seqlens_q.numel() - 1 if self.varlen else q.shape[0]
         self.nheads, self.nheads_k = q.shape[2], k.shape[2]
@@ -214,7 +212,7 @@ class _Layout:
         self.alibi_stride = 0 if opts.alibi is None else opts.alibi.stride(0)
         self.const = dict(
             HEAD_DIM=q.shape[-1], BLOCK_D=block_d_of(q.shape[-1]),
-            HEAD_DIM_V=v.shape[-1], BLOCK_DV=block_d_of(v.shape[-1]),
+            HEAD_DIM_V=v.shape[-1], BLOCK_DV=block_dv_of(q.shape[-1], v.shape[-1]),
             MASK_LEFT=opts.window_left >= 0, MASK_RIGHT=opts.window_right >= 0,
             SOFTCAP=opts.softcap > 0, HAS_ALIBI=opts.alibi is not None,
             BIAS_KIND=bias_kind, BIAS_ROWS=bias_rows, DROPOUT=opts.dropout_p > 0, IS_VARLEN=self.varlen,
