@@ -20,7 +20,8 @@ def _gluon_line() -> str:
     if choice == "0":
         return "the Triton forward (FLASHTILE_GLUON=0)"
     if choice == "1":
-        return "the Gluon kernels for every dense bf16/fp16 call at head dim 64 or 128 (FLASHTILE_GLUON=1)"
+        return ("the Gluon kernels for every full-attention bf16/fp16 call at head dim 64 or 128 "
+                "(FLASHTILE_GLUON=1); causal calls take the Triton forward")
     keys = ", ".join(f"head dim {d} from {n} keys" for d, n in gluon.GLUON_MIN_KEYS.items())
     return (f"the Gluon kernels for full attention at {keys} (where they measured faster; causal calls "
             f"take the Triton forward; FLASHTILE_GLUON=1/0 for always/never)")
@@ -31,7 +32,7 @@ def _gluon_backward_line() -> str:
     if os.environ.get("FLASHTILE_GLUON_BWD") == "1":
         return ("dK/dV by the Gluon kernel for full and causal attention (GQA included) at head dim 64 "
                 "or 128 (FLASHTILE_GLUON_BWD=1); the Triton kernels for the rest")
-    return "the Triton kernels (FLASHTILE_GLUON_BWD=1 for the Gluon dK/dV kernel, not yet measured)"
+    return "the Triton kernels (FLASHTILE_GLUON_BWD=1 for the Gluon dK/dV kernel, measured slower so far)"
 
 
 def print_info() -> None:

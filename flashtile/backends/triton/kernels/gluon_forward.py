@@ -139,11 +139,14 @@ def _nan_safe_pv(acc, p, p16, v_tile, k_tile, check_bar, it, n_full, row0, seqle
 @gluon.jit
 def _attend_tile(s, acc, m_i, l_i, v_tile, k_tile, v_bar, check_bar, phase, it, n_full, row0, seqlen_k, diag,
                  qk_scale, CAUSAL: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, o_layout: gl.constexpr,
-                 p_layout: gl.constexpr, v_layout: gl.constexpr, SYNC: gl.constexpr):
+                 p_layout: gl.constexpr, v_layout: gl.constexpr, SYNC: gl.constexpr, MASKED: gl.constexpr):
     """Key tile ``it`` after its scores ``s``: the online softmax (bounds and causal
     mask only past the ``n_full`` unmasked tiles), the rescaled accumulator, and
     ``P V`` once the V tile has landed (``v_bar`` in ``phase``), P fed from registers.
-    Returns (acc, m_i, l_i).
+    Returns (acc, m_i, l_i). MASKED: 0 for an unmasked tile, 1 for a masked one, 2
+    to tell them apart by ``it`` (full attention's single loop; causal kernels run their
+    unmasked and masked tiles in loops of their own, so that no tile chooses between
+    two products at run time).
 
     Causal masked tiles are NaN-safe as the Triton forward's (``masked_pv``): a key a row
     does not see adds nothing to it, NaN and Inf in its value included (``0 * NaN`` is NaN);
@@ -154,16 +157,20 @@ def _attend_tile(s, acc, m_i, l_i, v_tile, k_tile, v_bar, check_bar, phase, it, 
     NaN (a second product: the row's mask times those positions). With SYNC (two consumer
     warpgroups sharing the tile) both have read V and finished with K at ``check_bar``
     before either writes; both write the same values."""
-    if it >= n_full:
-        p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, it * BLOCK_N, row0, seqlen_k, diag, qk_scale, True,
-                                             CAUSAL, ROWS, BLOCK_N)
+    if MASKED == 2:
+        if it >= n_full:
+            p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, it * BLOCK_N, row0, seqlen_k, diag, qk_scale, True,
+                                                 CAUSAL, ROWS, BLOCK_N)
+        else:
+            p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, it * BLOCK_N, row0, seqlen_k, diag, qk_scale, False,
+                                                 CAUSAL, ROWS, BLOCK_N)
     else:
-        p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, it * BLOCK_N, row0, seqlen_k, diag, qk_scale, False,
+        p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, it * BLOCK_N, row0, seqlen_k, diag, qk_scale, MASKED == 1,
                                              CAUSAL, ROWS, BLOCK_N)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
     p16 = gl.convert_layout(p.to(v_tile.dtype), p_layout)
     mbarrier.wait(v_bar, phase)
-    if CAUSAL and it >= n_full:
+    if CAUSAL and MASKED == 1:
         acc = _nan_safe_pv(acc, p, p16, v_tile, k_tile, check_bar, it, n_full, row0, seqlen_k, diag, ROWS, BLOCK_N,
                            p_layout, v_layout, SYNC)
     else:
@@ -211,6 +218,25 @@ def _program_slices(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, stride_qb, stride_qs, s
 
 
 @gluon.jit
+def _simple_step(it, acc, m_i, l_i, q_smem, k_smem, v_smem, k_bars, v_bars, q_bar, k_desc, v_desc, s_zero, n_blocks,
+                 n_full, start_m, seqlen_k, diag, qk_scale, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
+                 v_layout: gl.constexpr, MASKED: gl.constexpr):
+    """Key tile ``it`` of ``gluon_fwd_simple`` (MASKED as in ``_attend_tile``)."""
+    st = it % STAGES
+    phase = (it // STAGES) & 1
+    mbarrier.wait(k_bars.index(st), phase)
+    s = warpgroup_mma(q_smem, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+    acc, m_i, l_i = _attend_tile(s, acc, m_i, l_i, v_smem.index(st), k_smem.index(st), v_bars.index(st), q_bar,
+                                 phase, it, n_full, start_m, seqlen_k, diag, qk_scale, CAUSAL, BLOCK_M, BLOCK_N,
+                                 o_layout, p_layout, v_layout, False, MASKED)
+    # both matmuls that read stage st retired: refill it
+    _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, it + STAGES, it + STAGES < n_blocks, BLOCK_N, STAGES)
+    return acc, m_i, l_i
+
+
+@gluon.jit
 def gluon_fwd_simple(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks,
                      stride_kh, stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, nheads, group,
                      seqlen_q, seqlen_k, diag, qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -251,18 +277,20 @@ def gluon_fwd_simple(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, stride_qb, stride_qs, 
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
     mbarrier.wait(q_bar, 0)
 
-    for it in range(n_blocks):
-        st = it % STAGES
-        phase = (it // STAGES) & 1
-        mbarrier.wait(k_bars.index(st), phase)
-        s = warpgroup_mma(q_smem, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-        acc, m_i, l_i = _attend_tile(s, acc, m_i, l_i, v_smem.index(st), k_smem.index(st), v_bars.index(st), q_bar,
-                                     phase, it, n_full, start_m, seqlen_k, diag, qk_scale, CAUSAL, BLOCK_M, BLOCK_N,
-                                     o_layout, p_layout, v_layout, False)
-        # both matmuls that read stage st retired: refill it
-        _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, it + STAGES, it + STAGES < n_blocks, BLOCK_N,
-                 STAGES)
+    if CAUSAL:  # the unmasked tiles, then the masked ones (see _attend_tile)
+        for it in range(n_full):
+            acc, m_i, l_i = _simple_step(it, acc, m_i, l_i, q_smem, k_smem, v_smem, k_bars, v_bars, q_bar, k_desc,
+                                         v_desc, s_zero, n_blocks, n_full, start_m, seqlen_k, diag, qk_scale, CAUSAL,
+                                         BLOCK_M, BLOCK_N, STAGES, o_layout, p_layout, v_layout, 0)
+        for it in range(n_full, n_blocks):
+            acc, m_i, l_i = _simple_step(it, acc, m_i, l_i, q_smem, k_smem, v_smem, k_bars, v_bars, q_bar, k_desc,
+                                         v_desc, s_zero, n_blocks, n_full, start_m, seqlen_k, diag, qk_scale, CAUSAL,
+                                         BLOCK_M, BLOCK_N, STAGES, o_layout, p_layout, v_layout, 1)
+    else:
+        for it in range(n_blocks):
+            acc, m_i, l_i = _simple_step(it, acc, m_i, l_i, q_smem, k_smem, v_smem, k_bars, v_bars, q_bar, k_desc,
+                                         v_desc, s_zero, n_blocks, n_full, start_m, seqlen_k, diag, qk_scale, CAUSAL,
+                                         BLOCK_M, BLOCK_N, STAGES, o_layout, p_layout, v_layout, 2)
 
     _finish_rows(acc, m_i, l_i, q_smem, o_desc, lse_rows, start_m, 0, seqlen_q, o_layout, BLOCK_M)
     mbarrier.invalidate(q_bar)
@@ -294,6 +322,29 @@ def _ws_producer(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, empty_bars, n_b
 
 
 @gluon.jit
+def _ws_step(it, acc, m_i, l_i, q_buf, k_smem, v_smem, k_bars, v_bars, empty_bars, turn_bars, check_bar, s_zero, n_full,
+             row0, seqlen_k, diag, qk_scale, WG: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
+             STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, o_layout: gl.constexpr,
+             p_layout: gl.constexpr, v_layout: gl.constexpr, MASKED: gl.constexpr):
+    """Key tile ``it`` of a consumer warpgroup of ``gluon_fwd_ws`` (MASKED as in ``_attend_tile``)."""
+    st = it % STAGES
+    phase = (it // STAGES) & 1
+    mbarrier.wait(k_bars.index(st), phase)
+    if PINGPONG:
+        # take turns issuing QK^T: warpgroup 0 goes first, then each waits for the other's issue
+        mbarrier.wait(turn_bars.index(WG), (it & 1) ^ (1 - WG))
+    s = warpgroup_mma(q_buf, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    if PINGPONG:
+        mbarrier.arrive(turn_bars.index(1 - WG), count=1)
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+    acc, m_i, l_i = _attend_tile(s, acc, m_i, l_i, v_smem.index(st), k_smem.index(st), v_bars.index(st), check_bar,
+                                 phase, it, n_full, row0, seqlen_k, diag, qk_scale, CAUSAL, ROWS, BLOCK_N, o_layout,
+                                 p_layout, v_layout, True, MASKED)
+    mbarrier.arrive(empty_bars.index(st), count=1)
+    return acc, m_i, l_i
+
+
+@gluon.jit
 def _ws_consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, empty_bars, turn_bars, check_bar,
                  lse_rows, start_m, n_blocks, seqlen_q, seqlen_k, diag, qk_scale, WG: gl.constexpr,
                  ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
@@ -321,21 +372,20 @@ def _ws_consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars,
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
     mbarrier.wait(q_bar, 0)
 
-    for it in range(n_blocks):
-        st = it % STAGES
-        phase = (it // STAGES) & 1
-        mbarrier.wait(k_bars.index(st), phase)
-        if PINGPONG:
-            # take turns issuing QK^T: warpgroup 0 goes first, then each waits for the other's issue
-            mbarrier.wait(turn_bars.index(WG), (it & 1) ^ (1 - WG))
-        s = warpgroup_mma(q_buf, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        if PINGPONG:
-            mbarrier.arrive(turn_bars.index(1 - WG), count=1)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-        acc, m_i, l_i = _attend_tile(s, acc, m_i, l_i, v_smem.index(st), k_smem.index(st), v_bars.index(st),
-                                     check_bar, phase, it, n_full, row0, seqlen_k, diag, qk_scale, CAUSAL, ROWS,
-                                     BLOCK_N, o_layout, p_layout, v_layout, True)
-        mbarrier.arrive(empty_bars.index(st), count=1)
+    if CAUSAL:  # the unmasked tiles, then the masked ones (see _attend_tile)
+        for it in range(n_full):
+            acc, m_i, l_i = _ws_step(it, acc, m_i, l_i, q_buf, k_smem, v_smem, k_bars, v_bars, empty_bars, turn_bars,
+                                     check_bar, s_zero, n_full, row0, seqlen_k, diag, qk_scale, WG, ROWS, BLOCK_N,
+                                     STAGES, CAUSAL, PINGPONG, o_layout, p_layout, v_layout, 0)
+        for it in range(n_full, n_blocks):
+            acc, m_i, l_i = _ws_step(it, acc, m_i, l_i, q_buf, k_smem, v_smem, k_bars, v_bars, empty_bars, turn_bars,
+                                     check_bar, s_zero, n_full, row0, seqlen_k, diag, qk_scale, WG, ROWS, BLOCK_N,
+                                     STAGES, CAUSAL, PINGPONG, o_layout, p_layout, v_layout, 1)
+    else:
+        for it in range(n_blocks):
+            acc, m_i, l_i = _ws_step(it, acc, m_i, l_i, q_buf, k_smem, v_smem, k_bars, v_bars, empty_bars, turn_bars,
+                                     check_bar, s_zero, n_full, row0, seqlen_k, diag, qk_scale, WG, ROWS, BLOCK_N,
+                                     STAGES, CAUSAL, PINGPONG, o_layout, p_layout, v_layout, 2)
 
     _finish_rows(acc, m_i, l_i, q_buf, o_desc, lse_rows, row0, 0, seqlen_q, o_layout, ROWS)
 

@@ -6,13 +6,14 @@ attention where a GPU run measured the warp-specialised kernel faster than the
 Triton forward (H100, bf16; docs/experiments/2026-12-07-gluon-forward.md):
 head dim 64 from ``GLUON_MIN_KEYS[64]`` keys a row (1.11-1.18x at 1k-16k),
 head dim 128 from ``GLUON_MIN_KEYS[128]`` (1.05x at 16k, 0.95-0.99x at 1k-4k).
-Causal calls stay on the Triton forward although the kernel measured faster
-there (1.05-1.55x at head dim 128): in that run its diagonal tiles let a NaN
-or Inf value of a key reach rows that do not see it. The kernels' masked
-tiles now check V for non-finite values and take a NaN-safe product where
-there are any (``_attend_tile``); causal calls return to the Gluon kernel by
-default once that has passed the GPU tests and been timed.
-``FLASHTILE_GLUON=1`` takes it for every call it supports, causal included,
+Causal calls always take the Triton forward, although the kernel measured
+faster there (1.05-1.55x at head dim 128): in that run its diagonal tiles let
+a NaN or Inf value of a key reach rows that do not see it; the NaN-safe masked
+tiles written since gave wrong results on an H100 (rows past the first query
+block) while choosing between two products at run time, and now run in a loop
+of their own (``_attend_tile``), not yet run on a GPU. Causal calls return to
+the Gluon kernel once that has passed the GPU tests and been timed.
+``FLASHTILE_GLUON=1`` takes it for every full-attention call it supports,
 ``FLASHTILE_GLUON=0`` never. ``FLASHTILE_GLUON_KERNEL``
 picks the kernel: ``ws`` (warp-specialised producer and two consumer
 warpgroups, the default), ``pingpong`` (the same with the consumers taking
@@ -20,11 +21,11 @@ turns at the tensor cores) or ``simple`` (one partition, TMA ring refilled by
 the computing warps). Everything the kernels do not take falls back to the
 Triton forward.
 
-The backward's dK/dV kernel (``kernels/gluon_backward.py``) is opt-in,
-``FLASHTILE_GLUON_BWD=1``, until it has passed its GPU tests and been timed
-against the Triton dK/dV kernels (``benchmarks/tools/gluon_bench.py --backward``):
-full attention and causal (GQA included), head dim 64 or 128; the Triton dQ
-kernel computes dQ and delta beside it.
+The backward's dK/dV kernel (``kernels/gluon_backward.py``: full attention and
+causal, GQA included, head dim 64 or 128; the Triton dQ kernel computes dQ and
+delta beside it) is opt-in, ``FLASHTILE_GLUON_BWD=1``: it passed its accuracy
+tests on an H100 but ran at 0.74-1.04x the Triton dK/dV kernels' speed
+(``benchmarks/tools/gluon_bench.py --backward``).
 """
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ def gluon_forward_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
         return False
     if (opts.softcap != 0.0 or opts.alibi is not None or opts.bias is not None or opts.dropout_p != 0.0
             or opts.fixed_max is not None or opts.block_mask is not None or opts.sinks is not None):
+        return False
+    if causal:  # see the module docstring
         return False
     if choice == "1":
         return True
