@@ -182,12 +182,13 @@ def _option_tensors(q: torch.Tensor, opts: AttnOptions, cu_seqlens_q, cu_seqlens
 
 
 def block_dv_of(head_dim: int, head_dim_v: int) -> int:
-    """Tile width of the value head dim: its power of two (``block_d_of``), but 32 where
-    that is 16 under a wider q/k tile. A 16-wide value tile with masked columns under a
-    wider key tile gave wrong results and illegal memory accesses on an H100 (q/k 24 with
-    v 12); the same call with a 32-wide value tile computes right there."""
+    """Tile width of the value head dim: its power of two (``block_d_of``), but the q/k
+    tile's width where that is wider and the value tile has masked columns. Such narrower
+    tiles gave wrong results and illegal memory accesses on an H100 (q/k 24 with v 12,
+    40 with 24, in varlen calls); as wide as the key tile they computed right there."""
     block = block_d_of(head_dim_v)
-    return 32 if head_dim_v != head_dim and block == 16 < block_d_of(head_dim) else block
+    wide = block_d_of(head_dim)
+    return wide if head_dim_v != block and block < wide else block
 
 
 class _Layout:
