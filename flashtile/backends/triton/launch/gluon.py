@@ -7,12 +7,11 @@ Triton forward (H100, bf16; docs/experiments/2026-12-07-gluon-forward.md):
 head dim 64 from ``GLUON_MIN_KEYS[64]`` keys a row (1.11-1.18x at 1k-16k),
 head dim 128 from ``GLUON_MIN_KEYS[128]`` (1.05x at 16k, 0.95-0.99x at 1k-4k).
 Causal calls always take the Triton forward, although the kernel measured
-faster there (1.05-1.55x at head dim 128): in that run its diagonal tiles let
-a NaN or Inf value of a key reach rows that do not see it; the NaN-safe masked
-tiles written since gave wrong results on an H100 (rows past the first query
-block) while choosing between two products at run time, and now run in a loop
-of their own (``_attend_tile``), not yet run on a GPU. Causal calls return to
-the Gluon kernel once that has passed the GPU tests and been timed.
+faster there (1.08-1.35x at head dim 128, H100): its NaN-safe masked tiles
+(``_attend_tile``) pass the accuracy tests, and the NaN test with the
+``simple`` kernel, not yet with the two-consumer ``ws`` and ``pingpong`` ones
+(some rows that see a NaN value are missed). Causal calls return to the Gluon
+kernel once they pass it.
 ``FLASHTILE_GLUON=1`` takes it for every full-attention call it supports,
 ``FLASHTILE_GLUON=0`` never. ``FLASHTILE_GLUON_KERNEL``
 picks the kernel: ``ws`` (warp-specialised producer and two consumer
@@ -24,7 +23,7 @@ Triton forward.
 The backward's dK/dV kernel (``kernels/gluon_backward.py``: full attention and
 causal, GQA included, head dim 64 or 128; the Triton dQ kernel computes dQ and
 delta beside it) is opt-in, ``FLASHTILE_GLUON_BWD=1``: it passed its accuracy
-tests on an H100 but ran at 0.74-1.04x the Triton dK/dV kernels' speed
+and NaN tests on an H100 but ran at 0.74-1.04x the Triton dK/dV kernels' speed
 (``benchmarks/tools/gluon_bench.py --backward``).
 """
 
