@@ -64,8 +64,8 @@ def _descriptor_mode(env_name: str, default: int, keys_per_row: int, min_keys: i
 def _paged_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys_per_row: int) -> int:
     """KV_DESC of a forward over a paged cache ``(num_pages, page_size, nheads_k, dim)``: 1
     (descriptors over the stacked pages, key tiles capped at the page; see ``choose``)
-    where contiguous K/V would take descriptors (by default only with FLASHTILE_FWD_TMA=1
-    until it has run on a GPU: DEFAULT_PAGED_TMA), 16-bit pages of a multiple of 64 keys lie
+    where contiguous K/V would take descriptors (by default only with FLASHTILE_FWD_TMA=1:
+    DEFAULT_PAGED_TMA), 16-bit pages of a multiple of 64 keys lie
     ``page_size`` rows apart and their rows fit int32; else 0 (pointer loads, rows found
     through the block table one by one)."""
     num_pages, page_size = k.shape[0], k.shape[1]
@@ -108,7 +108,7 @@ def _forward_features(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys_pe
 DEFAULT_FWD_TMA = 1
 DEFAULT_BWD_TMA = 1
 # paged prefill through descriptors over the stacked pages (``_paged_descriptors``): opt-in
-# (FLASHTILE_FWD_TMA=1) until GPU-tested and timed
+# (FLASHTILE_FWD_TMA=1): on an H100 it was right but no faster than pointer loads (docs/performance.md)
 DEFAULT_PAGED_TMA = 0
 TMA_MIN_KEYS = 2048
 # head dims above 64 carry larger tiles per key and gain from fewer keys a row; head dim 64 does not
