@@ -101,16 +101,32 @@ def _count_bad(v_tile, CHUNK: gl.constexpr, BLOCK_N: gl.constexpr, v_layout: gl.
 
 
 @gluon.jit
-def _sanitize(v_tile, k_tile, CHUNK: gl.constexpr, BLOCK_N: gl.constexpr, v_layout: gl.constexpr):
-    """V's non-finite values zeroed in place, and the K tile's buffer (its scores are done)
-    overwritten with where they were, as 0 / 1."""
+def _mark_bad(v_tile, k_tile, CHUNK: gl.constexpr, BLOCK_N: gl.constexpr, v_layout: gl.constexpr):
+    """The K tile's buffer (its scores are done) overwritten with where V's non-finite
+    values are, as 0 / 1."""
+    for r in gl.static_range(0, BLOCK_N, CHUNK):
+        x = v_tile.slice(r, CHUNK, dim=0).load(v_layout)
+        bad = (x != x) | (gl.abs(x) == float("inf"))  # noqa: PLR0124 (NaN test)
+        k_tile.slice(r, CHUNK, dim=0).store(bad.to(x.dtype))
+    fence_async_shared()
+
+
+@gluon.jit
+def _zero_bad(v_tile, CHUNK: gl.constexpr, BLOCK_N: gl.constexpr, v_layout: gl.constexpr):
+    """V's non-finite values zeroed in place (idempotent: a second pass writes the same)."""
     for r in gl.static_range(0, BLOCK_N, CHUNK):
         v_rows = v_tile.slice(r, CHUNK, dim=0)
         x = v_rows.load(v_layout)
         bad = (x != x) | (gl.abs(x) == float("inf"))  # noqa: PLR0124 (NaN test)
         v_rows.store(gl.where(bad, 0.0, x).to(x.dtype))
-        k_tile.slice(r, CHUNK, dim=0).store(bad.to(x.dtype))
     fence_async_shared()
+
+
+@gluon.jit
+def _sanitize(v_tile, k_tile, CHUNK: gl.constexpr, BLOCK_N: gl.constexpr, v_layout: gl.constexpr):
+    """``_mark_bad`` then ``_zero_bad``, by threads that each own their elements of the tile."""
+    _mark_bad(v_tile, k_tile, CHUNK, BLOCK_N, v_layout)
+    _zero_bad(v_tile, CHUNK, BLOCK_N, v_layout)
 
 
 @gluon.jit
@@ -119,10 +135,20 @@ def _nan_safe_pv(acc, p, p16, v_tile, k_tile, check_bar, it, n_full, row0, seqle
     """``acc + P V`` for a causal masked tile (see ``_attend_tile``), V landed in ``v_tile``."""
     n_bad = _count_bad(v_tile, 32, BLOCK_N, v_layout)
     if SYNC:
+        # each consumer reads and writes the whole tile: the markers must come from V as it
+        # landed, before either zeroes it. Two meetings a masked tile (phases of parity 0, 1):
+        # both have read V and finished with K; then both have written the markers
         mbarrier.arrive(check_bar, count=1)
-        mbarrier.wait(check_bar, (it - n_full) & 1)
-    if n_bad > 0:
-        _sanitize(v_tile, k_tile, 32, BLOCK_N, v_layout)
+        mbarrier.wait(check_bar, 0)
+        if n_bad > 0:
+            _mark_bad(v_tile, k_tile, 32, BLOCK_N, v_layout)
+        mbarrier.arrive(check_bar, count=1)
+        mbarrier.wait(check_bar, 1)
+        if n_bad > 0:
+            _zero_bad(v_tile, 32, BLOCK_N, v_layout)
+    else:
+        if n_bad > 0:
+            _sanitize(v_tile, k_tile, 32, BLOCK_N, v_layout)
     acc = warpgroup_mma(p16, v_tile, acc, is_async=True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     if n_bad > 0:
@@ -155,8 +181,9 @@ def _attend_tile(s, acc, m_i, l_i, v_tile, k_tile, v_bar, check_bar, phase, it, 
     zeroed in shared memory before the product, their positions written over the K
     tile (whose scores are done), and the output columns in which a row sees one become
     NaN (a second product: the row's mask times those positions). With SYNC (two consumer
-    warpgroups sharing the tile) both have read V and finished with K at ``check_bar``
-    before either writes; both write the same values."""
+    warpgroups sharing the tile, each reading and writing all of it) they meet at
+    ``check_bar`` once both have read V and finished with K, and again once both have
+    written the markers, before either zeroes V: both write the same values."""
     if MASKED == 2:
         if it >= n_full:
             p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, it * BLOCK_N, row0, seqlen_k, diag, qk_scale, True,
