@@ -20,11 +20,11 @@ def _gluon_line() -> str:
     if choice == "0":
         return "the Triton forward (FLASHTILE_GLUON=0)"
     if choice == "1":
-        return ("the Gluon kernels for every full-attention bf16/fp16 call at head dim 64 or 128 "
-                "(FLASHTILE_GLUON=1); causal calls take the Triton forward")
+        return "the Gluon kernels for every dense bf16/fp16 call at head dim 64 or 128 (FLASHTILE_GLUON=1)"
     keys = ", ".join(f"head dim {d} from {n} keys" for d, n in gluon.GLUON_MIN_KEYS.items())
-    return (f"the Gluon kernels for full attention at {keys} (where they measured faster; causal calls "
-            f"take the Triton forward; FLASHTILE_GLUON=1/0 for always/never)")
+    causal = ", ".join(f"head dim {d} from {n} keys" for d, n in gluon.GLUON_CAUSAL_MIN_KEYS.items())
+    return (f"the Gluon kernels for full attention at {keys}, causal at {causal} (where they measured "
+            f"faster; FLASHTILE_GLUON=1/0 for always/never)")
 
 
 def _gluon_backward_line() -> str:

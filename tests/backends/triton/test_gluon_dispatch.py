@@ -44,18 +44,21 @@ def _opts(head_dim=128, **kw):
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("seqlen_k", [512, 1024, 8192])
 def test_gluon_default_where_it_measured_faster(monkeypatch, causal, head_dim, seqlen_k):
-    """Unset: full attention with rows of GLUON_MIN_KEYS keys or more; 1: all full attention;
-    0: never. Causal calls never (their NaN-safe masked tiles are owed a GPU run)."""
+    """Unset: full attention with rows of GLUON_MIN_KEYS keys or more, causal with
+    GLUON_CAUSAL_MIN_KEYS (head dim 128 only); 1: always; 0: never."""
     q, k, v = _qkv(seqlen_q=64, seqlen_k=seqlen_k, heads=(2, 1), head_dim=head_dim)
     opts = _opts(head_dim, window_right=0 if causal else -1, diag_offset=seqlen_k - 64)
     monkeypatch.setattr(launch_device, "ASSUMED_CAPABILITY", (9, 0))
     monkeypatch.delenv("FLASHTILE_GLUON", raising=False)
-    expected = not causal and seqlen_k >= launch_gluon.GLUON_MIN_KEYS[head_dim]
+    if causal:
+        expected = head_dim == 128 and seqlen_k >= launch_gluon.GLUON_CAUSAL_MIN_KEYS[128]
+    else:
+        expected = seqlen_k >= launch_gluon.GLUON_MIN_KEYS[head_dim]
     assert launch_gluon.gluon_forward_supported(q, k, v, opts) == expected
     monkeypatch.setenv("FLASHTILE_GLUON", "0")
     assert not launch_gluon.gluon_forward_supported(q, k, v, opts)
     monkeypatch.setenv("FLASHTILE_GLUON", "1")
-    assert launch_gluon.gluon_forward_supported(q, k, v, opts) == (not causal)
+    assert launch_gluon.gluon_forward_supported(q, k, v, opts)
 
 
 def test_no_gluon_without_gluon_in_triton(hopper, monkeypatch):
@@ -74,10 +77,10 @@ def test_gluon_only_on_sm90(monkeypatch, capability):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gluon_takes_full_attention_not_causal(hopper, causal, head_dim, dtype):
+def test_gluon_takes_plain_and_causal(hopper, causal, head_dim, dtype):
     q, k, v = _qkv(seqlen_q=77, seqlen_k=1000, head_dim=head_dim, dtype=dtype)
     opts = _opts(head_dim, window_right=0 if causal else -1, diag_offset=1000 - 77)
-    assert launch_gluon.gluon_forward_supported(q, k, v, opts) == (not causal)
+    assert launch_gluon.gluon_forward_supported(q, k, v, opts)
 
 
 def test_gluon_refuses_what_it_does_not_implement(hopper):
@@ -154,7 +157,7 @@ def test_attention_forward_dispatches_to_gluon(hopper, monkeypatch):
 
     monkeypatch.setattr(launch_attention, "gluon_attention_forward", fake)
     q, k, v = _qkv()
-    assert launch_attention.attention_forward(q, k, v, _opts()) is marker
+    assert launch_attention.attention_forward(q, k, v, _opts(window_right=0)) is marker
     assert len(calls) == 1
     # refused: not routed (the Triton path is not run here; its own tests cover it)
     monkeypatch.setattr(launch_attention, "run_planned", lambda *a, **kw: None)
@@ -283,10 +286,10 @@ def test_flash_attn_func_takes_gluon_when_opted_in(monkeypatch):
 
     q, k, v = _qkv(seqlen_q=1000, seqlen_k=1000, device="cuda")
     monkeypatch.setenv("FLASHTILE_GLUON", "0")
-    triton_out = flashtile.flash_attn_func(q, k, v)
+    triton_out = flashtile.flash_attn_func(q, k, v, causal=True)
     monkeypatch.setenv("FLASHTILE_GLUON", "1")
-    gluon_out = flashtile.flash_attn_func(q, k, v)
-    direct, _ = launch_gluon.gluon_forward(q, k, v, 128 ** -0.5, False)
+    gluon_out = flashtile.flash_attn_func(q, k, v, causal=True)
+    direct, _ = launch_gluon.gluon_forward(q, k, v, 128 ** -0.5, True)
     assert torch.equal(gluon_out, direct)
     torch.testing.assert_close(gluon_out, triton_out, atol=2e-2, rtol=2e-2)
 

@@ -6,14 +6,14 @@ attention where a GPU run measured the warp-specialised kernel faster than the
 Triton forward (H100, bf16; docs/experiments/2026-12-07-gluon-forward.md):
 head dim 64 from ``GLUON_MIN_KEYS[64]`` keys a row (1.11-1.18x at 1k-16k),
 head dim 128 from ``GLUON_MIN_KEYS[128]`` (1.05x at 16k, 0.95-0.99x at 1k-4k).
-Causal calls always take the Triton forward, although the kernel measured
-faster there (1.08-1.35x at head dim 128, H100): its NaN-safe masked tiles
-(``_attend_tile``) pass the accuracy tests, and the NaN test with the
-``simple`` kernel, not yet with the two-consumer ``ws`` and ``pingpong`` ones
-(some rows that see a NaN value are missed). Causal calls return to the Gluon
-kernel once they pass it.
-``FLASHTILE_GLUON=1`` takes it for every full-attention call it supports,
-``FLASHTILE_GLUON=0`` never. ``FLASHTILE_GLUON_KERNEL``
+Causal calls at head dim 128 take it by default from ``GLUON_CAUSAL_MIN_KEYS``
+keys a row: with its NaN-safe masked tiles (``_attend_tile``) it passed the
+accuracy and NaN tests on an H100 and ran at 1.35x / 1.10x / 1.08x the
+Triton forward at 1k / 4k / 16k (measured before the two consumers' second
+meeting on masked tiles, which the NaN test needed, was added). Causal calls at
+head dim 64 keep the Triton forward (not timed with the NaN-safe tiles).
+``FLASHTILE_GLUON=1`` takes it for every call it supports, ``FLASHTILE_GLUON=0``
+never. ``FLASHTILE_GLUON_KERNEL``
 picks the kernel: ``ws`` (warp-specialised producer and two consumer
 warpgroups, the default), ``pingpong`` (the same with the consumers taking
 turns at the tensor cores) or ``simple`` (one partition, TMA ring refilled by
@@ -48,6 +48,8 @@ KERNELS = ("ws", "pingpong", "simple")
 TILES = {64: (128, 128, 3), 128: (128, 128, 2)}
 # full (non-causal) attention takes the Gluon forward by default from this many keys a row
 GLUON_MIN_KEYS = {64: 1024, 128: 8192}
+# and causal attention (head dims not listed: the Triton forward)
+GLUON_CAUSAL_MIN_KEYS = {128: 1024}
 # warp-specialised kernels: registers of the consumer worker and of the producer;
 # the default partition (the other consumer) gets what is left of maxnreg
 WS_REGS = (240, 24)
@@ -92,12 +94,12 @@ def gluon_forward_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
     if (opts.softcap != 0.0 or opts.alibi is not None or opts.bias is not None or opts.dropout_p != 0.0
             or opts.fixed_max is not None or opts.block_mask is not None or opts.sinks is not None):
         return False
-    if causal:  # see the module docstring
-        return False
     if choice == "1":
         return True
-    # by default: full attention where it measured faster (see the module docstring)
-    return plain and k.shape[1] >= GLUON_MIN_KEYS[head_dim]
+    # by default: where it measured faster (see the module docstring)
+    if causal:
+        return k.shape[1] >= GLUON_CAUSAL_MIN_KEYS.get(head_dim, 2**62)
+    return k.shape[1] >= GLUON_MIN_KEYS[head_dim]
 
 
 @functools.cache
