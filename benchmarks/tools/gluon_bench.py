@@ -72,14 +72,16 @@ def main():
 
 def backward(args):
     """The backward through flash_attn_func (full and causal, ``--causal``), dK/dV by the
-    Triton kernels (FLASHTILE_GLUON_BWD=0) and by the Gluon kernel (=1)."""
+    Triton kernels (FLASHTILE_GLUON_BWD=0), by the Gluon kernel (=1) and, for full
+    attention, by its warp-specialised form (FLASHTILE_GLUON_BWD_KERNEL=ws)."""
     import flashtile
 
     assert torch.cuda.get_device_capability() == (9, 0), "the Gluon kernels are built for sm90"
     heads, heads_k = map(int, args.heads.split(","))
     print(f"{torch.cuda.get_device_name()}, heads {heads}/{heads_k}, bf16; backward TFLOP/s "
           "(max |gluon - triton| of dq, dk, dv)")
-    print(f"{'causal':>6} {'dim':>4} {'seqlen':>6} {'batch':>5} {'triton':>8} {'gluon dk/dv':>12} {'ratio':>6}  diff")
+    print(f"{'causal':>6} {'dim':>4} {'seqlen':>6} {'batch':>5} {'triton':>8} {'gluon dk/dv':>12} {'ratio':>6} "
+          f"{'ws (full only)':>16}  diff")
     cases = [(causal, d, seqlen) for causal in (bool(int(c)) for c in args.causal.split(","))
              for d in (int(x) for x in args.head_dim.split(","))
              for seqlen in (int(n) for n in args.seqlens.split(","))]
@@ -92,18 +94,23 @@ def backward(args):
         dout = torch.randn_like(out)
         flops = 2.5 * 4 * batch * heads * seqlen * seqlen * d / (2 if causal else 1)
         speed, grads = {}, {}
-        for flag in ("0", "1"):
-            os.environ["FLASHTILE_GLUON_BWD"] = flag
+        for flag in ("0", "1", "ws"):
+            if flag == "ws" and causal:
+                continue
+            os.environ["FLASHTILE_GLUON_BWD"] = "0" if flag == "0" else "1"
+            os.environ["FLASHTILE_GLUON_BWD_KERNEL"] = "ws" if flag == "ws" else "simple"
 
             def step():
                 return torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
 
             grads[flag] = step()
             speed[flag] = flops / triton.testing.do_bench(step, warmup=50, rep=200) * 1e-9
-        diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(grads["0"], grads["1"]))
+        diff = max((a.float() - b.float()).abs().max().item() for g in grads.values() for a, b in zip(grads["0"], g))
+        ws = f"{speed['ws']:>8.1f} ({speed['ws'] / speed['0']:.2f}x)" if "ws" in speed else f"{'-':>16}"
         print(f"{int(causal):>6} {d:>4} {seqlen:>6} {batch:>5} {speed['0']:>8.1f} {speed['1']:>12.1f} "
-              f"{speed['1'] / speed['0']:>5.2f}x  {diff:.1e}", flush=True)
+              f"{speed['1'] / speed['0']:>5.2f}x {ws}  {diff:.1e}", flush=True)
     os.environ.pop("FLASHTILE_GLUON_BWD", None)
+    os.environ.pop("FLASHTILE_GLUON_BWD_KERNEL", None)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ report each one's registers, spills (stack), shared memory and matmuls.
 
     python benchmarks/tools/gluon_compile.py                      # every forward kernel, head dim 128, causal and not
     python benchmarks/tools/gluon_compile.py --kernel ws --head-dim 64 --dump /tmp/gluon
-    python benchmarks/tools/gluon_compile.py --kernel dkdv --head-dim 64,128   # the backward's dK/dV kernel
+    python benchmarks/tools/gluon_compile.py --kernel dkdv,dkdv_ws --head-dim 64,128   # the backward's dK/dV kernels
 
 Same host-only driver as ``sm90_compile.py`` (``GPUTarget("cuda", 90, 32)``,
 launches replaced by compilation); CPU tensors go through the real launcher
@@ -45,13 +45,15 @@ def compile_gluon(kernels=("simple", "ws", "pingpong"), head_dims=(128,), causal
             q = torch.randn(1, seqlen, heads[0], head_dim).to(torch_dtype)
             k, v = (torch.randn(1, seqlen, heads[1], head_dim).to(torch_dtype) for _ in range(2))
             for kernel in kernels:
-                if kernel == "dkdv":  # one key/value head per query head, then GQA
+                if kernel in ("dkdv", "dkdv_ws"):  # one key/value head per query head, then GQA
                     lse = torch.zeros(1, heads[0], seqlen)
-                    for causal in causals:
+                    # the warp-specialised form: full attention only
+                    for causal in causals if kernel == "dkdv" else (False, ):
                         for kv_heads in (heads[0], heads[1]):
                             kk, vv = (torch.randn(1, seqlen, kv_heads, head_dim).to(torch_dtype) for _ in range(2))
                             gluon_backward_dkdv(q, kk, vv, torch.randn_like(q), lse, lse.clone(),
-                                                torch.empty_like(kk), torch.empty_like(vv), head_dim ** -0.5, causal)
+                                                torch.empty_like(kk), torch.empty_like(vv), head_dim ** -0.5, causal,
+                                                kernel="simple" if kernel == "dkdv" else "ws")
                     continue
                 for causal in causals:
                     gluon_forward(q, k, v, head_dim ** -0.5, causal, kernel=kernel)
@@ -75,7 +77,7 @@ def describe(name: str, switches: dict, kernel) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kernel", default="simple,ws,pingpong", help="forward kernels, or dkdv (the backward's)")
+    ap.add_argument("--kernel", default="simple,ws,pingpong", help="forward kernels, or dkdv / dkdv_ws (the backward's)")
     ap.add_argument("--head-dim", default="128", help="64, 128 or 64,128")
     ap.add_argument("--causal", default="0,1")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])

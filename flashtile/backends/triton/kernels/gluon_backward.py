@@ -4,9 +4,14 @@ the Triton dQ kernel, which also writes ``delta = rowsum(dO * O)``.
 
 Contract: q, k, v, dO of shape (batch, seqlen, nheads, headdim) with a
 contiguous last dimension (other strides free), GQA (query head ``h`` reads
-key/value head ``h // group``), bf16 / fp16, full attention or causal (bottom-right, ``diag`` given); the natural-log LSE and delta
-(batch, nheads, seqlen_q) in fp32 with a contiguous last dimension. dK and dV
-are written in k's dtype; rows past seqlen_k are not written.
+key/value head ``h // group``), bf16 / fp16, full attention or causal
+(bottom-right, ``diag`` given); the natural-log LSE and delta (batch, nheads,
+seqlen_q) in fp32 with a contiguous last dimension. dK and dV are written in
+k's dtype; rows past seqlen_k are not written.
+
+``gluon_bwd_dkdv_ws`` (full attention) is the same warp-specialised: a producer
+warp streams the Q/dO tiles, and each of two consumer warpgroups owns 64 of the
+block's keys (not yet run on a GPU).
 
 One program per (BLOCK_N-key block, batch, key/value head), 8 warps: the two
 warpgroups own 64 keys each (the wgmma layout splits the block's rows between
@@ -287,3 +292,133 @@ def gluon_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_p
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(q_bars.index(i))
         mbarrier.invalidate(do_bars.index(i))
+
+
+# --- warp-specialised form (full attention): a producer warp streams the Q/dO tiles, two
+# consumer warpgroups own 64 keys each ---
+
+@gluon.jit
+def _ws_bwd_producer(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, empty_bars, n_steps, count,
+                     BLOCK_M: gl.constexpr, STAGES: gl.constexpr, GQA: gl.constexpr):
+    """Producer partition: the Q and dO tiles of step ``it`` into stage ``it % STAGES`` once
+    both consumers have released that stage's previous tiles."""
+    for it in range(n_steps):
+        st = it % STAGES
+        # a fresh barrier counts as having completed the phase before phase 0
+        mbarrier.wait(empty_bars.index(st), ((it // STAGES) & 1) ^ 1)
+        _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, it, 0, 0, 0, count, True, BLOCK_M, STAGES, GQA,
+                   False)
+
+
+@gluon.jit
+def _ws_bwd_consumer(k_smem, v_smem, q_smem, do_smem, kv_bar, q_bars, do_bars, empty_bars, dk_desc, dv_desc, lse_rows,
+                     delta_rows, stride_lh, start_n, n_steps, count, seqlen_q, softmax_scale, qk_scale,
+                     WG: gl.constexpr, ROWS: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr,
+                     STAGES: gl.constexpr):
+    """Consumer warpgroup ``WG``: dK and dV of the keys [start_n + WG * ROWS, + ROWS)
+    against every Q/dO tile (the products of ``_dkdv_step``, full attention)."""
+    dtype: gl.constexpr = k_smem.dtype
+    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, BLOCK_M, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, HEAD_D, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    col_layout: gl.constexpr = gl.SliceLayout(0, st_layout)
+    k_rows = k_smem.slice(WG * ROWS, ROWS, dim=0)
+    v_rows = v_smem.slice(WG * ROWS, ROWS, dim=0)
+    dk = gl.zeros([ROWS, HEAD_D], gl.float32, layout=acc_layout)
+    dv = gl.zeros([ROWS, HEAD_D], gl.float32, layout=acc_layout)
+    st_zero = gl.zeros([ROWS, BLOCK_M], gl.float32, layout=st_layout)
+    mbarrier.wait(kv_bar, 0)
+    for it in range(n_steps):
+        st = it % STAGES
+        phase = (it // STAGES) & 1
+        rows = (it % count) * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_layout)
+        in_range = rows < seqlen_q
+        head_rows = (it // count).to(gl.int64) * stride_lh
+        lse2 = gl.load(lse_rows + head_rows + rows, mask=in_range, other=float("inf")) * LOG2E
+        delta = gl.load(delta_rows + head_rows + rows, mask=in_range, other=0.0)
+        q_tile = q_smem.index(st)
+        do_tile = do_smem.index(st)
+        mbarrier.wait(q_bars.index(st), phase)
+        s = warpgroup_mma(k_rows, q_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+        mbarrier.wait(do_bars.index(st), phase)
+        dp = warpgroup_mma(v_rows, do_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+        p = gl.exp2(s * qk_scale - lse2[None, :])
+        dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp, ))
+        ds = p * (dp - delta[None, :])
+        dv = warpgroup_mma(gl.convert_layout(p.to(dtype), a_layout), do_tile, dv, is_async=True)
+        dk = warpgroup_mma(gl.convert_layout(ds.to(dtype), a_layout), q_tile, dk, is_async=True)
+        dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
+        mbarrier.arrive(empty_bars.index(st), count=1)
+    dk = dk * softmax_scale
+    # this warpgroup's rows of K and V stage its results (rows past seqlen_k are clipped)
+    k_rows.store(dk.to(dtype))
+    v_rows.store(dv.to(dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(dk_desc, [start_n + WG * ROWS, 0], k_rows)
+    tma.async_copy_shared_to_global(dv_desc, [start_n + WG * ROWS, 0], v_rows)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def gluon_bwd_dkdv_ws(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, stride_qb, stride_qs,
+                      stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_dob,
+                      stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+                      stride_lb, stride_lh, nheads_k, group, seqlen_q, seqlen_k, softmax_scale, qk_scale,
+                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
+                      GQA: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+    """``gluon_bwd_dkdv`` (full attention) warp-specialised: run with num_warps=4 (consumer
+    warpgroup 0, the default partition); a worker warpgroup is consumer 1, a one-warp
+    worker the producer. K and V are loaded once before the partitions start."""
+    ROWS: gl.constexpr = BLOCK_N // 2
+    start_n = gl.program_id(0) * BLOCK_N
+    bh = gl.program_id(1)
+    b = bh // nheads_k
+    hk = bh % nheads_k
+    if GQA:
+        q_desc = _group_descriptor(q_ptr, b, hk, group, stride_qb, stride_qs, stride_qh, seqlen_q, BLOCK_M, HEAD_D)
+        do_desc = _group_descriptor(do_ptr, b, hk, group, stride_dob, stride_dos, stride_doh, seqlen_q, BLOCK_M,
+                                    HEAD_D)
+    else:
+        q_desc = _slice_descriptor(q_ptr, b, hk, stride_qb, stride_qs, stride_qh, seqlen_q, BLOCK_M, HEAD_D)
+        do_desc = _slice_descriptor(do_ptr, b, hk, stride_dob, stride_dos, stride_doh, seqlen_q, BLOCK_M, HEAD_D)
+    k_desc = _slice_descriptor(k_ptr, b, hk, stride_kb, stride_ks, stride_kh, seqlen_k, BLOCK_N, HEAD_D)
+    v_desc = _slice_descriptor(v_ptr, b, hk, stride_vb, stride_vs, stride_vh, seqlen_k, BLOCK_N, HEAD_D)
+    dk_desc = _slice_descriptor(dk_ptr, b, hk, stride_dkb, stride_dks, stride_dkh, seqlen_k, ROWS, HEAD_D)
+    dv_desc = _slice_descriptor(dv_ptr, b, hk, stride_dvb, stride_dvs, stride_dvh, seqlen_k, ROWS, HEAD_D)
+    head_rows = b.to(gl.int64) * stride_lb + (hk * group).to(gl.int64) * stride_lh
+    lse_rows = lse_ptr + head_rows
+    delta_rows = delta_ptr + head_rows
+    dtype: gl.constexpr = k_desc.dtype
+
+    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_D], v_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_D], k_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_D], k_desc.layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    do_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(q_bars.index(i), count=1)
+        mbarrier.init(do_bars.index(i), count=1)
+        mbarrier.init(empty_bars.index(i), count=2)  # one arrive per consumer warpgroup
+    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [start_n, 0], kv_bar, k_smem)
+    tma.async_copy_global_to_shared(v_desc, [start_n, 0], kv_bar, v_smem)
+    count = gl.cdiv(seqlen_q, BLOCK_M)
+    n_steps = count * group
+
+    gl.warp_specialize([
+        (_ws_bwd_consumer, (k_smem, v_smem, q_smem, do_smem, kv_bar, q_bars, do_bars, empty_bars, dk_desc, dv_desc,
+                            lse_rows, delta_rows, stride_lh, start_n, n_steps, count, seqlen_q, softmax_scale,
+                            qk_scale, 0, ROWS, BLOCK_M, HEAD_D, STAGES)),
+        (_ws_bwd_consumer, (k_smem, v_smem, q_smem, do_smem, kv_bar, q_bars, do_bars, empty_bars, dk_desc, dv_desc,
+                            lse_rows, delta_rows, stride_lh, start_n, n_steps, count, seqlen_q, softmax_scale,
+                            qk_scale, 1, ROWS, BLOCK_M, HEAD_D, STAGES)),
+        (_ws_bwd_producer, (q_desc, do_desc, q_smem, do_smem, q_bars, do_bars, empty_bars, n_steps, count, BLOCK_M,
+                            STAGES, GQA)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

@@ -187,14 +187,20 @@ def gluon_backward_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             and opts.fixed_max is None and opts.block_mask is None and opts.sinks is None)
 
 
+BWD_KERNELS = ("simple", "ws")
+
+
 def gluon_backward_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
                         delta: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, softmax_scale: float,
-                        causal: bool = False, diag_offset: int | None = None) -> None:
+                        causal: bool = False, diag_offset: int | None = None, kernel: str | None = None) -> None:
     """Write dK and dV into ``dk`` and ``dv`` (k's shape) with the Gluon kernel; ``lse``
     and ``delta`` (batch, nheads, seqlen_q) fp32, delta as the Triton dQ kernel writes it.
     ``causal``: query ``i`` sees keys ``j <= i + diag_offset`` (default flash_attn's
     bottom-right ``seqlen_k - seqlen_q``). ``dk`` / ``dv`` that TMA cannot write are
-    written through buffers."""
+    written through buffers. ``kernel`` (default ``FLASHTILE_GLUON_BWD_KERNEL``, else
+    ``simple``): ``simple`` (one partition of 8 warps) or ``ws`` (warp-specialised: a
+    producer warp and two consumer warpgroups; full attention only, causal calls take
+    ``simple``; not yet run on a GPU)."""
     from ..kernels import gluon_backward as kernels
 
     batch, seqlen_q, nheads, head_dim = q.shape
@@ -208,11 +214,20 @@ def gluon_backward_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout:
         triton.set_allocator(scratch_allocator)
     grid = (cdiv(seqlen_k, block_n), batch * nheads_k)
     group = nheads // nheads_k
-    kernels.gluon_bwd_dkdv[grid](
-        q, k, v, dout, outs[0], outs[1], lse, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *dout.stride()[:3], *outs[0].stride()[:3], *outs[1].stride()[:3], *lse.stride()[:2], nheads_k, group,
-        seqlen_q, seqlen_k, diag_offset, softmax_scale, softmax_scale * LOG2E, BLOCK_M=block_m, BLOCK_N=block_n,
-        HEAD_D=head_dim, STAGES=stages, GQA=group > 1, CAUSAL=bool(causal), NUM_WARPS=8, num_warps=8)
+    kernel = kernel or os.environ.get("FLASHTILE_GLUON_BWD_KERNEL", "simple")
+    if kernel == "ws" and not causal:
+        kernels.gluon_bwd_dkdv_ws[grid](
+            q, k, v, dout, outs[0], outs[1], lse, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *dout.stride()[:3], *outs[0].stride()[:3], *outs[1].stride()[:3], *lse.stride()[:2], nheads_k, group,
+            seqlen_q, seqlen_k, softmax_scale, softmax_scale * LOG2E, BLOCK_M=block_m, BLOCK_N=block_n,
+            HEAD_D=head_dim, STAGES=stages, GQA=group > 1, CONSUMER_REGS=WS_REGS[0], PRODUCER_REGS=WS_REGS[1],
+            num_warps=4, maxnreg=WS_MAXNREG)
+    else:
+        kernels.gluon_bwd_dkdv[grid](
+            q, k, v, dout, outs[0], outs[1], lse, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *dout.stride()[:3], *outs[0].stride()[:3], *outs[1].stride()[:3], *lse.stride()[:2], nheads_k, group,
+            seqlen_q, seqlen_k, diag_offset, softmax_scale, softmax_scale * LOG2E, BLOCK_M=block_m, BLOCK_N=block_n,
+            HEAD_D=head_dim, STAGES=stages, GQA=group > 1, CAUSAL=bool(causal), NUM_WARPS=8, num_warps=8)
     for out, buffer in zip((dk, dv), outs):
         if buffer is not out:
             out.copy_(buffer)
