@@ -129,6 +129,31 @@ def _nan_marks(allowed, bad_tile, acc, a_layout: gl.constexpr):
 
 
 @gluon.jit
+def _program_operands(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, stride_qb, stride_qs, stride_qh, stride_kb,
+                      stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+                      stride_lb, stride_lh, nheads_k, group, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr,
+                      BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, GQA: gl.constexpr):
+    """This program's key block, batch and key/value head, the descriptors of its Q/dO
+    tiles (over the group's query heads with GQA) and K/V block, and its LSE and delta
+    rows (those of the group's first query head)."""
+    start_n = gl.program_id(0) * BLOCK_N
+    bh = gl.program_id(1)
+    b = bh // nheads_k
+    hk = bh % nheads_k
+    if GQA:
+        q_desc = _group_descriptor(q_ptr, b, hk, group, stride_qb, stride_qs, stride_qh, seqlen_q, BLOCK_M, HEAD_D)
+        do_desc = _group_descriptor(do_ptr, b, hk, group, stride_dob, stride_dos, stride_doh, seqlen_q, BLOCK_M,
+                                    HEAD_D)
+    else:
+        q_desc = _slice_descriptor(q_ptr, b, hk, stride_qb, stride_qs, stride_qh, seqlen_q, BLOCK_M, HEAD_D)
+        do_desc = _slice_descriptor(do_ptr, b, hk, stride_dob, stride_dos, stride_doh, seqlen_q, BLOCK_M, HEAD_D)
+    k_desc = _slice_descriptor(k_ptr, b, hk, stride_kb, stride_ks, stride_kh, seqlen_k, BLOCK_N, HEAD_D)
+    v_desc = _slice_descriptor(v_ptr, b, hk, stride_vb, stride_vs, stride_vh, seqlen_k, BLOCK_N, HEAD_D)
+    head_rows = b.to(gl.int64) * stride_lb + (hk * group).to(gl.int64) * stride_lh
+    return start_n, b, hk, q_desc, do_desc, k_desc, v_desc, lse_ptr + head_rows, delta_ptr + head_rows
+
+
+@gluon.jit
 def _dkdv_step(it, dk, dv, k_smem, v_smem, q_smem, do_smem, bad_smem, q_bars, do_bars, q_desc, do_desc, lse_rows,
                delta_rows, stride_lh, keys, st_zero, n_masked, first, full, count, n_steps, seqlen_q, diag, qk_scale,
                BLOCK_M: gl.constexpr, STAGES: gl.constexpr, GQA: gl.constexpr, CAUSAL: gl.constexpr,
@@ -201,23 +226,10 @@ def gluon_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_p
     over the ``group`` query heads that read them (GQA: one descriptor over the group's
     heads; else group is 1). CAUSAL: query ``i`` sees keys ``j <= i + diag``; the query
     tiles before the block's first reader are skipped, and masked tiles are NaN-safe."""
-    start_n = gl.program_id(0) * BLOCK_N
-    bh = gl.program_id(1)
-    b = bh // nheads_k
-    hk = bh % nheads_k
-    if GQA:
-        q_desc = _group_descriptor(q_ptr, b, hk, group, stride_qb, stride_qs, stride_qh, seqlen_q, BLOCK_M, HEAD_D)
-        do_desc = _group_descriptor(do_ptr, b, hk, group, stride_dob, stride_dos, stride_doh, seqlen_q, BLOCK_M,
-                                    HEAD_D)
-    else:
-        q_desc = _slice_descriptor(q_ptr, b, hk, stride_qb, stride_qs, stride_qh, seqlen_q, BLOCK_M, HEAD_D)
-        do_desc = _slice_descriptor(do_ptr, b, hk, stride_dob, stride_dos, stride_doh, seqlen_q, BLOCK_M, HEAD_D)
-    k_desc = _slice_descriptor(k_ptr, b, hk, stride_kb, stride_ks, stride_kh, seqlen_k, BLOCK_N, HEAD_D)
-    v_desc = _slice_descriptor(v_ptr, b, hk, stride_vb, stride_vs, stride_vh, seqlen_k, BLOCK_N, HEAD_D)
-    # LSE and delta rows of the group's first query head
-    head_rows = b.to(gl.int64) * stride_lb + (hk * group).to(gl.int64) * stride_lh
-    lse_rows = lse_ptr + head_rows
-    delta_rows = delta_ptr + head_rows
+    start_n, b, hk, q_desc, do_desc, k_desc, v_desc, lse_rows, delta_rows = _program_operands(
+        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks,
+        stride_kh, stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
+        nheads_k, group, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, HEAD_D, GQA)
     dtype: gl.constexpr = q_desc.dtype
 
     # scores transposed: BLOCK_N keys x BLOCK_M queries; dK / dV: BLOCK_N keys x HEAD_D
@@ -373,24 +385,12 @@ def gluon_bwd_dkdv_ws(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delt
     warpgroup 0, the default partition); a worker warpgroup is consumer 1, a one-warp
     worker the producer. K and V are loaded once before the partitions start."""
     ROWS: gl.constexpr = BLOCK_N // 2
-    start_n = gl.program_id(0) * BLOCK_N
-    bh = gl.program_id(1)
-    b = bh // nheads_k
-    hk = bh % nheads_k
-    if GQA:
-        q_desc = _group_descriptor(q_ptr, b, hk, group, stride_qb, stride_qs, stride_qh, seqlen_q, BLOCK_M, HEAD_D)
-        do_desc = _group_descriptor(do_ptr, b, hk, group, stride_dob, stride_dos, stride_doh, seqlen_q, BLOCK_M,
-                                    HEAD_D)
-    else:
-        q_desc = _slice_descriptor(q_ptr, b, hk, stride_qb, stride_qs, stride_qh, seqlen_q, BLOCK_M, HEAD_D)
-        do_desc = _slice_descriptor(do_ptr, b, hk, stride_dob, stride_dos, stride_doh, seqlen_q, BLOCK_M, HEAD_D)
-    k_desc = _slice_descriptor(k_ptr, b, hk, stride_kb, stride_ks, stride_kh, seqlen_k, BLOCK_N, HEAD_D)
-    v_desc = _slice_descriptor(v_ptr, b, hk, stride_vb, stride_vs, stride_vh, seqlen_k, BLOCK_N, HEAD_D)
+    start_n, b, hk, q_desc, do_desc, k_desc, v_desc, lse_rows, delta_rows = _program_operands(
+        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks,
+        stride_kh, stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
+        nheads_k, group, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, HEAD_D, GQA)
     dk_desc = _slice_descriptor(dk_ptr, b, hk, stride_dkb, stride_dks, stride_dkh, seqlen_k, ROWS, HEAD_D)
     dv_desc = _slice_descriptor(dv_ptr, b, hk, stride_dvb, stride_dvs, stride_dvh, seqlen_k, ROWS, HEAD_D)
-    head_rows = b.to(gl.int64) * stride_lb + (hk * group).to(gl.int64) * stride_lh
-    lse_rows = lse_ptr + head_rows
-    delta_rows = delta_ptr + head_rows
     dtype: gl.constexpr = k_desc.dtype
 
     k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_D], k_desc.layout)
