@@ -1,11 +1,11 @@
 """Launcher of the Gluon (Hopper, FlashAttention-3 structure) forward kernels,
 and the rule of when they apply.
 
-On compute capability 9.0 only, and by default only for full (non-causal)
-attention where a GPU run measured the warp-specialised kernel faster than the
-Triton forward (H100, bf16; docs/experiments/2026-12-07-gluon-forward.md):
-head dim 64 from ``GLUON_MIN_KEYS[64]`` keys a row (1.11-1.18x at 1k-16k),
-head dim 128 from ``GLUON_MIN_KEYS[128]`` (1.05x at 16k, 0.95-0.99x at 1k-4k).
+On compute capability 9.0 only, and by default where a GPU run measured the
+warp-specialised kernel faster than the Triton forward (H100, bf16;
+docs/experiments/2026-12-07-gluon-forward.md). Full attention: head dim 64
+from ``GLUON_MIN_KEYS[64]`` keys a row (1.11-1.18x at 1k-16k), head dim 128
+from ``GLUON_MIN_KEYS[128]`` (1.05x at 16k, 0.95-0.99x at 1k-4k).
 Causal calls at head dim 128 take it by default from ``GLUON_CAUSAL_MIN_KEYS``
 keys a row: with its NaN-safe masked tiles (``_attend_tile``) it passed the
 accuracy and NaN tests on an H100 and ran at 1.35x / 1.10x / 1.08x the
@@ -24,7 +24,8 @@ The backward's dK/dV kernel (``kernels/gluon_backward.py``: full attention and
 causal, GQA included, head dim 64 or 128; the Triton dQ kernel computes dQ and
 delta beside it) is opt-in, ``FLASHTILE_GLUON_BWD=1``: it passed its accuracy
 and NaN tests on an H100 but ran at 0.74-1.04x the Triton dK/dV kernels' speed
-(``benchmarks/tools/gluon_bench.py --backward``).
+(``benchmarks/tools/gluon_bench.py --backward``). ``FLASHTILE_GLUON_BWD_KERNEL=ws``
+picks its warp-specialised form for full attention (not yet run on a GPU).
 """
 
 from __future__ import annotations
