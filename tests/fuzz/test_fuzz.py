@@ -13,16 +13,22 @@ import zlib
 import pytest
 import torch
 from helpers import check_attention, max_err, rounding_floor
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import flashtile
 from flashtile.testing import attention_ref
 
 EXAMPLES = int(os.environ.get("FLASHTILE_FUZZ_EXAMPLES", "0"))
+# FLASHTILE_FUZZ_SHRINK=0 reports a failing case as drawn, without shrinking it (on a GPU each
+# shrinking step may compile new kernels: minutes)
+SHRINK = os.environ.get("FLASHTILE_FUZZ_SHRINK", "1") != "0"
+
+
 def fuzz(examples: int):
+    phases = [p for p in Phase if SHRINK or p not in (Phase.shrink, Phase.explain)]
     return settings(max_examples=EXAMPLES or examples, deadline=None, suppress_health_check=list(HealthCheck),
-                    derandomize=True, database=None)
+                    derandomize=True, database=None, phases=phases)
 
 
 @st.composite

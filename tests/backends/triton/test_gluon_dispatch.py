@@ -42,16 +42,16 @@ def _opts(head_dim=128, **kw):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("seqlen_k", [512, 1024, 8192])
+@pytest.mark.parametrize("seqlen_k", [512, 1024, 4096, 8192])
 def test_gluon_default_where_it_measured_faster(monkeypatch, causal, head_dim, seqlen_k):
     """Unset: full attention with rows of GLUON_MIN_KEYS keys or more, causal with
-    GLUON_CAUSAL_MIN_KEYS (head dim 128 only); 1: always; 0: never."""
+    GLUON_CAUSAL_MIN_KEYS; 1: always; 0: never."""
     q, k, v = _qkv(seqlen_q=64, seqlen_k=seqlen_k, heads=(2, 1), head_dim=head_dim)
     opts = _opts(head_dim, window_right=0 if causal else -1, diag_offset=seqlen_k - 64)
     monkeypatch.setattr(launch_device, "ASSUMED_CAPABILITY", (9, 0))
     monkeypatch.delenv("FLASHTILE_GLUON", raising=False)
     if causal:
-        expected = head_dim == 128 and seqlen_k >= launch_gluon.GLUON_CAUSAL_MIN_KEYS[128]
+        expected = seqlen_k >= launch_gluon.GLUON_CAUSAL_MIN_KEYS[head_dim]
     else:
         expected = seqlen_k >= launch_gluon.GLUON_MIN_KEYS[head_dim]
     assert launch_gluon.gluon_forward_supported(q, k, v, opts) == expected

@@ -6,12 +6,11 @@ warp-specialised kernel faster than the Triton forward (H100, bf16;
 docs/experiments/2026-12-07-gluon-forward.md). Full attention: head dim 64
 from ``GLUON_MIN_KEYS[64]`` keys a row (1.11-1.18x at 1k-16k), head dim 128
 from ``GLUON_MIN_KEYS[128]`` (1.05x at 16k, 0.95-0.99x at 1k-4k).
-Causal calls at head dim 128 take it by default from ``GLUON_CAUSAL_MIN_KEYS``
-keys a row: with its NaN-safe masked tiles (``_attend_tile``) it passed the
-accuracy and NaN tests on an H100 and ran at 1.35x / 1.10x / 1.08x the
-Triton forward at 1k / 4k / 16k (measured before the two consumers' second
-meeting on masked tiles, which the NaN test needed, was added). Causal calls at
-head dim 64 keep the Triton forward (not timed with the NaN-safe tiles).
+Causal calls take it by default from ``GLUON_CAUSAL_MIN_KEYS`` keys a row:
+with its NaN-safe masked tiles (``_attend_tile``) it passed the accuracy and NaN
+tests on an H100 and ran at 1.34x / 1.08x / 1.06x the Triton forward at
+1k / 4k / 16k at head dim 128, and 0.69x / 1.11x / 1.23x at head dim 64 (so
+from 4k keys there).
 ``FLASHTILE_GLUON=1`` takes it for every call it supports, ``FLASHTILE_GLUON=0``
 never. ``FLASHTILE_GLUON_KERNEL``
 picks the kernel: ``ws`` (warp-specialised producer and two consumer
@@ -25,7 +24,8 @@ causal, GQA included, head dim 64 or 128; the Triton dQ kernel computes dQ and
 delta beside it) is opt-in, ``FLASHTILE_GLUON_BWD=1``: it passed its accuracy
 and NaN tests on an H100 but ran at 0.74-1.04x the Triton dK/dV kernels' speed
 (``benchmarks/tools/gluon_bench.py --backward``). ``FLASHTILE_GLUON_BWD_KERNEL=ws``
-picks its warp-specialised form for full attention (not yet run on a GPU).
+picks its warp-specialised form for full attention (tests passed on an H100;
+0.83-0.96x the Triton backward there).
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ KERNELS = ("ws", "pingpong", "simple")
 TILES = {64: (128, 128, 3), 128: (128, 128, 2)}
 # full (non-causal) attention takes the Gluon forward by default from this many keys a row
 GLUON_MIN_KEYS = {64: 1024, 128: 8192}
-# and causal attention (head dims not listed: the Triton forward)
-GLUON_CAUSAL_MIN_KEYS = {128: 1024}
+# and causal attention
+GLUON_CAUSAL_MIN_KEYS = {64: 4096, 128: 1024}
 # warp-specialised kernels: registers of the consumer worker and of the producer;
 # the default partition (the other consumer) gets what is left of maxnreg
 WS_REGS = (240, 24)
@@ -201,7 +201,7 @@ def gluon_backward_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout:
     written through buffers. ``kernel`` (default ``FLASHTILE_GLUON_BWD_KERNEL``, else
     ``simple``): ``simple`` (one partition of 8 warps) or ``ws`` (warp-specialised: a
     producer warp and two consumer warpgroups; full attention only, causal calls take
-    ``simple``; not yet run on a GPU)."""
+    ``simple``)."""
     from ..kernels import gluon_backward as kernels
 
     batch, seqlen_q, nheads, head_dim = q.shape
