@@ -3,8 +3,9 @@
 its own layout beside them), alternated in one
 process over several rounds in a new order each round (a shared CPU's speed
 drifts between runs), median of the rounds, and the median of the rounds'
-flashtile / SDPA ratios; beside them the options only flashtile has on the CPU (sliding
-window, softcap, ALiBi), which take its tiled path.
+flashtile / SDPA ratios; beside them options PyTorch lacks on the CPU: a sliding window
+(PyTorch's kernel with a mask, chunk by chunk, and for comparison the tiled path) and
+softcap (the tiled path).
 
     python benchmarks/cpu.py --seqlens 1024,4096 --out bench_results/cpu.json
 """
@@ -28,12 +29,23 @@ import flashtile  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def on_tiled_path(fn):
+    """``fn`` timed with every CPU call on the tiled path (batch-invariant mode takes it)."""
+    fn.tiled = True
+    return fn
+
+
 def timed(fn, backward: bool) -> float:
-    start = time.perf_counter()
-    out = fn()
-    if backward:
-        out.backward(torch.ones_like(out))
-    return (time.perf_counter() - start) * 1e3
+    previous = flashtile.set_batch_invariant(True) if getattr(fn, "tiled", False) else None
+    try:
+        start = time.perf_counter()
+        out = fn()
+        if backward:
+            out.backward(torch.ones_like(out))
+        return (time.perf_counter() - start) * 1e3
+    finally:
+        if previous is not None:
+            flashtile.set_batch_invariant(previous)
 
 
 def main(argv=None) -> int:
@@ -61,9 +73,12 @@ def main(argv=None) -> int:
                 fns = {"flashtile": lambda: flashtile.scaled_dot_product_attention(qt, kt, vt, is_causal=causal),
                        "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal),
                        "flashtile flash_attn layout": lambda: flashtile.flash_attn_func(q, k, v, causal=causal)}
-                if dtype_name == "fp32" and causal:  # the options PyTorch lacks: flashtile's tiled path
-                    fns["flashtile window 256"] = lambda: flashtile.flash_attn_func(q, k, v, causal=True,
-                                                                                    window_size=(256, 0))
+                if dtype_name == "fp32" and causal:  # options PyTorch lacks
+                    def window():
+                        return flashtile.flash_attn_func(q, k, v, causal=True, window_size=(256, 0))
+
+                    fns["flashtile window 256"] = window
+                    fns["flashtile window 256, tiled path"] = on_tiled_path(lambda: window())
                     fns["flashtile softcap"] = lambda: flashtile.flash_attn_func(q, k, v, causal=True, softcap=30.0)
                 for mode in ("fwd", "fwd_bwd"):
                     times = {name: [] for name in fns}

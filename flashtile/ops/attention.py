@@ -5,8 +5,9 @@
 them, and autograd is attached with ``register_autograd``. Each op picks its
 backend by device: the Triton kernels for GPU tensors (and for CPU tensors
 when Triton's interpreter is on); for CPU tensors PyTorch's fused CPU flash
-attention where it computes the call as flashtile defines it (dense, causal
-or not, GQA, no other option), else the tiled PyTorch path.
+attention where it computes the call as flashtile defines it (dense or per
+varlen sequence: full, causal, windows, ALiBi, a bias without gradient, GQA;
+``backends/torch_fused.py``), else the tiled PyTorch path.
 
 Dense inputs are in flash_attn layout ``(batch, seqlen, nheads, headdim)``;
 variable-length inputs are packed ``(total, nheads, headdim)`` with int32
@@ -27,80 +28,19 @@ additive ``bias``) instead of a running row max.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
+from ..backends import torch_fused
 from ..backends.torch_tiled import attention_tiled_backward, attention_tiled_forward
 from ..backends.triton.launch import attention as launch
 from ..backends.triton.launch.device import interpreting
-from ..backends.triton.launch.invariant import batch_invariant
 from ..options import AttnOptions, empty_output
 from .decode import cache_rows
 
 
 def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or interpreting()
-
-
-def _pytorch_cpu_serves(q: torch.Tensor, v: torch.Tensor, opts: AttnOptions, varlen: bool) -> bool:
-    """Whether PyTorch's fused CPU flash attention computes this call exactly as
-    flashtile defines it: dense, no mask, bias, ALiBi, softcap, dropout, window or
-    fixed offset; causal only where its top-left alignment is flashtile's diagonal
-    (then every row sees key 0, so no row is empty). It is faster than the tiled
-    path on the CPU; the tiled path keeps everything else, and every call in
-    batch-invariant mode (its sums then run in the same order for dense and packed
-    batches)."""
-    return (not varlen and not batch_invariant() and opts.bias is None and opts.alibi is None and opts.softcap == 0 and opts.dropout_p == 0
-            and opts.fixed_max is None and opts.block_mask is None and opts.sinks is None and opts.window_left < 0
-            and (opts.window_right < 0 or (opts.window_right == 0 and opts.diag_offset == 0))
-            and q.dtype in (torch.float32, torch.bfloat16, torch.float16) and v.shape[-1] == q.shape[-1])
-
-
-def _pytorch_cpu_forward(q, k, v, opts: AttnOptions):
-    """(out, lse) from ``aten::_scaled_dot_product_flash_attention_for_cpu`` (SDPA layout
-    inside), in the strides the op's fake implementation promises."""
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, opts.window_right == 0,
-        scale=opts.softmax_scale)
-    return _like(out.transpose(1, 2), q), lse.contiguous()
-
-
-def _pytorch_cpu_backward(dout, q, k, v, out, lse, opts: AttnOptions, exact_strides: bool = True):
-    """(dq, dk, dv) from the op's backward, which returns them ``(batch, seqlen, nheads,
-    headdim)``-contiguous whatever q, k and v's strides; ``exact_strides`` copies them
-    into those of q, k and v (as the registered op's fake implementation promises).
-    Eager calls keep them as they come, as PyTorch's own SDPA does: three copies fewer
-    for inputs in the SDPA layout."""
-    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        *(t.transpose(1, 2) for t in (dout, q, k, v, out)), lse, 0.0, opts.window_right == 0,
-        scale=opts.softmax_scale)
-    grads = tuple(g.transpose(1, 2) for g in grads)
-    return tuple(_like(g, t) for t, g in zip((q, k, v), grads)) if exact_strides else grads
-
-
-def _may_leak(opts: AttnOptions, last=(), first=()) -> bool:
-    """Whether a causal result of PyTorch's CPU kernel may hold NaN leaked from positions
-    a row does not see: its products of the probabilities with V, of dS with K and Q, and
-    of P with dO take ``0 * NaN`` (or ``0 * Inf``) there as NaN, so such a call is
-    recomputed on the tiled path, where they add nothing. The kernel serves causal calls
-    only with seqlen_q == seqlen_k, where the last query row sees every key and key 0 is
-    seen by every row: a non-finite value that could leak anywhere makes the last row of
-    a tensor in ``last`` (the output, dQ) or the first row of one in ``first`` (dK, dV)
-    non-finite; only those rows are summed (a non-finite sum from other causes only costs
-    the recomputation)."""
-    if opts.window_right < 0:  # full attention: no position is hidden from a row
-        return False
-    rows = [t[:, -1:] for t in last] + [t[:, :1] for t in first]
-    return not all(math.isfinite(r.sum().item()) for r in rows if r.numel())
-
-
-def _like(result: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``result`` in ``t``'s strides (those ``torch.empty_like(t)`` has), copied only if needed."""
-    # a dense t keeps its strides in empty_like: the meta tensor only for the others
-    if result.stride() == t.stride() or result.stride() == torch.empty_like(t, device="meta").stride():
-        return result
-    return torch.empty_like(t).copy_(result)
 
 
 def _score_bound(fixed_max: float | None, bias: torch.Tensor | None) -> float | None:
@@ -176,20 +116,46 @@ def _attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
     if _use_triton(q):
         return launch.attention_forward(q, k, v, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                         seqused_k=seqused_k, block_table=block_table)
-    if _pytorch_cpu_serves(q, v, opts, varlen):
-        out, lse = _pytorch_cpu_forward(q, k, v, opts)
-        if not _may_leak(opts, last=(out,)):
-            return out, lse
     if not varlen:
-        return attention_tiled_forward(q, k, v, opts)
+        return _cpu_forward(q, k, v, opts)
     out = empty_output(q, v.shape[-1]).zero_()
     lse = _empty_lse(lse_shape, opts.sinks, varlen, q.device)
     for i, sq, sk in varlen_slices(cu_seqlens_q, cu_seqlens_k, seqused_k):
-        o, lse_i = attention_tiled_forward(q[None, sq], *_sequence_kv(k, v, i, sk, block_table),
-                                           seq_options(opts, i, sq.stop - sq.start, sk.stop - sk.start,
-                                                        max_seqlen_q, max_seqlen_k))
+        o, lse_i = _cpu_forward(q[None, sq], *_sequence_kv(k, v, i, sk, block_table),
+                                seq_options(opts, i, sq.stop - sq.start, sk.stop - sk.start, max_seqlen_q,
+                                            max_seqlen_k))
         out[sq], lse[:, sq] = o[0], lse_i[0]
     return out, lse
+
+
+def _cpu_forward(q, k, v, opts: AttnOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of a dense call on CPU tensors: PyTorch's fused CPU kernel where it computes
+    the call as flashtile defines it (``torch_fused.fused_mode``), else the tiled path."""
+    mode = torch_fused.fused_mode(q, v, opts)
+    if mode == "plain":
+        out, lse = torch_fused.plain_forward(q, k, v, opts)
+        if not torch_fused.may_leak(opts, last=(out,)):
+            return out, lse
+    elif mode == "masked":
+        result = torch_fused.masked_forward(q, k, v, opts)
+        if result is not None:
+            return result
+    return attention_tiled_forward(q, k, v, opts)
+
+
+def _cpu_backward(dout, q, k, v, out, lse, opts: AttnOptions, bias_grad: bool, exact_strides: bool):
+    """(dq, dk, dv, dbias, dsinks) of a dense call on CPU tensors, as ``_cpu_forward``
+    chooses (dbias and dsinks None from the fused kernel, which serves neither)."""
+    mode = torch_fused.fused_mode(q, v, opts, bias_grad)
+    if mode == "plain":
+        grads = torch_fused.plain_backward(dout, q, k, v, out, lse, opts, exact_strides)
+        if not torch_fused.may_leak(opts, last=grads[:1], first=grads[1:]):
+            return (*grads, None, None)
+    elif mode == "masked":
+        grads = torch_fused.masked_backward(dout, q, k, v, out, lse, opts)
+        if grads is not None:
+            return (*grads, None, None)
+    return attention_tiled_backward(dout, q, k, v, out, lse, opts, bias_grad)
 
 
 def _empty_lse(shape: tuple, sinks: torch.Tensor | None, varlen: bool, device) -> torch.Tensor:
@@ -242,19 +208,14 @@ def _attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         dq, dk, dv, dbias, dsinks = launch.attention_backward(dout, q, k, v, out, lse, opts, bias_grad,
                                                               cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                               seqused_k=seqused_k)
-    elif _pytorch_cpu_serves(q, v, opts, varlen) and not _may_leak(
-            opts, last=(grads := _pytorch_cpu_backward(dout, q, k, v, out, lse, opts, exact_strides))[:1],
-            first=grads[1:]):
-        (dq, dk, dv), dbias = grads, None
     elif not varlen:
-        dq, dk, dv, dbias, dsinks = attention_tiled_backward(dout, q, k, v, out, lse, opts, bias_grad)
+        dq, dk, dv, dbias, dsinks = _cpu_backward(dout, q, k, v, out, lse, opts, bias_grad, exact_strides)
     else:
         dq, dk, dv, dbias = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None
         for i, sq, sk in varlen_slices(cu_seqlens_q, cu_seqlens_k, seqused_k):
-            grads = attention_tiled_backward(dout[None, sq], q[None, sq], k[None, sk], v[None, sk], out[None, sq],
-                                             lse[None, :, sq], seq_options(opts, i, sq.stop - sq.start,
-                                                                            sk.stop - sk.start, max_seqlen_q,
-                                                                            max_seqlen_k))
+            grads = _cpu_backward(dout[None, sq], q[None, sq], k[None, sk], v[None, sk], out[None, sq],
+                                  lse[None, :, sq], seq_options(opts, i, sq.stop - sq.start, sk.stop - sk.start,
+                                                                max_seqlen_q, max_seqlen_k), False, True)
             dq[sq], dk[sk], dv[sk] = grads[0][0], grads[1][0], grads[2][0]
             if sinks is not None:
                 dsinks = grads[4] if dsinks is None else dsinks + grads[4]

@@ -18,4 +18,4 @@ def test_small_run(tmp_path, monkeypatch):
         assert row["ratio"] > 0 and all(ms > 0 for ms in row["ms"].values())
         assert {"flashtile", "sdpa", "flashtile flash_attn layout"} <= row["ms"].keys()
         if row["causal"]:
-            assert {"flashtile window 256", "flashtile softcap"} <= row["ms"].keys()
+            assert {"flashtile window 256", "flashtile window 256, tiled path", "flashtile softcap"} <= row["ms"].keys()

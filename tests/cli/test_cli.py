@@ -47,7 +47,7 @@ def test_info(capsys):
     assert "torch" in out and "CPU tensors" in out and "launch configurations" in out
 
 
-@pytest.mark.parametrize("choice, expected", [(None, "causal at head dim 128 from"), ("1", "FLASHTILE_GLUON=1"),
+@pytest.mark.parametrize("choice, expected", [(None, "causal at head dim 64 from"), ("1", "FLASHTILE_GLUON=1"),
                                                ("0", "FLASHTILE_GLUON=0")])
 def test_info_says_which_hopper_forward(monkeypatch, choice, expected):
     from flashtile.cli import info

@@ -50,23 +50,29 @@ def test_dense_gradient_of_rows(backend):
     assert max_err(dq[:, :120], dq_ref) <= 1e-4 * dq_ref.abs().max().item()
 
 
+@pytest.mark.parametrize("call", [dict(causal=True), dict(window_size=(30, 0)), dict(causal=True, seqlen_q=120)],
+                         ids=["causal", "window", "bottom_right"])
 @pytest.mark.parametrize("where", ["k", "v", "dout"])
-def test_dense_through_the_fused_cpu_kernel(monkeypatch, where):
+def test_dense_through_the_fused_cpu_kernel(monkeypatch, where, call):
     """A non-finite key, value or dO row reaches the output and dQ of exactly the rows
-    that see it, as on the tiled path: PyTorch's fused CPU kernel (which dense causal CPU
-    calls take) would spread a key's or value's through ``0 * NaN`` to rows that do not,
-    and the call then goes to the tiled path."""
+    that see it, as on the tiled path: PyTorch's fused CPU kernel (which dense causal and
+    windowed CPU calls take) would spread a key's or value's through ``0 * NaN`` to rows
+    that do not, and the call then goes to the tiled path."""
     from flashtile import set_batch_invariant
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 150, 2, 32) for _ in range(3))
-    dout = torch.randn(1, 150, 2, 32)
+    call = dict(call)
+    seqlen_q = call.pop("seqlen_q", 150)
+    q, k, v = torch.randn(1, seqlen_q, 2, 32), torch.randn(1, 150, 2, 32), torch.randn(1, 150, 2, 32)
+    dout = torch.randn(1, seqlen_q, 2, 32)
+    # key 60 (dO: row 60); the first row that sees key 60 (bottom-right: row i sees keys <= i + 30)
     dict(dout=dout, k=k, v=v)[where][:, 60] = float("nan")
+    first = 60 if where == "dout" else 60 - (150 - seqlen_q)
 
     def run():
         qs = q.clone().requires_grad_()
-        out = flash_attn_func(qs, k, v, causal=True)
+        out = flash_attn_func(qs, k, v, **call)
         return out.detach(), torch.autograd.grad(out, qs, dout)[0]
 
     fused = run()
@@ -78,7 +84,7 @@ def test_dense_through_the_fused_cpu_kernel(monkeypatch, where):
     for name, f, t in list(zip(["out", "dq"], fused, tiled))[where == "dout":]:
         bad_rows = (~t.isfinite()).any(-1).any(-1)[0]
         assert bad_rows.any(), "the test should have rows that see the poisoned position"
-        assert not bad_rows[:60].any(), f"{name}: rows before 60 do not see it"
+        assert not bad_rows[:first].any(), f"{name}: rows before {first} do not see it"
         assert torch.equal(f.isfinite(), t.isfinite()), f"{name}: non-finite positions differ"
         assert max_err(f[t.isfinite()], t[t.isfinite()]) <= 1e-5
 
