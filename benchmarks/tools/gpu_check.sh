@@ -57,7 +57,18 @@ for step in "$@"; do
       python3 benchmarks/ring_scaling.py --method ulysses --out "$OUT/ulysses_scaling.json" 2>&1 \
         | tee "$OUT/ulysses_scaling.log" ;;
     train) python3 benchmarks/train.py --out "$OUT/train.json" 2>&1 | tee "$OUT/train.log" ;;
-    fuzz) FLASHTILE_FUZZ_EXAMPLES=2000 python3 -m pytest -q -m gpu -n 8 tests/fuzz 2>&1 | tee "$OUT/fuzz.log" | tail -5 ;;
+    fuzz)  # the three GPU fuzz tests side by side, each reporting its first failure as drawn (no shrinking),
+           # each stopped after FUZZ_TIMEOUT seconds (a killed pytest reports nothing: its log says how far it got)
+      for t in test_fuzz_gpu test_fuzz_fp8_gpu test_fuzz_kvcache_gpu; do
+        (FLASHTILE_FUZZ_SHRINK=0 FLASHTILE_FUZZ_EXAMPLES=${FUZZ_EXAMPLES:-1000} timeout "${FUZZ_TIMEOUT:-450}" \
+           python3 -m pytest -q -s -m gpu -p no:xdist --tb=short --hypothesis-verbosity=verbose \
+           "tests/fuzz/test_fuzz.py::$t" > "$OUT/$t.log" 2>&1; echo "$t rc=$?" >> "$OUT/$t.log") &
+      done
+      wait
+      for t in test_fuzz_gpu test_fuzz_fp8_gpu test_fuzz_kvcache_gpu; do
+        echo "== $t: $(grep -c 'Trying example' "$OUT/$t.log") cases tried"
+        grep -v 'Trying example' "$OUT/$t.log" | grep -E 'passed|failed|Error|assert|Falsifying|rc=' | tail -8
+      done ;;
     models) python3 benchmarks/models.py --out "$OUT/models.json" 2>&1 | tee "$OUT/models.log" ;;
     tune) python3 benchmarks/tools/tune.py 2>&1 | tee "$OUT/tune.log" ;;
     *) echo "unknown step: $step (tests bench bench-graph flex features paged decode sparse cosine cosine-train host models tune fp8 gluon ring cp-scaling train fuzz)"
