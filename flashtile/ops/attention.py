@@ -6,7 +6,7 @@ them, and autograd is attached with ``register_autograd``. Each op picks its
 backend by device: the Triton kernels for GPU tensors (and for CPU tensors
 when Triton's interpreter is on); for CPU tensors PyTorch's fused CPU flash
 attention where it computes the call as flashtile defines it (dense or per
-varlen sequence: full, causal, windows, ALiBi, a bias without gradient, GQA;
+varlen sequence: full, causal, windows, boolean masks, GQA;
 ``backends/torch_fused.py``), else the tiled PyTorch path.
 
 Dense inputs are in flash_attn layout ``(batch, seqlen, nheads, headdim)``;
