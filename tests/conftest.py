@@ -45,12 +45,17 @@ def _seed(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
-@pytest.fixture(params=["triton", "triton_halves", "tiled"])
+@pytest.fixture(params=["triton", "triton_halves", "cpu", "tiled"])
 def backend(request, monkeypatch):
     """CPU tensors run the Triton kernels under the interpreter (also with the
-    two-halves schedule forced on every forward launch), or the tiled
-    path without it."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0" if request.param == "tiled" else "1")
+    two-halves schedule forced on every forward launch), or without it the CPU
+    path as a user gets it ("cpu": PyTorch's fused kernel where it serves the
+    call, else the tiled path), or the tiled path for every call ("tiled")."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if request.param in ("cpu", "tiled") else "1")
+    if request.param == "tiled":
+        from flashtile.backends import torch_fused
+
+        monkeypatch.setattr(torch_fused, "fused_mode", lambda *args, **kwargs: None)
     if request.param == "triton_halves":
         from helpers import force_forward_config
 

@@ -11,8 +11,12 @@ from flashtile.options import AttnOptions
 
 @pytest.fixture
 def tiled_path(monkeypatch):
-    """CPU tensors take the tiled PyTorch path when Triton's interpreter is off."""
+    """CPU tensors take the tiled PyTorch path: Triton's interpreter off, and PyTorch's
+    fused kernel (which serves dense, windowed and masked calls otherwise) out of the way."""
+    from flashtile.backends import torch_fused
+
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch_fused, "fused_mode", lambda *args, **kwargs: None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
