@@ -27,7 +27,8 @@ following one path down:
 * ``interface/``: the public functions, their argument checks and layouts;
 * ``ops/``: ``torch.library`` custom ops with autograd; each picks a backend;
 * ``masks/``: ``BlockMask`` and its builders;
-* ``backends/``: the Triton kernels and their launchers, and the tiled PyTorch path;
+* ``backends/``: the Triton kernels and their launchers, PyTorch's fused CPU kernel as a
+  backend, and the tiled PyTorch path;
 * ``fp8/``: the FP8 front end (``flashtile.fp8``, imported on its own):
   ``quantize_qkv`` (FP8 q, k, v with per-tensor, per-head or per-block
   scales, optionally after a random Hadamard rotation of q and k),

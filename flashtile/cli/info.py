@@ -73,9 +73,9 @@ def print_info() -> None:
     if interpreting:
         _line("CPU tensors", "the Triton kernels under Triton's interpreter (TRITON_INTERPRET=1: for tests, slow)")
     else:
-        _line("CPU tensors", "dense attention (causal or not, GQA): PyTorch's fused CPU flash attention; "
-                             "windows, softcap, ALiBi, masks and bias, dropout, varlen, block-sparse, cosine-sim "
-                             "and decoding: the tiled PyTorch path")
+        _line("CPU tensors", "dense attention (causal or not, windows, boolean masks, GQA, varlen sequences): "
+                             "PyTorch's fused CPU flash attention; softcap, ALiBi, float bias, dropout, sinks, "
+                             "block-sparse, cosine-sim and decoding: the tiled PyTorch path")
     tuning = autotune.enabled()
     _line("launch configurations", "the table checked into flashtile/backends/triton/launch/table.py"
           + (f"; autotuning on, cache {autotune.cache_path()}" if tuning else

@@ -39,8 +39,8 @@ def set_batch_invariant(enabled: bool = True) -> bool:
     number of splits (then chosen from the cache's capacity: ``num_splits`` must be
     left at 0). The cost is that of a fixed key tile (see the performance docs).
     The environment variable ``FLASHTILE_BATCH_INVARIANT=1`` turns it on at start.
-    On the CPU, every call then takes the tiled path (plain dense calls otherwise go
-    to PyTorch's fused CPU kernel, which sums in an order of its own).
+    On the CPU, every call then takes the tiled path (dense, windowed and masked calls
+    otherwise go to PyTorch's fused CPU kernel, which sums in an order of its own).
 
     Args:
         enabled: True to turn the mode on, False to turn it off.
